@@ -1,0 +1,105 @@
+"""Configuration: a TOML file plus environment variables, with documented defaults.
+
+Sources, later wins:
+1. the defaults below;
+2. the TOML file named by ``CANNONADE_CONFIG`` (if set);
+3. environment variables: ``CANNONADE_KAFKA``, ``CANNONADE_DATABASE_URL``, ``CANNONADE_MODELS``
+   (a JSON object shaped like the ``[models]`` table), ``CANNONADE_API_PORT``.
+
+Example file::
+
+    [models.gpt-4o-mini]
+    kind = "chat"                       # chat | embeddings
+    upstream = "http://127.0.0.1:8001"  # base URL; the request path is appended
+    api_key = ""                        # upstream credential, never published on Kafka
+    concurrency = 16                    # max requests in flight for this model
+
+    [api]
+    port = 8080
+    allowed_completion_windows = ["24h", "1h"]
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+ModelKind = Literal["chat", "embeddings"]
+
+
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: ModelKind = "chat"
+    upstream: str = "http://127.0.0.1:8001"
+    api_key: str = ""
+    concurrency: int = 8
+    # Users allowed to use the model; empty means every user.
+    users: list[str] = []
+
+
+class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    allowed_completion_windows: list[str] = msgspec.field(default_factory=lambda: ["24h", "1h"])
+    allowed_url_paths: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+        ]
+    )
+    max_file_size: int = 209_715_200
+    max_requests_per_file: int = 50_000
+    max_request_body_size: int = 10_485_760
+    # Bound on how long a write waits for its projection before answering (read-your-writes).
+    projection_wait_s: float = 30.0
+
+
+class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_in_flight: int = 512
+    first_chunk_timeout_ms: int = 540_000
+    chunk_timeout_ms: int = 540_000
+    body_timeout_ms: int = 60_000
+    backoff_ms: int = 1000
+    backoff_factor: float = 2.0
+    max_backoff_ms: int = 10_000
+    max_retries: int | None = 1000
+    stop_before_deadline_ms: int | None = 0
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kafka: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/cannonade"
+    # Where Faust workers keep local table state.
+    data_dir: str = ".run/data"
+    models: dict[str, ModelConfig] = {}
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
+
+    def model(self, name: str) -> ModelConfig | None:
+        return self.models.get(name)
+
+
+def load(environ: dict[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    path = env.get("CANNONADE_CONFIG")
+    if path:
+        raw.update(tomllib.loads(Path(path).read_text()))
+    if "CANNONADE_KAFKA" in env:
+        raw["kafka"] = env["CANNONADE_KAFKA"]
+    if "CANNONADE_DATABASE_URL" in env:
+        raw["database_url"] = env["CANNONADE_DATABASE_URL"]
+    if "CANNONADE_DATA_DIR" in env:
+        raw["data_dir"] = env["CANNONADE_DATA_DIR"]
+    if "CANNONADE_MODELS" in env:
+        raw["models"] = msgspec.json.decode(env["CANNONADE_MODELS"])
+    if "CANNONADE_API_PORT" in env:
+        api = dict(raw.get("api", {}))  # type: ignore[call-overload]
+        api["port"] = int(env["CANNONADE_API_PORT"])
+        raw["api"] = api
+    return msgspec.convert(raw, Config)

@@ -1,0 +1,32 @@
+"""Encoding and decoding of everything that crosses Kafka, in one place.
+
+Decoders are built once; a payload that fails to decode raises :class:`msgspec.DecodeError`
+or :class:`msgspec.ValidationError`, which the agents turn into dead letters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from schemas.commands import AnyCommand
+from schemas.events import BatchEvent, Body, Dispatch, FileEvent, GateInput, RequestEvent
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+
+commands = msgspec.json.Decoder(AnyCommand)
+file_events = msgspec.json.Decoder(FileEvent)
+batch_events = msgspec.json.Decoder(BatchEvent)
+request_events = msgspec.json.Decoder(RequestEvent)
+gate_inputs = msgspec.json.Decoder(GateInput)
+dispatches = msgspec.json.Decoder(Dispatch)
+bodies = msgspec.json.Decoder(Body)
+
+DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)

@@ -1,0 +1,41 @@
+"""Deterministic identities, so that redelivered commands and decisions are recognisable.
+
+Population derives request ids from (batch, line) and template ids from (file, line): handling
+the same command twice yields the same rows. Decisions derive their event ids from what they
+decide, so a decision published twice is one event seen twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+# Fixed namespace for every name-based UUID Cannonade derives.
+NAMESPACE = uuid.UUID("6f1c4a53-3a0e-4d61-9d2e-0c2b8e7c4a11")
+
+
+def derived(*parts: object) -> str:
+    return str(uuid.uuid5(NAMESPACE, "/".join(str(p) for p in parts)))
+
+
+def template_id(file_id: str, line_number: int) -> str:
+    return derived("template", file_id, line_number)
+
+
+def request_id(batch_id: str, line_number: int) -> str:
+    return derived("request", batch_id, line_number)
+
+
+def output_file_id(batch_id: str) -> str:
+    return derived("output-file", batch_id)
+
+
+def error_file_id(batch_id: str) -> str:
+    return derived("error-file", batch_id)
+
+
+def event_id(kind: str, *parts: object) -> str:
+    return derived("event", kind, *parts)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,1 @@
+"""Faust agents, one module per worker role: commands, gate, executor."""

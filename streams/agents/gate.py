@@ -1,0 +1,109 @@
+"""The gate agent: one stream of everything a model partition hears, folded by :class:`Gate`.
+
+It reads the lifecycle topic and the gate topic together. Both are keyed by model with one
+partition count, so a model's pending rows, in-flight claims and executor reports all arrive
+at one worker, in order, and its table changelog lands on the same partition number.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+from faust.types import StreamT
+
+from schemas import codec, ids, topics
+from schemas.events import GateTick
+from streams.app import Streams, decode_or_none, utcnow
+from streams.emit import Out
+from streams.gate.core import Gate
+
+log = logging.getLogger(__name__)
+
+TICK_INTERVAL_S = 1.0
+
+
+class Utf8Keys(MutableMapping[str, bytes]):
+    """A Faust table seen with ``str`` keys; the table stores raw bytes keys so that keys read
+    back from the changelog on recovery compare equal to the ones written."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self.table[key.encode()]
+        if value is None:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.table[key.encode()] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key.encode()]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.table.get(key.encode()) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in self.table.keys())
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.table.get(key.encode())
+        return default if value is None else value
+
+    def items(self) -> Any:  # type: ignore[override]
+        return ((k.decode(), v) for k, v in self.table.items() if v is not None)
+
+
+def register(streams: Streams) -> Gate:
+    app = streams.app
+    config = streams.config
+    kwargs: dict[str, Any] = {"default": None, "key_type": bytes, "value_type": bytes, "partitions": topics.GATE_PARTITIONS}
+    entries = app.Table("gate-entries", **kwargs)
+    cancelled = app.Table("gate-cancelled-batches", **kwargs)
+    worker_id = f"gate:{socket.gethostname()}:{os.getpid()}"
+    limits = {name: model.concurrency for name, model in config.models.items()}
+    gate = Gate(Utf8Keys(entries), limits, worker_id, Utf8Keys(cancelled))
+    rebuild = {"needed": True}
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender: Any, **kwargs: Any) -> None:
+        # Tables recover before the stream resumes; derive the index on the next event.
+        rebuild["needed"] = True
+
+    source = app.topic(topics.REQUESTS.name, topics.GATE.name, key_type=bytes, value_type=bytes)
+
+    @app.agent(source, name="gate")
+    async def gate_agent(stream: StreamT) -> None:
+        async for event in stream.events():
+            message, reason = decode_or_none(codec.gate_inputs, event.value)
+            if message is None:
+                await streams.dead_letter(event, reason or "undecodable")
+                continue
+            if rebuild["needed"]:
+                gate.rebuild()
+                rebuild["needed"] = False
+            outs = gate.handle(message, utcnow())  # type: ignore[arg-type]
+            if outs:
+                await streams.publish(outs)
+
+    @app.timer(interval=TICK_INTERVAL_S, on_leader=True)
+    async def tick() -> None:
+        # Ticks travel through the gate topic so that time-driven claims run inside the
+        # partition's stream, where table writes are allowed; a duplicate tick is harmless.
+        now = utcnow()
+        await streams.publish(
+            [
+                Out("gate", model, GateTick(event_id=ids.new_id(), occurred_at=now, model=model))
+                for model in limits
+            ]
+        )
+
+    return gate

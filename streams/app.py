@@ -1,0 +1,113 @@
+"""The Faust application of one worker role, and the publishing helpers every agent shares.
+
+Each role (``commands``, ``gate``, ``executor``) is its own Faust app id, hence its own consumer
+group and table namespace, so the roles deploy and scale independently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faust
+import msgspec
+from faust.types import EventT
+
+from cannonade.config import Config
+from schemas import codec, ids, topics
+from schemas.events import DeadLetter
+from schemas.topics import Topic
+from streams.emit import Out, TopicRole
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE = 16 * 1024 * 1024
+_ROLE_TOPICS: dict[TopicRole, Topic] = {
+    "commands": topics.COMMANDS,
+    "files": topics.FILES,
+    "batches": topics.BATCHES,
+    "requests": topics.REQUESTS,
+    "gate": topics.GATE,
+    "dispatch": topics.DISPATCH,
+    "bodies": topics.BODIES,
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Streams:
+    """A Faust app plus the catalog topics bound to it."""
+
+    def __init__(self, role: str, config: Config) -> None:
+        self.config = config
+        self.app = faust.App(
+            f"cannonade-{role}",
+            broker=f"kafka://{config.kafka}",
+            processing_guarantee="at_least_once",
+            key_serializer="raw",
+            value_serializer="raw",
+            web_enabled=False,
+            datadir=str(Path(config.data_dir) / role),
+            store="memory://",
+            topic_partitions=topics.GATE_PARTITIONS,
+            producer_max_request_size=_MAX_MESSAGE,
+            consumer_max_fetch_size=_MAX_MESSAGE,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=1.0,
+        )
+        self.topics = {role_: self.bind(t) for role_, t in _ROLE_TOPICS.items()}
+        self.deadletter = self.bind(topics.DEADLETTER)
+
+    def bind(self, topic: Topic) -> faust.TopicT:
+        return self.app.topic(
+            topic.name,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=topic.partitions,
+            internal=False,
+        )
+
+    async def publish(self, outs: Sequence[Out]) -> None:
+        """Send in order and wait for every acknowledgement.
+
+        ``force=True`` bypasses Faust's attachments, which would hold messages until the
+        source offset commits and add a commit interval to every hop."""
+        futures = [
+            await self.topics[o.topic].send(
+                key=o.key.encode(), value=codec.encode(o.value), force=True
+            )
+            for o in outs
+        ]
+        await asyncio.gather(*futures)
+
+    async def dead_letter(self, event: EventT, reason: str) -> None:
+        message = event.message
+        key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else None
+        value = message.value if isinstance(message.value, bytes) else b""
+        letter = DeadLetter(
+            event_id=ids.event_id("dead-letter", message.topic, message.partition, message.offset),
+            occurred_at=utcnow(),
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=key,
+            reason=reason,
+            payload=value.decode("utf-8", "replace"),
+        )
+        log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+        await self.deadletter.send(key=message.key, value=codec.encode(letter), force=True)
+
+
+def decode_or_none(decoder: msgspec.json.Decoder, raw: object) -> tuple[object | None, str | None]:
+    """Decode a Kafka value; returns ``(value, None)`` or ``(None, reason)``."""
+    if not isinstance(raw, bytes):
+        return None, "empty or non-bytes payload"
+    try:
+        return decoder.decode(raw), None
+    except codec.DecodeErrors as exc:
+        return None, f"invalid message: {exc}"

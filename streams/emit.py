@@ -1,0 +1,19 @@
+"""What a decision publishes: an event, the catalog topic it goes to, and its key.
+
+Domain code returns lists of :class:`Out`; only the agents turn them into Kafka sends, which
+keeps every rule testable without a broker.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+TopicRole = Literal["files", "batches", "requests", "gate", "dispatch", "bodies", "commands"]
+
+
+class Out(msgspec.Struct, frozen=True):
+    topic: TopicRole
+    key: str
+    value: msgspec.Struct
