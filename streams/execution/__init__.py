@@ -1,0 +1,1 @@
+"""Upstream execution: failure reasons, outcome classification, retry decisions, the HTTP client."""
