@@ -126,7 +126,9 @@ class Projector:
             else:
                 consumer.seek(tp, offset)
 
-    async def apply(self, conn: asyncpg.Connection, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def apply(
+        self, conn: asyncpg.Connection, batch: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
         by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
         for tp, records in batch.items():
             by_topic[tp.topic].extend(records)
@@ -140,7 +142,10 @@ class Projector:
             "INSERT INTO projection_offsets (consumer, topic, partition, next_offset)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, topic, partition)"
             " DO UPDATE SET next_offset = EXCLUDED.next_offset",
-            [(self.name, tp.topic, tp.partition, records[-1].offset + 1) for tp, records in batch.items()],
+            [
+                (self.name, tp.topic, tp.partition, records[-1].offset + 1)
+                for tp, records in batch.items()
+            ],
         )
 
     # Undecodable records are skipped with a log line: the writers validated them, and a
@@ -159,7 +164,16 @@ class Projector:
             event = self._decode(codec.file_events, record)
             if isinstance(event, TemplatesAppended):
                 templates += [
-                    (t.template_id, event.file_id, t.line_number, t.custom_id, t.method, t.path, t.model, t.body_size)
+                    (
+                        t.template_id,
+                        event.file_id,
+                        t.line_number,
+                        t.custom_id,
+                        t.method,
+                        t.path,
+                        t.model,
+                        t.body_size,
+                    )
                     for t in event.templates
                 ]
             elif isinstance(event, FileUploaded):
@@ -203,7 +217,9 @@ class Projector:
     async def _bodies(self, conn: asyncpg.Connection, records: list[ConsumerRecord]) -> None:
         latest: dict[bytes, Any] = {}
         for record in records:
-            latest[record.key] = None if record.value is None else self._decode(codec.bodies, record)
+            latest[record.key] = (
+                None if record.value is None else self._decode(codec.bodies, record)
+            )
         upserts = [(b.ref, b.kind, b.text) for b in latest.values() if b is not None]
         erased = [k.decode().split(":", 1) for k, b in latest.items() if b is None and k]
         if upserts:
@@ -309,4 +325,3 @@ def _row(record: asyncpg.Record) -> RequestRow:
 async def run_forever(dsn: str, bootstrap: str) -> None:
     projector = Projector(dsn, bootstrap)
     await projector.run()
-

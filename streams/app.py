@@ -99,7 +99,13 @@ class Streams:
             reason=reason,
             payload=value.decode("utf-8", "replace"),
         )
-        log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+        log.warning(
+            "dead letter from %s[%s]@%s: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
         await self.deadletter.send(key=message.key, value=codec.encode(letter), force=True)
 
 

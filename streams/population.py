@@ -143,7 +143,11 @@ def populate(created: BatchCreated, manifest: list[ManifestRow], now: datetime) 
 
     An empty manifest fails the population with the reference's message."""
     if not manifest:
-        return [population_failed(created.batch_id, "Cannot populate batch from file with no templates", now)]
+        return [
+            population_failed(
+                created.batch_id, "Cannot populate batch from file with no templates", now
+            )
+        ]
     by_model: dict[str, list[PendingItem]] = {}
     for row in manifest:
         by_model.setdefault(row.model, []).append(

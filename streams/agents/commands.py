@@ -14,7 +14,14 @@ import msgspec
 from faust.types import StreamT
 
 from schemas import codec, ids
-from schemas.commands import AnyCommand, AppendFileLines, CancelBatch, CreateBatch, CreateFile, DeleteFile
+from schemas.commands import (
+    AnyCommand,
+    AppendFileLines,
+    CancelBatch,
+    CreateBatch,
+    CreateFile,
+    DeleteFile,
+)
 from schemas.events import BatchCancelRequested, CancelBatchRequests, FileDeleted
 from streams import population
 from streams.app import Streams, decode_or_none, utcnow
@@ -57,10 +64,22 @@ def register(streams: Streams, store: Store) -> None:
                 return population.create_file(cmd, now)
             case DeleteFile():
                 cancels: list[Out] = [
-                    Out("commands", b, CancelBatch(command_id=ids.derived("cancel", cmd.command_id, b), issued_at=now, batch_id=b))
+                    Out(
+                        "commands",
+                        b,
+                        CancelBatch(
+                            command_id=ids.derived("cancel", cmd.command_id, b),
+                            issued_at=now,
+                            batch_id=b,
+                        ),
+                    )
                     for b in await store.live_batches_using(cmd.file_id)
                 ]
-                deleted = FileDeleted(event_id=ids.event_id("file-deleted", cmd.file_id), occurred_at=now, file_id=cmd.file_id)
+                deleted = FileDeleted(
+                    event_id=ids.event_id("file-deleted", cmd.file_id),
+                    occurred_at=now,
+                    file_id=cmd.file_id,
+                )
                 return [*cancels, Out("files", cmd.file_id, deleted)]
             case CreateBatch():
                 return await create_batch(cmd, now)
@@ -78,7 +97,11 @@ def register(streams: Streams, store: Store) -> None:
             return cancel_batch(cmd.batch_id, created.occurred_at)
         file_state, manifest = await store.file_manifest(cmd.input_file_id, cmd.owner)
         if file_state != "ok":
-            outs = [population.population_failed(cmd.batch_id, _MISSING_FILE[file_state].format(cmd.input_file_id), utcnow())]
+            outs = [
+                population.population_failed(
+                    cmd.batch_id, _MISSING_FILE[file_state].format(cmd.input_file_id), utcnow()
+                )
+            ]
         else:
             outs = population.populate(created, manifest, utcnow())
         put(cmd.batch_id, BatchProgress(populated=True, models=sorted({r.model for r in manifest})))
@@ -88,9 +111,26 @@ def register(streams: Streams, store: Store) -> None:
         state = get(batch_id)
         state.cancelled = True
         put(batch_id, state)
-        outs = [Out("batches", batch_id, BatchCancelRequested(event_id=ids.event_id("cancel", batch_id), occurred_at=now, batch_id=batch_id))]
+        outs = [
+            Out(
+                "batches",
+                batch_id,
+                BatchCancelRequested(
+                    event_id=ids.event_id("cancel", batch_id), occurred_at=now, batch_id=batch_id
+                ),
+            )
+        ]
         outs += [
-            Out("gate", model, CancelBatchRequests(event_id=ids.event_id("cancel", batch_id, model), occurred_at=now, batch_id=batch_id, model=model))
+            Out(
+                "gate",
+                model,
+                CancelBatchRequests(
+                    event_id=ids.event_id("cancel", batch_id, model),
+                    occurred_at=now,
+                    batch_id=batch_id,
+                    model=model,
+                ),
+            )
             for model in state.models
         ]
         return outs

@@ -65,7 +65,12 @@ class Utf8Keys(MutableMapping[str, bytes]):
 def register(streams: Streams) -> Gate:
     app = streams.app
     config = streams.config
-    kwargs: dict[str, Any] = {"default": None, "key_type": bytes, "value_type": bytes, "partitions": topics.GATE_PARTITIONS}
+    kwargs: dict[str, Any] = {
+        "default": None,
+        "key_type": bytes,
+        "value_type": bytes,
+        "partitions": topics.GATE_PARTITIONS,
+    }
     entries = app.Table("gate-entries", **kwargs)
     cancelled = app.Table("gate-cancelled-batches", **kwargs)
     worker_id = f"gate:{socket.gethostname()}:{os.getpid()}"
@@ -74,7 +79,7 @@ def register(streams: Streams) -> Gate:
     rebuild = {"needed": True}
 
     @app.on_partitions_assigned.connect
-    async def _assigned(sender: Any, **kwargs: Any) -> None:
+    async def _assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Tables recover before the stream resumes; derive the index on the next event.
         rebuild["needed"] = True
 

@@ -203,11 +203,15 @@ class Gate:
                 self._put(item.request_id, entry)
                 self._push(item.request_id, entry)
 
-    def _fail_unknown_model(self, request_id: str, entry: Entry, now: datetime, out: list[Out]) -> None:
+    def _fail_unknown_model(
+        self, request_id: str, entry: Entry, now: datetime, out: list[Out]
+    ) -> None:
         envelope = RequestBuilderError(f"model '{entry.model}' is not configured").to_json()
         entry.state = "failed"
         self._put(request_id, entry)
-        out.append(Out("bodies", f"err:{request_id}", Body(kind="err", ref=request_id, text=envelope)))
+        out.append(
+            Out("bodies", f"err:{request_id}", Body(kind="err", ref=request_id, text=envelope))
+        )
         out.append(
             Out(
                 "requests",
@@ -292,7 +296,9 @@ class Gate:
             event = RequestCanceled(event_id=ids.event_id("terminal", report.request_id), **common)
         self._transition(report.request_id, entry, event, out)
 
-    def _transition(self, request_id: str, entry: Entry, event: RequestEvent, out: list[Out]) -> None:
+    def _transition(
+        self, request_id: str, entry: Entry, event: RequestEvent, out: list[Out]
+    ) -> None:
         state = next_state(entry.state, event)
         if state is None:
             return
@@ -398,4 +404,3 @@ class Gate:
     def in_flight(self, model: str) -> int:
         index = self.models.get(model)
         return 0 if index is None else index.in_flight
-

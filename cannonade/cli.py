@@ -1,0 +1,89 @@
+"""The ``cannonade`` command: run a worker role, the projector or the API; administer keys."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from cannonade import config as config_module
+
+
+@click.group()
+def main() -> None:
+    """Cannonade: event-sourced engine for large volumes of LLM requests."""
+
+
+@main.command()
+@click.argument("role", type=click.Choice(["commands", "gate", "executor"]))
+@click.option("--loglevel", default="info")
+def worker(role: str, loglevel: str) -> None:
+    """Run one stream-processing worker role (a Faust worker)."""
+    from streams.worker import run
+
+    run(role, config_module.load(), loglevel)
+
+
+@main.command()
+def projector() -> None:
+    """Run the projector: Kafka lifecycle topics into PostgreSQL read models."""
+    from projections.projector import Projector
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = config_module.load()
+    asyncio.run(Projector(cfg.database_url, cfg.kafka).run())
+
+
+@main.command()
+def api() -> None:
+    """Run the HTTP API."""
+    from projections.api.app import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run(config_module.load())
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the database migrations."""
+    from projections.migrate import migrate as apply
+
+    applied = asyncio.run(apply(config_module.load().database_url))
+    click.echo(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option("--user", required=True, help="The user the key belongs to (created if new).")
+def keys_create(user: str) -> None:
+    """Create an API key and print its secret (shown once; only its hash is stored)."""
+    import asyncpg
+
+    from projections.api.auth import create_key
+
+    async def go() -> str:
+        conn = await asyncpg.connect(config_module.load().database_url)
+        try:
+            return await create_key(conn, user)
+        finally:
+            await conn.close()
+
+    click.echo(asyncio.run(go()))
+
+
+@main.command()
+@click.option("--requests", "count", default=300, show_default=True)
+def demo(count: int) -> None:
+    """Bring up the local stack and run a demo batch against the fake upstream."""
+    from compose.demo import run
+
+    run(count)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The HTTP API: reads projections, publishes commands, never writes read models itself."""

@@ -1,0 +1,162 @@
+"""``/v1/batches``: create, list, get, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from projections import queries
+from projections.api.app import context, json_response, principal
+from projections.api.files import _limit, _optional_uuid, list_page, parse_uuid
+from projections.rules.batches import (
+    BatchFacts,
+    batch_object,
+    check_lines_match_endpoint,
+    derive_status,
+    validate_create_batch,
+)
+from projections.rules.errors import ApiError, not_found
+from schemas import ids
+from schemas.commands import CancelBatch, CreateBatch
+
+
+def routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/v1/batches", create)
+    router.add_get("/v1/batches", list_batches)
+    router.add_get("/v1/batches/{id}", get)
+    router.add_post("/v1/batches/{id}/cancel", cancel)
+
+
+def facts(row: Any) -> BatchFacts:
+    metadata = row["metadata"]
+    return BatchFacts(
+        id=row["id"],
+        endpoint=row["endpoint"],
+        input_file_id=row["input_file_id"],
+        completion_window=row["completion_window"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        metadata=None if metadata is None else msgspec.json.decode(metadata),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        requests_started_at=row["requests_started_at"],
+        cancelling_at=row["cancelling_at"],
+        cancelled_at=row["cancelled_at"],
+        failed_at=row["failed_at"],
+        completed_at=row["completed_at"],
+        finalizing_at=row["finalizing_at"],
+        expired_at=None,
+        errors_message=row["errors_message"],
+        total=row["total_requests"],
+        pending=row["pending"],
+        in_progress=row["in_progress"],
+        completed=row["completed"],
+        failed=row["failed"],
+        canceled=row["canceled"],
+    )
+
+
+async def create(request: web.Request) -> web.Response:
+    ctx, who = context(request), principal(request)
+    body = validate_create_batch(
+        await request.read(),
+        ctx.config.api.allowed_completion_windows,
+        ctx.config.api.allowed_url_paths,
+    )
+    file = await queries.get_file(ctx.pool, body.input_file_id, who.user)
+    if file is None:
+        raise not_found("File", body.input_file_id)
+    if file["purpose"] != "batch":
+        raise ApiError(
+            400,
+            f"File with ID {body.input_file_id} does not have purpose 'batch'",
+            code="invalid_file",
+        )
+    check_lines_match_endpoint(await queries.line_urls(ctx.pool, body.input_file_id), body.endpoint)
+    batch_id = str(uuid.uuid4())
+    await ctx.publisher.publish(
+        [
+            CreateBatch(
+                command_id=ids.new_id(),
+                issued_at=datetime.now(UTC),
+                batch_id=batch_id,
+                owner=who.user,
+                input_file_id=body.input_file_id,
+                endpoint=body.endpoint,
+                completion_window=body.completion_window,
+                metadata=body.metadata,
+                api_key_id=who.key_id,
+            )
+        ]
+    )
+    await ctx.wait_for(lambda: queries.batch_exists(ctx.pool, batch_id), "the batch")
+    return json_response(await _batch_json(request, batch_id), 201)
+
+
+async def _batch_json(request: web.Request, batch_id: str) -> dict[str, Any]:
+    row = await queries.get_batch(context(request).pool, batch_id, principal(request).user)
+    if row is None:
+        raise not_found("Batch", batch_id)
+    return batch_object(facts(row))
+
+
+async def get(request: web.Request) -> web.Response:
+    batch_id = parse_uuid(request.match_info["id"], "Invalid batch ID format")
+    return json_response(await _batch_json(request, batch_id))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    ctx, who, q = context(request), principal(request), request.query
+    status = q.get("status")
+    if status is not None and status not in queries.STATUS_FILTERS:
+        raise ApiError(
+            400,
+            f"Invalid status '{status}'. Expected one of: {', '.join(queries.STATUS_FILTERS)}",
+            code="invalid_request",
+            param="status",
+        )
+    windows = q.get("completion_window")
+    limit = _limit(q.get("limit"), default=20)
+    rows = await queries.list_batches(
+        ctx.pool,
+        who.user,
+        after=_optional_uuid(q.get("after")),
+        limit=limit + 1,
+        status=status,
+        windows=None if windows is None else [w.strip() for w in windows.split(",") if w.strip()],
+        created_after=_time(q.get("created_after"), "created_after"),
+        created_before=_time(q.get("created_before"), "created_before"),
+    )
+    return json_response(list_page([batch_object(facts(r)) for r in rows], limit))
+
+
+def _time(raw: str | None, name: str) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            400, f"{name} must be an RFC 3339 timestamp", code="invalid_request", param=name
+        ) from None
+
+
+async def cancel(request: web.Request) -> web.Response:
+    ctx, who = context(request), principal(request)
+    batch_id = parse_uuid(request.match_info["id"], "Invalid batch ID format")
+    row = await queries.get_batch(ctx.pool, batch_id, who.user)
+    if row is None:
+        raise not_found("Batch", batch_id)
+    status = derive_status(facts(row))
+    if status in ("completed", "failed", "expired"):
+        raise ApiError(409, f"Cannot cancel a batch with status '{status}'", code="invalid_state")
+    if row["cancelling_at"] is None:
+        await ctx.publisher.publish(
+            [CancelBatch(command_id=ids.new_id(), issued_at=datetime.now(UTC), batch_id=batch_id)]
+        )
+        await ctx.wait_for(lambda: queries.batch_cancelling(ctx.pool, batch_id), "the cancellation")
+    return json_response(await _batch_json(request, batch_id))

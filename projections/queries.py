@@ -1,0 +1,228 @@
+"""Read-model queries used by the HTTP API. Every query is scoped to the caller (owner), so
+another user's resource is indistinguishable from a missing one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+# Virtual output/error files are sized from their batch's counters (core §1.3.4).
+_FILE_COLUMNS = """
+    f.id::text AS id, f.owner, f.filename, f.purpose, f.status, f.created_at, f.expires_at,
+    f.batch_id::text AS batch_id,
+    CASE f.purpose
+        WHEN 'batch_output' THEN CASE WHEN COALESCE(c.completed, 0) = 0 THEN 0
+                                      ELSE c.response_bytes + 181 * c.completed END
+        WHEN 'batch_error' THEN CASE WHEN COALESCE(c.failed, 0) = 0 THEN 0
+                                     ELSE c.error_bytes + 160 * c.failed END
+        ELSE f.bytes END AS bytes
+"""
+_FILE_FROM = "FROM files f LEFT JOIN batch_counts c ON c.batch_id = f.batch_id"
+
+
+async def get_file(pool: asyncpg.Pool, file_id: str, owner: str) -> asyncpg.Record | None:
+    return await pool.fetchrow(
+        f"SELECT {_FILE_COLUMNS} {_FILE_FROM}"
+        " WHERE f.id = $1 AND f.owner = $2 AND f.deleted_at IS NULL",
+        file_id,
+        owner,
+    )
+
+
+async def file_exists(pool: asyncpg.Pool, file_id: str) -> bool:
+    """Whether the projection has the file, deleted or not (read-your-writes waits)."""
+    return bool(await pool.fetchval("SELECT true FROM files WHERE id = $1", file_id))
+
+
+async def file_deleted(pool: asyncpg.Pool, file_id: str) -> bool:
+    return bool(
+        await pool.fetchval("SELECT deleted_at IS NOT NULL FROM files WHERE id = $1", file_id)
+    )
+
+
+async def list_files(
+    pool: asyncpg.Pool,
+    owner: str,
+    *,
+    after: str | None,
+    limit: int,
+    ascending: bool,
+    purpose: str | None,
+) -> list[asyncpg.Record]:
+    op, direction = (">", "ASC") if ascending else ("<", "DESC")
+    args: list[Any] = [owner, limit]
+    where = "f.owner = $1 AND f.deleted_at IS NULL"
+    if purpose is not None:
+        args.append(purpose)
+        where += f" AND f.purpose = ${len(args)}"
+    if after is not None:
+        cursor = await pool.fetchrow(
+            "SELECT created_at, id FROM files WHERE id = $1 AND owner = $2 AND deleted_at IS NULL",
+            after,
+            owner,
+        )
+        if cursor is None:
+            return []  # an unknown or foreign cursor gives an empty page
+        args += [cursor["created_at"], cursor["id"]]
+        where += f" AND (f.created_at, f.id) {op} (${len(args) - 1}, ${len(args)})"
+    return await pool.fetch(
+        f"SELECT {_FILE_COLUMNS} {_FILE_FROM} WHERE {where}"
+        f" ORDER BY f.created_at {direction}, f.id {direction} LIMIT $2",
+        *args,
+    )
+
+
+async def input_lines(
+    conn: asyncpg.Connection, file_id: str, *, skip: int, limit: int | None, search: str | None
+) -> AsyncIterator[asyncpg.Record]:
+    async for row in conn.cursor(
+        "SELECT t.custom_id, t.method, t.path, b.body FROM request_templates t"
+        " JOIN bodies b ON b.ref = t.id AND b.kind = 'tpl'"
+        " WHERE t.file_id = $1 AND ($2::text IS NULL OR t.custom_id ILIKE '%' || $2 || '%')"
+        " ORDER BY t.line_number OFFSET $3 LIMIT $4",
+        file_id,
+        search,
+        skip,
+        limit,
+    ):
+        yield row
+
+
+def _result_query(state: str) -> str:
+    at = "completed_at" if state == "completed" else "failed_at"
+    kind = "res" if state == "completed" else "err"
+    return (
+        f"SELECT r.id::text AS id, r.custom_id, r.response_status, b.body FROM requests r"
+        f" LEFT JOIN bodies b ON b.ref = r.id AND b.kind = '{kind}'"
+        f" WHERE r.batch_id = $1 AND r.state = '{state}'"
+        " AND ($2::text IS NULL OR r.custom_id ILIKE '%' || $2 || '%')"
+        f" ORDER BY r.{at}, r.id OFFSET $3 LIMIT $4"
+    )
+
+
+async def result_lines(
+    conn: asyncpg.Connection,
+    batch_id: str,
+    state: str,
+    *,
+    skip: int,
+    limit: int | None,
+    search: str | None,
+) -> AsyncIterator[asyncpg.Record]:
+    async for row in conn.cursor(_result_query(state), batch_id, search, skip, limit):
+        yield row
+
+
+async def results_missing_bodies(pool: asyncpg.Pool, batch_id: str, state: str) -> int:
+    """Terminal rows whose body has not been projected yet (bodies travel on their own topic)."""
+    kind = "res" if state == "completed" else "err"
+    return int(
+        await pool.fetchval(
+            "SELECT count(*) FROM requests r WHERE r.batch_id = $1 AND r.state = $2"
+            f" AND NOT EXISTS (SELECT 1 FROM bodies b WHERE b.ref = r.id AND b.kind = '{kind}')",
+            batch_id,
+            state,
+        )
+    )
+
+
+_BATCH_COLUMNS = """
+    b.id::text AS id, b.owner, b.endpoint, b.input_file_id::text AS input_file_id,
+    b.completion_window, b.metadata, b.output_file_id::text AS output_file_id,
+    b.error_file_id::text AS error_file_id, b.created_at, b.expires_at,
+    b.requests_started_at, b.cancelling_at, b.cancelled_at, b.finalizing_at, b.completed_at,
+    b.failed_at, b.errors_message, b.total_requests,
+    COALESCE(c.pending, 0) AS pending, COALESCE(c.in_progress, 0) AS in_progress,
+    COALESCE(c.completed, 0) AS completed, COALESCE(c.failed, 0) AS failed,
+    COALESCE(c.canceled, 0) AS canceled
+"""
+_BATCH_FROM = "FROM batches b LEFT JOIN batch_counts c ON c.batch_id = b.id"
+
+# Listing filter (core §1.3.3).
+STATUS_FILTERS = {
+    "in_progress": "b.completed_at IS NULL AND b.failed_at IS NULL AND b.cancelled_at IS NULL"
+    " AND b.cancelling_at IS NULL",
+    "completed": "b.completed_at IS NOT NULL",
+    "failed": "b.failed_at IS NOT NULL AND b.completed_at IS NULL",
+    "cancelled": "(b.cancelled_at IS NOT NULL OR b.cancelling_at IS NOT NULL)",
+    "expired": "((now() > b.expires_at AND b.completed_at IS NULL AND b.failed_at IS NULL"
+    " AND b.cancelled_at IS NULL AND b.cancelling_at IS NULL)"
+    " OR GREATEST(b.completed_at, b.failed_at, b.cancelled_at) > b.expires_at)",
+}
+
+
+async def get_batch(pool: asyncpg.Pool, batch_id: str, owner: str) -> asyncpg.Record | None:
+    return await pool.fetchrow(
+        f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM}"
+        " WHERE b.id = $1 AND b.owner = $2 AND b.deleted_at IS NULL",
+        batch_id,
+        owner,
+    )
+
+
+async def batch_by_result_file(pool: asyncpg.Pool, file_id: str) -> asyncpg.Record | None:
+    return await pool.fetchrow(
+        f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE $1 IN (b.output_file_id, b.error_file_id)",
+        file_id,
+    )
+
+
+async def list_batches(
+    pool: asyncpg.Pool,
+    owner: str,
+    *,
+    after: str | None,
+    limit: int,
+    status: str | None,
+    windows: list[str] | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+) -> list[asyncpg.Record]:
+    args: list[Any] = [owner, limit]
+    where = ["b.owner = $1", "b.deleted_at IS NULL"]
+    if status is not None:
+        where.append(STATUS_FILTERS[status])
+    if windows is not None:
+        args.append(windows)
+        where.append(f"b.completion_window = ANY(${len(args)}::text[])")
+    if created_after is not None:
+        args.append(created_after)
+        where.append(f"b.created_at >= ${len(args)}")
+    if created_before is not None:
+        args.append(created_before)
+        where.append(f"b.created_at <= ${len(args)}")
+    if after is not None:
+        cursor = await pool.fetchrow(
+            "SELECT created_at, id FROM batches WHERE id = $1 AND owner = $2", after, owner
+        )
+        if cursor is not None:  # an unknown cursor gives the first page (core §2.3)
+            args += [cursor["created_at"], cursor["id"]]
+            where.append(f"(b.created_at, b.id) < (${len(args) - 1}, ${len(args)})")
+    return await pool.fetch(
+        f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE {' AND '.join(where)}"
+        " ORDER BY b.created_at DESC, b.id DESC LIMIT $2",
+        *args,
+    )
+
+
+async def batch_exists(pool: asyncpg.Pool, batch_id: str) -> bool:
+    return bool(await pool.fetchval("SELECT true FROM batches WHERE id = $1", batch_id))
+
+
+async def batch_cancelling(pool: asyncpg.Pool, batch_id: str) -> bool:
+    return bool(
+        await pool.fetchval("SELECT cancelling_at IS NOT NULL FROM batches WHERE id = $1", batch_id)
+    )
+
+
+async def line_urls(pool: asyncpg.Pool, file_id: str) -> list[tuple[int, str]]:
+    """The first line of each distinct url in a file, for the endpoint check."""
+    rows = await pool.fetch(
+        "SELECT min(line_number) AS line, path FROM request_templates WHERE file_id = $1"
+        " GROUP BY path ORDER BY line",
+        file_id,
+    )
+    return [(r["line"], r["path"]) for r in rows]

@@ -1,0 +1,170 @@
+"""The executor agent: runs dispatched claims against their model's upstream.
+
+Each dispatch starts its own task (bounded by ``max_in_flight``) so that one slow upstream call
+never holds up the partition. The task reports to the gate — started, then finished with the
+outcome and, for a retriable failure, the next attempt's ``not_before`` — and publishes the
+response or error body on the bodies topic *before* the report, so a terminal row in the read
+model is never older than its body. The gate fences every report by claim id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import OrderedDict
+
+from faust.types import StreamT
+
+from cannonade.config import Config
+from schemas import codec, ids
+from schemas.events import Body, Dispatch, ExecutionFinished, ExecutionStarted
+from streams.app import Streams, decode_or_none, utcnow
+from streams.emit import Out
+from streams.execution.client import AiohttpTransport, Timeouts, UpstreamCall, UpstreamClient
+from streams.execution.failure import FailureReason, RequestBuilderError
+from streams.execution.outcome import Failure, override_response_id
+from streams.execution.retry import BackoffPolicy, GiveUp, decide
+from streams.store import Store
+
+log = logging.getLogger(__name__)
+
+_RECENT_CLAIMS = 100_000
+
+
+class Executor:
+    def __init__(
+        self, streams: Streams, store: Store, client: UpstreamClient, config: Config
+    ) -> None:
+        self.streams = streams
+        self.store = store
+        self.client = client
+        self.config = config
+        self.worker_id = f"executor:{socket.gethostname()}:{os.getpid()}"
+        self.slots = asyncio.Semaphore(config.executor.max_in_flight)
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Claims this process has already taken: a redelivered dispatch must not call upstream
+        # a second time for the same claim.
+        self.seen: OrderedDict[str, None] = OrderedDict()
+        e = config.executor
+        self.backoff = BackoffPolicy(
+            backoff_ms=e.backoff_ms,
+            backoff_factor=int(e.backoff_factor),
+            max_backoff_ms=e.max_backoff_ms,
+            max_retries=e.max_retries,
+            stop_before_deadline_ms=e.stop_before_deadline_ms,
+        )
+
+    async def accept(self, dispatch: Dispatch) -> None:
+        if dispatch.claim_id in self.seen:
+            return
+        self.seen[dispatch.claim_id] = None
+        if len(self.seen) > _RECENT_CLAIMS:
+            self.seen.popitem(last=False)
+        await self.slots.acquire()
+        task = asyncio.create_task(self._run(dispatch))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("execution task failed", exc_info=task.exception())
+
+    async def _run(self, d: Dispatch) -> None:
+        await self.streams.publish(
+            [Out("gate", d.model, ExecutionStarted(event_id=ids.event_id("exec-started", d.claim_id),
+                                                    occurred_at=utcnow(), request_id=d.request_id,
+                                                    model=d.model, claim_id=d.claim_id,
+                                                    worker_id=self.worker_id))]
+        )  # fmt: skip
+        outs = await self._execute(d)
+        await self.streams.publish(outs)
+
+    async def _execute(self, d: Dispatch) -> list[Out]:
+        model = self.config.model(d.model)
+        template = await self.store.template(d.template_id)
+        if model is None or template is None:
+            what = (
+                f"model '{d.model}' is not configured"
+                if model is None
+                else "template body not found"
+            )
+            return self._failed(d, RequestBuilderError(error=what))
+        call = UpstreamCall(
+            request_id=d.request_id,
+            custom_id=d.custom_id,
+            endpoint=model.upstream,
+            path=template.path,
+            method=template.method,
+            body=template.body,
+            api_key=model.api_key,
+        )
+        outcome = await self.client.execute(call)
+        if isinstance(outcome, Failure):
+            decision = decide(outcome.reason, d.attempt, utcnow(), d.deadline, self.backoff)
+            if isinstance(decision, GiveUp):
+                return self._failed(d, outcome.reason, status=_status_of(outcome.reason))
+            return [
+                self._finished(d, "retry", attempt=decision.attempt, not_before=decision.not_before)
+            ]
+        body = override_response_id(outcome.body, d.request_id, template.path)
+        return [
+            Out("bodies", f"res:{d.request_id}", Body(kind="res", ref=d.request_id, text=body)),
+            self._finished(
+                d, "completed", status=outcome.status, size=len(body.encode()), routed_model=d.model
+            ),
+        ]
+
+    def _failed(self, d: Dispatch, reason: FailureReason, status: int | None = None) -> list[Out]:
+        envelope = reason.to_json()
+        return [
+            Out("bodies", f"err:{d.request_id}", Body(kind="err", ref=d.request_id, text=envelope)),
+            self._finished(d, "failed", status=status, size=len(envelope.encode()),
+                           error_type=type(reason).__name__),
+        ]  # fmt: skip
+
+    def _finished(self, d: Dispatch, result: str, **fields: object) -> Out:
+        report = ExecutionFinished(
+            event_id=ids.event_id("exec-finished", d.claim_id),
+            occurred_at=utcnow(),
+            request_id=d.request_id,
+            model=d.model,
+            claim_id=d.claim_id,
+            worker_id=self.worker_id,
+            result=result,  # type: ignore[arg-type]
+            attempt=d.attempt,
+            **fields,  # type: ignore[arg-type]
+        )
+        return Out("gate", d.model, report)
+
+
+def _status_of(reason: FailureReason) -> int | None:
+    status = getattr(reason, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def register(streams: Streams, store: Store) -> Executor:
+    e = streams.config.executor
+    client = UpstreamClient(
+        AiohttpTransport(),
+        timeouts=Timeouts(
+            first_chunk_ms=e.first_chunk_timeout_ms,
+            chunk_ms=e.chunk_timeout_ms,
+            body_ms=e.body_timeout_ms,
+        ),
+    )
+    executor = Executor(streams, store, client, streams.config)
+
+    @streams.app.agent(streams.topics["dispatch"], name="executor")
+    async def execute(stream: StreamT) -> None:
+        async for event in stream.events():
+            dispatch, reason = decode_or_none(codec.dispatches, event.value)
+            if dispatch is None:
+                await streams.dead_letter(event, reason or "undecodable")
+                continue
+            await executor.accept(dispatch)  # type: ignore[arg-type]
+
+    return executor

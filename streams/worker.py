@@ -1,0 +1,36 @@
+"""Starts one worker role as a Faust worker process."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faust
+
+from cannonade.config import Config
+from streams.agents import commands, executor, gate
+from streams.app import Streams
+from streams.store import Store
+
+ROLES = ("commands", "gate", "executor")
+
+
+def build(role: str, config: Config) -> Streams:
+    if role not in ROLES:
+        raise ValueError(f"unknown worker role '{role}'; expected one of {', '.join(ROLES)}")
+    streams = Streams(role, config)
+    store = Store(config.database_url, config.api.projection_wait_s)
+    if role == "commands":
+        commands.register(streams, store)
+    elif role == "gate":
+        gate.register(streams)
+    else:
+        executor.register(streams, store)
+    return streams
+
+
+def run(role: str, config: Config, loglevel: str = "info") -> None:
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    streams = build(role, config)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    faust.Worker(streams.app, loglevel=loglevel, quiet=True).execute_from_commandline()
