@@ -34,7 +34,15 @@ COUNTER: dict[str, str] = {
     "failed": "failed",
     "canceled": "canceled",
 }
-COUNTERS = ("pending", "in_progress", "completed", "failed", "canceled", "response_bytes", "error_bytes")
+COUNTERS = (
+    "pending",
+    "in_progress",
+    "completed",
+    "failed",
+    "canceled",
+    "response_bytes",
+    "error_bytes",
+)
 
 
 class RequestRow(msgspec.Struct):

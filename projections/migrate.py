@@ -22,7 +22,11 @@ async def migrate(dsn: str) -> list[str]:
         )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
         scripts = sorted(
-            (f for f in resources.files("projections.migrations").iterdir() if f.name.endswith(".sql")),
+            (
+                f
+                for f in resources.files("projections.migrations").iterdir()
+                if f.name.endswith(".sql")
+            ),
             key=lambda f: f.name,
         )
         applied = []
