@@ -1,0 +1,256 @@
+"""Batch creation checks, status derivation and the OpenAI batch object (responses-and-api §8.4).
+
+Status follows §8.4's order with the project's decisions: a cancelled batch reads `cancelling`
+until every row is terminal, a batch cancelled before population reads `cancelled` with
+total 0, and a batch the expiry sweep marked reads `expired`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from projections.rules.content import unix_seconds
+from projections.rules.errors import ApiError, invalid_request
+
+STATUS_FILTERS = ("in_progress", "completed", "failed", "cancelled", "expired")
+
+_MAX_METADATA_PAIRS = 16
+_MAX_METADATA_KEY = 64
+_MAX_METADATA_VALUE = 512
+
+_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|[0-9a-fA-F]{32}"
+)
+
+
+class CreateBatchRequest(msgspec.Struct, frozen=True):
+    input_file_id: str  # lower-case hyphenated
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+
+
+class _CreateBody(msgspec.Struct):
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    # Checked by hand so each violation gets its own message.
+    metadata: Any = None
+
+
+_decode_create = msgspec.json.Decoder(_CreateBody).decode
+
+
+def validate_create_batch(
+    body: bytes, allowed_windows: Sequence[str], allowed_paths: Sequence[str]
+) -> CreateBatchRequest:
+    """Checks 1–3 and the format half of check 4; file lookup and line checks follow."""
+    try:
+        req = _decode_create(body)
+    except msgspec.ValidationError as exc:
+        raise invalid_request(f"Invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise invalid_request(f"Invalid JSON body: {exc}") from None
+    if req.completion_window not in allowed_windows:
+        raise invalid_request(
+            "Unsupported completion_window. Allowed values: " + ", ".join(allowed_windows),
+            param="completion_window",
+        )
+    if req.endpoint not in allowed_paths:
+        raise invalid_request(
+            f"Unsupported endpoint '{req.endpoint}'. Supported: " + ", ".join(allowed_paths),
+            param="endpoint",
+        )
+    metadata = _check_metadata(req.metadata)
+    if not _UUID.fullmatch(req.input_file_id):
+        raise invalid_request("Invalid input_file_id format", param="input_file_id")
+    return CreateBatchRequest(
+        input_file_id=str(uuid.UUID(req.input_file_id)),
+        endpoint=req.endpoint,
+        completion_window=req.completion_window,
+        metadata=metadata,
+    )
+
+
+def _check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise invalid_request("Invalid 'metadata': expected an object", param="metadata")
+    if len(metadata) > _MAX_METADATA_PAIRS:
+        raise invalid_request(
+            f"Invalid 'metadata': too many properties. Expected at most {_MAX_METADATA_PAIRS}, "
+            f"got {len(metadata)}",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > _MAX_METADATA_KEY:
+            raise invalid_request(
+                f"Invalid 'metadata': key '{key}' is longer than {_MAX_METADATA_KEY} "
+                f"characters (got {len(key)})",
+                param="metadata",
+            )
+        if not isinstance(value, str):
+            raise invalid_request(f"Invalid 'metadata.{key}': expected a string", param="metadata")
+        if len(value) > _MAX_METADATA_VALUE:
+            raise invalid_request(
+                f"Invalid 'metadata.{key}': longer than {_MAX_METADATA_VALUE} characters "
+                f"(got {len(value)})",
+                param="metadata",
+            )
+    return metadata
+
+
+def check_lines_match_endpoint(urls_by_line: Iterable[tuple[int, str]], endpoint: str) -> None:
+    """Check 5: every line targets the batch endpoint.
+
+    `urls_by_line` holds (0-based line_number, url) pairs in line order; the first mismatch
+    is reported with its 1-based line.
+    """
+    for line_number, url in urls_by_line:
+        if url != endpoint:
+            raise invalid_request(
+                f"Line {line_number + 1}: url '{url}' does not match batch endpoint '{endpoint}'"
+            )
+
+
+class BatchFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What the read model knows of a batch.
+
+    Counts are the request rows' real states (pending; in_progress = claimed + processing),
+    without core §1.3.1's projected cancellation: a cancelled batch stays `cancelling` until
+    its rows are actually terminal.
+    """
+
+    id: str
+    endpoint: str
+    input_file_id: str | None  # None once the input file is deleted
+    completion_window: str
+    output_file_id: str | None
+    error_file_id: str | None
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    expires_at: datetime
+    requests_started_at: datetime | None = None  # population time; None = unpopulated
+    cancelling_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    failed_at: datetime | None = None
+    completed_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    expired_at: datetime | None = None
+    errors_message: str | None = None  # population failure
+    total: int = 0
+    pending: int = 0
+    in_progress: int = 0
+    completed: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+def derive_status(f: BatchFacts) -> str:
+    populated = f.requests_started_at is not None
+    finished = populated and f.pending == 0 and f.in_progress == 0
+    if f.cancelling_at is not None:
+        # Population after a cancel is a no-op, so an unpopulated cancelled batch is done.
+        return "cancelled" if finished or not populated else "cancelling"
+    if not populated:
+        return "failed" if f.failed_at is not None else "validating"
+    if f.expired_at is not None:
+        return "expired"
+    if finished:
+        if f.failed == f.total:
+            return "failed"
+        if f.completed_at is not None:
+            return "completed"
+        if f.failed_at is not None:
+            return "failed"
+        return "finalizing"
+    return "in_progress"
+
+
+def _ts(at: datetime | None) -> int | None:
+    return None if at is None else unix_seconds(at)
+
+
+def batch_object(f: BatchFacts) -> dict[str, Any]:
+    status = derive_status(f)
+    populated = f.requests_started_at is not None
+    errors = None
+    if f.errors_message is not None:
+        errors = {
+            "object": "list",
+            "data": [
+                {
+                    "code": "population_failed",
+                    "line": None,
+                    "message": f.errors_message,
+                    "param": None,
+                }
+            ],
+        }
+    # Terminal stamps show only with their status, so a batch never reads as two outcomes.
+    return {
+        "id": f.id,
+        "object": "batch",
+        "endpoint": f.endpoint,
+        "errors": errors,
+        "input_file_id": f.input_file_id or "",
+        "completion_window": f.completion_window,
+        "status": status,
+        "output_file_id": f.output_file_id,
+        "error_file_id": f.error_file_id,
+        "created_at": unix_seconds(f.created_at),
+        "in_progress_at": None if status == "validating" else _ts(f.requests_started_at),
+        "expires_at": unix_seconds(f.expires_at),
+        "finalizing_at": _ts(f.finalizing_at) if status in ("finalizing", "completed") else None,
+        "completed_at": _ts(f.completed_at) if status == "completed" else None,
+        "failed_at": _ts(f.failed_at) if status == "failed" else None,
+        "expired_at": _ts(f.expired_at) if status == "expired" else None,
+        "cancelling_at": _ts(f.cancelling_at),
+        "cancelled_at": _ts(f.cancelled_at) if status == "cancelled" else None,
+        "request_counts": {
+            "total": f.total if populated else 0,
+            "completed": f.completed if populated else 0,
+            "failed": f.failed if populated else 0,
+        },
+        "metadata": f.metadata,
+    }
+
+
+def check_status_filter(status: str) -> str:
+    if status not in STATUS_FILTERS:
+        raise ApiError(
+            400,
+            f"Invalid status filter '{status}'. Allowed values: " + ", ".join(STATUS_FILTERS),
+            code="invalid_request",
+            param="status",
+        )
+    return status
+
+
+def matches_status_filter(f: BatchFacts, status: str) -> bool:
+    """Listing filter of core §1.3.3, with `expired` meaning the `expired` status."""
+    check_status_filter(status)
+    if status == "expired":
+        return derive_status(f) == "expired"
+    if status == "completed":
+        return f.completed_at is not None
+    if status == "failed":
+        return f.failed_at is not None and f.completed_at is None
+    if status == "cancelled":
+        return f.cancelled_at is not None or f.cancelling_at is not None
+    # in_progress: no outcome yet, and not ended by expiry either.
+    return (
+        f.completed_at is None
+        and f.failed_at is None
+        and f.cancelled_at is None
+        and f.cancelling_at is None
+        and f.expired_at is None
+    )

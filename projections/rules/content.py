@@ -1,0 +1,110 @@
+"""Wire shapes of file objects and JSONL lines (core §1.3.4, §2.10; responses-and-api §8.3, §8.5).
+
+Every line is compact JSON ending with `\\n`: bodies are re-encoded, so pretty-printed upstream
+responses cannot break a download into extra lines.
+"""
+
+from __future__ import annotations
+
+import calendar
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+VirtualKind = Literal["output", "error"]
+
+# Per-row envelope overhead of the size estimate, as the reference computes it (core §1.3.4).
+_ROW_OVERHEAD: dict[VirtualKind, int] = {"output": 181, "error": 160}
+
+_encoder = msgspec.json.Encoder()
+
+
+def unix_seconds(at: datetime) -> int:
+    """Whole Unix seconds; a naive datetime is read as UTC, never as local time."""
+    return calendar.timegm(at.utctimetuple())
+
+
+def _json_or_text(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return text
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    buf = bytearray()
+    _encoder.encode_into(obj, buf)
+    buf += b"\n"
+    return bytes(buf)
+
+
+def output_line(
+    request_id: str, custom_id: str | None, status_code: int | None, body_text: str | None
+) -> bytes:
+    return _line(
+        {
+            "id": f"batch_req_{request_id}",
+            "custom_id": custom_id,
+            "response": {
+                "status_code": 200 if status_code is None else status_code,
+                "request_id": None,
+                "body": _json_or_text(body_text),
+            },
+            "error": None,
+        }
+    )
+
+
+def error_line(request_id: str, custom_id: str | None, error_text: str | None) -> bytes:
+    return _line(
+        {
+            "id": f"batch_req_{request_id}",
+            "custom_id": custom_id,
+            "response": None,
+            "error": {
+                "code": None,
+                "message": "Unknown error" if error_text is None else error_text,
+            },
+        }
+    )
+
+
+def input_line(custom_id: str | None, method: str, url: str, body_text: str) -> bytes:
+    return _line(
+        {"custom_id": custom_id, "method": method, "url": url, "body": _json_or_text(body_text)}
+    )
+
+
+def virtual_file_size(kind: VirtualKind, total_response_bytes: int, rows: int) -> int:
+    if rows == 0:
+        return 0
+    return total_response_bytes + _ROW_OVERHEAD[kind] * rows
+
+
+def virtual_file_names(batch_id: str) -> tuple[str, str]:
+    """(output file name, error file name) of a batch."""
+    return f"batch-{batch_id}-output.jsonl", f"batch-{batch_id}-error.jsonl"
+
+
+def file_object(
+    *,
+    file_id: str,
+    bytes_: int,
+    created_at: datetime,
+    filename: str,
+    purpose: str,
+    expires_at: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": bytes_,
+        "created_at": unix_seconds(created_at),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+        "expires_at": None if expires_at is None else unix_seconds(expires_at),
+    }
