@@ -29,13 +29,13 @@ class FileLine(msgspec.Struct, frozen=True, array_like=True):
     body: str  # sanitised JSON text
 
 
-class AppendFileLines(Command, tag=True):
+class AppendFileLines(Command, tag=True, frozen=True):
     file_id: str
     first_line: int
     lines: list[FileLine]
 
 
-class CreateFile(Command, tag=True):
+class CreateFile(Command, tag=True, frozen=True):
     file_id: str
     owner: str
     filename: str
@@ -46,11 +46,11 @@ class CreateFile(Command, tag=True):
     api_key_id: str | None = None
 
 
-class DeleteFile(Command, tag=True):
+class DeleteFile(Command, tag=True, frozen=True):
     file_id: str
 
 
-class CreateBatch(Command, tag=True):
+class CreateBatch(Command, tag=True, frozen=True):
     batch_id: str
     owner: str
     input_file_id: str
@@ -60,7 +60,7 @@ class CreateBatch(Command, tag=True):
     api_key_id: str | None = None
 
 
-class CancelBatch(Command, tag=True):
+class CancelBatch(Command, tag=True, frozen=True):
     batch_id: str
 
 

@@ -40,12 +40,12 @@ class TemplateMeta(msgspec.Struct, frozen=True):
     body_size: int
 
 
-class TemplatesAppended(Event, tag=True):
+class TemplatesAppended(Event, tag=True, frozen=True):
     file_id: str
     templates: list[TemplateMeta]
 
 
-class FileUploaded(Event, tag=True):
+class FileUploaded(Event, tag=True, frozen=True):
     """Published after every TemplatesAppended of the file, on the same partition."""
 
     file_id: str
@@ -59,7 +59,7 @@ class FileUploaded(Event, tag=True):
     api_key_id: str | None = None
 
 
-class FileDeleted(Event, tag=True):
+class FileDeleted(Event, tag=True, frozen=True):
     file_id: str
 
 
@@ -69,7 +69,7 @@ FileEvent = TemplatesAppended | FileUploaded | FileDeleted
 # --- batches.v1 (key: batch_id) ----------------------------------------------------------
 
 
-class BatchCreated(Event, tag=True):
+class BatchCreated(Event, tag=True, frozen=True):
     batch_id: str
     owner: str
     input_file_id: str
@@ -83,18 +83,18 @@ class BatchCreated(Event, tag=True):
     api_key_id: str | None = None
 
 
-class BatchPopulated(Event, tag=True):
+class BatchPopulated(Event, tag=True, frozen=True):
     batch_id: str
     total: int
     models: dict[str, int]  # requests per model: where the gate must be told of a cancel
 
 
-class BatchPopulationFailed(Event, tag=True):
+class BatchPopulationFailed(Event, tag=True, frozen=True):
     batch_id: str
     message: str
 
 
-class BatchCancelRequested(Event, tag=True):
+class BatchCancelRequested(Event, tag=True, frozen=True):
     batch_id: str
 
 
@@ -111,7 +111,7 @@ class PendingItem(msgspec.Struct, frozen=True, array_like=True):
     custom_id: str | None
 
 
-class RequestsPending(Event, tag=True):
+class RequestsPending(Event, tag=True, frozen=True):
     """A chunk of a batch's rows becoming pending (population), all of one model."""
 
     batch_id: str | None
@@ -124,7 +124,7 @@ class RequestsPending(Event, tag=True):
     items: list[PendingItem]
 
 
-class RequestClaimed(Event, tag=True):
+class RequestClaimed(Event, tag=True, frozen=True):
     request_id: str
     batch_id: str | None
     model: str
@@ -133,7 +133,7 @@ class RequestClaimed(Event, tag=True):
     attempt: int
 
 
-class RequestStarted(Event, tag=True):
+class RequestStarted(Event, tag=True, frozen=True):
     request_id: str
     batch_id: str | None
     model: str
@@ -141,7 +141,7 @@ class RequestStarted(Event, tag=True):
     worker_id: str
 
 
-class RequestCompleted(Event, tag=True):
+class RequestCompleted(Event, tag=True, frozen=True):
     request_id: str
     batch_id: str | None
     model: str
@@ -152,7 +152,7 @@ class RequestCompleted(Event, tag=True):
     attempt: int
 
 
-class RequestFailed(Event, tag=True):
+class RequestFailed(Event, tag=True, frozen=True):
     request_id: str
     batch_id: str | None
     model: str
@@ -163,7 +163,7 @@ class RequestFailed(Event, tag=True):
     attempt: int
 
 
-class RequestRetryScheduled(Event, tag=True):
+class RequestRetryScheduled(Event, tag=True, frozen=True):
     request_id: str
     batch_id: str | None
     model: str
@@ -172,7 +172,7 @@ class RequestRetryScheduled(Event, tag=True):
     not_before: datetime
 
 
-class RequestCanceled(Event, tag=True):
+class RequestCanceled(Event, tag=True, frozen=True):
     request_id: str
     batch_id: str | None
     model: str
@@ -193,7 +193,7 @@ TERMINAL_REQUEST_EVENTS = (RequestCompleted, RequestFailed, RequestCanceled)
 # --- gate.v1 (key: model): what the claim gate hears besides the lifecycle -----------------
 
 
-class ExecutionStarted(Event, tag=True):
+class ExecutionStarted(Event, tag=True, frozen=True):
     request_id: str
     model: str
     claim_id: str
@@ -203,7 +203,7 @@ class ExecutionStarted(Event, tag=True):
 ExecutionResult = Literal["completed", "failed", "retry", "canceled"]
 
 
-class ExecutionFinished(Event, tag=True):
+class ExecutionFinished(Event, tag=True, frozen=True):
     request_id: str
     model: str
     claim_id: str
@@ -217,14 +217,14 @@ class ExecutionFinished(Event, tag=True):
     not_before: datetime | None = None  # with result == "retry"
 
 
-class CancelBatchRequests(Event, tag=True):
+class CancelBatchRequests(Event, tag=True, frozen=True):
     """Tells the gate partition owning ``model`` to cancel the batch's unsent rows."""
 
     batch_id: str
     model: str
 
 
-class GateTick(Event, tag=True):
+class GateTick(Event, tag=True, frozen=True):
     """Wakes the gate for time-driven eligibility (retry ``not_before``)."""
 
     model: str
@@ -236,7 +236,7 @@ GateInput = ExecutionStarted | ExecutionFinished | CancelBatchRequests | GateTic
 # --- dispatch.v1 (key: request_id) -------------------------------------------------------
 
 
-class Dispatch(Event, tag=True):
+class Dispatch(Event, tag=True, frozen=True):
     """A claimed request handed to an executor. No body, no credentials: the executor reads
     the template body from the store and the upstream key from its model configuration."""
 
@@ -273,7 +273,7 @@ class Body(msgspec.Struct, frozen=True, kw_only=True):
 # --- deadletter.v1 -----------------------------------------------------------------------
 
 
-class DeadLetter(Event, tag=True):
+class DeadLetter(Event, tag=True, frozen=True):
     source_topic: str
     partition: int
     offset: int

@@ -16,6 +16,7 @@ from projections.rules.batches import (
     BatchFacts,
     batch_object,
     check_lines_match_endpoint,
+    check_status_filter,
     derive_status,
     validate_create_batch,
 )
@@ -112,13 +113,8 @@ async def get(request: web.Request) -> web.Response:
 async def list_batches(request: web.Request) -> web.Response:
     ctx, who, q = context(request), principal(request), request.query
     status = q.get("status")
-    if status is not None and status not in queries.STATUS_FILTERS:
-        raise ApiError(
-            400,
-            f"Invalid status '{status}'. Expected one of: {', '.join(queries.STATUS_FILTERS)}",
-            code="invalid_request",
-            param="status",
-        )
+    if status is not None:
+        check_status_filter(status)
     windows = q.get("completion_window")
     limit = _limit(q.get("limit"), default=20)
     rows = await queries.list_batches(

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from cannonade.config import Config, ModelKind
 from projections import queries
 from projections.api.app import context, json_response, principal
 from projections.rules.content import error_line, file_object, input_line, output_line
@@ -20,7 +21,7 @@ from projections.rules.upload import (
     validate_purpose,
 )
 from schemas import ids
-from schemas.commands import AppendFileLines, CreateFile, DeleteFile, FileLine
+from schemas.commands import AnyCommand, AppendFileLines, CreateFile, DeleteFile, FileLine
 
 # Upload parts stay well under the broker's message limit; one oversized line travels alone.
 PART_BYTES = 512 * 1024
@@ -96,7 +97,7 @@ async def upload(request: web.Request) -> web.Response:
     raw: bytes = fields["file"]
     parsed = parse_upload(raw, limits, lambda model: _model_kind(ctx.config, model, who.user))
     file_id = str(uuid.uuid4())
-    commands = [*_parts(file_id, parsed, now)]
+    commands: list[AnyCommand] = [*_parts(file_id, parsed, now)]
     commands.append(
         CreateFile(
             command_id=ids.new_id(),
@@ -119,11 +120,11 @@ async def upload(request: web.Request) -> web.Response:
     return json_response(file_json(row), 201)
 
 
-def _model_kind(config: Any, model: str, user: str) -> str | None:
+def _model_kind(config: Config, model: str, user: str) -> ModelKind | None:
     found = config.model(model)
     if found is None or (found.users and user not in found.users):
         return None
-    return str(found.kind)
+    return found.kind
 
 
 def _parts(file_id: str, parsed: ParsedUpload, now: datetime) -> list[AppendFileLines]:

@@ -233,24 +233,3 @@ def check_status_filter(status: str) -> str:
             param="status",
         )
     return status
-
-
-def matches_status_filter(f: BatchFacts, status: str) -> bool:
-    """Listing filter of core §1.3.3, with `expired` meaning the `expired` status."""
-    check_status_filter(status)
-    if status == "expired":
-        return derive_status(f) == "expired"
-    if status == "completed":
-        return f.completed_at is not None
-    if status == "failed":
-        return f.failed_at is not None and f.completed_at is None
-    if status == "cancelled":
-        return f.cancelled_at is not None or f.cancelling_at is not None
-    # in_progress: no outcome yet, and not ended by expiry either.
-    return (
-        f.completed_at is None
-        and f.failed_at is None
-        and f.cancelled_at is None
-        and f.cancelling_at is None
-        and f.expired_at is None
-    )

@@ -78,7 +78,7 @@ def register(streams: Streams) -> Gate:
     gate = Gate(Utf8Keys(entries), limits, worker_id, Utf8Keys(cancelled))
     rebuild = {"needed": True}
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Tables recover before the stream resumes; derive the index on the next event.
         rebuild["needed"] = True

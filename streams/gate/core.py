@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -257,7 +258,7 @@ class Gate:
         entry = self._current(report.request_id, report.claim_id)
         if entry is None:
             return  # fenced out: a stale claim, or the request already ended
-        common = {
+        common: dict[str, Any] = {
             "occurred_at": now,
             "request_id": report.request_id,
             "batch_id": entry.batch_id,

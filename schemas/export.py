@@ -1,0 +1,57 @@
+"""Exports the JSON Schemas of every contract into ``schemas/json/`` for outside consumers.
+
+Run ``python -m schemas.export`` after changing a contract; a test fails while the checked-in
+files differ from what this produces.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import msgspec
+
+from schemas import api
+from schemas.commands import AnyCommand
+from schemas.events import BatchEvent, Body, DeadLetter, Dispatch, FileEvent, GateInput, RequestEvent
+from schemas.topics import ALL as TOPICS
+
+OUT = Path(__file__).parent / "json"
+
+# One document per topic payload, plus the HTTP API objects.
+CONTRACTS: dict[str, object] = {
+    "commands": AnyCommand,
+    "file-events": FileEvent,
+    "batch-events": BatchEvent,
+    "request-events": RequestEvent,
+    "gate-inputs": GateInput,
+    "dispatch": Dispatch,
+    "bodies": Body,
+    "dead-letters": DeadLetter,
+    **{f"api-{t.__name__}": t for t in api.API_OBJECTS},
+}
+
+
+def render() -> dict[str, bytes]:
+    docs = {
+        f"{name}.schema.json": msgspec.json.format(msgspec.json.encode(msgspec.json.schema(tp)), indent=2)
+        + b"\n"
+        for name, tp in CONTRACTS.items()
+    }
+    catalog = [msgspec.structs.asdict(t) for t in TOPICS]
+    docs["topics.json"] = msgspec.json.format(msgspec.json.encode(catalog), indent=2) + b"\n"
+    return docs
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    for old in OUT.glob("*.json"):
+        old.unlink()
+    for name, content in render().items():
+        (OUT / name).write_bytes(content)
+    print(f"wrote {len(CONTRACTS) + 1} files to {OUT}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
