@@ -6,7 +6,7 @@ contract (exported as JSON Schema) and the integration tests check responses aga
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -104,7 +104,7 @@ class ErrorEnvelope(msgspec.Struct, forbid_unknown_fields=True):
 class OutputLineResponse(msgspec.Struct, forbid_unknown_fields=True):
     status_code: int
     request_id: None
-    body: msgspec.Raw  # the upstream body as JSON, or the raw text as a JSON string
+    body: Any  # the upstream body as JSON, or the raw text as a JSON string
 
 
 class OutputLineError(msgspec.Struct, forbid_unknown_fields=True):

@@ -13,7 +13,15 @@ import msgspec
 
 from schemas import api
 from schemas.commands import AnyCommand
-from schemas.events import BatchEvent, Body, DeadLetter, Dispatch, FileEvent, GateInput, RequestEvent
+from schemas.events import (
+    BatchEvent,
+    Body,
+    DeadLetter,
+    Dispatch,
+    FileEvent,
+    GateInput,
+    RequestEvent,
+)
 from schemas.topics import ALL as TOPICS
 
 OUT = Path(__file__).parent / "json"

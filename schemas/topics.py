@@ -77,4 +77,27 @@ DEADLETTER = Topic(
     carries="DeadLetter: a message that failed validation, where it came from and why",
 )
 
-ALL: tuple[Topic, ...] = (COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, DEADLETTER)
+
+
+def changelog(app_id: str, table: str, partitions: int) -> Topic:
+    """A Faust table's changelog. Created with the catalog rather than by the worker, so a
+    worker never meets its table before the broker's metadata knows the topic."""
+    return Topic(
+        f"{app_id}-{table}-changelog",
+        key="the table key",
+        partitions=partitions,
+        compacted=True,
+        carries=f"changelog of the {app_id} worker's '{table}' table",
+    )
+
+
+# Table names are referenced by the agents that own them (streams/agents/*).
+CHANGELOGS: tuple[Topic, ...] = (
+    changelog("cannonade-commands", "batch-progress", COMMANDS.partitions),
+    changelog("cannonade-gate", "gate-entries", GATE_PARTITIONS),
+    changelog("cannonade-gate", "gate-cancelled-batches", GATE_PARTITIONS),
+)
+
+ALL: tuple[Topic, ...] = (
+    COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, DEADLETTER, *CHANGELOGS,
+)  # fmt: skip

@@ -8,6 +8,7 @@ wins.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import msgspec
@@ -21,12 +22,15 @@ from schemas.commands import (
     CreateBatch,
     CreateFile,
     DeleteFile,
+    aggregate_id,
 )
 from schemas.events import BatchCancelRequested, CancelBatchRequests, FileDeleted
 from streams import population
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.store import Store
+
+log = logging.getLogger(__name__)
 
 _MISSING_FILE = {
     "missing": "File with ID {} not found",
@@ -148,3 +152,4 @@ def register(streams: Streams, store: Store) -> None:
                 await streams.dead_letter(event, str(exc))
                 continue
             await streams.publish(outs)
+            log.info("%s %s: %d events", type(cmd).__name__, aggregate_id(cmd), len(outs))

@@ -1,0 +1,108 @@
+"""Integration fixtures: one real Kafka broker and PostgreSQL per test session (the project's
+own stack), and every Cannonade service as a subprocess against them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from openai import OpenAI
+
+from compose import stack
+from compose.services import ModelSpec, Services
+from projections.api.auth import create_key
+
+# chat-a is small on purpose so that capacity and cancellation are observable.
+MODELS = {
+    "chat-a": ModelSpec("chat", 4),
+    "chat-b": ModelSpec("chat", 16),
+    "embed-a": ModelSpec("embeddings", 4),
+}
+
+
+@pytest.fixture(scope="session")
+def stack_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
+    run_dir = tmp_path_factory.mktemp("stack")
+    info = asyncio.run(stack.up(run_dir))
+    yield info
+    stack.down(run_dir)
+
+
+@pytest.fixture(scope="session")
+def services(stack_info: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    svc = Services(
+        tmp_path_factory.mktemp("services"), stack_info.kafka_bootstrap, stack_info.database_url, MODELS
+    )
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _new_key(dsn: str, user: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await create_key(conn, user)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def client_for(services: Services, stack_info: stack.StackInfo) -> Callable[[str], OpenAI]:
+    """An unmodified ``openai`` client authenticated as ``user`` (a fresh key each call)."""
+
+    def make(user: str) -> OpenAI:
+        key = run(_new_key(stack_info.database_url, user))
+        return OpenAI(base_url=f"{services.api_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    return make
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "\n".join(json.dumps(line) for line in lines).encode()
+
+
+def chat_line(custom_id: str, model: str = "chat-a", **fake: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"say {custom_id}"}]}
+    if fake:
+        body["x_fake"] = fake
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+TERMINAL = {"completed", "failed", "cancelled", "expired"}
+
+
+def wait_for_batch(client: OpenAI, batch_id: str, statuses: set[str] = TERMINAL, timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} still {batch.status}: {batch.request_counts}")
+        time.sleep(0.2)
+
+
+def upstream_stats(services: Services) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{services.upstream_url}/_stats") as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def content_lines(client: OpenAI, file_id: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def log_path(services: Services, name: str) -> Path:
+    return services.logs / f"{name}.log"
