@@ -23,7 +23,7 @@ from schemas.events import Body, Dispatch, ExecutionFinished, ExecutionStarted
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.execution.client import AiohttpTransport, Timeouts, UpstreamCall, UpstreamClient
-from streams.execution.failure import FailureReason, RequestBuilderError
+from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
 from streams.execution.outcome import Failure, override_response_id
 from streams.execution.retry import BackoffPolicy, GiveUp, decide
 from streams.store import Store
@@ -80,7 +80,13 @@ class Executor:
                                                     model=d.model, claim_id=d.claim_id,
                                                     worker_id=self.worker_id))]
         )  # fmt: skip
-        outs = await self._execute(d)
+        try:
+            outs = await self._execute(d)
+        except Exception:
+            # A bug or an unexpected store failure must not strand the claim: report the
+            # attempt as terminated, which the retry policy treats like any retriable reason.
+            log.exception("execution of %s failed", d.request_id)
+            outs = self._decide(d, TaskTerminated())
         await self.streams.publish(outs)
 
     async def _execute(self, d: Dispatch) -> list[Out]:
@@ -104,12 +110,7 @@ class Executor:
         )
         outcome = await self.client.execute(call)
         if isinstance(outcome, Failure):
-            decision = decide(outcome.reason, d.attempt, utcnow(), d.deadline, self.backoff)
-            if isinstance(decision, GiveUp):
-                return self._failed(d, outcome.reason, status=_status_of(outcome.reason))
-            return [
-                self._finished(d, "retry", attempt=decision.attempt, not_before=decision.not_before)
-            ]
+            return self._decide(d, outcome.reason)
         body = override_response_id(outcome.body, d.request_id, template.path)
         return [
             Out("bodies", f"res:{d.request_id}", Body(kind="res", ref=d.request_id, text=body)),
@@ -117,6 +118,12 @@ class Executor:
                 d, "completed", status=outcome.status, size=len(body.encode()), routed_model=d.model
             ),
         ]
+
+    def _decide(self, d: Dispatch, reason: FailureReason) -> list[Out]:
+        decision = decide(reason, d.attempt, utcnow(), d.deadline, self.backoff)
+        if isinstance(decision, GiveUp):
+            return self._failed(d, reason, status=_status_of(reason))
+        return [self._finished(d, "retry", not_before=decision.not_before)]
 
     def _failed(self, d: Dispatch, reason: FailureReason, status: int | None = None) -> list[Out]:
         envelope = reason.to_json()
