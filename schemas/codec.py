@@ -22,7 +22,7 @@ file_events = msgspec.json.Decoder(FileEvent)
 batch_events = msgspec.json.Decoder(BatchEvent)
 request_events = msgspec.json.Decoder(RequestEvent)
 gate_inputs = msgspec.json.Decoder(GateInput)
-dispatches = msgspec.json.Decoder(Dispatch)
+dispatches: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 bodies = msgspec.json.Decoder(Body)
 
 DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import faust
 import msgspec
@@ -20,9 +21,11 @@ from cannonade.config import Config
 from schemas import codec, ids, topics
 from schemas.events import DeadLetter
 from schemas.topics import Topic
+from streams import fetch_wait
 from streams.emit import Out, TopicRole
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MAX_MESSAGE = 16 * 1024 * 1024
 _ROLE_TOPICS: dict[TopicRole, Topic] = {
@@ -44,6 +47,7 @@ class Streams:
     """A Faust app plus the catalog topics bound to it."""
 
     def __init__(self, role: str, config: Config) -> None:
+        fetch_wait.install()
         self.config = config
         self.app = faust.App(
             f"cannonade-{role}",
@@ -72,18 +76,22 @@ class Streams:
             internal=False,
         )
 
-    async def publish(self, outs: Sequence[Out]) -> None:
-        """Send in order and wait for every acknowledgement.
+    async def publish(self, outs: Sequence[Out], *, wait: bool = False) -> None:
+        """Send in order; with ``wait``, also wait for every acknowledgement.
 
-        ``force=True`` bypasses Faust's attachments, which would hold messages until the
-        source offset commits and add a commit interval to every hop."""
+        Inside an agent there is no need to wait: Faust flushes the producer before it commits
+        the source offset, so an event is never committed ahead of what it published (at least
+        once). Work that runs outside the stream (executor tasks) waits. ``force=True``
+        bypasses Faust's attachments, which would hold messages until the source offset
+        commits and add a commit interval to every hop."""
         futures = [
             await self.topics[o.topic].send(
                 key=o.key.encode(), value=codec.encode(o.value), force=True
             )
             for o in outs
         ]
-        await asyncio.gather(*futures)
+        if wait:
+            await asyncio.gather(*futures)
 
     async def dead_letter(self, event: EventT, reason: str) -> None:
         message = event.message
@@ -109,7 +117,7 @@ class Streams:
         await self.deadletter.send(key=message.key, value=codec.encode(letter), force=True)
 
 
-def decode_or_none(decoder: msgspec.json.Decoder, raw: object) -> tuple[object | None, str | None]:
+def decode_or_none(decoder: msgspec.json.Decoder[T], raw: object) -> tuple[T, None] | tuple[None, str]:
     """Decode a Kafka value; returns ``(value, None)`` or ``(None, reason)``."""
     if not isinstance(raw, bytes):
         return None, "empty or non-bytes payload"

@@ -147,7 +147,7 @@ def register(streams: Streams, store: Store) -> None:
                 await streams.dead_letter(event, reason or "undecodable")
                 continue
             try:
-                outs = await handle(cmd)  # type: ignore[arg-type]
+                outs = await handle(cmd)
             except ValueError as exc:  # e.g. an unparseable completion window
                 await streams.dead_letter(event, str(exc))
                 continue

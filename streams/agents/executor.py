@@ -78,7 +78,8 @@ class Executor:
             [Out("gate", d.model, ExecutionStarted(event_id=ids.event_id("exec-started", d.claim_id),
                                                     occurred_at=utcnow(), request_id=d.request_id,
                                                     model=d.model, claim_id=d.claim_id,
-                                                    worker_id=self.worker_id))]
+                                                    worker_id=self.worker_id))],
+            wait=True,
         )  # fmt: skip
         try:
             outs = await self._execute(d)
@@ -87,7 +88,7 @@ class Executor:
             # attempt as terminated, which the retry policy treats like any retriable reason.
             log.exception("execution of %s failed", d.request_id)
             outs = self._decide(d, TaskTerminated())
-        await self.streams.publish(outs)
+        await self.streams.publish(outs, wait=True)
 
     async def _execute(self, d: Dispatch) -> list[Out]:
         model = self.config.model(d.model)
@@ -168,10 +169,10 @@ def register(streams: Streams, store: Store) -> Executor:
     @streams.app.agent(streams.topics["dispatch"], name="executor")
     async def execute(stream: StreamT) -> None:
         async for event in stream.events():
-            dispatch, reason = decode_or_none(codec.dispatches, event.value)
-            if dispatch is None:
+            work, reason = decode_or_none(codec.dispatches, event.value)
+            if work is None:
                 await streams.dead_letter(event, reason or "undecodable")
                 continue
-            await executor.accept(dispatch)  # type: ignore[arg-type]
+            await executor.accept(work)
 
     return executor

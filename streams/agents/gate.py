@@ -95,7 +95,7 @@ def register(streams: Streams) -> Gate:
             if rebuild["needed"]:
                 gate.rebuild()
                 rebuild["needed"] = False
-            outs = gate.handle(message, utcnow())  # type: ignore[arg-type]
+            outs = gate.handle(message, utcnow())
             if outs:
                 await streams.publish(outs)
 
