@@ -63,6 +63,9 @@ class Streams:
             consumer_max_fetch_size=_MAX_MESSAGE,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0,
+            # A dead worker's partitions move after this long; Faust's default is 60 s.
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=1.0,
         )
         self.topics = {role_: self.bind(t) for role_, t in _ROLE_TOPICS.items()}
         self.deadletter = self.bind(topics.DEADLETTER)

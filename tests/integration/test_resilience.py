@@ -1,0 +1,192 @@
+"""What must hold when things go wrong: bad messages on Kafka, replays, a worker killed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from openai import OpenAI
+
+from compose import postgres, stack
+from compose.services import Services
+from projections.projector import TOPICS, Projector
+from schemas import topics
+from tests.integration.conftest import chat_line, content_lines, jsonl, run, wait_for_batch
+
+pytestmark = pytest.mark.integration
+
+
+async def _read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
+    """Every record currently on a topic."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _produce(bootstrap: str, name: str, key: bytes, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(name, key=key, value=value)
+    finally:
+        await producer.stop()
+
+
+def test_bad_commands_are_dead_lettered_and_the_agent_keeps_going(
+    stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
+) -> None:
+    bootstrap = stack_info.kafka_bootstrap
+    batch_id = str(uuid.uuid4())
+    run(_produce(bootstrap, topics.COMMANDS.name, b"junk", b"\x00not json"))
+    bad_window = {
+        "type": "CreateBatch", "command_id": str(uuid.uuid4()), "issued_at": "2026-01-01T00:00:00Z",
+        "batch_id": batch_id, "owner": "mallory", "input_file_id": str(uuid.uuid4()),
+        "endpoint": "/v1/chat/completions", "completion_window": "forever",
+    }  # fmt: skip
+    run(_produce(bootstrap, topics.COMMANDS.name, batch_id.encode(), msgspec.json.encode(bad_window)))
+
+    # The agent is still alive: a normal batch completes after the bad commands.
+    client = client_for("henry")
+    uploaded = client.files.create(file=("after.jsonl", jsonl([chat_line("after", model="chat-b")])), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert wait_for_batch(client, batch.id).status == "completed"
+
+    letters = [msgspec.json.decode(r.value) for r in run(_read_topic(bootstrap, topics.DEADLETTER))]
+    junk = [x for x in letters if x["key"] == "junk"]
+    window = [x for x in letters if x["key"] == batch_id]
+    assert junk and junk[0]["source_topic"] == topics.COMMANDS.name and "invalid message" in junk[0]["reason"]
+    assert window and "invalid completion window 'forever'" in window[0]["reason"]
+    with pytest.raises(Exception, match="not found"):
+        client_for("mallory").batches.retrieve(batch_id)
+
+
+# Columns that depend on when a row was written, not on the log.
+_VOLATILE = {"projected_at"}
+_TABLES = {
+    "files": "id", "request_templates": "id", "bodies": "ref, kind", "batches": "id",
+    "batch_counts": "batch_id", "requests": "id",
+}  # fmt: skip
+
+
+async def _snapshot(dsn: str) -> dict[str, list[dict[str, Any]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        out = {}
+        for table, order in _TABLES.items():
+            rows = await conn.fetch(f"SELECT * FROM {table} ORDER BY {order}")
+            out[table] = [{k: v for k, v in dict(r).items() if k not in _VOLATILE} for r in rows]
+        return out
+    finally:
+        await conn.close()
+
+
+async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
+    """Wait until the projector ``name`` has applied everything now on its topics."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        end = await consumer.end_offsets([TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)])
+    finally:
+        await consumer.stop()
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            stored = {
+                (r["topic"], r["partition"]): r["next_offset"]
+                for r in await conn.fetch("SELECT * FROM projection_offsets WHERE consumer = $1", name)
+            }
+            if all(stored.get((tp.topic, tp.partition), 0) >= off for tp, off in end.items()):
+                return
+            assert time.monotonic() < deadline, f"projector {name} did not catch up"
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+async def _project_to_end(dsn: str, bootstrap: str) -> None:
+    projector = Projector(dsn, bootstrap)
+    task = asyncio.create_task(projector.run())
+    try:
+        await _caught_up(dsn, bootstrap, "projector")
+    finally:
+        projector.stop()
+        await task
+
+
+def test_replaying_the_log_rebuilds_identical_read_models(
+    stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
+) -> None:
+    client = client_for("ivy")
+    lines = [chat_line(f"r{i}", model="chat-b") for i in range(20)] + [chat_line("bad", model="chat-b", status=400)]
+    uploaded = client.files.create(file=("replay.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for_batch(client, batch.id)
+
+    async def scenario() -> None:
+        bootstrap = stack_info.kafka_bootstrap
+        await _caught_up(stack_info.database_url, bootstrap, "projector")
+        rebuilt = await postgres.create_database(stack_info.admin_database_url, "replay_check")
+        try:
+            await _project_to_end(rebuilt, bootstrap)
+            live, first = await _snapshot(stack_info.database_url), await _snapshot(rebuilt)
+            for table in _TABLES:
+                assert first[table] == live[table], f"{table} differs after a full replay"
+            assert any(r["id"] == uuid.UUID(batch.id) for r in first["batches"])
+            # Replaying the same topics again over the rebuilt tables changes nothing.
+            conn = await asyncpg.connect(rebuilt)
+            await conn.execute("UPDATE projection_offsets SET next_offset = 0")
+            await conn.close()
+            await _project_to_end(rebuilt, bootstrap)
+            assert await _snapshot(rebuilt) == first
+        finally:
+            await postgres.drop_database(stack_info.admin_database_url, "replay_check")
+
+    run(scenario())
+
+
+def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
+    services: Services, stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
+) -> None:
+    client = client_for("judy")
+    lines = [chat_line(f"k{i}", latency_ms=150) for i in range(40)]  # chat-a: 4 at a time
+    uploaded = client.files.create(file=("kill.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for_batch(client, batch.id, {"in_progress"})
+    time.sleep(0.5)
+    services.kill("gate-0", signal.SIGKILL)
+    time.sleep(1)
+    services.start_worker("gate", 0)
+    done = wait_for_batch(client, batch.id, timeout_s=180)
+
+    assert done.status == "completed" and done.request_counts.completed == 40
+    output = content_lines(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(f"k{i}" for i in range(40))
+
+    terminal: dict[str, set[str]] = defaultdict(set)
+    for record in run(_read_topic(stack_info.kafka_bootstrap, topics.REQUESTS)):
+        event = msgspec.json.decode(record.value)
+        if event["type"] in ("RequestCompleted", "RequestFailed", "RequestCanceled") and event["batch_id"] == batch.id:
+            terminal[event["request_id"]].add(event["event_id"])
+    assert len(terminal) == 40
+    assert all(len(ids) == 1 for ids in terminal.values()), "a request has two different terminal events"
