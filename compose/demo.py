@@ -38,7 +38,14 @@ def _lines(count: int) -> bytes:
             body["x_fake"] = {"status": 400}  # rejected upstream: ends in the error file
         elif i % 25 == 3:
             body["x_fake"] = {"fail_times": 1, "fail_status": 503}  # retried after backoff
-        lines.append({"custom_id": f"haiku-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        lines.append(
+            {
+                "custom_id": f"haiku-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
+        )
     return "\n".join(json.dumps(line) for line in lines).encode()
 
 
@@ -62,10 +69,16 @@ def run(count: int) -> None:
     )  # fmt: skip
     try:
         services.start()
-        print(f"services up in {time.monotonic() - started:.1f}s: API {services.api_url}, logs in {services.logs}")
-        client = OpenAI(base_url=f"{services.api_url}/v1", api_key=asyncio.run(_key(info.database_url)))
+        print(
+            f"services up in {time.monotonic() - started:.1f}s: API {services.api_url}, logs in {services.logs}"
+        )
+        client = OpenAI(
+            base_url=f"{services.api_url}/v1", api_key=asyncio.run(_key(info.database_url))
+        )
         uploaded = client.files.create(file=("haiku.jsonl", _lines(count)), purpose="batch")
-        print(f"uploaded {uploaded.filename}: {uploaded.id} ({uploaded.bytes} bytes, {count} requests)")
+        print(
+            f"uploaded {uploaded.filename}: {uploaded.id} ({uploaded.bytes} bytes, {count} requests)"
+        )
         batch = client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
@@ -77,19 +90,27 @@ def run(count: int) -> None:
             done = (c.completed + c.failed) if c else 0
             total = c.total if c and c.total else count
             bar = "#" * int(30 * done / total)
-            sys.stdout.write(f"\r  {batch.status:<11} [{bar:<30}] {done}/{total} ({c.failed if c else 0} failed)")
+            sys.stdout.write(
+                f"\r  {batch.status:<11} [{bar:<30}] {done}/{total} ({c.failed if c else 0} failed)"
+            )
             sys.stdout.flush()
         print()
         shutil.rmtree(RESULTS, ignore_errors=True)
         RESULTS.mkdir(parents=True)
         output, errors = RESULTS / "output.jsonl", RESULTS / "errors.jsonl"
-        output.write_text(client.files.content(batch.output_file_id).text if batch.output_file_id else "")
-        errors.write_text(client.files.content(batch.error_file_id).text if batch.error_file_id else "")
+        output.write_text(
+            client.files.content(batch.output_file_id).text if batch.output_file_id else ""
+        )
+        errors.write_text(
+            client.files.content(batch.error_file_id).text if batch.error_file_id else ""
+        )
         print(f"batch {batch.status} in {time.monotonic() - started:.1f}s total")
         print(f"  results: {output.resolve()} ({len(output.read_text().splitlines())} lines)")
         print(f"  errors:  {errors.resolve()} ({len(errors.read_text().splitlines())} lines)")
         first = json.loads(output.read_text().splitlines()[0])
-        print(f"  first result: {first['custom_id']} -> {first['response']['body']['choices'][0]['message']['content']!r}")
+        print(
+            f"  first result: {first['custom_id']} -> {first['response']['body']['choices'][0]['message']['content']!r}"
+        )
     finally:
         services.stop()
         stack.down(RUN_DIR / "stack")

@@ -42,7 +42,9 @@ CONTRACTS: dict[str, object] = {
 
 def render() -> dict[str, bytes]:
     docs = {
-        f"{name}.schema.json": msgspec.json.format(msgspec.json.encode(msgspec.json.schema(tp)), indent=2)
+        f"{name}.schema.json": msgspec.json.format(
+            msgspec.json.encode(msgspec.json.schema(tp)), indent=2
+        )
         + b"\n"
         for name, tp in CONTRACTS.items()
     }

@@ -78,7 +78,6 @@ DEADLETTER = Topic(
 )
 
 
-
 def changelog(app_id: str, table: str, partitions: int) -> Topic:
     """A Faust table's changelog. Created with the catalog rather than by the worker, so a
     worker never meets its table before the broker's metadata knows the topic."""

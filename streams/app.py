@@ -120,7 +120,9 @@ class Streams:
         await self.deadletter.send(key=message.key, value=codec.encode(letter), force=True)
 
 
-def decode_or_none(decoder: msgspec.json.Decoder[T], raw: object) -> tuple[T, None] | tuple[None, str]:
+def decode_or_none(
+    decoder: msgspec.json.Decoder[T], raw: object
+) -> tuple[T, None] | tuple[None, str]:
     """Decode a Kafka value; returns ``(value, None)`` or ``(None, reason)``."""
     if not isinstance(raw, bytes):
         return None, "empty or non-bytes payload"

@@ -36,9 +36,14 @@ def stack_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Stack
 
 
 @pytest.fixture(scope="session")
-def services(stack_info: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+def services(
+    stack_info: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Services]:
     svc = Services(
-        tmp_path_factory.mktemp("services"), stack_info.kafka_bootstrap, stack_info.database_url, MODELS
+        tmp_path_factory.mktemp("services"),
+        stack_info.kafka_bootstrap,
+        stack_info.database_url,
+        MODELS,
     )
     try:
         svc.start()
@@ -75,7 +80,10 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
 
 
 def chat_line(custom_id: str, model: str = "chat-a", **fake: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"say {custom_id}"}]}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"say {custom_id}"}],
+    }
     if fake:
         body["x_fake"] = fake
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
@@ -84,7 +92,9 @@ def chat_line(custom_id: str, model: str = "chat-a", **fake: Any) -> dict[str, A
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
 
 
-def wait_for_batch(client: OpenAI, batch_id: str, statuses: set[str] = TERMINAL, timeout_s: float = 120) -> Any:
+def wait_for_batch(
+    client: OpenAI, batch_id: str, statuses: set[str] = TERMINAL, timeout_s: float = 120
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         batch = client.batches.retrieve(batch_id)

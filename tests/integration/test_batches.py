@@ -41,12 +41,18 @@ def test_batch_runs_to_completion_with_every_line_once(client_for: Callable[[str
     done = wait_for_batch(client, batch.id)
 
     assert done.status == "completed"
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (40, 39, 1)
+    assert (
+        done.request_counts.total,
+        done.request_counts.completed,
+        done.request_counts.failed,
+    ) == (40, 39, 1)
     assert done.completed_at is not None and done.in_progress_at is not None
     assert done.output_file_id and done.error_file_id
 
     output = content_lines(client, done.output_file_id)
-    assert sorted(line["custom_id"] for line in output) == sorted(f"req-{i}" for i in range(40) if i != 7)
+    assert sorted(line["custom_id"] for line in output) == sorted(
+        f"req-{i}" for i in range(40) if i != 7
+    )
     for line in output:
         msgspec.convert(line, api.OutputLine)
         body = line["response"]["body"]
@@ -86,19 +92,25 @@ def test_embeddings_batch(client_for: Callable[[str], OpenAI]) -> None:
         for i in range(5)
     ]  # fmt: skip
     uploaded = client.files.create(file=("emb.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
     done = wait_for_batch(client, batch.id)
     assert done.status == "completed" and done.request_counts.completed == 5
     output = content_lines(client, done.output_file_id)
     assert {line["response"]["body"]["object"] for line in output} == {"list"}
 
 
-def test_cancel_stops_unsent_requests(client_for: Callable[[str], OpenAI], services: Services) -> None:
+def test_cancel_stops_unsent_requests(
+    client_for: Callable[[str], OpenAI], services: Services
+) -> None:
     client = client_for("bob")
     # chat-a runs 4 at a time; at 400 ms each, 60 lines take ~6 s, so most are unsent at cancel.
     lines = [chat_line(f"slow-{i}", latency_ms=400) for i in range(60)]
     uploaded = client.files.create(file=("slow.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     wait_for_batch(client, batch.id, {"in_progress"})
     time.sleep(0.5)
 
@@ -108,7 +120,9 @@ def test_cancel_stops_unsent_requests(client_for: Callable[[str], OpenAI], servi
     done = wait_for_batch(client, batch.id, {"cancelled"})
     calls_at_end = _calls_for(services, batch.id, 60)
     time.sleep(1.5)
-    assert _calls_for(services, batch.id, 60) == calls_at_end, "requests were sent after the batch ended"
+    assert _calls_for(services, batch.id, 60) == calls_at_end, (
+        "requests were sent after the batch ended"
+    )
 
     counts = done.request_counts
     assert counts.total == 60
@@ -130,8 +144,12 @@ def _calls_for(services: Services, batch_id: str, lines: int) -> int:
 
 def test_cancelling_a_completed_batch_is_a_conflict(client_for: Callable[[str], OpenAI]) -> None:
     client = client_for("carol")
-    uploaded = client.files.create(file=("one.jsonl", jsonl([chat_line("only", model="chat-b")])), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    uploaded = client.files.create(
+        file=("one.jsonl", jsonl([chat_line("only", model="chat-b")])), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     assert wait_for_batch(client, batch.id).status == "completed"
     with pytest.raises(openai.ConflictError) as info:
         client.batches.cancel(batch.id)
@@ -147,25 +165,47 @@ def test_cancelling_a_completed_batch_is_a_conflict(client_for: Callable[[str], 
             "Line 2: duplicate custom_id 'x' (first seen on line 1)",
         ),
         (
-            [chat_line("ok"), {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}],
+            [
+                chat_line("ok"),
+                {
+                    "custom_id": "bad",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"messages": []},
+                },
+            ],
             400,
             "Line 2: Missing 'model' field in request body",
         ),
-        ([chat_line("m", model="no-such-model")], 403, "Line 1: Model 'no-such-model' has not been configured or is not available to user"),
+        (
+            [chat_line("m", model="no-such-model")],
+            403,
+            "Line 1: Model 'no-such-model' has not been configured or is not available to user",
+        ),
         (
             [{**chat_line("g"), "method": "GET"}],
             400,
             "Line 1: Unsupported HTTP method 'GET'. Only POST is currently supported.",
         ),
         (
-            [{"custom_id": "e", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "embed-a", "input": "x"}}],
+            [
+                {
+                    "custom_id": "e",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": "embed-a", "input": "x"},
+                }
+            ],
             400,
             "Line 1: Model 'embed-a' is a EMBEDDINGS model but endpoint '/v1/chat/completions' requires a CHAT model",
         ),
     ],
 )
 def test_bad_uploads_are_rejected_and_leave_no_file(
-    client_for: Callable[[str], OpenAI], lines: list[dict], status: int, message: str  # type: ignore[type-arg]
+    client_for: Callable[[str], OpenAI],
+    lines: list[dict],
+    status: int,
+    message: str,  # type: ignore[type-arg]
 ) -> None:
     client = client_for("dave")
     before = {f.id for f in client.files.list(limit=100).data}
@@ -187,8 +227,12 @@ def test_invalid_json_line_names_its_line(client_for: Callable[[str], OpenAI]) -
 
 def test_another_users_resources_answer_404(client_for: Callable[[str], OpenAI]) -> None:
     owner, stranger = client_for("olivia"), client_for("sam")
-    uploaded = owner.files.create(file=("mine.jsonl", jsonl([chat_line("p", model="chat-b")])), purpose="batch")
-    batch = owner.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    uploaded = owner.files.create(
+        file=("mine.jsonl", jsonl([chat_line("p", model="chat-b")])), purpose="batch"
+    )
+    batch = owner.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
     for call in (
         lambda: stranger.files.retrieve(uploaded.id),
@@ -196,7 +240,9 @@ def test_another_users_resources_answer_404(client_for: Callable[[str], OpenAI])
         lambda: stranger.files.delete(uploaded.id),
         lambda: stranger.batches.retrieve(batch.id),
         lambda: stranger.batches.cancel(batch.id),
-        lambda: stranger.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"),
+        lambda: stranger.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ),
     ):
         with pytest.raises(openai.NotFoundError) as info:
             call()
@@ -216,11 +262,15 @@ def test_missing_or_bad_key_is_401(services: Services) -> None:
     assert info.value.body["message"] == "Invalid API key"  # type: ignore[index]
 
 
-def test_deleting_an_input_file_cancels_its_running_batch(client_for: Callable[[str], OpenAI]) -> None:
+def test_deleting_an_input_file_cancels_its_running_batch(
+    client_for: Callable[[str], OpenAI],
+) -> None:
     client = client_for("frank")
     lines = [chat_line(f"d{i}", latency_ms=300) for i in range(30)]
     uploaded = client.files.create(file=("del.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     wait_for_batch(client, batch.id, {"in_progress"})
 
     deleted = client.files.delete(uploaded.id)
@@ -236,11 +286,18 @@ def test_batch_validation_errors(client_for: Callable[[str], OpenAI]) -> None:
     client = client_for("gina")
     uploaded = client.files.create(file=("v.jsonl", jsonl([chat_line("v")])), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="7d")  # type: ignore[arg-type]
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="7d"
+        )  # type: ignore[arg-type]
     assert info.value.body["message"].startswith("Unsupported completion_window")  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
-    assert info.value.body["message"] == "Line 1: url '/v1/chat/completions' does not match batch endpoint '/v1/embeddings'"  # type: ignore[index]
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+        )
+    assert (
+        info.value.body["message"]
+        == "Line 1: url '/v1/chat/completions' does not match batch endpoint '/v1/embeddings'"
+    )  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.retrieve("not-a-uuid")
     assert info.value.body["message"] == "Invalid batch ID format"  # type: ignore[index]

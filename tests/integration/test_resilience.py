@@ -63,18 +63,30 @@ def test_bad_commands_are_dead_lettered_and_the_agent_keeps_going(
         "batch_id": batch_id, "owner": "mallory", "input_file_id": str(uuid.uuid4()),
         "endpoint": "/v1/chat/completions", "completion_window": "forever",
     }  # fmt: skip
-    run(_produce(bootstrap, topics.COMMANDS.name, batch_id.encode(), msgspec.json.encode(bad_window)))
+    run(
+        _produce(
+            bootstrap, topics.COMMANDS.name, batch_id.encode(), msgspec.json.encode(bad_window)
+        )
+    )
 
     # The agent is still alive: a normal batch completes after the bad commands.
     client = client_for("henry")
-    uploaded = client.files.create(file=("after.jsonl", jsonl([chat_line("after", model="chat-b")])), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    uploaded = client.files.create(
+        file=("after.jsonl", jsonl([chat_line("after", model="chat-b")])), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     assert wait_for_batch(client, batch.id).status == "completed"
 
     letters = [msgspec.json.decode(r.value) for r in run(_read_topic(bootstrap, topics.DEADLETTER))]
     junk = [x for x in letters if x["key"] == "junk"]
     window = [x for x in letters if x["key"] == batch_id]
-    assert junk and junk[0]["source_topic"] == topics.COMMANDS.name and "invalid message" in junk[0]["reason"]
+    assert (
+        junk
+        and junk[0]["source_topic"] == topics.COMMANDS.name
+        and "invalid message" in junk[0]["reason"]
+    )
     assert window and "invalid completion window 'forever'" in window[0]["reason"]
     with pytest.raises(Exception, match="not found"):
         client_for("mallory").batches.retrieve(batch_id)
@@ -105,7 +117,9 @@ async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        end = await consumer.end_offsets([TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)])
+        end = await consumer.end_offsets(
+            [TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)]
+        )
     finally:
         await consumer.stop()
     conn = await asyncpg.connect(dsn)
@@ -114,7 +128,9 @@ async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
         while True:
             stored = {
                 (r["topic"], r["partition"]): r["next_offset"]
-                for r in await conn.fetch("SELECT * FROM projection_offsets WHERE consumer = $1", name)
+                for r in await conn.fetch(
+                    "SELECT * FROM projection_offsets WHERE consumer = $1", name
+                )
             }
             if all(stored.get((tp.topic, tp.partition), 0) >= off for tp, off in end.items()):
                 return
@@ -138,9 +154,13 @@ def test_replaying_the_log_rebuilds_identical_read_models(
     stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
 ) -> None:
     client = client_for("ivy")
-    lines = [chat_line(f"r{i}", model="chat-b") for i in range(20)] + [chat_line("bad", model="chat-b", status=400)]
+    lines = [chat_line(f"r{i}", model="chat-b") for i in range(20)] + [
+        chat_line("bad", model="chat-b", status=400)
+    ]
     uploaded = client.files.create(file=("replay.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     wait_for_batch(client, batch.id)
 
     async def scenario() -> None:
@@ -171,7 +191,9 @@ def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
     client = client_for("judy")
     lines = [chat_line(f"k{i}", latency_ms=150) for i in range(40)]  # chat-a: 4 at a time
     uploaded = client.files.create(file=("kill.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     wait_for_batch(client, batch.id, {"in_progress"})
     time.sleep(0.5)
     services.kill("gate-0", signal.SIGKILL)
@@ -186,7 +208,12 @@ def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
     terminal: dict[str, set[str]] = defaultdict(set)
     for record in run(_read_topic(stack_info.kafka_bootstrap, topics.REQUESTS)):
         event = msgspec.json.decode(record.value)
-        if event["type"] in ("RequestCompleted", "RequestFailed", "RequestCanceled") and event["batch_id"] == batch.id:
+        if (
+            event["type"] in ("RequestCompleted", "RequestFailed", "RequestCanceled")
+            and event["batch_id"] == batch.id
+        ):
             terminal[event["request_id"]].add(event["event_id"])
     assert len(terminal) == 40
-    assert all(len(ids) == 1 for ids in terminal.values()), "a request has two different terminal events"
+    assert all(len(ids) == 1 for ids in terminal.values()), (
+        "a request has two different terminal events"
+    )

@@ -24,7 +24,9 @@ from streams.gate.core import Gate
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def pending(batch: str, model: str, n: int, deadline: datetime = NOW + timedelta(hours=24)) -> RequestsPending:
+def pending(
+    batch: str, model: str, n: int, deadline: datetime = NOW + timedelta(hours=24)
+) -> RequestsPending:
     return RequestsPending(
         event_id=ids.new_id(),
         occurred_at=NOW,
@@ -35,7 +37,10 @@ def pending(batch: str, model: str, n: int, deadline: datetime = NOW + timedelta
         deadline=deadline,
         window_class="24h",
         service_tier=None,
-        items=[PendingItem(ids.request_id(batch, i), ids.template_id("f", i), i, f"c{i}") for i in range(n)],
+        items=[
+            PendingItem(ids.request_id(batch, i), ids.template_id("f", i), i, f"c{i}")
+            for i in range(n)
+        ],
     )
 
 
@@ -67,7 +72,10 @@ def test_a_finished_request_frees_capacity_for_the_next_one() -> None:
     g = gate({"m": 2})
     first = dispatched(g.handle(pending("b1", "m", 5), NOW))
     outs = g.handle(finish(first[0]), NOW)
-    assert [type(o.value).__name__ for o in outs if o.topic == "requests"] == ["RequestCompleted", "RequestClaimed"]
+    assert [type(o.value).__name__ for o in outs if o.topic == "requests"] == [
+        "RequestCompleted",
+        "RequestClaimed",
+    ]
     assert dispatched(outs)[0].request_id == ids.request_id("b1", 2)
     assert g.in_flight("m") == 2
 
@@ -100,7 +108,14 @@ def test_redelivered_population_does_not_resurrect_a_finished_request() -> None:
 def test_stale_claim_report_is_fenced_out() -> None:
     g = gate({"m": 1})
     (d,) = dispatched(g.handle(pending("b", "m", 1), NOW))
-    stale = ExecutionStarted(event_id="x", occurred_at=NOW, request_id=d.request_id, model="m", claim_id="other", worker_id="w")
+    stale = ExecutionStarted(
+        event_id="x",
+        occurred_at=NOW,
+        request_id=d.request_id,
+        model="m",
+        claim_id="other",
+        worker_id="w",
+    )
     assert g.handle(stale, NOW) == []
 
 
@@ -110,7 +125,12 @@ def test_retry_waits_for_not_before_then_is_claimed_again_with_next_attempt() ->
     later = NOW + timedelta(seconds=2)
     outs = g.handle(finish(d, "retry", not_before=later), NOW)
     assert [type(o.value) for o in outs] == [RequestRetryScheduled]
-    assert dispatched(g.handle(GateTick(event_id="t", occurred_at=NOW, model="m"), NOW + timedelta(seconds=1))) == []
+    assert (
+        dispatched(
+            g.handle(GateTick(event_id="t", occurred_at=NOW, model="m"), NOW + timedelta(seconds=1))
+        )
+        == []
+    )
     (again,) = dispatched(g.handle(GateTick(event_id="t", occurred_at=NOW, model="m"), later))
     assert again.attempt == 1 and again.claim_id != d.claim_id
 
@@ -118,10 +138,12 @@ def test_retry_waits_for_not_before_then_is_claimed_again_with_next_attempt() ->
 def test_cancel_batch_cancels_unsent_rows_and_lets_in_flight_finish() -> None:
     g = gate({"m": 1})
     (d,) = dispatched(g.handle(pending("b", "m", 3), NOW))
-    outs = g.handle(CancelBatchRequests(event_id="c", occurred_at=NOW, batch_id="b", model="m"), NOW)
-    assert sorted(o.value.request_id for o in outs if isinstance(o.value, RequestCanceled)) == sorted(
-        ids.request_id("b", i) for i in (1, 2)
+    outs = g.handle(
+        CancelBatchRequests(event_id="c", occurred_at=NOW, batch_id="b", model="m"), NOW
     )
+    assert sorted(
+        o.value.request_id for o in outs if isinstance(o.value, RequestCanceled)
+    ) == sorted(ids.request_id("b", i) for i in (1, 2))
     done = g.handle(finish(d), NOW)
     assert [type(o.value) for o in done] == [RequestCompleted]  # nothing else claimed
 
