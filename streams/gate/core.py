@@ -218,7 +218,7 @@ class Gate:
                 "requests",
                 entry.model,
                 RequestFailed(
-                    event_id=ids.event_id("failed", request_id),
+                    event_id=ids.event_id("terminal", request_id),
                     occurred_at=now,
                     request_id=request_id,
                     batch_id=entry.batch_id,
