@@ -185,21 +185,43 @@ class Projector:
                     event.file_id, event.owner, event.filename, event.purpose, event.bytes,
                     event.template_count, event.api_key_id, event.created_at, event.expires_at,
                 )  # fmt: skip
+                await self._apply_deletions(conn, [event.file_id])
             elif isinstance(event, FileDeleted):
+                await self._flush_templates(conn, templates)
                 await conn.execute(
-                    "UPDATE files SET status = 'deleted', deleted_at = COALESCE(deleted_at, $2)"
-                    " WHERE id = $1",
+                    "INSERT INTO file_deletions (file_id, deleted_at) VALUES ($1, $2)"
+                    " ON CONFLICT (file_id) DO NOTHING",
                     event.file_id, event.occurred_at,
                 )  # fmt: skip
-                await conn.execute(
-                    "UPDATE batches SET"
-                    " input_file_id = NULLIF(input_file_id, $1),"
-                    " output_file_id = NULLIF(output_file_id, $1),"
-                    " error_file_id = NULLIF(error_file_id, $1)"
-                    " WHERE $1 IN (input_file_id, output_file_id, error_file_id)",
-                    event.file_id,
-                )
+                await self._apply_deletions(conn, [event.file_id])
         await self._flush_templates(conn, templates)
+
+    @staticmethod
+    async def _apply_deletions(conn: asyncpg.Connection, file_ids: list[str]) -> None:
+        """Apply the recorded deletions among ``file_ids`` to the rows that exist now.
+
+        Called after a deletion and after every insert that may reference a deleted file, so
+        the outcome does not depend on which topic's events were projected first."""
+        deleted = await conn.fetch(
+            "SELECT file_id FROM file_deletions WHERE file_id = ANY($1::uuid[])", file_ids
+        )
+        if not deleted:
+            return
+        ids = [r["file_id"] for r in deleted]
+        await conn.execute(
+            "UPDATE files f SET status = 'deleted', deleted_at = d.deleted_at FROM file_deletions d"
+            " WHERE d.file_id = f.id AND f.id = ANY($1::uuid[]) AND f.deleted_at IS NULL",
+            ids,
+        )
+        await conn.execute(
+            "UPDATE batches SET"
+            " input_file_id = CASE WHEN input_file_id = ANY($1::uuid[]) THEN NULL ELSE input_file_id END,"
+            " output_file_id = CASE WHEN output_file_id = ANY($1::uuid[]) THEN NULL ELSE output_file_id END,"
+            " error_file_id = CASE WHEN error_file_id = ANY($1::uuid[]) THEN NULL ELSE error_file_id END"
+            " WHERE input_file_id = ANY($1::uuid[]) OR output_file_id = ANY($1::uuid[])"
+            " OR error_file_id = ANY($1::uuid[])",
+            ids,
+        )
 
     @staticmethod
     async def _flush_templates(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -284,6 +306,9 @@ class Projector:
                  "batch_error", event.batch_id, event.created_at),
             ],
         )  # fmt: skip
+        await Projector._apply_deletions(
+            conn, [event.input_file_id, event.output_file_id, event.error_file_id]
+        )
 
     async def _requests(self, conn: asyncpg.Connection, records: list[ConsumerRecord]) -> set[str]:
         decoded = [(r.offset, self._decode(codec.request_events, r)) for r in records]
