@@ -19,6 +19,7 @@ from schemas.events import (
     RequestCompleted,
     RequestEvent,
     RequestFailed,
+    RequestReclaimed,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
@@ -156,6 +157,9 @@ def _set_fields(row: RequestRow, event: RequestEvent) -> None:
             row.daemon_id, row.started_at = event.worker_id, at
         case RequestRetryScheduled():
             row.retry_attempt, row.not_before = event.attempt, event.not_before
+            row.claim_id = row.daemon_id = row.claimed_at = row.started_at = None
+        case RequestReclaimed():
+            row.retry_attempt = event.attempt
             row.claim_id = row.daemon_id = row.claimed_at = row.started_at = None
         case RequestCompleted():
             row.response_status, row.response_size = event.status, event.size

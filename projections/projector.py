@@ -27,13 +27,18 @@ from schemas.events import (
     FileDeleted,
     FileUploaded,
     TemplatesAppended,
+    WorkerHeartbeat,
+    WorkerStarted,
+    WorkerStopped,
 )
 from schemas.ids import error_file_id, output_file_id
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "projector"
-TOPICS = (topics.FILES, topics.BODIES, topics.BATCHES, topics.REQUESTS)
+TOPICS = (
+    topics.FILES, topics.BODIES, topics.BATCHES, topics.REQUESTS, topics.MODEL_FILTERS, topics.WORKERS,
+)  # fmt: skip
 MAX_RECORDS = 5000
 
 _COLUMN_TYPES = {
@@ -136,6 +141,8 @@ class Projector:
         await self._bodies(conn, by_topic[topics.BODIES.name])
         touched = await self._batches(conn, by_topic[topics.BATCHES.name])
         touched |= await self._requests(conn, by_topic[topics.REQUESTS.name])
+        await self._model_filters(conn, by_topic[topics.MODEL_FILTERS.name])
+        await self._workers(conn, by_topic[topics.WORKERS.name])
         if touched:
             await conn.execute(_FINALIZE, list(touched))
         await conn.executemany(
@@ -337,6 +344,49 @@ class Projector:
                 [d.last_terminal_at for _, d in deltas],
             )
         return set(fold.deltas)
+
+    async def _model_filters(self, conn: asyncpg.Connection, records: list[ConsumerRecord]) -> None:
+        events = [
+            e for e in (self._decode(codec.model_filters, r) for r in records) if e is not None
+        ]
+        if events:
+            await conn.executemany(
+                "INSERT INTO model_filters (event_id, model, state, expected_ready_at, created_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+                [
+                    (e.event_id, e.model, e.state, e.expected_ready_at, e.occurred_at)
+                    for e in events
+                ],
+            )
+
+    async def _workers(self, conn: asyncpg.Connection, records: list[ConsumerRecord]) -> None:
+        """Daemon records (core §1.5); a heartbeat never revives a worker recorded dead."""
+        for record in records:
+            event = self._decode(codec.worker_events, record)
+            if isinstance(event, WorkerStarted):
+                await conn.execute(
+                    "INSERT INTO daemons (id, role, status, hostname, pid, version, config_snapshot,"
+                    " started_at, last_heartbeat, created_at) VALUES ($1, $2, 'running', $3, $4, $5, $6, $7, $7, $7)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    event.worker_id, event.role, event.hostname, event.pid, event.version,
+                    msgspec.json.encode(event.config_snapshot).decode(), event.occurred_at,
+                )  # fmt: skip
+            elif isinstance(event, WorkerHeartbeat | WorkerStopped):
+                stopped = isinstance(event, WorkerStopped)
+                await conn.execute(
+                    "INSERT INTO daemons (id, role, status, last_heartbeat, stopped_at, requests_processed,"
+                    " requests_failed, requests_in_flight, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $4)"
+                    " ON CONFLICT (id) DO UPDATE SET"
+                    " status = CASE WHEN daemons.status = 'dead' THEN 'dead' ELSE EXCLUDED.status END,"
+                    " last_heartbeat = GREATEST(daemons.last_heartbeat, EXCLUDED.last_heartbeat),"
+                    " stopped_at = COALESCE(daemons.stopped_at, EXCLUDED.stopped_at),"
+                    " requests_processed = EXCLUDED.requests_processed,"
+                    " requests_failed = EXCLUDED.requests_failed,"
+                    " requests_in_flight = EXCLUDED.requests_in_flight",
+                    event.worker_id, event.role, "dead" if stopped else "running", event.occurred_at,
+                    event.occurred_at if stopped else None, event.requests_processed,
+                    event.requests_failed, event.requests_in_flight,
+                )  # fmt: skip
 
 
 def _row(record: asyncpg.Record) -> RequestRow:

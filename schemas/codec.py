@@ -11,7 +11,16 @@ from typing import Any, TypeVar
 import msgspec
 
 from schemas.commands import AnyCommand
-from schemas.events import BatchEvent, Body, Dispatch, FileEvent, GateInput, RequestEvent
+from schemas.events import (
+    BatchEvent,
+    Body,
+    DispatchMessage,
+    FileEvent,
+    GateInput,
+    ModelFilterAppended,
+    RequestEvent,
+    WorkerEvent,
+)
 
 T = TypeVar("T")
 
@@ -22,7 +31,9 @@ file_events = msgspec.json.Decoder(FileEvent)
 batch_events = msgspec.json.Decoder(BatchEvent)
 request_events = msgspec.json.Decoder(RequestEvent)
 gate_inputs = msgspec.json.Decoder(GateInput)
-dispatches: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
+dispatches: msgspec.json.Decoder[DispatchMessage] = msgspec.json.Decoder(DispatchMessage)
+model_filters = msgspec.json.Decoder(ModelFilterAppended)
+worker_events = msgspec.json.Decoder(WorkerEvent)
 bodies = msgspec.json.Decoder(Body)
 
 DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)

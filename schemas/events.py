@@ -12,7 +12,7 @@ decision is recognisable as the same event rather than a second one.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -122,6 +122,8 @@ class RequestsPending(Event, tag=True, frozen=True):
     window_class: str
     service_tier: str | None
     items: list[PendingItem]
+    # W of core §3.2: for batch rows expires_at − batch created_at (not the window text).
+    window_s: float = 86400.0
 
 
 class RequestClaimed(Event, tag=True, frozen=True):
@@ -178,6 +180,17 @@ class RequestCanceled(Event, tag=True, frozen=True):
     model: str
 
 
+class RequestReclaimed(Event, tag=True, frozen=True):
+    """A stale claim returned to pending (core §4.8); counts as an attempt (README)."""
+
+    request_id: str
+    batch_id: str | None
+    model: str
+    claim_id: str  # the claim taken away
+    attempt: int  # the attempt that will run next
+    reason: Literal["claim_timeout", "processing_timeout", "worker_dead", "worker_stale"]
+
+
 RequestEvent = (
     RequestsPending
     | RequestClaimed
@@ -186,6 +199,7 @@ RequestEvent = (
     | RequestFailed
     | RequestRetryScheduled
     | RequestCanceled
+    | RequestReclaimed
 )
 TERMINAL_REQUEST_EVENTS = (RequestCompleted, RequestFailed, RequestCanceled)
 
@@ -230,7 +244,59 @@ class GateTick(Event, tag=True, frozen=True):
     model: str
 
 
-GateInput = ExecutionStarted | ExecutionFinished | CancelBatchRequests | GateTick | RequestEvent
+# --- model-filters.v1 (compacted; key: model) ----------------------------------------------
+
+ModelState = Literal["live", "coming", "absent", "leaving"]
+
+
+class ModelFilterAppended(Event, tag=True, frozen=True):
+    """A model's liveness (core §1.6). Compaction keeps the latest event per model forever."""
+
+    model: str
+    state: ModelState
+    expected_ready_at: datetime | None = None
+
+
+# --- workers.v1 (key: worker_id); heartbeats also reach every gate partition ----------------
+
+
+class WorkerStarted(Event, tag=True, frozen=True):
+    worker_id: str
+    role: str
+    hostname: str
+    pid: int
+    version: str
+    config_snapshot: dict[str, Any] = {}
+
+
+class WorkerHeartbeat(Event, tag=True, frozen=True):
+    worker_id: str
+    role: str
+    requests_processed: int = 0
+    requests_failed: int = 0
+    requests_in_flight: int = 0
+
+
+class WorkerStopped(Event, tag=True, frozen=True):
+    worker_id: str
+    role: str
+    requests_processed: int = 0
+    requests_failed: int = 0
+    requests_in_flight: int = 0
+
+
+WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
+
+GateInput = (
+    ExecutionStarted
+    | ExecutionFinished
+    | CancelBatchRequests
+    | GateTick
+    | ModelFilterAppended
+    | WorkerHeartbeat
+    | WorkerStopped
+    | RequestEvent
+)
 
 
 # --- dispatch.v1 (key: request_id) -------------------------------------------------------
@@ -248,6 +314,17 @@ class Dispatch(Event, tag=True, frozen=True):
     claim_id: str
     attempt: int
     deadline: datetime
+
+
+class AbortDispatch(Event, tag=True, frozen=True):
+    """Abort a running claim (its batch was cancelled); same key as its Dispatch, so it
+    reaches the executor that holds it."""
+
+    request_id: str
+    claim_id: str
+
+
+DispatchMessage = Dispatch | AbortDispatch
 
 
 # --- bodies.v1 (compacted; key: '<kind>:<id>') -------------------------------------------
@@ -282,4 +359,4 @@ class DeadLetter(Event, tag=True, frozen=True):
     payload: str  # the rejected bytes, decoded as UTF-8 with replacement
 
 
-AnyEvent = FileEvent | BatchEvent | GateInput | Dispatch | DeadLetter
+AnyEvent = FileEvent | BatchEvent | GateInput | DispatchMessage | WorkerStarted | DeadLetter

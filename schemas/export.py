@@ -17,10 +17,12 @@ from schemas.events import (
     BatchEvent,
     Body,
     DeadLetter,
-    Dispatch,
+    DispatchMessage,
     FileEvent,
     GateInput,
+    ModelFilterAppended,
     RequestEvent,
+    WorkerEvent,
 )
 from schemas.topics import ALL as TOPICS
 
@@ -33,7 +35,9 @@ CONTRACTS: dict[str, object] = {
     "batch-events": BatchEvent,
     "request-events": RequestEvent,
     "gate-inputs": GateInput,
-    "dispatch": Dispatch,
+    "dispatch": DispatchMessage,
+    "model-filters": ModelFilterAppended,
+    "worker-events": WorkerEvent,
     "bodies": Body,
     "dead-letters": DeadLetter,
     **{f"api-{t.__name__}": t for t in api.API_OBJECTS},

@@ -70,6 +70,20 @@ BODIES = Topic(
     compacted=True,
     carries="request bodies, response bodies and error envelopes; erasure writes tombstones",
 )
+MODEL_FILTERS = Topic(
+    "cannonade.model-filters.v1",
+    key="model",
+    partitions=GATE_PARTITIONS,
+    compacted=True,
+    carries="ModelFilterAppended: a model's liveness (live, coming, absent, leaving); compaction "
+    "keeps the latest event per model forever",
+)
+WORKERS = Topic(
+    "cannonade.workers.v1",
+    key="worker_id",
+    partitions=4,
+    carries="WorkerStarted, WorkerHeartbeat, WorkerStopped (projected as daemons)",
+)
 DEADLETTER = Topic(
     "cannonade.deadletter.v1",
     key="the rejected message's key",
@@ -95,8 +109,12 @@ CHANGELOGS: tuple[Topic, ...] = (
     changelog("cannonade-commands", "batch-progress", COMMANDS.partitions),
     changelog("cannonade-gate", "gate-entries", GATE_PARTITIONS),
     changelog("cannonade-gate", "gate-cancelled-batches", GATE_PARTITIONS),
+    changelog("cannonade-gate", "gate-buckets", GATE_PARTITIONS),
+    changelog("cannonade-gate", "gate-model-states", GATE_PARTITIONS),
+    changelog("cannonade-executor", "executor-started-claims", 4),
 )
 
 ALL: tuple[Topic, ...] = (
-    COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, DEADLETTER, *CHANGELOGS,
+    COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, MODEL_FILTERS, WORKERS,
+    DEADLETTER, *CHANGELOGS,
 )  # fmt: skip

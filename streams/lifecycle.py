@@ -16,6 +16,7 @@ from schemas.events import (
     RequestCompleted,
     RequestEvent,
     RequestFailed,
+    RequestReclaimed,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
@@ -37,7 +38,7 @@ def next_state(current: State | None, event: RequestEvent) -> State | None:
             return "claimed" if current == "pending" else None
         case RequestStarted():
             return "processing" if current == "claimed" else None
-        case RequestRetryScheduled():
+        case RequestRetryScheduled() | RequestReclaimed():
             return "pending" if current in IN_FLIGHT else None
         case RequestCompleted():
             # completed/failed are hard terminals (first result wins); canceled is soft: a
