@@ -28,6 +28,8 @@ from typing import Literal
 
 import msgspec
 
+from streams.gate.scoring import GateConfig
+
 ModelKind = Literal["chat", "embeddings"]
 
 
@@ -69,6 +71,15 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_backoff_ms: int = 10_000
     max_retries: int | None = 1000
     stop_before_deadline_ms: int | None = 0
+    heartbeat_interval_ms: int = 5000
+
+
+class LivenessConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When the gate takes a claim back (core §4.8)."""
+
+    claim_timeout_ms: int = 60_000
+    processing_timeout_ms: int = 600_000
+    stale_daemon_threshold_ms: int = 30_000
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -79,6 +90,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: dict[str, ModelConfig] = {}
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
+    liveness: LivenessConfig = msgspec.field(default_factory=LivenessConfig)
+    # The claim gate's rules (urgency_weight, claim_ramp_exponent, leaks_per_window, windows).
+    gate: GateConfig = msgspec.field(default_factory=GateConfig)
 
     def model(self, name: str) -> ModelConfig | None:
         return self.models.get(name)

@@ -36,6 +36,8 @@ _ROLE_TOPICS: dict[TopicRole, Topic] = {
     "gate": topics.GATE,
     "dispatch": topics.DISPATCH,
     "bodies": topics.BODIES,
+    "workers": topics.WORKERS,
+    "model_filters": topics.MODEL_FILTERS,
 }
 
 
@@ -89,7 +91,7 @@ class Streams:
         commits and add a commit interval to every hop."""
         futures = [
             await self.topics[o.topic].send(
-                key=o.key.encode(), value=codec.encode(o.value), force=True
+                key=o.key.encode(), value=codec.encode(o.value), partition=o.partition, force=True
             )
             for o in outs
         ]

@@ -10,10 +10,22 @@ from typing import Literal
 
 import msgspec
 
-TopicRole = Literal["files", "batches", "requests", "gate", "dispatch", "bodies", "commands"]
+TopicRole = Literal[
+    "files",
+    "batches",
+    "requests",
+    "gate",
+    "dispatch",
+    "bodies",
+    "commands",
+    "workers",
+    "model_filters",
+]
 
 
 class Out(msgspec.Struct, frozen=True):
     topic: TopicRole
     key: str
     value: msgspec.Struct
+    # Set only to reach every partition of a topic (heartbeats to each gate partition).
+    partition: int | None = None

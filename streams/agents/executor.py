@@ -13,13 +13,23 @@ import asyncio
 import logging
 import os
 import socket
-from collections import OrderedDict
+from typing import Any
 
 from faust.types import StreamT
 
+from cannonade import __version__
 from cannonade.config import Config
-from schemas import codec, ids
-from schemas.events import Body, Dispatch, ExecutionFinished, ExecutionStarted
+from schemas import codec, ids, topics
+from schemas.events import (
+    AbortDispatch,
+    Body,
+    Dispatch,
+    ExecutionFinished,
+    ExecutionStarted,
+    WorkerHeartbeat,
+    WorkerStarted,
+    WorkerStopped,
+)
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.execution.client import AiohttpTransport, Timeouts, UpstreamCall, UpstreamClient
@@ -30,8 +40,6 @@ from streams.store import Store
 
 log = logging.getLogger(__name__)
 
-_RECENT_CLAIMS = 100_000
-
 
 class Executor:
     def __init__(
@@ -41,12 +49,11 @@ class Executor:
         self.store = store
         self.client = client
         self.config = config
-        self.worker_id = f"executor:{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = f"executor:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
         self.slots = asyncio.Semaphore(config.executor.max_in_flight)
-        self.tasks: set[asyncio.Task[None]] = set()
-        # Claims this process has already taken: a redelivered dispatch must not call upstream
-        # a second time for the same claim.
-        self.seen: OrderedDict[str, None] = OrderedDict()
+        self.running: dict[str, asyncio.Task[None]] = {}  # claim id -> execution
+        self.processed = 0
+        self.failed = 0
         e = config.executor
         self.backoff = BackoffPolicy(
             backoff_ms=e.backoff_ms,
@@ -56,19 +63,22 @@ class Executor:
             stop_before_deadline_ms=e.stop_before_deadline_ms,
         )
 
-    async def accept(self, dispatch: Dispatch) -> None:
-        if dispatch.claim_id in self.seen:
-            return
-        self.seen[dispatch.claim_id] = None
-        if len(self.seen) > _RECENT_CLAIMS:
-            self.seen.popitem(last=False)
+    async def accept(self, d: Dispatch) -> None:
         await self.slots.acquire()
-        task = asyncio.create_task(self._run(dispatch))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task = asyncio.create_task(self._run(d))
+        self.running[d.claim_id] = task
+        task.add_done_callback(lambda t: self._done(d.claim_id, t))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
+    def abort(self, claim_id: str) -> bool:
+        """Cancel a running claim; its task reports it canceled."""
+        task = self.running.get(claim_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    def _done(self, claim_id: str, task: asyncio.Task[None]) -> None:
+        self.running.pop(claim_id, None)
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("execution task failed", exc_info=task.exception())
@@ -83,12 +93,52 @@ class Executor:
         )  # fmt: skip
         try:
             outs = await self._execute(d)
+        except asyncio.CancelledError:
+            # Aborted because the batch was cancelled: the HTTP call is gone; say so.
+            outs = [self._finished(d, "canceled")]
         except Exception:
             # A bug or an unexpected store failure must not strand the claim: report the
             # attempt as terminated, which the retry policy treats like any retriable reason.
             log.exception("execution of %s failed", d.request_id)
             outs = self._decide(d, TaskTerminated())
+        self.processed += 1
+        self.failed += any(
+            isinstance(o.value, ExecutionFinished) and o.value.result == "failed" for o in outs
+        )
         await self.streams.publish(outs, wait=True)
+
+    def heartbeat(self, stopped: bool = False) -> list[Out]:
+        """The worker's daemon record, and a liveness signal to every gate partition (the gate
+        takes back the claims of an executor that stops beating)."""
+        kind = WorkerStopped if stopped else WorkerHeartbeat
+        beat = kind(
+            event_id=ids.new_id(),
+            occurred_at=utcnow(),
+            worker_id=self.worker_id,
+            role="executor",
+            requests_processed=self.processed,
+            requests_failed=self.failed,
+            requests_in_flight=len(self.running),
+        )
+        return [Out("workers", self.worker_id, beat)] + [
+            Out("gate", self.worker_id, beat, partition=p) for p in range(topics.GATE.partitions)
+        ]
+
+    def started(self) -> Out:
+        return Out(
+            "workers",
+            self.worker_id,
+            WorkerStarted(
+                event_id=ids.new_id(),
+                occurred_at=utcnow(),
+                worker_id=self.worker_id,
+                role="executor",
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                version=__version__,
+                config_snapshot={"max_in_flight": self.config.executor.max_in_flight},
+            ),
+        )
 
     async def _execute(self, d: Dispatch) -> list[Out]:
         model = self.config.model(d.model)
@@ -165,14 +215,40 @@ def register(streams: Streams, store: Store) -> Executor:
         ),
     )
     executor = Executor(streams, store, client, streams.config)
+    app = streams.app
+    # Which claim each request's dispatch partition has started, kept in a changelog-backed
+    # table: after a crash or rebalance the new owner of the partition re-reads an uncommitted
+    # dispatch but does not call upstream again for a claim that already started.
+    started = app.Table("executor-started-claims", default=None, key_type=bytes, value_type=bytes)
 
-    @streams.app.agent(streams.topics["dispatch"], name="executor")
+    @app.agent(streams.topics["dispatch"], name="executor")
     async def execute(stream: StreamT) -> None:
         async for event in stream.events():
             work, reason = decode_or_none(codec.dispatches, event.value)
             if work is None:
                 await streams.dead_letter(event, reason or "undecodable")
                 continue
+            key = work.request_id.encode()
+            if isinstance(work, AbortDispatch):
+                executor.abort(work.claim_id)
+                continue
+            if started.get(key) == work.claim_id.encode():
+                continue
+            started[key] = work.claim_id.encode()
             await executor.accept(work)
+
+    @app.task
+    async def announce() -> None:
+        await streams.publish([executor.started(), *executor.heartbeat()], wait=True)
+
+    @app.timer(interval=e.heartbeat_interval_ms / 1000)
+    async def heartbeat() -> None:
+        await streams.publish(executor.heartbeat())
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:
+        # Running calls are abandoned without a result (core §4.1); saying so lets the gate
+        # take their claims back at once instead of after the stale threshold.
+        await streams.publish(executor.heartbeat(stopped=True), wait=True)
 
     return executor

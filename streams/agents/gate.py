@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, MutableMapping
+from datetime import timedelta
 from typing import Any
 
 from faust.types import StreamT
@@ -19,7 +20,7 @@ from schemas import codec, ids, topics
 from schemas.events import GateTick
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
-from streams.gate.core import Gate
+from streams.gate.core import Gate, Liveness
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,28 @@ def register(streams: Streams) -> Gate:
         "value_type": bytes,
         "partitions": topics.GATE_PARTITIONS,
     }
-    entries = app.Table("gate-entries", **kwargs)
-    cancelled = app.Table("gate-cancelled-batches", **kwargs)
+    tables = {
+        name: Utf8Keys(app.Table(f"gate-{name}", **kwargs))
+        for name in ("entries", "cancelled-batches", "model-states", "buckets")
+    }
     worker_id = f"gate:{socket.gethostname()}:{os.getpid()}"
     limits = {name: model.concurrency for name, model in config.models.items()}
-    gate = Gate(Utf8Keys(entries), limits, worker_id, Utf8Keys(cancelled))
+    live = config.liveness
+    gate = Gate(
+        tables["entries"],
+        limits,
+        worker_id,
+        tables["cancelled-batches"],
+        model_states=tables["model-states"],
+        buckets=tables["buckets"],
+        config=config.gate,
+        liveness=Liveness(
+            claim_timeout=timedelta(milliseconds=live.claim_timeout_ms),
+            processing_timeout=timedelta(milliseconds=live.processing_timeout_ms),
+            stale_worker=timedelta(milliseconds=live.stale_daemon_threshold_ms),
+            max_retries=config.executor.max_retries,
+        ),
+    )
     rebuild = {"needed": True}
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -83,7 +101,13 @@ def register(streams: Streams) -> Gate:
         # Tables recover before the stream resumes; derive the index on the next event.
         rebuild["needed"] = True
 
-    source = app.topic(topics.REQUESTS.name, topics.GATE.name, key_type=bytes, value_type=bytes)
+    source = app.topic(
+        topics.REQUESTS.name,
+        topics.GATE.name,
+        topics.MODEL_FILTERS.name,
+        key_type=bytes,
+        value_type=bytes,
+    )
 
     @app.agent(source, name="gate")
     async def gate_agent(stream: StreamT) -> None:

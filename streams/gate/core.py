@@ -1,28 +1,31 @@
 """The claim gate's decisions, free of I/O.
 
-:class:`Gate` folds everything a gate partition hears — lifecycle events, executor reports,
-batch control and ticks — into per-request entries and answers with the events to publish.
-Entries live in a mutable mapping (a changelog-backed Faust table in production, a dict in
-tests); the pending heaps and in-flight counts are derived from them and can be rebuilt at any
-time with :meth:`Gate.rebuild`, which is what a worker does after a rebalance.
+:class:`Gate` folds everything a gate partition hears — lifecycle events, executor reports and
+heartbeats, model-filter changes, batch control and ticks — into per-request entries and
+answers with the events to publish. Entries live in mutable mappings (changelog-backed Faust
+tables in production, dicts in tests); the indexes below them (pending rows per batch, delayed
+retries, in-flight sets, per-owner active counts) are derived and rebuilt by :meth:`rebuild`,
+which is what a worker does after a rebalance.
 
-Rules honoured here: per-model concurrency limits, deadline order between batches and line
-order within one, ``not_before`` for retries, cancelled batches never claimed, fenced executor
-reports (a report counts only for the current claim), first terminal result wins, and an
-unknown model fails its requests with a clear error.
+What to claim is :func:`streams.gate.scoring.select` (capacity, fairness, urgency, model
+filters, ramp, leaky bucket). This module adds the lifecycle around it: eligibility
+(``not_before``, cancelled batches), fenced executor reports (a report counts only for the
+request's current claim), first terminal result wins, cancellation of in-flight work, stale
+claim reclaim, and unknown models failing their requests with a clear error.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, MutableMapping
-from datetime import datetime
+from collections.abc import Iterator, Mapping, MutableMapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 
 from schemas import ids
 from schemas.events import (
+    AbortDispatch,
     Body,
     CancelBatchRequests,
     Dispatch,
@@ -30,17 +33,22 @@ from schemas.events import (
     ExecutionStarted,
     GateInput,
     GateTick,
+    ModelFilterAppended,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
     RequestEvent,
     RequestFailed,
+    RequestReclaimed,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
+    WorkerHeartbeat,
+    WorkerStopped,
 )
 from streams.emit import Out
-from streams.execution.failure import RequestBuilderError
+from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
+from streams.gate import scoring
 from streams.lifecycle import IN_FLIGHT, State, next_state
 
 
@@ -55,30 +63,54 @@ class Entry(msgspec.Struct):
     custom_id: str | None = None
     line: int = 0
     owner: str = ""
+    created_at: datetime | None = None
     deadline: datetime | None = None
+    window_s: float = 86400.0
+    window_class: str = "24h"
     attempt: int = 0
     claims: int = 0
     claim_id: str | None = None
+    claimed_at: datetime | None = None
+    started_at: datetime | None = None
+    worker_id: str | None = None  # the executor running it
     not_before: datetime | None = None
+    cancel_requested: bool = False
 
 
-_entry_codec = msgspec.msgpack.Encoder()
+class Liveness(msgspec.Struct, frozen=True):
+    """When a claim is taken back (core §4.8) and how many attempts a request gets."""
+
+    claim_timeout: timedelta = timedelta(seconds=60)
+    processing_timeout: timedelta = timedelta(seconds=600)
+    stale_worker: timedelta = timedelta(seconds=30)
+    max_retries: int | None = 1000
+
+
+_encoder = msgspec.msgpack.Encoder()
 _entry_decoder = msgspec.msgpack.Decoder(Entry)
 
 
 def encode_entry(entry: Entry) -> bytes:
-    return _entry_codec.encode(entry)
+    return _encoder.encode(entry)
 
 
 def decode_entry(raw: bytes) -> Entry:
     return _entry_decoder.decode(raw)
 
 
+def _bucket_key(key: scoring.BucketKey) -> str:
+    return "\x1f".join(key)
+
+
 class _ModelIndex:
     def __init__(self) -> None:
-        # (deadline, batch, line, request_id): earliest deadline first, then upload order.
-        self.heap: list[tuple[float, str, int, str]] = []
-        self.in_flight = 0
+        # batch id ("" for batchless rows) -> heap of (created_at, line, request id)
+        self.pending: dict[str, list[tuple[float, int, str]]] = {}
+        self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
+        self.in_flight: set[str] = set()
+        # Requests with an item in ``pending``: an item outlives a claim until it reaches the
+        # head of its heap, and serves again if the request returns to pending meanwhile.
+        self.queued: set[str] = set()
 
 
 class Gate:
@@ -88,12 +120,26 @@ class Gate:
         limits: Mapping[str, int],
         worker_id: str,
         cancelled: MutableMapping[str, bytes],
+        *,
+        model_states: MutableMapping[str, bytes] | None = None,
+        buckets: MutableMapping[str, bytes] | None = None,
+        config: scoring.GateConfig | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.entries = entries
         self.limits = limits
         self.worker_id = worker_id
         self.cancelled = cancelled
+        self.model_states = {} if model_states is None else model_states
+        self.buckets = {} if buckets is None else buckets
+        self.config = config or scoring.GateConfig()
+        self.liveness = liveness or Liveness()
         self.models: dict[str, _ModelIndex] = {}
+        self.owner_active: dict[str, int] = {}
+        # Executor liveness is soft state, rebuilt from heartbeats within one interval.
+        self.worker_seen: dict[str, datetime] = {}
+        self.workers_dead: set[str] = set()
+        self.started_at: datetime | None = None
 
     # -- state access ---------------------------------------------------------------------
 
@@ -111,25 +157,39 @@ class Gate:
         return index
 
     def rebuild(self) -> None:
-        """Derive the heaps and in-flight counts from the entries (after a rebalance)."""
-        self.models = {}
+        """Derive every index from the entries (after a rebalance)."""
+        self.models, self.owner_active = {}, {}
         for request_id, raw in self.entries.items():
             entry = decode_entry(raw)
             if entry.state == "pending":
-                self._push(request_id, entry)
+                self._enqueue(request_id, entry)
             elif entry.state in IN_FLIGHT:
-                self._index(entry.model).in_flight += 1
+                self._index(entry.model).in_flight.add(request_id)
+                self.owner_active[entry.owner] = self.owner_active.get(entry.owner, 0) + 1
 
-    def _push(self, request_id: str, entry: Entry) -> None:
-        deadline = entry.deadline.timestamp() if entry.deadline else float("inf")
-        heapq.heappush(
-            self._index(entry.model).heap, (deadline, entry.batch_id or "", entry.line, request_id)
-        )
+    def _enqueue(self, request_id: str, entry: Entry) -> None:
+        index = self._index(entry.model)
+        if entry.not_before is not None:
+            heapq.heappush(index.delayed, (entry.not_before.timestamp(), request_id))
+            return
+        if request_id in index.queued:
+            return
+        created = entry.created_at.timestamp() if entry.created_at else 0.0
+        heap = index.pending.setdefault(entry.batch_id or "", [])
+        heapq.heappush(heap, (created, entry.line, request_id))
+        index.queued.add(request_id)
+
+    def in_flight(self, model: str) -> int:
+        index = self.models.get(model)
+        return 0 if index is None else len(index.in_flight)
 
     # -- input ----------------------------------------------------------------------------
 
     def handle(self, message: GateInput, now: datetime) -> list[Out]:
+        if self.started_at is None:
+            self.started_at = now
         out: list[Out] = []
+        model: str | None
         match message:
             case RequestsPending():
                 self._on_pending(message, now, out)
@@ -143,42 +203,66 @@ class Gate:
             case CancelBatchRequests():
                 self._on_cancel_batch(message, now, out)
                 model = message.model
+            case ModelFilterAppended():
+                self.model_states[message.model] = message.state.encode()
+                model = message.model
+            case WorkerHeartbeat():
+                self.worker_seen[message.worker_id] = message.occurred_at
+                return out
+            case WorkerStopped():
+                self.workers_dead.add(message.worker_id)
+                return out
             case GateTick():
                 model = message.model
+                self._reclaim_stale(model, now, out)
             case _:
-                # A lifecycle event the gate itself published (or a peer did): fold it in so
-                # the entries converge on the log even if a table write was lost in a crash.
+                # A lifecycle event the gate itself published: fold it in so the entries
+                # converge on the log even if a table write was lost in a crash.
                 self._fold(message)
                 model = message.model
         self._claim(model, now, out)
         return out
 
     def _fold(self, event: RequestEvent) -> None:
-        request_id = getattr(event, "request_id", None)
-        if request_id is None:
+        if isinstance(event, RequestsPending):
             return
-        entry = self._get(request_id)
+        entry = self._get(event.request_id)
         if entry is None:
             return
         state = next_state(entry.state, event)
         if state is None:
             return
-        was = entry.state
-        entry.state = state
         if isinstance(event, RequestClaimed):
-            entry.claim_id, entry.attempt = event.claim_id, event.attempt
+            entry.claim_id, entry.attempt, entry.claimed_at = (
+                event.claim_id,
+                event.attempt,
+                event.occurred_at,
+            )
         elif isinstance(event, RequestRetryScheduled):
             entry.attempt, entry.not_before = event.attempt, event.not_before
-        self._put(request_id, entry)
-        self._account(entry, was)
+        elif isinstance(event, RequestReclaimed):
+            entry.attempt = event.attempt
+        self._move(event.request_id, entry, state)
 
-    def _account(self, entry: Entry, was: State) -> None:
-        """Keep the derived index in step with a state change of ``entry``."""
+    def _move(self, request_id: str, entry: Entry, state: State) -> None:
+        """Change state, keeping the in-flight set, owner counts and queues in step."""
+        was, entry.state = entry.state, state
         index = self._index(entry.model)
-        if was in IN_FLIGHT and entry.state not in IN_FLIGHT:
-            index.in_flight -= 1
-        elif was not in IN_FLIGHT and entry.state in IN_FLIGHT:
-            index.in_flight += 1
+        if was in IN_FLIGHT and state not in IN_FLIGHT:
+            index.in_flight.discard(request_id)
+            left = self.owner_active.get(entry.owner, 0) - 1
+            if left > 0:
+                self.owner_active[entry.owner] = left
+            else:
+                self.owner_active.pop(entry.owner, None)
+        elif was not in IN_FLIGHT and state in IN_FLIGHT:
+            index.in_flight.add(request_id)
+            self.owner_active[entry.owner] = self.owner_active.get(entry.owner, 0) + 1
+        if state == "pending":
+            entry.claim_id = None
+        self._put(request_id, entry)
+        if state == "pending":
+            self._enqueue(request_id, entry)
 
     def _on_pending(self, event: RequestsPending, now: datetime, out: list[Out]) -> None:
         known = event.model in self.limits
@@ -194,43 +278,21 @@ class Gate:
                 custom_id=item.custom_id,
                 line=item.line_number,
                 owner=event.owner,
+                created_at=event.created_at,
                 deadline=event.deadline,
+                window_s=event.window_s,
+                window_class=event.window_class,
             )
             if cancelled:
-                self._cancel(item.request_id, entry, now, out)
+                self._put(item.request_id, entry)
+                self._end(item.request_id, entry, "canceled", now, out)
             elif not known:
-                self._fail_unknown_model(item.request_id, entry, now, out)
+                self._put(item.request_id, entry)
+                reason = RequestBuilderError(error=f"model '{entry.model}' is not configured")
+                self._end(item.request_id, entry, "failed", now, out, reason)
             else:
                 self._put(item.request_id, entry)
-                self._push(item.request_id, entry)
-
-    def _fail_unknown_model(
-        self, request_id: str, entry: Entry, now: datetime, out: list[Out]
-    ) -> None:
-        envelope = RequestBuilderError(f"model '{entry.model}' is not configured").to_json()
-        entry.state = "failed"
-        self._put(request_id, entry)
-        out.append(
-            Out("bodies", f"err:{request_id}", Body(kind="err", ref=request_id, text=envelope))
-        )
-        out.append(
-            Out(
-                "requests",
-                entry.model,
-                RequestFailed(
-                    event_id=ids.event_id("terminal", request_id),
-                    occurred_at=now,
-                    request_id=request_id,
-                    batch_id=entry.batch_id,
-                    model=entry.model,
-                    claim_id=None,
-                    error_type="RequestBuilderError",
-                    status=None,
-                    size=len(envelope.encode()),
-                    attempt=entry.attempt,
-                ),
-            )
-        )
+                self._enqueue(item.request_id, entry)
 
     def _current(self, request_id: str, claim_id: str) -> Entry | None:
         """The entry if ``claim_id`` is its current claim and it is still in flight (fencing)."""
@@ -243,104 +305,149 @@ class Gate:
         entry = self._current(report.request_id, report.claim_id)
         if entry is None or entry.state != "claimed":
             return
-        event = RequestStarted(
-            event_id=ids.event_id("started", report.claim_id),
-            occurred_at=now,
-            request_id=report.request_id,
-            batch_id=entry.batch_id,
-            model=entry.model,
-            claim_id=report.claim_id,
-            worker_id=report.worker_id,
-        )
-        self._transition(report.request_id, entry, event, out)
+        entry.worker_id, entry.started_at = report.worker_id, now
+        self._emit(report.request_id, entry, "processing", out, RequestStarted(
+            event_id=ids.event_id("started", report.claim_id), occurred_at=now,
+            request_id=report.request_id, batch_id=entry.batch_id, model=entry.model,
+            claim_id=report.claim_id, worker_id=report.worker_id,
+        ))  # fmt: skip
 
     def _on_finished(self, report: ExecutionFinished, now: datetime, out: list[Out]) -> None:
         entry = self._current(report.request_id, report.claim_id)
         if entry is None:
             return  # fenced out: a stale claim, or the request already ended
+        if entry.cancel_requested or report.result == "canceled":
+            # Cancelled while in flight: it ends canceled, never completed after its cancel.
+            self._end(report.request_id, entry, "canceled", now, out)
+            return
         common: dict[str, Any] = {
             "occurred_at": now,
             "request_id": report.request_id,
             "batch_id": entry.batch_id,
             "model": entry.model,
         }
-        event: RequestEvent
         if report.result == "completed":
-            event = RequestCompleted(
-                event_id=ids.event_id("terminal", report.request_id),
-                claim_id=report.claim_id,
-                status=report.status or 200,
-                size=report.size,
-                routed_model=report.routed_model or entry.model,
-                attempt=entry.attempt,
-                **common,
-            )
+            self._emit(report.request_id, entry, "completed", out, RequestCompleted(
+                event_id=ids.event_id("terminal", report.request_id), claim_id=report.claim_id,
+                status=report.status or 200, size=report.size,
+                routed_model=report.routed_model or entry.model, attempt=entry.attempt, **common,
+            ))  # fmt: skip
         elif report.result == "failed":
-            event = RequestFailed(
-                event_id=ids.event_id("terminal", report.request_id),
-                claim_id=report.claim_id,
-                error_type=report.error_type or "NetworkError",
-                status=report.status,
-                size=report.size,
-                attempt=entry.attempt,
-                **common,
-            )
-        elif report.result == "retry" and report.not_before is not None:
-            event = RequestRetryScheduled(
-                event_id=ids.event_id("retry", report.claim_id),
-                claim_id=report.claim_id,
-                attempt=entry.attempt + 1,
-                not_before=report.not_before,
-                **common,
-            )
-        else:
-            event = RequestCanceled(event_id=ids.event_id("terminal", report.request_id), **common)
-        self._transition(report.request_id, entry, event, out)
+            self._emit(report.request_id, entry, "failed", out, RequestFailed(
+                event_id=ids.event_id("terminal", report.request_id), claim_id=report.claim_id,
+                error_type=report.error_type or "NetworkError", status=report.status,
+                size=report.size, attempt=entry.attempt, **common,
+            ))  # fmt: skip
+        elif report.not_before is not None:
+            entry.attempt, entry.not_before = entry.attempt + 1, report.not_before
+            self._emit(report.request_id, entry, "pending", out, RequestRetryScheduled(
+                event_id=ids.event_id("retry", report.claim_id), claim_id=report.claim_id,
+                attempt=entry.attempt, not_before=report.not_before, **common,
+            ))  # fmt: skip
 
-    def _transition(
-        self, request_id: str, entry: Entry, event: RequestEvent, out: list[Out]
+    def _emit(
+        self, request_id: str, entry: Entry, state: State, out: list[Out], event: RequestEvent
     ) -> None:
-        state = next_state(entry.state, event)
-        if state is None:
-            return
-        was = entry.state
-        entry.state = state
-        if isinstance(event, RequestRetryScheduled):
-            entry.attempt, entry.not_before = event.attempt, event.not_before
-            entry.claim_id = None
-        self._put(request_id, entry)
-        self._account(entry, was)
-        if state == "pending":
-            self._push(request_id, entry)
+        self._move(request_id, entry, state)
         out.append(Out("requests", entry.model, event))
+
+    def _end(
+        self,
+        request_id: str,
+        entry: Entry,
+        state: State,
+        now: datetime,
+        out: list[Out],
+        reason: FailureReason | None = None,
+    ) -> None:
+        """End a request the gate itself decides on: canceled, or failed with ``reason``."""
+        common: dict[str, Any] = {
+            "event_id": ids.event_id("terminal", request_id),
+            "occurred_at": now,
+            "request_id": request_id,
+            "batch_id": entry.batch_id,
+            "model": entry.model,
+        }
+        if state == "canceled" or reason is None:
+            self._emit(request_id, entry, "canceled", out, RequestCanceled(**common))
+            return
+        envelope = reason.to_json()
+        out.append(
+            Out("bodies", f"err:{request_id}", Body(kind="err", ref=request_id, text=envelope))
+        )
+        self._emit(request_id, entry, "failed", out, RequestFailed(
+            claim_id=entry.claim_id, error_type=type(reason).__name__, status=None,
+            size=len(envelope.encode()), attempt=entry.attempt, **common,
+        ))  # fmt: skip
 
     def _on_cancel_batch(self, message: CancelBatchRequests, now: datetime, out: list[Out]) -> None:
         self.cancelled[message.batch_id] = b"1"
-        # Unsent rows end canceled now; rows in flight finish and their genuine result stands.
         index = self._index(message.model)
-        for _, batch_id, _, request_id in index.heap:
-            if batch_id != message.batch_id:
-                continue
+        for request_id in list(self._batch_rows(index, message.batch_id)):
             entry = self._get(request_id)
-            if entry is not None and entry.state == "pending":
-                self._cancel(request_id, entry, now, out)
+            if entry is None or entry.batch_id != message.batch_id:
+                continue
+            if entry.state == "pending":
+                self._end(request_id, entry, "canceled", now, out)
+            elif entry.state in IN_FLIGHT and not entry.cancel_requested and entry.claim_id:
+                # Abort the upstream call; the executor's report then ends it canceled.
+                entry.cancel_requested = True
+                self._put(request_id, entry)
+                abort = AbortDispatch(
+                    event_id=ids.event_id("abort", entry.claim_id), occurred_at=now,
+                    request_id=request_id, claim_id=entry.claim_id,
+                )  # fmt: skip
+                out.append(Out("dispatch", request_id, abort))
 
-    def _cancel(self, request_id: str, entry: Entry, now: datetime, out: list[Out]) -> None:
-        entry.state = "canceled"
-        self._put(request_id, entry)
-        out.append(
-            Out(
-                "requests",
-                entry.model,
-                RequestCanceled(
-                    event_id=ids.event_id("terminal", request_id),
-                    occurred_at=now,
-                    request_id=request_id,
-                    batch_id=entry.batch_id,
-                    model=entry.model,
-                ),
-            )
-        )
+    @staticmethod
+    def _batch_rows(index: _ModelIndex, batch_id: str) -> Iterator[str]:
+        yield from (item[2] for item in index.pending.get(batch_id, ()))
+        yield from (item[1] for item in index.delayed)
+        yield from index.in_flight
+
+    # -- reclaim --------------------------------------------------------------------------
+
+    def _reclaim_stale(self, model: str, now: datetime, out: list[Out]) -> None:
+        index = self.models.get(model)
+        if index is None:
+            return
+        for request_id in list(index.in_flight):
+            entry = self._get(request_id)
+            if entry is None or entry.claim_id is None:
+                continue
+            reason = self._stale_reason(entry, now)
+            if reason is None:
+                continue
+            if entry.cancel_requested:
+                self._end(request_id, entry, "canceled", now, out)
+                continue
+            attempt = entry.attempt + 1
+            limit = self.liveness.max_retries
+            if limit is not None and attempt > limit:
+                self._end(request_id, entry, "failed", now, out, TaskTerminated())
+                continue
+            old_claim, entry.attempt = entry.claim_id, attempt
+            self._emit(request_id, entry, "pending", out, RequestReclaimed(
+                event_id=ids.event_id("reclaimed", old_claim), occurred_at=now,
+                request_id=request_id, batch_id=entry.batch_id, model=entry.model,
+                claim_id=old_claim, attempt=attempt, reason=reason,
+            ))  # fmt: skip
+
+    def _stale_reason(self, entry: Entry, now: datetime) -> Any:
+        live = self.liveness
+        if entry.state == "claimed":
+            claimed = entry.claimed_at or now
+            return "claim_timeout" if now - claimed > live.claim_timeout else None
+        if entry.worker_id in self.workers_dead:
+            return "worker_dead"
+        if entry.started_at is not None and now - entry.started_at > live.processing_timeout:
+            return "processing_timeout"
+        seen = self.worker_seen.get(entry.worker_id or "")
+        # A worker never heard from since this gate started gets the threshold from the start.
+        last = seen or self.started_at or now
+        if now - last > live.stale_worker:
+            return "worker_stale"
+        return None
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -348,60 +455,112 @@ class Gate:
         index = self.models.get(model)
         if index is None:
             return
-        capacity = self.limits.get(model, 0) - index.in_flight
-        deferred: list[tuple[float, str, int, str]] = []
-        while capacity > 0 and index.heap:
-            item = heapq.heappop(index.heap)
-            request_id = item[3]
+        self._release_due(index, now)
+        capacity = min(
+            self.limits.get(model, 0) - len(index.in_flight), self.config.claim_batch_size
+        )
+        if capacity <= 0:
+            return
+        candidates = list(self._candidates(index, model, capacity))
+        if not candidates:
+            return
+        state = self.model_states.get(model)
+        live = scoring.is_live(None if state is None else state.decode())
+        buckets = self._buckets(model, now)
+        chosen = scoring.select(
+            model,
+            capacity,
+            candidates,
+            self.owner_active,
+            live,
+            scoring.cooldown(buckets, now),
+            now,
+            self.config,
+        )
+        for key, at in scoring.leak_stamps(
+            chosen, model, now, self.config.leaks_per_window
+        ).items():
+            self.buckets[_bucket_key(key)] = at.isoformat().encode()
+        for pick in chosen:
+            entry = self._get(pick.request_id)
+            if entry is not None:
+                self._claim_one(pick.request_id, entry, now, out)
+
+    def _release_due(self, index: _ModelIndex, now: datetime) -> None:
+        while index.delayed and index.delayed[0][0] <= now.timestamp():
+            _, request_id = heapq.heappop(index.delayed)
             entry = self._get(request_id)
-            if entry is None or entry.state != "pending":
-                continue  # stale heap item: the request moved on
-            if entry.batch_id is not None and entry.batch_id in self.cancelled:
-                self._cancel(request_id, entry, now, out)
+            if entry is not None and entry.state == "pending" and entry.not_before is not None:
+                entry.not_before = None
+                self._put(request_id, entry)
+                self._enqueue(request_id, entry)
+
+    def _candidates(
+        self, index: _ModelIndex, model: str, capacity: int
+    ) -> Iterator[scoring.Candidate]:
+        """Up to ``capacity`` claimable rows of each batch (and of the batchless rows): the
+        most any batch can contribute to one cycle, so ranking never scans every row."""
+        for batch_id, heap in list(index.pending.items()):
+            if batch_id and batch_id in self.cancelled:
+                continue  # its rows are canceled by the batch's cancel message
+            while heap and not self._claimable(heap[0][2]):
+                index.queued.discard(heapq.heappop(heap)[2])  # stale: the request moved on
+            if not heap:
+                del index.pending[batch_id]
                 continue
-            if entry.not_before is not None and entry.not_before > now:
-                deferred.append(item)
-                continue
-            self._claim_one(request_id, entry, now, out)
-            capacity -= 1
-        for item in deferred:
-            heapq.heappush(index.heap, item)
+            wanted = capacity if batch_id else len(heap)
+            for request_id, entry in self._first_claimable(heap, wanted):
+                assert entry.deadline is not None
+                yield scoring.Candidate(
+                    request_id=request_id, model=model, owner=entry.owner, batch_id=entry.batch_id,
+                    deadline=entry.deadline, created_at=entry.created_at or entry.deadline,
+                    line=entry.line, window_s=entry.window_s, window_class=entry.window_class,
+                )  # fmt: skip
+
+    def _first_claimable(
+        self, heap: list[tuple[float, int, str]], wanted: int
+    ) -> list[tuple[str, Entry]]:
+        """The ``wanted`` first claimable rows of a heap, looking past stale items inside it."""
+        look = wanted
+        while True:
+            found = []
+            for _, _, request_id in heapq.nsmallest(look, heap):
+                entry = self._get(request_id)
+                if entry is not None and entry.state == "pending" and entry.not_before is None:
+                    found.append((request_id, entry))
+            if len(found) >= wanted or look >= len(heap):
+                return found[:wanted]
+            look *= 2
+
+    def _claimable(self, request_id: str) -> bool:
+        entry = self._get(request_id)
+        return entry is not None and entry.state == "pending" and entry.not_before is None
+
+    def _buckets(self, model: str, now: datetime) -> dict[scoring.BucketKey, datetime]:
+        found: dict[scoring.BucketKey, datetime] = {}
+        for key, raw in list(self.buckets.items()):
+            owner, window_class, bucket_model = key.split("\x1f")
+            at = datetime.fromisoformat(raw.decode())
+            if at <= now:
+                del self.buckets[key]  # the token is back: no state left to keep
+            elif bucket_model == model:
+                found[(owner, window_class, bucket_model)] = at
+        return found
 
     def _claim_one(self, request_id: str, entry: Entry, now: datetime, out: list[Out]) -> None:
         entry.claims += 1
         claim_id = ids.derived("claim", request_id, entry.claims)
-        claimed = RequestClaimed(
-            event_id=ids.event_id("claimed", claim_id),
-            occurred_at=now,
-            request_id=request_id,
-            batch_id=entry.batch_id,
-            model=entry.model,
-            claim_id=claim_id,
-            worker_id=self.worker_id,
-            attempt=entry.attempt,
-        )
-        entry.claim_id = claim_id
-        self._transition(request_id, entry, claimed, out)
+        entry.claim_id, entry.claimed_at = claim_id, now
+        entry.worker_id = entry.started_at = None
+        self._emit(request_id, entry, "claimed", out, RequestClaimed(
+            event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,
+            batch_id=entry.batch_id, model=entry.model, claim_id=claim_id,
+            worker_id=self.worker_id, attempt=entry.attempt,
+        ))  # fmt: skip
         assert entry.deadline is not None
-        out.append(
-            Out(
-                "dispatch",
-                request_id,
-                Dispatch(
-                    event_id=ids.event_id("dispatch", claim_id),
-                    occurred_at=now,
-                    request_id=request_id,
-                    batch_id=entry.batch_id,
-                    template_id=entry.template_id,
-                    custom_id=entry.custom_id,
-                    model=entry.model,
-                    claim_id=claim_id,
-                    attempt=entry.attempt,
-                    deadline=entry.deadline,
-                ),
-            )
-        )
-
-    def in_flight(self, model: str) -> int:
-        index = self.models.get(model)
-        return 0 if index is None else index.in_flight
+        dispatch = Dispatch(
+            event_id=ids.event_id("dispatch", claim_id), occurred_at=now, request_id=request_id,
+            batch_id=entry.batch_id, template_id=entry.template_id, custom_id=entry.custom_id,
+            model=entry.model, claim_id=claim_id, attempt=entry.attempt, deadline=entry.deadline,
+        )  # fmt: skip
+        out.append(Out("dispatch", request_id, dispatch))

@@ -127,8 +127,11 @@ def test_cancel_stops_unsent_requests(
     counts = done.request_counts
     assert counts.total == 60
     assert 0 < calls_at_end < 60
-    # In-flight requests finish with their genuine result; nothing unsent ran.
-    assert counts.completed == calls_at_end
+    # Nothing unsent ran, and the calls in flight at the cancel were aborted: they end
+    # canceled, never completed after the cancel (the fake saw them start, not finish).
+    stats = upstream_stats(services)["models"]["chat-a"]
+    assert stats["in_flight"] == 0
+    assert counts.completed < calls_at_end
     assert len(content_lines(client, done.output_file_id)) == counts.completed
     assert content_lines(client, done.error_file_id) == []
 

@@ -36,19 +36,49 @@ def pending(*ids: str) -> RequestsPending:
 
 
 def claimed(rid: str, s: int = 1) -> RequestClaimed:
-    return RequestClaimed(event_id="c", occurred_at=at(s), request_id=rid, claim_id="k", worker_id="w", attempt=0, **BASE)
+    return RequestClaimed(
+        event_id="c",
+        occurred_at=at(s),
+        request_id=rid,
+        claim_id="k",
+        worker_id="w",
+        attempt=0,
+        **BASE,
+    )
 
 
 def started(rid: str, s: int = 2) -> RequestStarted:
-    return RequestStarted(event_id="s", occurred_at=at(s), request_id=rid, claim_id="k", worker_id="w", **BASE)
+    return RequestStarted(
+        event_id="s", occurred_at=at(s), request_id=rid, claim_id="k", worker_id="w", **BASE
+    )
 
 
 def completed(rid: str, s: int = 3, size: int = 10) -> RequestCompleted:
-    return RequestCompleted(event_id="d", occurred_at=at(s), request_id=rid, claim_id="k", status=200, size=size, routed_model="m", attempt=0, **BASE)
+    return RequestCompleted(
+        event_id="d",
+        occurred_at=at(s),
+        request_id=rid,
+        claim_id="k",
+        status=200,
+        size=size,
+        routed_model="m",
+        attempt=0,
+        **BASE,
+    )
 
 
 def failed(rid: str, s: int = 3) -> RequestFailed:
-    return RequestFailed(event_id="f", occurred_at=at(s), request_id=rid, claim_id="k", error_type="NonRetriableHttpStatus", status=400, size=7, attempt=0, **BASE)
+    return RequestFailed(
+        event_id="f",
+        occurred_at=at(s),
+        request_id=rid,
+        claim_id="k",
+        error_type="NonRetriableHttpStatus",
+        status=400,
+        size=7,
+        attempt=0,
+        **BASE,
+    )
 
 
 def canceled(rid: str, s: int = 3) -> RequestCanceled:
@@ -68,7 +98,19 @@ def canceled(rid: str, s: int = 3) -> RequestCanceled:
         ("completed", canceled("r"), None),  # cancel never overwrites a result
         ("canceled", completed("r"), "completed"),  # a genuine late result supersedes a cancel
         ("canceled", canceled("r"), None),
-        ("processing", RequestRetryScheduled(event_id="y", occurred_at=T0, request_id="r", claim_id="k", attempt=1, not_before=at(1), **BASE), "pending"),
+        (
+            "processing",
+            RequestRetryScheduled(
+                event_id="y",
+                occurred_at=T0,
+                request_id="r",
+                claim_id="k",
+                attempt=1,
+                not_before=at(1),
+                **BASE,
+            ),
+            "pending",
+        ),
         ("completed", claimed("r"), None),  # claims never revive a terminal row
     ],
 )
@@ -77,21 +119,42 @@ def test_transitions(state: str | None, event: object, expected: str | None) -> 
 
 
 def test_fold_counts_follow_transitions_and_replays_change_nothing() -> None:
-    events = [pending("a", "b", "c"), claimed("a"), started("a"), completed("a", size=42), claimed("b"), canceled("c")]
+    events = [
+        pending("a", "b", "c"),
+        claimed("a"),
+        started("a"),
+        completed("a", size=42),
+        claimed("b"),
+        canceled("c"),
+    ]
     fold = Fold({})
     for offset, event in enumerate(events):
         fold.apply(event, offset)
     counts = fold.deltas["b"].counts
-    assert (counts["pending"], counts["in_progress"], counts["completed"], counts["canceled"]) == (0, 1, 1, 1)
+    assert (counts["pending"], counts["in_progress"], counts["completed"], counts["canceled"]) == (
+        0,
+        1,
+        1,
+        1,
+    )
     assert counts["response_bytes"] == 42
     assert fold.deltas["b"].last_terminal_at == at(3)
     row = fold.rows["a"]
-    assert (row.state, row.response_size, row.claimed_at, row.started_at) == ("completed", 42, at(1), at(2))
+    assert (row.state, row.response_size, row.claimed_at, row.started_at) == (
+        "completed",
+        42,
+        at(1),
+        at(2),
+    )
 
     again = Fold(fold.rows)  # the same events at the same offsets: a replay
     for offset, event in enumerate(events):
         again.apply(event, offset)
-    assert not again.deltas and {r.state for r in again.rows.values()} == {"completed", "claimed", "canceled"}
+    assert not again.deltas and {r.state for r in again.rows.values()} == {
+        "completed",
+        "claimed",
+        "canceled",
+    }
 
 
 def test_failed_rows_count_their_error_size() -> None:
@@ -99,4 +162,8 @@ def test_failed_rows_count_their_error_size() -> None:
     for offset, event in enumerate([pending("a"), claimed("a"), started("a"), failed("a")]):
         fold.apply(event, offset)
     counts = fold.deltas["b"].counts
-    assert counts["failed"] == 1 and counts["error_bytes"] == 7 and fold.rows["a"].error_type == "NonRetriableHttpStatus"
+    assert (
+        counts["failed"] == 1
+        and counts["error_bytes"] == 7
+        and fold.rows["a"].error_type == "NonRetriableHttpStatus"
+    )

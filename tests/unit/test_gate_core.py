@@ -4,22 +4,28 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from schemas import ids
 from schemas.events import (
+    AbortDispatch,
     CancelBatchRequests,
     Dispatch,
     ExecutionFinished,
     ExecutionStarted,
     GateTick,
+    ModelFilterAppended,
     PendingItem,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
     RequestFailed,
+    RequestReclaimed,
     RequestRetryScheduled,
     RequestsPending,
+    WorkerStopped,
 )
-from streams.gate.core import Gate
+from streams.gate.core import Gate, Liveness, decode_entry
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -135,7 +141,7 @@ def test_retry_waits_for_not_before_then_is_claimed_again_with_next_attempt() ->
     assert again.attempt == 1 and again.claim_id != d.claim_id
 
 
-def test_cancel_batch_cancels_unsent_rows_and_lets_in_flight_finish() -> None:
+def test_cancel_batch_cancels_unsent_rows_and_aborts_in_flight_ones() -> None:
     g = gate({"m": 1})
     (d,) = dispatched(g.handle(pending("b", "m", 3), NOW))
     outs = g.handle(
@@ -144,8 +150,17 @@ def test_cancel_batch_cancels_unsent_rows_and_lets_in_flight_finish() -> None:
     assert sorted(
         o.value.request_id for o in outs if isinstance(o.value, RequestCanceled)
     ) == sorted(ids.request_id("b", i) for i in (1, 2))
+    (abort,) = [o for o in outs if isinstance(o.value, AbortDispatch)]
+    assert (
+        abort.topic == "dispatch"
+        and abort.key == d.request_id
+        and abort.value.claim_id == d.claim_id
+    )
+    # Whatever the aborted call reports, the request ends canceled, never completed after its
+    # cancel, and nothing else of the batch is claimed.
     done = g.handle(finish(d), NOW)
-    assert [type(o.value) for o in done] == [RequestCompleted]  # nothing else claimed
+    assert [type(o.value) for o in done] == [RequestCanceled]
+    assert g.in_flight("m") == 0
 
 
 def test_unknown_model_fails_its_requests_with_a_clear_error() -> None:
@@ -165,3 +180,102 @@ def test_rebuild_from_entries_restores_capacity_accounting() -> None:
     fresh.rebuild()
     assert fresh.in_flight("m") == 2
     assert dispatched(fresh.handle(GateTick(event_id="t", occurred_at=NOW, model="m"), NOW)) == []
+
+
+def model_state(model: str, state: str) -> ModelFilterAppended:
+    return ModelFilterAppended(event_id=ids.new_id(), occurred_at=NOW, model=model, state=state)  # type: ignore[arg-type]
+
+
+def tick(model: str = "m") -> GateTick:
+    return GateTick(event_id=ids.new_id(), occurred_at=NOW, model=model)
+
+
+def test_a_coming_model_only_trickles_through_the_leaky_bucket_until_live() -> None:
+    # (A claim timeout longer than the test, so that no claim is taken back meanwhile.)
+    g = Gate({}, {"m": 10}, "w", {}, liveness=Liveness(claim_timeout=timedelta(hours=1)))
+    g.handle(model_state("m", "coming"), NOW)
+    first = dispatched(g.handle(pending("b", "m", 20), NOW))
+    assert len(first) == 1  # one leaked row per (owner, window-class, model)
+    # The bucket has no token for W/60 = 24 min: nothing more leaks before that.
+    assert dispatched(g.handle(tick(), NOW + timedelta(minutes=23))) == []
+    assert len(dispatched(g.handle(tick(), NOW + timedelta(minutes=25)))) == 1
+    # Turning live releases the backlog at full capacity.
+    released = dispatched(g.handle(model_state("m", "live"), NOW + timedelta(minutes=26)))
+    assert len(released) == 8  # capacity 10, two in flight
+
+
+def test_a_coming_model_claims_at_full_capacity_within_the_ramp() -> None:
+    g = gate({"m": 10})
+    g.handle(model_state("m", "coming"), NOW)
+    # 24 h window, 50 minutes from its deadline: inside ramp(24 h) = 58.7 min.
+    assert len(dispatched(g.handle(pending("b", "m", 20, NOW + timedelta(minutes=50)), NOW))) == 10
+
+
+def test_the_owner_with_fewer_requests_in_flight_goes_first() -> None:
+    g = gate({"m": 3})
+    big = pending("big", "m", 50)
+    g.handle(big, NOW)  # alice takes all 3 slots
+    small = RequestsPending(**{**msgspec.structs.asdict(pending("small", "m", 5)), "owner": "bob"})
+    g.handle(small, NOW)
+    (first_done,) = dispatched(g.handle(finish(dispatched_of(g, "big")[0]), NOW))
+    assert first_done.batch_id == "small"  # bob has 0 in flight, alice 2
+
+
+def dispatched_of(g: Gate, batch: str) -> list[Dispatch]:
+    """Dispatches the gate would hold for ``batch``'s in-flight rows (rebuilt from entries)."""
+    found = []
+    for request_id, raw in g.entries.items():
+        entry = decode_entry(raw)
+        if entry.batch_id == batch and entry.state == "claimed":
+            found.append(
+                Dispatch(event_id="d", occurred_at=NOW, request_id=request_id, batch_id=batch,
+                         template_id=entry.template_id, custom_id=entry.custom_id, model=entry.model,
+                         claim_id=entry.claim_id or "", attempt=entry.attempt, deadline=NOW)
+            )  # fmt: skip
+    return found
+
+
+def test_a_claim_never_started_is_reclaimed_after_the_claim_timeout_and_counts_as_an_attempt() -> (
+    None
+):
+    g = gate({"m": 1})
+    (d,) = dispatched(g.handle(pending("b", "m", 1), NOW))
+    assert g.handle(tick(), NOW + timedelta(seconds=59)) == []
+    outs = g.handle(tick(), NOW + timedelta(seconds=61))
+    (reclaimed,) = [o.value for o in outs if isinstance(o.value, RequestReclaimed)]
+    assert reclaimed.reason == "claim_timeout" and reclaimed.attempt == 1
+    (again,) = dispatched(outs)
+    assert again.attempt == 1 and again.claim_id != d.claim_id
+    # The first executor's late report is fenced out.
+    assert g.handle(finish(d), NOW + timedelta(seconds=62)) == []
+
+
+def test_requests_of_a_stopped_executor_are_reclaimed_at_once() -> None:
+    g = gate({"m": 2})
+    sent = dispatched(g.handle(pending("b", "m", 2), NOW))
+    for d in sent:
+        g.handle(
+            ExecutionStarted(
+                event_id="s",
+                occurred_at=NOW,
+                request_id=d.request_id,
+                model="m",
+                claim_id=d.claim_id,
+                worker_id="ex-1",
+            ),
+            NOW,
+        )
+    g.handle(WorkerStopped(event_id="x", occurred_at=NOW, worker_id="ex-1", role="executor"), NOW)
+    outs = g.handle(tick(), NOW + timedelta(seconds=1))
+    assert {o.value.reason for o in outs if isinstance(o.value, RequestReclaimed)} == {
+        "worker_dead"
+    }
+    assert len(dispatched(outs)) == 2
+
+
+def test_reclaim_gives_up_after_max_retries() -> None:
+    g = Gate({}, {"m": 1}, "w", {}, liveness=Liveness(max_retries=0))
+    dispatched(g.handle(pending("b", "m", 1), NOW))
+    outs = g.handle(tick(), NOW + timedelta(minutes=2))
+    (failed,) = [o.value for o in outs if isinstance(o.value, RequestFailed)]
+    assert failed.error_type == "TaskTerminated"
