@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 import click
 
@@ -74,6 +75,42 @@ def keys_create(user: str) -> None:
             await conn.close()
 
     click.echo(asyncio.run(go()))
+
+
+@main.group()
+def models() -> None:
+    """Model liveness (the model-filters log)."""
+
+
+@models.command("set-state")
+@click.argument("model")
+@click.argument("state", type=click.Choice(["live", "coming", "absent", "leaving"]))
+@click.option("--expected-ready-at", type=click.DateTime(), default=None, help="ETA for 'coming' (UTC).")
+def models_set_state(model: str, state: str, expected_ready_at: datetime | None) -> None:
+    """Publish a model's liveness; the claim gate applies it at once."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas import codec, ids, topics
+    from schemas.events import ModelFilterAppended
+
+    event = ModelFilterAppended(
+        event_id=ids.new_id(),
+        occurred_at=datetime.now(UTC),
+        model=model,
+        state=state,  # type: ignore[arg-type]
+        expected_ready_at=None if expected_ready_at is None else expected_ready_at.replace(tzinfo=UTC),
+    )
+
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=config_module.load().kafka, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.MODEL_FILTERS.name, key=model.encode(), value=codec.encode(event))
+        finally:
+            await producer.stop()
+
+    asyncio.run(go())
+    click.echo(f"{model}: {state}")
 
 
 @main.command()

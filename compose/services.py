@@ -32,8 +32,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(path: Path, models: Mapping[str, ModelSpec], upstream: str, api_port: int) -> None:
-    lines = [f"[api]\nport = {api_port}\nprojection_wait_s = 30.0\n"]
+def write_config(
+    path: Path, models: Mapping[str, ModelSpec], upstream: str, api_port: int, extra: str = ""
+) -> None:
+    lines = [f"[api]\nport = {api_port}\nprojection_wait_s = 30.0\n", extra]
     for name, spec in models.items():
         lines.append(
             f'[models."{name}"]\nkind = "{spec.kind}"\nupstream = "{upstream}"\n'
@@ -53,6 +55,7 @@ class Services:
         executors: int = 1,
         gates: int = 1,
         upstream_latency_ms: int = 0,
+        extra_config: str = "",
     ) -> None:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
@@ -62,7 +65,7 @@ class Services:
         self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.config_path = run_dir / "cannonade.toml"
-        write_config(self.config_path, models, self.upstream_url, self.api_port)
+        write_config(self.config_path, models, self.upstream_url, self.api_port, extra_config)
         self.env = {
             **os.environ,
             "CANNONADE_CONFIG": str(self.config_path),

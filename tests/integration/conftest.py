@@ -19,12 +19,26 @@ from compose import stack
 from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
 
-# chat-a is small on purpose so that capacity and cancellation are observable.
+# chat-a is small on purpose so that capacity and cancellation are observable; chat-c is the
+# model whose liveness the tests change; chat-d carries the retry test.
 MODELS = {
     "chat-a": ModelSpec("chat", 4),
     "chat-b": ModelSpec("chat", 16),
+    "chat-c": ModelSpec("chat", 8),
+    "chat-d": ModelSpec("chat", 8),
     "embed-a": ModelSpec("embeddings", 4),
 }
+# Short liveness limits so that recovery is observable within a test; few retries so that
+# exhausting them is.
+TEST_CONFIG = """
+[executor]
+max_retries = 3
+heartbeat_interval_ms = 1000
+
+[liveness]
+claim_timeout_ms = 20000
+stale_daemon_threshold_ms = 4000
+"""
 
 
 @pytest.fixture(scope="session")
