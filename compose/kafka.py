@@ -193,8 +193,12 @@ def _java() -> str:
 
 
 def random_cluster_id() -> str:
-    """16 random bytes, base64url without padding: the 22-char form Kafka expects."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+    """16 random bytes, base64url without padding: the 22-char form Kafka expects. Never one
+    starting with '-': StorageTool's argument parser would read it as an option (seen here)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def format_storage(lib_dir: Path, config: Path, cluster_id: str, log: Path) -> None:

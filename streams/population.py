@@ -177,7 +177,9 @@ def populate(created: BatchCreated, manifest: list[ManifestRow], now: datetime) 
                         window_class=created.completion_window,
                         service_tier=tier,
                         items=items[start : start + PENDING_CHUNK],
-                        window_s=max((created.expires_at - created.created_at).total_seconds(), 0.0),
+                        window_s=max(
+                            (created.expires_at - created.created_at).total_seconds(), 0.0
+                        ),
                     ),
                 )
             )

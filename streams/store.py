@@ -25,6 +25,25 @@ class Template(msgspec.Struct, frozen=True):
     body: str
 
 
+class ProjectedClaim(msgspec.Struct, frozen=True):
+    """What the read model says of a request's current claim (it may trail the log)."""
+
+    state: str
+    attempt: int
+    claim_id: str | None
+
+    def supersedes(self, claim_id: str, attempt: int) -> bool:
+        """Whether the request has provably moved past the dispatch (claim, attempt): it ended,
+        or was reclaimed or retried since, or another claim is current. A dispatch the
+        projection has not caught up with yet is never called stale."""
+        if self.state in ("completed", "failed", "canceled") or self.attempt > attempt:
+            return True
+        # Every new claim of a request follows a reclaim or a retry, which raise the attempt:
+        # another claim at the same attempt is a newer one; at a lower attempt the projection
+        # simply has not caught up with this dispatch yet.
+        return self.attempt == attempt and self.claim_id not in (None, claim_id)
+
+
 class Store:
     def __init__(self, dsn: str, projection_wait_s: float = 30.0) -> None:
         self.dsn = dsn
@@ -92,3 +111,10 @@ class Store:
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(0.05)
+
+    async def projected_claim(self, request_id: str) -> ProjectedClaim | None:
+        pool = await self.pool()
+        row = await pool.fetchrow(
+            "SELECT state, retry_attempt, claim_id::text FROM requests WHERE id = $1", request_id
+        )
+        return None if row is None else ProjectedClaim(row[0], row[1], row[2])

@@ -84,6 +84,13 @@ class Executor:
             log.error("execution task failed", exc_info=task.exception())
 
     async def _run(self, d: Dispatch) -> None:
+        projected = await self.store.projected_claim(d.request_id)
+        if projected is not None and projected.supersedes(d.claim_id, d.attempt):
+            # A dispatch left behind on a dead executor's partition and re-read after the
+            # rebalance: the gate took the claim back and sent it again, so calling upstream
+            # now would send the request twice and exceed the model's capacity.
+            log.info("skipping stale claim %s of %s", d.claim_id, d.request_id)
+            return
         await self.streams.publish(
             [Out("gate", d.model, ExecutionStarted(event_id=ids.event_id("exec-started", d.claim_id),
                                                     occurred_at=utcnow(), request_id=d.request_id,

@@ -49,7 +49,7 @@ from schemas.events import (
 from streams.emit import Out
 from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
 from streams.gate import scoring
-from streams.lifecycle import IN_FLIGHT, State, next_state
+from streams.lifecycle import IN_FLIGHT, State
 
 
 class Entry(msgspec.Struct):
@@ -140,6 +140,10 @@ class Gate:
         self.worker_seen: dict[str, datetime] = {}
         self.workers_dead: set[str] = set()
         self.started_at: datetime | None = None
+        # Worker staleness is judged on the time of the newest heartbeat or tick handled, not
+        # the wall clock: a gate catching up on a backlog must not take a worker for dead
+        # because that worker's newer heartbeats are still queued behind the backlog.
+        self.clock: datetime | None = None
 
     # -- state access ---------------------------------------------------------------------
 
@@ -208,41 +212,28 @@ class Gate:
                 model = message.model
             case WorkerHeartbeat():
                 self.worker_seen[message.worker_id] = message.occurred_at
+                self._observe(message.occurred_at)
                 return out
             case WorkerStopped():
                 self.workers_dead.add(message.worker_id)
                 return out
             case GateTick():
                 model = message.model
+                self._observe(message.occurred_at)
                 self._reclaim_stale(model, now, out)
             case _:
-                # A lifecycle event the gate itself published: fold it in so the entries
-                # converge on the log even if a table write was lost in a crash.
-                self._fold(message)
-                model = message.model
+                # A lifecycle event the gate itself published, read back. Its entry already
+                # moved on (and may have moved further since): applying it again would undo
+                # later decisions. After a crash the gate re-handles its uncommitted inputs and
+                # re-makes the same decisions with the same ids instead (Faust flushes the
+                # table changelog with the outputs before it commits an input).
+                return out
         self._claim(model, now, out)
         return out
 
-    def _fold(self, event: RequestEvent) -> None:
-        if isinstance(event, RequestsPending):
-            return
-        entry = self._get(event.request_id)
-        if entry is None:
-            return
-        state = next_state(entry.state, event)
-        if state is None:
-            return
-        if isinstance(event, RequestClaimed):
-            entry.claim_id, entry.attempt, entry.claimed_at = (
-                event.claim_id,
-                event.attempt,
-                event.occurred_at,
-            )
-        elif isinstance(event, RequestRetryScheduled):
-            entry.attempt, entry.not_before = event.attempt, event.not_before
-        elif isinstance(event, RequestReclaimed):
-            entry.attempt = event.attempt
-        self._move(event.request_id, entry, state)
+    def _observe(self, at: datetime) -> None:
+        if self.clock is None or at > self.clock:
+            self.clock = at
 
     def _move(self, request_id: str, entry: Entry, state: State) -> None:
         """Change state, keeping the in-flight set, owner counts and queues in step."""
@@ -445,7 +436,7 @@ class Gate:
         seen = self.worker_seen.get(entry.worker_id or "")
         # A worker never heard from since this gate started gets the threshold from the start.
         last = seen or self.started_at or now
-        if now - last > live.stale_worker:
+        if (self.clock or now) - last > live.stale_worker:
             return "worker_stale"
         return None
 

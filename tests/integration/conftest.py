@@ -37,7 +37,7 @@ heartbeat_interval_ms = 1000
 
 [liveness]
 claim_timeout_ms = 20000
-stale_daemon_threshold_ms = 4000
+stale_daemon_threshold_ms = 6000
 """
 
 
@@ -53,11 +53,16 @@ def stack_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Stack
 def services(
     stack_info: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Services]:
+    # Two gate and two executor processes: every test also checks that capacity and
+    # exactly-once hold across workers sharing partitions.
     svc = Services(
         tmp_path_factory.mktemp("services"),
         stack_info.kafka_bootstrap,
         stack_info.database_url,
         MODELS,
+        gates=2,
+        executors=2,
+        extra_config=TEST_CONFIG,
     )
     try:
         svc.start()

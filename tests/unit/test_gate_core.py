@@ -279,3 +279,17 @@ def test_reclaim_gives_up_after_max_retries() -> None:
     outs = g.handle(tick(), NOW + timedelta(minutes=2))
     (failed,) = [o.value for o in outs if isinstance(o.value, RequestFailed)]
     assert failed.error_type == "TaskTerminated"
+
+
+def test_reading_back_its_own_reclaim_does_not_undo_the_claim_made_since() -> None:
+    g = gate({"m": 1})
+    dispatched(g.handle(pending("b", "m", 1), NOW))
+    outs = g.handle(tick(), NOW + timedelta(seconds=61))
+    (reclaimed,) = [o.value for o in outs if isinstance(o.value, RequestReclaimed)]
+    (second,) = dispatched(outs)
+    # The reclaim comes back on the lifecycle topic after the new claim was made.
+    assert g.handle(reclaimed, NOW + timedelta(seconds=62)) == []
+    assert g.in_flight("m") == 1
+    assert dispatched(g.handle(tick(), NOW + timedelta(seconds=63))) == []
+    entry = decode_entry(g.entries[second.request_id])
+    assert (entry.state, entry.claim_id) == ("claimed", second.claim_id)
