@@ -114,6 +114,30 @@ def models_set_state(model: str, state: str, expected_ready_at: datetime | None)
 
 
 @main.command()
+def workers() -> None:
+    """List executor workers (daemon records), newest first, with heartbeat age."""
+    import asyncpg
+
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(config_module.load().database_url)
+        try:
+            return await conn.fetch(
+                "SELECT id, status, requests_processed, requests_failed, requests_in_flight,"
+                " extract(epoch FROM now() - last_heartbeat) AS age FROM daemons"
+                " ORDER BY created_at DESC"
+            )
+        finally:
+            await conn.close()
+
+    for r in asyncio.run(go()):
+        age = "-" if r["age"] is None else f"{float(r['age']):.0f}s ago"
+        click.echo(
+            f"{r['id']:<48} {r['status']:<8} heartbeat {age:<9} processed {r['requests_processed']}"
+            f" failed {r['requests_failed']} in flight {r['requests_in_flight']}"
+        )
+
+
+@main.command()
 @click.option("--requests", "count", default=300, show_default=True)
 def demo(count: int) -> None:
     """Bring up the local stack and run a demo batch against the fake upstream."""

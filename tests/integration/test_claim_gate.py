@@ -161,19 +161,33 @@ def test_killing_an_executor_mid_batch_ends_every_request_exactly_once(
     client_for: Callable[[str], OpenAI], services: Services
 ) -> None:
     client = client_for("fay")
-    batch = submit(client, [chat_line(f"x{i}", model="chat-b", latency_ms=300) for i in range(80)])
+    # chat-b runs 16 at a time: 300 lines of 300 ms take ~6 s, so the kill lands mid-batch.
+    batch = submit(client, [chat_line(f"x{i}", model="chat-b", latency_ms=300) for i in range(300)])
     wait_for_batch(client, batch.id, {"in_progress"})
     time.sleep(1)
     services.kill("executor-1", signal.SIGKILL)
+    assert counts(client, batch.id)[0] < 250
     done = wait_for_batch(client, batch.id, timeout_s=180)
     services.start_worker("executor", 1)
 
     errors = [line["error"]["message"] for line in content_lines(client, done.error_file_id)]
-    assert (done.status, done.request_counts.completed) == ("completed", 80), errors[:3]
+    assert (done.status, done.request_counts.completed) == ("completed", 300), errors[:3]
     output = content_lines(client, done.output_file_id)
-    assert sorted(line["custom_id"] for line in output) == sorted(f"x{i}" for i in range(80))
+    assert sorted(line["custom_id"] for line in output) == sorted(f"x{i}" for i in range(300))
     sent: dict[str, int] = {}
-    for call in calls(services, batch.id, 80):
+    for call in calls(services, batch.id, 300):
         sent[call["request_id"]] = sent.get(call["request_id"], 0) + 1
-    # A request the dead executor had in flight is sent again at most once more.
+    # A request the dead executor had in flight is sent again at most once more, and the
+    # model's limit held throughout the recovery.
     assert max(sent.values()) <= 2
+    assert upstream_stats(services)["models"]["chat-b"]["max_in_flight"] <= 16
+
+
+def test_executors_are_visible_as_daemon_records(services: Services) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cannonade.cli", "workers"],
+        env=services.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    running = [line for line in result.stdout.splitlines() if " running " in line]
+    assert len(running) >= 2, result.stdout
