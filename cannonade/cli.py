@@ -85,7 +85,9 @@ def models() -> None:
 @models.command("set-state")
 @click.argument("model")
 @click.argument("state", type=click.Choice(["live", "coming", "absent", "leaving"]))
-@click.option("--expected-ready-at", type=click.DateTime(), default=None, help="ETA for 'coming' (UTC).")
+@click.option(
+    "--expected-ready-at", type=click.DateTime(), default=None, help="ETA for 'coming' (UTC)."
+)
 def models_set_state(model: str, state: str, expected_ready_at: datetime | None) -> None:
     """Publish a model's liveness; the claim gate applies it at once."""
     from aiokafka import AIOKafkaProducer
@@ -98,19 +100,80 @@ def models_set_state(model: str, state: str, expected_ready_at: datetime | None)
         occurred_at=datetime.now(UTC),
         model=model,
         state=state,  # type: ignore[arg-type]
-        expected_ready_at=None if expected_ready_at is None else expected_ready_at.replace(tzinfo=UTC),
+        expected_ready_at=None
+        if expected_ready_at is None
+        else expected_ready_at.replace(tzinfo=UTC),
     )
 
     async def go() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=config_module.load().kafka, acks="all")
         await producer.start()
         try:
-            await producer.send_and_wait(topics.MODEL_FILTERS.name, key=model.encode(), value=codec.encode(event))
+            await producer.send_and_wait(
+                topics.MODEL_FILTERS.name, key=model.encode(), value=codec.encode(event)
+            )
         finally:
             await producer.stop()
 
     asyncio.run(go())
     click.echo(f"{model}: {state}")
+
+
+@main.command("pending-counts")
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    required=True,
+    metavar="LABEL:START:END",
+    help="Deadline window in seconds from now; empty START = no lower bound (overdue).",
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    default=("pending", "claimed", "processing"),
+    show_default=True,
+)
+@click.option("--model", "models", multiple=True)
+@click.option(
+    "--decay-s",
+    type=float,
+    default=None,
+    help="Priority decay window (adds recent flex completions to '1h').",
+)
+def pending_counts_cmd(
+    windows: tuple[str, ...],
+    states: tuple[str, ...],
+    models: tuple[str, ...],
+    decay_s: float | None,
+) -> None:
+    """Pending request counts by model and deadline window (JSON), as capacity admission reads them."""
+    import asyncpg
+    import msgspec
+
+    from projections.pending_counts import Window, pending_counts
+
+    parsed = []
+    for spec in windows:
+        label, start, end = spec.split(":")
+        parsed.append(Window(label, float(start) if start else None, float(end)))
+
+    async def go() -> dict[str, dict[str, int]]:
+        conn = await asyncpg.connect(config_module.load().database_url)
+        try:
+            return await pending_counts(
+                conn,
+                parsed,
+                list(states),
+                datetime.now(UTC),
+                models=list(models) or None,
+                priority_decay_s=decay_s,
+            )
+        finally:
+            await conn.close()
+
+    click.echo(msgspec.json.encode(asyncio.run(go())).decode())
 
 
 @main.command()

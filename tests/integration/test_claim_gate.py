@@ -97,6 +97,13 @@ def test_a_coming_model_trickles_then_live_releases(
     # 24 h window: far from its ramp, so only the leaky bucket's one row per 24 min went out.
     assert counts(client, batch.id) == (1, 0)
     assert len(calls(services, batch.id, 30)) == 1
+    # Capacity admission sees the held-back work: 29 rows due within 24 h, none within 1 h.
+    result = subprocess.run(
+        [sys.executable, "-m", "cannonade.cli", "pending-counts", "--window", "1h::3600",
+         "--window", "24h::90000", "--state", "pending", "--model", "chat-c"],
+        env=services.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert msgspec.json.decode(result.stdout) == {"chat-c": {"1h": 0, "24h": 29}}, result.stderr
     set_state(services, "chat-c", "live")
     done = wait_for_batch(client, batch.id, timeout_s=60)
     assert (done.status, done.request_counts.completed) == ("completed", 30)
