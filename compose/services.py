@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -33,9 +33,18 @@ def free_port() -> int:
 
 
 def write_config(
-    path: Path, models: Mapping[str, ModelSpec], upstream: str, api_port: int, extra: str = ""
+    path: Path,
+    models: Mapping[str, ModelSpec],
+    upstream: str,
+    api_port: int,
+    extra: str = "",
+    windows: Sequence[str] = ("24h", "1h"),
 ) -> None:
-    lines = [f"[api]\nport = {api_port}\nprojection_wait_s = 30.0\n", extra]
+    allowed = ", ".join(f'"{w}"' for w in windows)
+    lines = [
+        f"[api]\nport = {api_port}\nprojection_wait_s = 30.0\nallowed_completion_windows = [{allowed}]\n",
+        extra,
+    ]
     for name, spec in models.items():
         lines.append(
             f'[models."{name}"]\nkind = "{spec.kind}"\nupstream = "{upstream}"\n'
@@ -56,6 +65,7 @@ class Services:
         gates: int = 1,
         upstream_latency_ms: int = 0,
         extra_config: str = "",
+        windows: Sequence[str] = ("24h", "1h"),
     ) -> None:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
@@ -65,7 +75,9 @@ class Services:
         self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.config_path = run_dir / "cannonade.toml"
-        write_config(self.config_path, models, self.upstream_url, self.api_port, extra_config)
+        write_config(
+            self.config_path, models, self.upstream_url, self.api_port, extra_config, windows
+        )
         self.env = {
             **os.environ,
             "CANNONADE_CONFIG": str(self.config_path),

@@ -141,16 +141,20 @@ _BATCH_COLUMNS = """
 """
 _BATCH_FROM = "FROM batches b LEFT JOIN batch_counts c ON c.batch_id = b.id"
 
-# Listing filter (core §1.3.3).
+# Listing filter (core §1.3.3), with `expired` meaning the `expired` status (README decisions;
+# the same rule as projections.api.batches.expired_at).
+_EXPIRED = (
+    "(now() > b.expires_at AND b.requests_started_at IS NOT NULL AND b.cancelling_at IS NULL"
+    " AND NOT COALESCE(b.completed_at <= b.expires_at OR b.failed_at <= b.expires_at"
+    " OR b.cancelled_at <= b.expires_at, false))"
+)
 STATUS_FILTERS = {
     "in_progress": "b.completed_at IS NULL AND b.failed_at IS NULL AND b.cancelled_at IS NULL"
-    " AND b.cancelling_at IS NULL",
-    "completed": "b.completed_at IS NOT NULL",
-    "failed": "b.failed_at IS NOT NULL AND b.completed_at IS NULL",
+    f" AND b.cancelling_at IS NULL AND NOT {_EXPIRED}",
+    "completed": f"b.completed_at IS NOT NULL AND NOT {_EXPIRED}",
+    "failed": f"b.failed_at IS NOT NULL AND b.completed_at IS NULL AND NOT {_EXPIRED}",
     "cancelled": "(b.cancelled_at IS NOT NULL OR b.cancelling_at IS NOT NULL)",
-    "expired": "((now() > b.expires_at AND b.completed_at IS NULL AND b.failed_at IS NULL"
-    " AND b.cancelled_at IS NULL AND b.cancelling_at IS NULL)"
-    " OR GREATEST(b.completed_at, b.failed_at, b.cancelled_at) > b.expires_at)",
+    "expired": _EXPIRED,
 }
 
 

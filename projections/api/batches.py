@@ -50,7 +50,7 @@ def facts(row: Any) -> BatchFacts:
         failed_at=row["failed_at"],
         completed_at=row["completed_at"],
         finalizing_at=row["finalizing_at"],
-        expired_at=None,
+        expired_at=expired_at(row, datetime.now(UTC)),
         errors_message=row["errors_message"],
         total=row["total_requests"],
         pending=row["pending"],
@@ -59,6 +59,16 @@ def facts(row: Any) -> BatchFacts:
         failed=row["failed"],
         canceled=row["canceled"],
     )
+
+
+def expired_at(row: Any, now: datetime) -> datetime | None:
+    """Expiry (README decisions): a started batch that had not ended by its deadline shows
+    ``expired`` once the deadline has passed (its unsent rows fail ``BatchTerminated``)."""
+    deadline = row["expires_at"]
+    ended = (row["completed_at"], row["failed_at"], row["cancelled_at"])
+    if row["requests_started_at"] is None or now <= deadline:
+        return None
+    return None if any(at is not None and at <= deadline for at in ended) else deadline
 
 
 async def create(request: web.Request) -> web.Response:

@@ -47,7 +47,12 @@ from schemas.events import (
     WorkerStopped,
 )
 from streams.emit import Out
-from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
+from streams.execution.failure import (
+    BatchTerminated,
+    FailureReason,
+    RequestBuilderError,
+    TaskTerminated,
+)
 from streams.gate import scoring
 from streams.lifecycle import IN_FLIGHT, State
 
@@ -447,6 +452,7 @@ class Gate:
         if index is None:
             return
         self._release_due(index, now)
+        self._expire_overdue(index, now, out)
         capacity = min(
             self.limits.get(model, 0) - len(index.in_flight), self.config.claim_batch_size
         )
@@ -476,6 +482,22 @@ class Gate:
             entry = self._get(pick.request_id)
             if entry is not None:
                 self._claim_one(pick.request_id, entry, now, out)
+
+    def _expire_overdue(self, index: _ModelIndex, now: datetime, out: list[Out]) -> None:
+        """Expiry (README decisions): a batch past its deadline claims nothing more; its unsent
+        rows fail ``BatchTerminated``. Rows in flight finish, with no retry past the deadline."""
+        for batch_id, heap in list(index.pending.items()):
+            if not batch_id or not heap or batch_id in self.cancelled:
+                continue
+            head = self._get(heap[0][2])  # rows of a batch share its deadline
+            if head is None or head.deadline is None or head.deadline > now:
+                continue
+            del index.pending[batch_id]
+            for _, _, request_id in heap:
+                index.queued.discard(request_id)
+                entry = self._get(request_id)
+                if entry is not None and entry.state == "pending":
+                    self._end(request_id, entry, "failed", now, out, BatchTerminated())
 
     def _release_due(self, index: _ModelIndex, now: datetime) -> None:
         while index.delayed and index.delayed[0][0] <= now.timestamp():

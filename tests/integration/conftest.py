@@ -63,6 +63,7 @@ def services(
         gates=2,
         executors=2,
         extra_config=TEST_CONFIG,
+        windows=("24h", "1h", "15s"),  # 15s: a batch that expires within a test
     )
     try:
         svc.start()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import openai
 import pytest
 from openai import OpenAI
 
@@ -198,3 +199,30 @@ def test_executors_are_visible_as_daemon_records(services: Services) -> None:
     assert result.returncode == 0, result.stderr
     running = [line for line in result.stdout.splitlines() if " running " in line]
     assert len(running) >= 2, result.stdout
+
+
+def test_a_batch_past_its_deadline_shows_expired_and_keeps_its_results(
+    client_for: Callable[[str], OpenAI], services: Services
+) -> None:
+    client = client_for("gus")
+    # chat-a runs 4 at a time; at 2 s a line, 40 lines need ~20 s and the window is 15 s.
+    batch = submit(client, [chat_line(f"e{i}", latency_ms=2000) for i in range(40)], window="15s")
+    done = wait_for_batch(client, batch.id, {"expired"}, timeout_s=60)
+    deadline_passed = time.time()
+    assert done.expired_at == done.expires_at and done.expires_at <= deadline_passed
+    # The rows in flight at the deadline finish; nothing more is sent.
+    time.sleep(3)
+    final = client.batches.retrieve(batch.id)
+    c = final.request_counts
+    assert final.status == "expired" and c.total == 40 and 0 < c.completed < 40
+    assert c.completed + c.failed == 40
+    errors = [
+        msgspec.json.decode(line["error"]["message"])
+        for line in content_lines(client, final.error_file_id)
+    ]
+    assert errors and {e["type"] for e in errors} == {"BatchTerminated"}
+    assert len(content_lines(client, final.output_file_id)) == c.completed
+    listed = client.batches.list(extra_query={"status": "expired"}).data
+    assert batch.id in {b.id for b in listed}
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)

@@ -293,3 +293,17 @@ def test_reading_back_its_own_reclaim_does_not_undo_the_claim_made_since() -> No
     assert dispatched(g.handle(tick(), NOW + timedelta(seconds=63))) == []
     entry = decode_entry(g.entries[second.request_id])
     assert (entry.state, entry.claim_id) == ("claimed", second.claim_id)
+
+
+def test_a_batch_past_its_deadline_fails_its_unsent_rows_and_claims_nothing_more() -> None:
+    g = gate({"m": 1})
+    (d,) = dispatched(g.handle(pending("b", "m", 3, NOW + timedelta(seconds=30)), NOW))
+    outs = g.handle(tick(), NOW + timedelta(seconds=31))
+    failed = [o.value for o in outs if isinstance(o.value, RequestFailed)]
+    assert {f.request_id for f in failed} == {ids.request_id("b", i) for i in (1, 2)}
+    assert {f.error_type for f in failed} == {"BatchTerminated"}
+    assert dispatched(outs) == []
+    # The row in flight still finishes with its genuine result.
+    assert [type(o.value) for o in g.handle(finish(d), NOW + timedelta(seconds=32))] == [
+        RequestCompleted
+    ]

@@ -1,0 +1,568 @@
+"""Claim gate benchmark: many users' batches over several models at 0 ms upstream latency.
+
+    python -m bench.claim_gate [--requests 50000] [--models 4] [--users 20] [--concurrency 64]
+                               [--gates 2] [--executors 2]
+
+Backend and services as in :mod:`bench.baseline` (whose helpers it uses): a fresh database on
+CANNONADE_KAFKA / CANNONADE_DATABASE_URL when both are set, else a private stack; models
+``bench-m0..`` (chat, ``--concurrency`` each). Each of ``--users`` users gets an API key and
+uploads one file with an equal share of the requests, each line's ``body.model`` round-robin
+over the models; once every file is uploaded, the batches are created back to back and polled
+until all read ``completed``. It prints:
+
+- end-to-end requests/s: N / (first batch create -> last batch reads ``completed``);
+- fairness: each user's completion time (seconds after the first create: when the SDK saw the
+  batch ``completed``, and the event time of the user's last completed row), min/median/max;
+- claim latency, capacity freeing -> next claim: for each ``ExecutionFinished`` (gate topic,
+  ``occurred_at`` = when the executor finished) whose model still had pending work, i.e. some
+  ``RequestClaimed`` of that model (requests topic) follows it, the time to the first such
+  claim at or after it; p50/p99/max. Both topics are read back from the broker after the run;
+- claim -> complete and projection lag percentiles over every row, as the baseline does;
+- peak RSS (VmHWM) and CPU seconds of each process; a check of every output file.
+
+Figures also go to ``bench/results/claim_gate-<timestamp>.json``, with the latest
+``baseline-*.json`` found there quoted for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from openai import AsyncOpenAI
+from openai.types import Batch
+
+from bench.baseline import (
+    _COUNTED_TOPICS,
+    RESULTS_DIR,
+    TERMINAL_BAD,
+    BenchError,
+    build_jsonl,
+    check_output,
+    close_backend,
+    cpu_between,
+    cpu_seconds,
+    end_offsets,
+    log,
+    open_backend,
+    records_between,
+    upstream_stats,
+    wait_projector_caught_up,
+    watched_pids,
+)
+from compose.services import ModelSpec, Services
+from projections.api.auth import create_key
+from schemas import topics
+
+POLL_S = 0.5  # every unfinished batch is retrieved this often (one call per batch)
+PROGRESS_EVERY_S = 5.0
+
+Offsets = dict[tuple[str, int], int]
+
+
+# --- the workload ----------------------------------------------------------------------------
+
+
+def shares(total: int, users: int) -> list[int]:
+    """Equal shares of ``total`` requests, the remainder going to the first users."""
+    base, extra = divmod(total, users)
+    return [base + (1 if i < extra else 0) for i in range(users)]
+
+
+class Drive(msgspec.Struct):
+    upload_s: float = 0.0
+    create_span_s: float = 0.0  # first create call -> last create answered
+    first_create_to_all_completed_s: float = 0.0
+    batch_ids: list[str] = msgspec.field(default_factory=list)
+    output_file_ids: list[str | None] = msgspec.field(default_factory=list)
+    # per user: seconds after the first create when its batch was first seen completed
+    completed_after_s: list[float] = msgspec.field(default_factory=list)
+    failed: int = 0
+    progress: list[list[float]] = msgspec.field(default_factory=list)
+
+
+async def drive(
+    clients: list[AsyncOpenAI], sizes: list[int], models: list[str], timeout_s: float, logs: Path
+) -> Drive:
+    d = Drive()
+    files = []
+    t_upload = time.monotonic()
+    for u, (client, size) in enumerate(zip(clients, sizes, strict=True)):
+        data = build_jsonl(size, models)
+        files.append(
+            await client.files.create(
+                file=(f"user-{u:02d}.jsonl", data, "application/jsonl"), purpose="batch"
+            )
+        )
+    d.upload_s = time.monotonic() - t_upload
+    log(f"{len(files)} files ({sum(sizes)} lines) uploaded in {d.upload_s:.1f}s")
+
+    t0 = time.monotonic()
+    batches: list[Batch] = []
+    for client, file in zip(clients, files, strict=True):
+        batches.append(
+            await client.batches.create(
+                input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        )
+    d.create_span_s = time.monotonic() - t0
+    d.batch_ids = [b.id for b in batches]
+    log(f"{len(batches)} batches created in {d.create_span_s:.2f}s")
+
+    total = sum(sizes)
+    done_at: dict[int, float] = {}
+    last_log = last_sample = t0
+    while len(done_at) < len(batches):
+        now = time.monotonic()
+        if now - t0 > timeout_s:
+            raise BenchError(
+                f"{len(batches) - len(done_at)} batches not completed {timeout_s:.0f}s after "
+                f"the first create; see the gate/executor/projector logs in {logs}"
+            )
+        waiting = [u for u in range(len(batches)) if u not in done_at]
+        fresh = await asyncio.gather(*(clients[u].batches.retrieve(batches[u].id) for u in waiting))
+        seen = time.monotonic()
+        for u, batch in zip(waiting, fresh, strict=True):
+            batches[u] = batch
+            if batch.status == "completed":
+                done_at[u] = seen - t0
+            elif batch.status in TERMINAL_BAD:
+                raise BenchError(f"batch {batch.id} ended {batch.status}: {batch.errors}")
+        completed = sum(b.request_counts.completed for b in batches if b.request_counts)
+        failed = sum(b.request_counts.failed for b in batches if b.request_counts)
+        if seen - last_sample >= 1.0:
+            d.progress.append([round(seen - t0, 2), completed, failed])
+            last_sample = seen
+        if seen - last_log >= PROGRESS_EVERY_S:
+            log(
+                f"{completed} completed, {failed} failed of {total} "
+                f"({completed / (seen - t0):.0f} req/s); {len(done_at)}/{len(batches)} batches done"
+            )
+            last_log = seen
+        if len(done_at) < len(batches):
+            await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - now)))
+    d.first_create_to_all_completed_s = max(done_at.values())
+    d.completed_after_s = [round(done_at[u], 3) for u in range(len(batches))]
+    d.output_file_ids = [b.output_file_id for b in batches]
+    d.failed = sum(b.request_counts.failed for b in batches if b.request_counts)
+    d.progress.append([round(d.first_create_to_all_completed_s, 2), total - d.failed, d.failed])
+    log(f"all batches completed {d.first_create_to_all_completed_s:.1f}s after the first create")
+    return d
+
+
+# --- claim latency, read back from the broker ------------------------------------------------
+
+
+class _Stamp(msgspec.Struct):
+    """The fields of a gate or lifecycle event the latency needs (others are ignored)."""
+
+    type: str
+    occurred_at: datetime
+    model: str = ""
+
+
+_stamp = msgspec.json.Decoder(_Stamp)
+
+
+async def read_stamps(
+    bootstrap: str, topic: topics.Topic, kind: str, start: Offsets, end: Offsets
+) -> dict[str, list[float]]:
+    """``occurred_at`` (epoch seconds) of every ``kind`` event per model in [start, end)."""
+    wanted = f'"type":"{kind}"'.encode()
+    out: dict[str, list[float]] = {}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20
+    )
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(parts)
+        remaining = set()
+        for tp in parts:
+            first, stop = start.get((tp.topic, tp.partition), 0), end[(tp.topic, tp.partition)]
+            if stop > first:
+                consumer.seek(tp, first)
+                remaining.add(tp)
+            else:
+                consumer.pause(tp)
+        deadline = time.monotonic() + 300
+        while remaining:
+            if time.monotonic() > deadline:
+                raise BenchError(f"reading {topic.name} back took over 300s")
+            fetched = await consumer.getmany(*remaining, timeout_ms=1000, max_records=20_000)
+            for tp, records in fetched.items():
+                stop = end[(tp.topic, tp.partition)]
+                for record in records:
+                    if record.offset >= stop:
+                        break
+                    if record.value is None or wanted not in record.value:
+                        continue
+                    stamp = _stamp.decode(record.value)
+                    if stamp.type == kind:
+                        out.setdefault(stamp.model, []).append(stamp.occurred_at.timestamp())
+                if records and records[-1].offset >= stop - 1:
+                    remaining.discard(tp)
+                    consumer.pause(tp)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``values``."""
+    return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
+
+
+def claim_latency(
+    finished: dict[str, list[float]], claimed: dict[str, list[float]]
+) -> dict[str, Any]:
+    """For each finish whose model had pending work (a claim of that model follows it): the
+    time from the finish to the first claim of that model at or after it."""
+    latencies: list[float] = []
+    per_model: dict[str, dict[str, Any]] = {}
+    finishes = 0
+    for model, ends in sorted(finished.items()):
+        claims = sorted(claimed.get(model, []))
+        mine: list[float] = []
+        for at in ends:
+            finishes += 1
+            i = bisect.bisect_left(claims, at)
+            if i < len(claims):
+                mine.append((claims[i] - at) * 1000)
+        mine.sort()
+        latencies.extend(mine)
+        per_model[model] = {
+            "finishes": len(ends),
+            "with_pending": len(mine),
+            "p50_ms": round(pct(mine, 0.5), 1) if mine else None,
+            "p99_ms": round(pct(mine, 0.99), 1) if mine else None,
+        }
+    latencies.sort()
+    figures: dict[str, Any] = {"finishes": finishes, "with_pending": len(latencies)}
+    if latencies:
+        figures.update(
+            p50_ms=round(pct(latencies, 0.5), 1),
+            p99_ms=round(pct(latencies, 0.99), 1),
+            max_ms=round(latencies[-1], 1),
+        )
+    figures["per_model"] = per_model
+    return figures
+
+
+# --- database figures ------------------------------------------------------------------------
+
+_ROWS = """
+WITH r AS (
+    SELECT extract(epoch FROM projected_at - completed_at) * 1000 AS lag_ms,
+           extract(epoch FROM completed_at - claimed_at) * 1000 AS run_ms
+    FROM requests WHERE batch_id = ANY($1::uuid[]) AND state = 'completed'
+)
+SELECT count(*) AS n,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY lag_ms) AS lag,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY run_ms) AS run
+FROM r
+"""
+
+# Per batch (one per user), event times relative to the earliest batch's created_at.
+_PER_BATCH = """
+WITH t0 AS (SELECT min(created_at) AS at FROM batches WHERE id = ANY($1::uuid[]))
+SELECT b.id::text AS id,
+       extract(epoch FROM min(r.claimed_at) - t0.at) AS first_claim,
+       extract(epoch FROM max(r.completed_at) - t0.at) AS last_complete
+FROM batches b CROSS JOIN t0 JOIN requests r ON r.batch_id = b.id
+WHERE b.id = ANY($1::uuid[])
+GROUP BY b.id, t0.at
+"""
+
+
+async def db_figures(database_url: str, batch_ids: list[str]) -> dict[str, Any]:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetchrow(_ROWS, batch_ids)
+        per_batch = {r["id"]: r for r in await conn.fetch(_PER_BATCH, batch_ids)}
+    finally:
+        await conn.close()
+    assert rows is not None
+    lag, run = rows["lag"] or [None, None], rows["run"] or [None, None]
+
+    def r1(v: Any) -> float | None:
+        return None if v is None else round(float(v), 1)
+
+    return {
+        "completed_rows": rows["n"],
+        "projection_lag_p50_ms": r1(lag[0]),
+        "projection_lag_p99_ms": r1(lag[1]),
+        "claim_to_complete_p50_ms": r1(run[0]),
+        "claim_to_complete_p99_ms": r1(run[1]),
+        "first_claim_s": [round(float(per_batch[b]["first_claim"]), 3) for b in batch_ids],
+        "last_complete_s": [round(float(per_batch[b]["last_complete"]), 3) for b in batch_ids],
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "min": round(min(values), 2),
+        "median": round(statistics.median(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def latest_baseline() -> dict[str, Any] | None:
+    found = sorted(RESULTS_DIR.glob("baseline-*.json"))
+    if not found:
+        return None
+    data = json.loads(found[-1].read_text())
+    p, f = data["params"], data["figures"]
+    return {
+        "file": found[-1].name,
+        "requests": p["requests"],
+        "models": len(p["models"]),
+        "gates": p["gates"],
+        "executors": p["executors"],
+        "end_to_end_rps": f["end_to_end_rps"],
+        "claim_to_complete_p50_ms": f["claim_to_complete_p50_ms"],
+        "claim_to_complete_p99_ms": f["claim_to_complete_p99_ms"],
+        "peak_rss_mib": data["peak_rss_mib"],
+    }
+
+
+# --- orchestration and report ----------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_root = Path(tempfile.mkdtemp(prefix="cannonade-bench-claim-"))
+    models = [f"bench-m{i}" for i in range(args.models)]
+    users = [f"bench-user-{i:02d}" for i in range(args.users)]
+    sizes = shares(args.requests, args.users)
+    backend = await open_backend(run_root, args.private_stack)
+    services: Services | None = None
+    rss: dict[str, int] = {}
+    try:
+        services = Services(
+            run_root / "services",
+            backend.kafka,
+            backend.database_url,
+            {m: ModelSpec("chat", args.concurrency) for m in models},
+            executors=args.executors,
+            gates=args.gates,
+            upstream_latency_ms=0,
+        )
+        log(f"starting services (logs in {services.logs})")
+        t_start = time.monotonic()
+        await asyncio.to_thread(services.start, args.start_services_timeout)
+        services_start_s = time.monotonic() - t_start
+        log(f"services ready in {services_start_s:.1f}s")
+        replayed = await wait_projector_caught_up(
+            backend.kafka, backend.database_url, args.start_services_timeout
+        )
+        offsets_before = await end_offsets(backend.kafka, _COUNTED_TOPICS)
+        cpu_before = cpu_seconds(watched_pids(services, backend))
+        t_run = time.monotonic()
+
+        conn = await asyncpg.connect(backend.database_url, timeout=10)
+        try:
+            secrets = [await create_key(conn, user) for user in users]
+        finally:
+            await conn.close()
+        clients = [
+            AsyncOpenAI(base_url=f"{services.api_url}/v1", api_key=s, max_retries=0, timeout=120)
+            for s in secrets
+        ]
+        try:
+            d = await drive(clients, sizes, models, args.timeout, services.logs)
+            cpu = cpu_between(cpu_before, cpu_seconds(watched_pids(services, backend)))
+            run_wall_s = time.monotonic() - t_run
+            rss = services.rss_kib()  # peaks, before the checks below add any work
+            outputs = [
+                await check_output(client, file_id, size)
+                for client, file_id, size in zip(clients, d.output_file_ids, sizes, strict=True)
+            ]
+        finally:
+            for client in clients:
+                await client.close()
+        stats = await db_figures(backend.database_url, d.batch_ids)
+        upstream = await asyncio.to_thread(upstream_stats, services.upstream_url)
+        offsets_after = await end_offsets(backend.kafka, _COUNTED_TOPICS)
+        records = records_between(offsets_before, offsets_after)
+        log("reading ExecutionFinished and RequestClaimed back from the broker")
+        finished = await read_stamps(
+            backend.kafka, topics.GATE, "ExecutionFinished", offsets_before, offsets_after
+        )
+        claimed = await read_stamps(
+            backend.kafka, topics.REQUESTS, "RequestClaimed", offsets_before, offsets_after
+        )
+        latency = claim_latency(finished, claimed)
+    finally:
+        if services is not None:
+            if not rss:
+                rss = services.rss_kib()
+            log("stopping services")
+            await asyncio.to_thread(services.stop)
+            shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+        await close_backend(backend, args.keep_db)
+
+    n = args.requests
+    output_ok = all(o["ok"] for o in outputs)
+    return {
+        "benchmark": "claim_gate",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "params": {
+            "requests": n,
+            "models": models,
+            "users": args.users,
+            "requests_per_user": sizes,
+            "concurrency": args.concurrency,
+            "executors": args.executors,
+            "gates": args.gates,
+            "upstream_latency_ms": 0,
+            "backend": "private stack" if backend.stack_dir else "external",
+            "history_replayed_before_run": replayed,
+        },
+        "figures": {
+            "services_start_s": round(services_start_s, 2),
+            "upload_s": round(d.upload_s, 2),
+            "create_span_s": round(d.create_span_s, 3),
+            "first_create_to_all_completed_s": round(d.first_create_to_all_completed_s, 2),
+            "end_to_end_rps": round(n / d.first_create_to_all_completed_s, 1),
+            "failed_requests": d.failed,
+            "user_completed_s": spread(d.completed_after_s),
+            "user_last_row_completed_s": spread(stats["last_complete_s"]),
+            "user_first_claim_s": spread(stats["first_claim_s"]),
+            "claim_latency_p50_ms": latency.get("p50_ms"),
+            "claim_latency_p99_ms": latency.get("p99_ms"),
+            "claim_latency_max_ms": latency.get("max_ms"),
+            "claim_latency_samples": latency["with_pending"],
+            "execution_finished": latency["finishes"],
+            "claim_to_complete_p50_ms": stats["claim_to_complete_p50_ms"],
+            "claim_to_complete_p99_ms": stats["claim_to_complete_p99_ms"],
+            "projection_lag_p50_ms": stats["projection_lag_p50_ms"],
+            "projection_lag_p99_ms": stats["projection_lag_p99_ms"],
+            "output_ok": output_ok,
+        },
+        "claim_latency_per_model": latency["per_model"],
+        "per_user": {
+            "batch_ids": d.batch_ids,
+            "completed_s": d.completed_after_s,  # SDK saw `completed`, after the first create
+            "last_row_completed_s": stats["last_complete_s"],  # event time, same origin
+            "first_claim_s": stats["first_claim_s"],
+        },
+        "cpu_s": cpu,  # from just before the keys were created to the last batch completed
+        "run_wall_s": round(run_wall_s, 2),
+        "kafka_records": records,
+        "peak_rss_mib": {name: round(kib / 1024, 1) for name, kib in sorted(rss.items())},
+        "output_check": [o["detail"] for o in outputs],
+        "upstream": upstream,
+        "progress": d.progress,  # [s since first create, completed, failed], ~1/s
+        "baseline": latest_baseline(),
+        "logs": str(run_root / "services" / "logs"),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    f, p = result["figures"], result["params"]
+
+    def s(key: str) -> str:
+        v = f[key]
+        return f"{v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f} s"
+
+    rows: list[tuple[str, str]] = [
+        ("requests", f"{p['requests']} ({len(p['models'])} models x {p['users']} users, "
+                     f"concurrency {p['concurrency']}/model, {p['gates']} gates, "
+                     f"{p['executors']} executors)"),
+        ("upload (all files)", f"{f['upload_s']:.1f} s"),
+        ("batch creates (first -> last)", f"{f['create_span_s']:.2f} s"),
+        ("first create -> all completed", f"{f['first_create_to_all_completed_s']:.1f} s"),
+        ("end-to-end throughput", f"{f['end_to_end_rps']:.1f} req/s"),
+        ("failed requests", str(f["failed_requests"])),
+        ("per-user completed min/med/max", s("user_completed_s")),
+        ("per-user last row done min/med/max", s("user_last_row_completed_s")),
+        ("per-user first claim min/med/max", s("user_first_claim_s")),
+        ("claim latency p50 / p99 / max",
+         f"{f['claim_latency_p50_ms']} / {f['claim_latency_p99_ms']} / "
+         f"{f['claim_latency_max_ms']} ms  ({f['claim_latency_samples']} of "
+         f"{f['execution_finished']} finishes had pending work)"),
+        ("claim -> complete p50 / p99",
+         f"{f['claim_to_complete_p50_ms']} / {f['claim_to_complete_p99_ms']} ms"),
+        ("projection lag p50 / p99",
+         f"{f['projection_lag_p50_ms']} / {f['projection_lag_p99_ms']} ms"),
+        ("output files check", "OK" if f["output_ok"] else "FAIL"),
+    ]  # fmt: skip
+    rss, cpu, wall = result["peak_rss_mib"], result["cpu_s"], result["run_wall_s"]
+    for name in sorted(set(rss) | set(cpu)):
+        parts = [f"peak RSS {rss[name]:6.1f} MiB" if name in rss else " " * 21]
+        if name in cpu:
+            parts.append(f"CPU {cpu[name]:6.1f} s ({100 * cpu[name] / wall:3.0f}% of a core)")
+        rows.append((f"process {name}", "  ".join(parts)))
+    base = result["baseline"]
+    if base:
+        rows.append((
+            "latest baseline run",
+            f"{base['end_to_end_rps']} req/s, claim -> complete p50/p99 "
+            f"{base['claim_to_complete_p50_ms']} / {base['claim_to_complete_p99_ms']} ms "
+            f"({base['requests']} requests, {base['models']} model(s), {base['gates']} gate(s), "
+            f"{base['executors']} executor(s); {base['file']})",
+        ))  # fmt: skip
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.claim_gate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--requests", type=int, default=50_000, help="total requests (50000)")
+    p.add_argument("--models", type=int, default=4, help="chat models bench-m0.. (4)")
+    p.add_argument("--users", type=int, default=20, help="users, one batch each (20)")
+    p.add_argument("--concurrency", type=int, default=64, help="per-model concurrency (64)")
+    p.add_argument("--gates", type=int, default=2, help="gate workers (2)")
+    p.add_argument("--executors", type=int, default=2, help="executor workers (2)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds allowed from the first create to all completed (1800)")  # fmt: skip
+    p.add_argument("--start-services-timeout", type=float, default=180.0,
+                   help="seconds allowed for the services to become ready (180)")  # fmt: skip
+    p.add_argument("--private-stack", action="store_true",
+                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
+    p.add_argument("--keep-db", action="store_true",
+                   help="keep the bench_<random> database (external backend only)")  # fmt: skip
+    args = p.parse_args(argv)
+    if min(args.models, args.users, args.concurrency, args.gates, args.executors) < 1:
+        p.error("--models, --users, --concurrency, --gates and --executors must be >= 1")
+    if args.requests < args.users:
+        p.error("--requests must be at least --users")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = asyncio.run(run(args))
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"claim_gate-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("Cannonade claim gate benchmark (fake upstream, 0 ms latency)")
+    print(report(result))
+    print(f"  results: {path}\n  logs:    {result['logs']}")
+    return 0 if result["figures"]["output_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
