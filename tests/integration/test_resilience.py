@@ -124,7 +124,8 @@ async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
         await consumer.stop()
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + 120
+        # Generous: the whole session's log is replayed, on a 2-core box shared with Kafka.
+        deadline = time.monotonic() + 300
         while True:
             stored = {
                 (r["topic"], r["partition"]): r["next_offset"]

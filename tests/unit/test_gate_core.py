@@ -307,3 +307,16 @@ def test_a_batch_past_its_deadline_fails_its_unsent_rows_and_claims_nothing_more
     assert [type(o.value) for o in g.handle(finish(d), NOW + timedelta(seconds=32))] == [
         RequestCompleted
     ]
+
+
+def test_walking_a_heap_in_order_matches_sorting_it() -> None:
+    import heapq
+    import random
+
+    from streams.gate.core import _in_order
+
+    items = [(random.random(), random.randint(0, 9), str(i)) for i in range(500)]
+    heap = list(items)
+    heapq.heapify(heap)
+    assert list(_in_order(heap)) == sorted(items)
+    assert list(_in_order([])) == []
