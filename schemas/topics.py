@@ -111,7 +111,6 @@ CHANGELOGS: tuple[Topic, ...] = (
     changelog("cannonade-gate", "gate-cancelled-batches", GATE_PARTITIONS),
     changelog("cannonade-gate", "gate-buckets", GATE_PARTITIONS),
     changelog("cannonade-gate", "gate-model-states", GATE_PARTITIONS),
-    changelog("cannonade-executor", "executor-started-claims", 4),
 )
 
 ALL: tuple[Topic, ...] = (

@@ -33,10 +33,13 @@ class ProjectedClaim(msgspec.Struct, frozen=True):
     claim_id: str | None
 
     def supersedes(self, claim_id: str, attempt: int) -> bool:
-        """Whether the request has provably moved past the dispatch (claim, attempt): it ended,
-        or was reclaimed or retried since, or another claim is current. A dispatch the
-        projection has not caught up with yet is never called stale."""
+        """Whether the dispatch (claim, attempt) must not be sent: the request ended, was
+        reclaimed or retried since, another claim is current, or this very claim already
+        started (a dispatch re-read after a crash or rebalance). A dispatch the projection has
+        not caught up with yet is never skipped."""
         if self.state in ("completed", "failed", "canceled") or self.attempt > attempt:
+            return True
+        if self.state == "processing" and self.claim_id == claim_id:
             return True
         # Every new claim of a request follows a reclaim or a retry, which raise the attempt:
         # another claim at the same attempt is a newer one; at a lower attempt the projection

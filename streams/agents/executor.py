@@ -223,10 +223,6 @@ def register(streams: Streams, store: Store) -> Executor:
     )
     executor = Executor(streams, store, client, streams.config)
     app = streams.app
-    # Which claim each request's dispatch partition has started, kept in a changelog-backed
-    # table: after a crash or rebalance the new owner of the partition re-reads an uncommitted
-    # dispatch but does not call upstream again for a claim that already started.
-    started = app.Table("executor-started-claims", default=None, key_type=bytes, value_type=bytes)
 
     @app.agent(streams.topics["dispatch"], name="executor")
     async def execute(stream: StreamT) -> None:
@@ -235,13 +231,9 @@ def register(streams: Streams, store: Store) -> Executor:
             if work is None:
                 await streams.dead_letter(event, reason or "undecodable")
                 continue
-            key = work.request_id.encode()
             if isinstance(work, AbortDispatch):
                 executor.abort(work.claim_id)
                 continue
-            if started.get(key) == work.claim_id.encode():
-                continue
-            started[key] = work.claim_id.encode()
             await executor.accept(work)
 
     @app.task

@@ -11,6 +11,7 @@ from streams.store import ProjectedClaim
     ("projected", "stale"),
     [
         (ProjectedClaim("claimed", 1, "c1"), False),  # the projection shows this very claim
+        (ProjectedClaim("processing", 1, "c1"), True),  # this claim already started elsewhere
         (ProjectedClaim("pending", 1, None), False),  # reclaimed/retried, not yet re-claimed
         (ProjectedClaim("claimed", 0, "c0"), False),  # projection behind: older attempt's claim
         (ProjectedClaim("processing", 1, "c9"), True),  # another claim of this attempt
