@@ -72,6 +72,8 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_retries: int | None = 1000
     stop_before_deadline_ms: int | None = 0
     heartbeat_interval_ms: int = 5000
+    # Paths sent as SSE streams (first-chunk and inter-chunk timeouts apply; core §4.4).
+    streamable_endpoints: list[str] = msgspec.field(default_factory=list)
 
 
 class LivenessConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

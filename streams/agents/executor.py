@@ -165,6 +165,7 @@ class Executor:
             method=template.method,
             body=template.body,
             api_key=model.api_key,
+            stream=template.path in self.config.executor.streamable_endpoints,
         )
         outcome = await self.client.execute(call)
         if isinstance(outcome, Failure):

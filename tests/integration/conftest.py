@@ -34,6 +34,7 @@ TEST_CONFIG = """
 [executor]
 max_retries = 3
 heartbeat_interval_ms = 1000
+streamable_endpoints = ["/v1/completions"]
 
 [liveness]
 claim_timeout_ms = 20000

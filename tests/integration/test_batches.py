@@ -304,3 +304,23 @@ def test_batch_validation_errors(client_for: Callable[[str], OpenAI]) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.retrieve("not-a-uuid")
     assert info.value.body["message"] == "Invalid batch ID format"  # type: ignore[index]
+
+
+def test_a_streamable_endpoint_is_read_as_sse_and_stored_reassembled(
+    client_for: Callable[[str], OpenAI],
+) -> None:
+    client = client_for("sid")
+    lines = [
+        {"custom_id": f"s{i}", "method": "POST", "url": "/v1/completions", "body": {"model": "chat-b", "prompt": f"count {i}"}}
+        for i in range(3)
+    ]  # fmt: skip
+    uploaded = client.files.create(file=("stream.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    done = wait_for_batch(client, batch.id)
+    assert done.status == "completed"
+    for line in content_lines(client, done.output_file_id):
+        body = line["response"]["body"]
+        # Stored as one JSON completion (rebuilt from the event stream), not raw SSE text.
+        assert isinstance(body, dict) and body["choices"][0]["text"]
