@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -463,6 +463,45 @@ def upstream_stats(upstream_url: str) -> dict[str, Any]:
 # --- orchestration and report ----------------------------------------------------------------
 
 
+def bench_services(
+    run_root: Path, backend: Backend, models: list[str], args: argparse.Namespace
+) -> Services:
+    """Every service, each model a chat model with ``--concurrency``, the upstream at 0 ms."""
+    return Services(
+        run_root / "services",
+        backend.kafka,
+        backend.database_url,
+        {m: ModelSpec("chat", args.concurrency) for m in models},
+        executors=args.executors,
+        gates=args.gates,
+        upstream_latency_ms=0,
+    )
+
+
+class Started(NamedTuple):
+    """The figures taken once the services are up, before the measured run."""
+
+    start_s: float
+    replayed: int
+    offsets: dict[tuple[str, int], int]
+    cpu: dict[str, float]
+    at: float
+
+
+async def start_services(services: Services, backend: Backend, args: argparse.Namespace) -> Started:
+    log(f"starting services (logs in {services.logs})")
+    t0 = time.monotonic()
+    await asyncio.to_thread(services.start, args.start_services_timeout)
+    start_s = time.monotonic() - t0
+    log(f"services ready in {start_s:.1f}s")
+    replayed = await wait_projector_caught_up(
+        backend.kafka, backend.database_url, args.start_services_timeout
+    )
+    offsets = await end_offsets(backend.kafka, _COUNTED_TOPICS)
+    cpu = cpu_seconds(watched_pids(services, backend))
+    return Started(start_s, replayed, offsets, cpu, time.monotonic())
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     run_root = Path(tempfile.mkdtemp(prefix="cannonade-bench-"))
     models = ["bench-chat"] if args.models == 1 else [f"bench-chat-{i}" for i in range(args.models)]
@@ -470,26 +509,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     services: Services | None = None
     rss: dict[str, int] = {}
     try:
-        services = Services(
-            run_root / "services",
-            backend.kafka,
-            backend.database_url,
-            {m: ModelSpec("chat", args.concurrency) for m in models},
-            executors=args.executors,
-            gates=args.gates,
-            upstream_latency_ms=0,
-        )
-        log(f"starting services (logs in {services.logs})")
-        t0 = time.monotonic()
-        await asyncio.to_thread(services.start, args.start_services_timeout)
-        services_start_s = time.monotonic() - t0
-        log(f"services ready in {services_start_s:.1f}s")
-        replayed = await wait_projector_caught_up(
-            backend.kafka, backend.database_url, args.start_services_timeout
-        )
-        offsets_before = await end_offsets(backend.kafka, _COUNTED_TOPICS)
-        cpu_before = cpu_seconds(watched_pids(services, backend))
-        t_run = time.monotonic()
+        services = bench_services(run_root, backend, models, args)
+        started = await start_services(services, backend, args)
+        services_start_s, replayed = started.start_s, started.replayed
+        offsets_before, cpu_before, t_run = started.offsets, started.cpu, started.at
 
         conn = await asyncpg.connect(backend.database_url, timeout=10)
         try:

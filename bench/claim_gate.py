@@ -50,6 +50,7 @@ from bench.baseline import (
     RESULTS_DIR,
     TERMINAL_BAD,
     BenchError,
+    bench_services,
     build_jsonl,
     check_output,
     close_backend,
@@ -59,11 +60,11 @@ from bench.baseline import (
     log,
     open_backend,
     records_between,
+    start_services,
     upstream_stats,
-    wait_projector_caught_up,
     watched_pids,
 )
-from compose.services import ModelSpec, Services
+from compose.services import Services
 from projections.api.auth import create_key
 from schemas import topics
 
@@ -351,26 +352,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     services: Services | None = None
     rss: dict[str, int] = {}
     try:
-        services = Services(
-            run_root / "services",
-            backend.kafka,
-            backend.database_url,
-            {m: ModelSpec("chat", args.concurrency) for m in models},
-            executors=args.executors,
-            gates=args.gates,
-            upstream_latency_ms=0,
-        )
-        log(f"starting services (logs in {services.logs})")
-        t_start = time.monotonic()
-        await asyncio.to_thread(services.start, args.start_services_timeout)
-        services_start_s = time.monotonic() - t_start
-        log(f"services ready in {services_start_s:.1f}s")
-        replayed = await wait_projector_caught_up(
-            backend.kafka, backend.database_url, args.start_services_timeout
-        )
-        offsets_before = await end_offsets(backend.kafka, _COUNTED_TOPICS)
-        cpu_before = cpu_seconds(watched_pids(services, backend))
-        t_run = time.monotonic()
+        services = bench_services(run_root, backend, models, args)
+        started = await start_services(services, backend, args)
+        services_start_s, replayed = started.start_s, started.replayed
+        offsets_before, cpu_before, t_run = started.offsets, started.cpu, started.at
 
         conn = await asyncpg.connect(backend.database_url, timeout=10)
         try:
