@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -645,24 +646,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def save_and_report(name: str, title: str, result: dict[str, Any], text: str) -> Path:
+    """Write the figures to ``bench/results/<name>-<UTC stamp>.json`` and print them."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(title)
+    print(text)
+    print(f"  results: {path}" + (f"\n  logs:    {result['logs']}" if "logs" in result else ""))
+    return path
+
+
+def run_stack_bench(
+    name: str,
+    title: str,
+    run_: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+    report_: Callable[[dict[str, Any]], str],
+    args: argparse.Namespace,
+) -> int:
+    """The ``main`` of a benchmark that drives the whole system: run, save, print."""
     try:
-        result = asyncio.run(run(args))
+        result = asyncio.run(run_(args))
     except BenchError as exc:
         log(f"FAILED: {exc}")
         return 1
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"baseline-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("Cannonade baseline (fake upstream, 0 ms latency)")
-    print(report(result))
-    print(f"  results: {path}\n  logs:    {result['logs']}")
+    save_and_report(name, title, result, report_(result))
     return 0 if result["figures"]["output_ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stack_bench(
+        "baseline",
+        "Cannonade baseline (fake upstream, 0 ms latency)",
+        run,
+        report,
+        parse_args(argv),
+    )
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from bench.baseline import (
     log,
     open_backend,
     records_between,
+    run_stack_bench,
     start_services,
     upstream_stats,
     watched_pids,
@@ -530,23 +531,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = asyncio.run(run(args))
-    except BenchError as exc:
-        log(f"FAILED: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"claim_gate-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("Cannonade claim gate benchmark (fake upstream, 0 ms latency)")
-    print(report(result))
-    print(f"  results: {path}\n  logs:    {result['logs']}")
-    return 0 if result["figures"]["output_ok"] else 1
+    return run_stack_bench(
+        "claim_gate",
+        "Cannonade claim gate benchmark (fake upstream, 0 ms latency)",
+        run,
+        report,
+        parse_args(argv),
+    )
 
 
 if __name__ == "__main__":

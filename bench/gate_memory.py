@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.baseline import RESULTS_DIR
+from bench.baseline import save_and_report
 from schemas import ids
 from schemas.events import GateTick, PendingItem, RequestsPending
 from streams.gate.core import Gate
@@ -240,15 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"gate_memory-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("Cannonade claim gate: memory per pending request, claim cycle cost")
-    print(report(result))
-    print(f"  results: {path}")
+    result = run(parse_args(argv))
+    title = "Cannonade claim gate: memory per pending request, claim cycle cost"
+    save_and_report("gate_memory", title, result, report(result))
     return 0
 
 

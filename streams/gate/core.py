@@ -516,7 +516,7 @@ class Gate:
         for batch_id, heap in list(index.pending.items()):
             if batch_id and batch_id in self.cancelled:
                 continue  # its rows are canceled by the batch's cancel message
-            while heap and not self._claimable(heap[0][2]):
+            while heap and not _claimable(self._get(heap[0][2])):
                 index.queued.discard(heapq.heappop(heap)[2])  # stale: the request moved on
             if not heap:
                 del index.pending[batch_id]
@@ -541,13 +541,10 @@ class Gate:
             if len(found) >= wanted:
                 break
             entry = self._get(request_id)
-            if entry is not None and entry.state == "pending" and entry.not_before is None:
+            if _claimable(entry):
+                assert entry is not None
                 found.append((request_id, entry))
         return found
-
-    def _claimable(self, request_id: str) -> bool:
-        entry = self._get(request_id)
-        return entry is not None and entry.state == "pending" and entry.not_before is None
 
     def _buckets(self, model: str, now: datetime) -> dict[scoring.BucketKey, datetime]:
         found: dict[scoring.BucketKey, datetime] = {}
@@ -589,3 +586,8 @@ def _in_order(heap: list[tuple[float, int, str]]) -> Iterator[tuple[float, int, 
         for child in (2 * position + 1, 2 * position + 2):
             if child < len(heap):
                 heapq.heappush(frontier, (heap[child], child))
+
+
+def _claimable(entry: Entry | None) -> bool:
+    """Pending with no retry delay; batch-level eligibility is checked per batch."""
+    return entry is not None and entry.state == "pending" and entry.not_before is None
