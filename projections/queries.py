@@ -134,7 +134,7 @@ _BATCH_COLUMNS = """
     b.completion_window, b.metadata, b.output_file_id::text AS output_file_id,
     b.error_file_id::text AS error_file_id, b.created_at, b.expires_at,
     b.requests_started_at, b.cancelling_at, b.cancelled_at, b.finalizing_at, b.completed_at,
-    b.failed_at, b.errors_message, b.total_requests,
+    b.failed_at, b.errors_message, b.total_requests AS total,
     COALESCE(c.pending, 0) AS pending, COALESCE(c.in_progress, 0) AS in_progress,
     COALESCE(c.completed, 0) AS completed, COALESCE(c.failed, 0) AS failed,
     COALESCE(c.canceled, 0) AS canceled

@@ -32,32 +32,16 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/batches/{id}/cancel", cancel)
 
 
+_PROJECTED = [f for f in BatchFacts.__struct_fields__ if f not in ("metadata", "expired_at")]
+
+
 def facts(row: Any) -> BatchFacts:
+    """The rules' view of a batch row (the query names its columns after the fields)."""
     metadata = row["metadata"]
     return BatchFacts(
-        id=row["id"],
-        endpoint=row["endpoint"],
-        input_file_id=row["input_file_id"],
-        completion_window=row["completion_window"],
-        output_file_id=row["output_file_id"],
-        error_file_id=row["error_file_id"],
+        **{f: row[f] for f in _PROJECTED},
         metadata=None if metadata is None else msgspec.json.decode(metadata),
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        requests_started_at=row["requests_started_at"],
-        cancelling_at=row["cancelling_at"],
-        cancelled_at=row["cancelled_at"],
-        failed_at=row["failed_at"],
-        completed_at=row["completed_at"],
-        finalizing_at=row["finalizing_at"],
         expired_at=expired_at(row, datetime.now(UTC)),
-        errors_message=row["errors_message"],
-        total=row["total_requests"],
-        pending=row["pending"],
-        in_progress=row["in_progress"],
-        completed=row["completed"],
-        failed=row["failed"],
-        canceled=row["canceled"],
     )
 
 
