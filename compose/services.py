@@ -103,7 +103,7 @@ class Services:
 
     def start(self, timeout_s: float = 120.0) -> None:
         self._spawn(
-            "upstream", "-m", "cannonade.fake_upstream",
+            "upstream", "-m", "cannonade.testing.fake_upstream",
             "--port", str(self.upstream_port), "--latency-ms", str(self.latency_ms),
         )  # fmt: skip
         self._spawn("projector", "-m", "cannonade.cli", "projector")

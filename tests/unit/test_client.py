@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from cannonade.fake_upstream import FakeUpstream, start_fake_upstream
+from cannonade.testing.fake_upstream import FakeUpstream, start_fake_upstream
 from streams.execution.client import (
     AiohttpTransport,
     Timeouts,

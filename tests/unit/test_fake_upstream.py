@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from cannonade.fake_upstream import FakeUpstream, start_fake_upstream
+from cannonade.testing.fake_upstream import FakeUpstream, start_fake_upstream
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,7 +172,7 @@ async def test_runs_as_a_module_and_announces_its_url() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cannonade.fake_upstream",
+        "cannonade.testing.fake_upstream",
         "--port",
         "0",
         stdout=asyncio.subprocess.PIPE,

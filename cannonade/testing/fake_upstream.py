@@ -16,7 +16,7 @@ Streaming (SSE) happens when the body has `"stream": true` or the request carrie
 `X-Fusillade-Stream: true`. `GET /_stats` reports per-model calls, in-flight, max in-flight and
 status counts plus every call (request id, model, time); `POST /_reset` clears them.
 
-Run: `python -m cannonade.fake_upstream --port 8089 [--latency-ms 50]`.
+Run: `python -m cannonade.testing.fake_upstream --port 8089 [--latency-ms 50]`.
 """
 
 from __future__ import annotations

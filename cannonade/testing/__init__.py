@@ -1,0 +1,2 @@
+"""Test doubles that stay on loopback: the fake OpenAI-compatible upstream and the fake tool
+server, shared by the tests, the demo and the benchmarks."""
