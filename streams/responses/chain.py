@@ -197,13 +197,13 @@ def next_action(
         return AppendSteps((StepDescriptor(StepKind.MODEL_CALL, initial_payload(parent)),))
     # Rule 2: whatever was in flight may have had effects; it is never fired again.
     if any(step.state in IN_FLIGHT_STEP_STATES for step in steps):
-        return Fail(STEP_ABANDONED)
+        return Fail(dict(STEP_ABANDONED))
     failed = [s for s in latest_round(steps) if s.state is StepState.FAILED]
     if failed:
-        return Fail(failed[0].error if failed[0].error is not None else STEP_FAILED)
+        return Fail(failed[0].error if failed[0].error is not None else dict(STEP_FAILED))
     completed = [s for s in steps if s.state is StepState.COMPLETED]
     if not completed:
-        return Fail(STEP_ABANDONED)
+        return Fail(dict(STEP_ABANDONED))
     last = completed[-1]
     if last.step_kind is StepKind.TOOL_CALL:
         return AppendSteps((StepDescriptor(StepKind.MODEL_CALL, follow_up_payload(parent, steps)),))

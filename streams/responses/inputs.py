@@ -29,7 +29,7 @@ class ParentRequest(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     model: str
-    messages: list[dict[str, Any]]
+    messages: list[Any]
     stream: bool = False
     tools: Any = None  # normalised (§2.5); None when the body has no `tools` key
     tool_choice: Any = "auto"
@@ -63,7 +63,7 @@ def parse_parent(body: bytes | str | dict[str, Any]) -> ParentRequest:
     )
 
 
-def initial_messages(document: dict[str, Any]) -> list[dict[str, Any]]:
+def initial_messages(document: dict[str, Any]) -> list[Any]:
     """`input` string or array, else a `messages` array verbatim (§2.3)."""
     if "input" in document:
         value = document["input"]
