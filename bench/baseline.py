@@ -1,6 +1,7 @@
-"""Baseline benchmark: one batch of N chat completions against the fake upstream at 0 ms.
+"""Baseline benchmark: one batch of N chat completions against the fake upstream (0 ms latency
+unless ``--latency-ms``).
 
-    python -m bench.baseline [--requests 10000] [--models 1] [--concurrency 64]
+    python -m bench.baseline [--requests 10000] [--models 1] [--concurrency 64] [--latency-ms 0]
 
 Starts every service (compose.services) against CANNONADE_KAFKA / CANNONADE_DATABASE_URL when
 both are set (in a fresh ``bench_<random>`` database, dropped afterwards), otherwise against a
@@ -467,7 +468,8 @@ def upstream_stats(upstream_url: str) -> dict[str, Any]:
 def bench_services(
     run_root: Path, backend: Backend, models: list[str], args: argparse.Namespace
 ) -> Services:
-    """Every service, each model a chat model with ``--concurrency``, the upstream at 0 ms."""
+    """Every service, each model a chat model with ``--concurrency``, the fake upstream at
+    ``--latency-ms`` (0 when the benchmark has no such option)."""
     return Services(
         run_root / "services",
         backend.kafka,
@@ -475,7 +477,7 @@ def bench_services(
         {m: ModelSpec("chat", args.concurrency) for m in models},
         executors=args.executors,
         gates=args.gates,
-        upstream_latency_ms=0,
+        upstream_latency_ms=getattr(args, "latency_ms", 0),
     )
 
 
@@ -553,7 +555,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "executors": args.executors,
             "gates": args.gates,
-            "upstream_latency_ms": 0,
+            "upstream_latency_ms": args.latency_ms,
             "backend": "private stack" if backend.stack_dir else "external",
             "history_replayed_before_run": replayed,
             "cpus": os.cpu_count(),
@@ -597,7 +599,8 @@ def report(result: dict[str, Any]) -> str:
     f, n = result["figures"], result["params"]["requests"]
     rows: list[tuple[str, str]] = [
         ("requests", f"{n} ({len(result['params']['models'])} model(s), "
-                     f"concurrency {result['params']['concurrency']})"),
+                     f"concurrency {result['params']['concurrency']}, "
+                     f"upstream latency {result['params']['upstream_latency_ms']} ms)"),
         ("upload", f"{f['upload_s']:.2f} s"),
         ("upload -> in_progress", f"{f['upload_to_in_progress_s']:.2f} s"),
         ("in_progress -> completed", f"{f['in_progress_to_completed_s']:.2f} s"),
@@ -628,6 +631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=10_000, help="batch size (default 10000)")
     p.add_argument("--models", type=int, default=1, help="chat models, lines spread round-robin")
     p.add_argument("--concurrency", type=int, default=64, help="per-model concurrency (64)")
+    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--executors", type=int, default=1, help="executor workers (1)")
     p.add_argument("--gates", type=int, default=1, help="gate workers (1)")
     p.add_argument("--timeout", type=float, default=1800.0,
@@ -641,8 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-db", action="store_true",
                    help="keep the bench_<random> database (external backend only)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.requests < 1 or args.models < 1 or args.concurrency < 1:
-        p.error("--requests, --models and --concurrency must be >= 1")
+    if args.requests < 1 or args.models < 1 or args.concurrency < 1 or args.latency_ms < 0:
+        p.error("--requests, --models and --concurrency must be >= 1, --latency-ms >= 0")
     return args
 
 
@@ -679,12 +683,13 @@ def run_stack_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return run_stack_bench(
         "baseline",
-        "Cannonade baseline (fake upstream, 0 ms latency)",
+        f"Cannonade baseline (fake upstream, {args.latency_ms} ms latency)",
         run,
         report,
-        parse_args(argv),
+        args,
     )
 
 

@@ -1,7 +1,8 @@
-"""Claim gate benchmark: many users' batches over several models at 0 ms upstream latency.
+"""Claim gate benchmark: many users' batches over several models, upstream at 0 ms latency
+unless ``--latency-ms``.
 
     python -m bench.claim_gate [--requests 50000] [--models 4] [--users 20] [--concurrency 64]
-                               [--gates 2] [--executors 2]
+                               [--gates 2] [--executors 2] [--latency-ms 0]
 
 Backend and services as in :mod:`bench.baseline` (whose helpers it uses): a fresh database on
 CANNONADE_KAFKA / CANNONADE_DATABASE_URL when both are set, else a private stack; models
@@ -413,7 +414,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "executors": args.executors,
             "gates": args.gates,
-            "upstream_latency_ms": 0,
+            "upstream_latency_ms": args.latency_ms,
             "backend": "private stack" if backend.stack_dir else "external",
             "history_replayed_before_run": replayed,
         },
@@ -512,6 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", type=int, default=4, help="chat models bench-m0.. (4)")
     p.add_argument("--users", type=int, default=20, help="users, one batch each (20)")
     p.add_argument("--concurrency", type=int, default=64, help="per-model concurrency (64)")
+    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--gates", type=int, default=2, help="gate workers (2)")
     p.add_argument("--executors", type=int, default=2, help="executor workers (2)")
     p.add_argument("--timeout", type=float, default=1800.0,
@@ -525,18 +527,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.models, args.users, args.concurrency, args.gates, args.executors) < 1:
         p.error("--models, --users, --concurrency, --gates and --executors must be >= 1")
+    if args.latency_ms < 0:
+        p.error("--latency-ms must be >= 0")
     if args.requests < args.users:
         p.error("--requests must be at least --users")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return run_stack_bench(
         "claim_gate",
-        "Cannonade claim gate benchmark (fake upstream, 0 ms latency)",
+        f"Cannonade claim gate benchmark (fake upstream, {args.latency_ms} ms latency)",
         run,
         report,
-        parse_args(argv),
+        args,
     )
 
 
