@@ -28,6 +28,7 @@ from typing import Literal
 
 import msgspec
 
+from streams.execution.outcome import ModelEscalation
 from streams.gate.scoring import GateConfig
 
 ModelKind = Literal["chat", "embeddings"]
@@ -57,8 +58,14 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_file_size: int = 209_715_200
     max_requests_per_file: int = 50_000
     max_request_body_size: int = 10_485_760
-    # Bound on how long a write waits for its projection before answering (read-your-writes).
-    projection_wait_s: float = 30.0
+    # Read-your-writes: a write waits for its projection while the projector makes progress;
+    # it gives up when the projector has not advanced for `projection_stall_s`, or after
+    # `projection_wait_s` in any case.
+    projection_wait_s: float = 300.0
+    projection_stall_s: float = 15.0
+    # Concurrent content downloads per user: one user's downloads cannot hold every
+    # database connection.
+    downloads_per_user: int = 4
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -74,6 +81,15 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_interval_ms: int = 5000
     # Paths sent as SSE streams (first-chunk and inter-chunk timeouts apply; core §4.4).
     streamable_endpoints: list[str] = msgspec.field(default_factory=list)
+    # Batch fields sent upstream as x-fusillade-batch-* headers (core §4.4); other names are
+    # looked up in the batch metadata.
+    batch_metadata_fields: list[str] = msgspec.field(
+        default_factory=lambda: ["id", "endpoint", "created_at", "completion_window"]
+    )
+    # Post-claim rewrites (core §4.3): nvext.agent_hints.priority from the deadline, and a
+    # model swapped for its escalation model close to the deadline.
+    inject_deadline_priority: bool = False
+    model_escalations: dict[str, ModelEscalation] = {}
 
 
 class LivenessConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

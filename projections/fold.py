@@ -1,15 +1,17 @@
-"""Folding request lifecycle events into read-model rows and batch counter deltas, free of I/O.
+"""Folding request lifecycle events into read-model writes, free of I/O.
 
-The projector loads the rows an event batch touches, folds the events through
-:func:`apply`, and writes back the rows and the counter deltas in one transaction. A row
-remembers the offset of the last event applied to it; an event at or below that offset is a
-replay and changes nothing, so projecting a topic twice leaves the read model as it was.
+The gate records in every transition the state it left (``from_state``), so the projector needs
+no copy of the rows to fold them: per poll it checks each event against the state machine
+(:func:`streams.lifecycle.next_state`), collapses each request's events into one write of the
+columns they set, and lets SQL move the batch counters from the first ``from_state`` to the
+last state. A row remembers the offset of the last event applied to it and a write applies
+only past it, so projecting a topic twice changes nothing.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -23,151 +25,140 @@ from schemas.events import (
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
+    State,
 )
-from streams.lifecycle import State, next_state
+from streams.lifecycle import next_state
 
-# The batch counter each state is counted under.
-COUNTER: dict[str, str] = {
-    "pending": "pending",
-    "claimed": "in_progress",
-    "processing": "in_progress",
-    "completed": "completed",
-    "failed": "failed",
-    "canceled": "canceled",
-}
-COUNTERS = (
-    "pending",
-    "in_progress",
-    "completed",
-    "failed",
-    "canceled",
-    "response_bytes",
-    "error_bytes",
+#: Columns a transition may set, in bit order of :attr:`RowWrite.mask`.
+COLUMNS: tuple[str, ...] = (
+    "claim_id",
+    "daemon_id",
+    "claimed_at",
+    "started_at",
+    "retry_attempt",
+    "not_before",
+    "response_status",
+    "response_size",
+    "error_type",
+    "routed_model",
+    "completed_at",
+    "failed_at",
+    "canceled_at",
 )
+_BIT = {column: 1 << i for i, column in enumerate(COLUMNS)}
+COLUMN_TYPES = {
+    "claim_id": "uuid", "daemon_id": "text", "claimed_at": "timestamptz",
+    "started_at": "timestamptz", "retry_attempt": "int", "not_before": "timestamptz",
+    "response_status": "int", "response_size": "int", "error_type": "text",
+    "routed_model": "text", "completed_at": "timestamptz", "failed_at": "timestamptz",
+    "canceled_at": "timestamptz",
+}  # fmt: skip
 
 
-class RequestRow(msgspec.Struct):
+class NewRow(msgspec.Struct, frozen=True):
     id: str
-    batch_id: str | None
-    template_id: str | None
-    line_number: int | None
-    custom_id: str | None
+    batch_id: str
+    file_id: str
+    line_number: int
     model: str
     owner: str
-    state: State
     deadline: datetime
     created_at: datetime
+    service_tier: str | None
+    offset: int
+
+
+class RowWrite(msgspec.Struct):
+    """One request's net change over a poll."""
+
+    id: str
+    first_offset: int
     last_offset: int
-    service_tier: str | None = None
-    retry_attempt: int = 0
-    not_before: datetime | None = None
-    claim_id: str | None = None
-    daemon_id: str | None = None
-    claimed_at: datetime | None = None
-    started_at: datetime | None = None
-    response_status: int | None = None
-    response_size: int = 0
-    error_type: str | None = None
-    routed_model: str | None = None
-    completed_at: datetime | None = None
-    failed_at: datetime | None = None
-    canceled_at: datetime | None = None
+    from_state: State
+    state: State
+    values: dict[str, Any]
 
-
-COLUMNS: tuple[str, ...] = tuple(RequestRow.__struct_fields__)
-
-
-class BatchDelta(msgspec.Struct):
-    counts: dict[str, int] = msgspec.field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    last_terminal_at: datetime | None = None
+    @property
+    def mask(self) -> int:
+        return sum(_BIT[c] for c in self.values)
 
 
 class Fold:
-    """Accumulates row changes and per-batch deltas over one batch of events."""
+    """Accumulates one poll's lifecycle events."""
 
-    def __init__(self, rows: dict[str, RequestRow]) -> None:
-        self.rows = rows
-        self.changed: set[str] = set()
-        self.deltas: dict[str, BatchDelta] = defaultdict(BatchDelta)
+    def __init__(self) -> None:
+        self.new_rows: dict[str, NewRow] = {}
+        self.writes: dict[str, RowWrite] = {}
+        self.errors: dict[str, str] = {}  # request id -> engine-made error envelope
+        self.rejected: list[tuple[RequestEvent, str]] = []  # events that do not apply
 
     def apply(self, event: RequestEvent, offset: int) -> None:
         if isinstance(event, RequestsPending):
-            self._pending(event, offset)
+            for item in event.items:
+                self.new_rows.setdefault(
+                    item.request_id,
+                    NewRow(
+                        id=item.request_id,
+                        batch_id=event.batch_id,
+                        file_id=event.file_id,
+                        line_number=item.line_number,
+                        model=event.model,
+                        owner=event.owner,
+                        deadline=event.deadline,
+                        created_at=event.created_at,
+                        service_tier=event.service_tier,
+                        offset=offset,
+                    ),
+                )
             return
-        row = self.rows.get(event.request_id)
-        if row is None or offset <= row.last_offset:
+        state = next_state(event.from_state, event)
+        write = self.writes.get(event.request_id)
+        if state is None or (write is not None and write.state != event.from_state):
+            found = event.from_state if write is None else write.state
+            self.rejected.append((event, f"{type(event).__name__} does not apply to {found}"))
             return
-        state = next_state(row.state, event)
-        row.last_offset = offset
-        self.changed.add(row.id)
-        if state is None:
-            return
-        was = row.state
-        row.state = state
-        _set_fields(row, event)
-        if row.batch_id is not None:
-            self._count(row, was, -1)
-            self._count(row, state, +1)
-
-    def _pending(self, event: RequestsPending, offset: int) -> None:
-        for item in event.items:
-            if item.request_id in self.rows:
-                continue
-            row = RequestRow(
-                id=item.request_id,
-                batch_id=event.batch_id,
-                template_id=item.template_id,
-                line_number=item.line_number,
-                custom_id=item.custom_id,
-                model=event.model,
-                owner=event.owner,
-                state="pending",
-                deadline=event.deadline,
-                created_at=event.created_at,
-                service_tier=event.service_tier,
-                last_offset=offset,
+        if write is None:
+            write = self.writes[event.request_id] = RowWrite(
+                event.request_id, offset, offset, event.from_state, state, {}
             )
-            self.rows[row.id] = row
-            self.changed.add(row.id)
-            if row.batch_id is not None:
-                self._count(row, "pending", +1)
-
-    def _count(self, row: RequestRow, state: State, sign: int) -> None:
-        assert row.batch_id is not None
-        delta = self.deltas[row.batch_id]
-        delta.counts[COUNTER[state]] += sign
-        if state == "completed":
-            delta.counts["response_bytes"] += sign * row.response_size
-        elif state == "failed":
-            delta.counts["error_bytes"] += sign * row.response_size
-        if sign > 0 and state in ("completed", "failed", "canceled"):
-            at = row.completed_at or row.failed_at or row.canceled_at
-            if at is not None and (delta.last_terminal_at is None or at > delta.last_terminal_at):
-                delta.last_terminal_at = at
+        write.state, write.last_offset = state, offset
+        write.values.update(_fields(event))
+        if isinstance(event, RequestFailed) and event.error is not None:
+            self.errors[event.request_id] = event.error
 
 
-def _set_fields(row: RequestRow, event: RequestEvent) -> None:
-    """The fields each state carries (core §1.4.2)."""
+def _fields(event: RequestEvent) -> dict[str, Any]:
+    """The columns each transition sets (core §1.4.2: each state carries exactly its fields)."""
     at = event.occurred_at
     match event:
         case RequestClaimed():
-            row.claim_id, row.daemon_id, row.claimed_at = event.claim_id, event.worker_id, at
-            row.retry_attempt, row.not_before, row.started_at = event.attempt, None, None
+            return {
+                "claim_id": event.claim_id, "daemon_id": event.worker_id, "claimed_at": at,
+                "retry_attempt": event.attempt, "not_before": None, "started_at": None,
+            }  # fmt: skip
         case RequestStarted():
-            row.daemon_id, row.started_at = event.worker_id, at
+            return {"daemon_id": event.worker_id, "started_at": at}
         case RequestRetryScheduled():
-            row.retry_attempt, row.not_before = event.attempt, event.not_before
-            row.claim_id = row.daemon_id = row.claimed_at = row.started_at = None
+            return {
+                "retry_attempt": event.attempt, "not_before": event.not_before,
+                "claim_id": None, "daemon_id": None, "claimed_at": None, "started_at": None,
+            }  # fmt: skip
         case RequestReclaimed():
-            row.retry_attempt = event.attempt
-            row.claim_id = row.daemon_id = row.claimed_at = row.started_at = None
+            return {
+                "retry_attempt": event.attempt, "claim_id": None, "daemon_id": None,
+                "claimed_at": None, "started_at": None,
+            }  # fmt: skip
         case RequestCompleted():
-            row.response_status, row.response_size = event.status, event.size
-            row.routed_model, row.completed_at = event.routed_model, at
-            row.canceled_at = None  # a genuine late result supersedes a cancel
+            return {
+                "response_status": event.status, "response_size": event.size,
+                "routed_model": event.routed_model, "completed_at": at, "canceled_at": None,
+            }  # fmt: skip
         case RequestFailed():
-            row.error_type, row.response_status = event.error_type, event.status
-            row.response_size, row.failed_at, row.retry_attempt = event.size, at, event.attempt
-            row.canceled_at = None
+            return {
+                "error_type": event.error_type, "response_status": event.status,
+                "response_size": event.size, "failed_at": at, "retry_attempt": event.attempt,
+                "canceled_at": None,
+            }  # fmt: skip
         case RequestCanceled():
-            row.canceled_at = at
+            return {"canceled_at": at}
+    return {}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
-from projections.rules.errors import ApiError
+from schemas.errors import ApiError
 
 TierFilter = tuple[Literal["any", "include", "exclude"], frozenset[str]]
 ANY_TIER: TierFilter = ("any", frozenset())

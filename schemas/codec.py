@@ -6,35 +6,33 @@ or :class:`msgspec.ValidationError`, which the agents turn into dead letters.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
 from schemas.commands import AnyCommand
 from schemas.events import (
+    ApiKey,
     BatchEvent,
-    Body,
     DispatchMessage,
     FileEvent,
     GateInput,
     ModelFilterAppended,
-    RequestEvent,
+    RequestTransitions,
     WorkerEvent,
 )
-
-T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 
 commands = msgspec.json.Decoder(AnyCommand)
 file_events = msgspec.json.Decoder(FileEvent)
 batch_events = msgspec.json.Decoder(BatchEvent)
-request_events = msgspec.json.Decoder(RequestEvent)
+lifecycle = msgspec.json.Decoder(RequestTransitions)
 gate_inputs = msgspec.json.Decoder(GateInput)
 dispatches: msgspec.json.Decoder[DispatchMessage] = msgspec.json.Decoder(DispatchMessage)
 model_filters = msgspec.json.Decoder(ModelFilterAppended)
 worker_events = msgspec.json.Decoder(WorkerEvent)
-bodies = msgspec.json.Decoder(Body)
+api_keys = msgspec.json.Decoder(ApiKey)
 
 DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
 

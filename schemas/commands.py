@@ -1,74 +1,127 @@
 """Commands: requests to change state, published on ``cannonade.commands.v1``.
 
 The HTTP API publishes them after validating a request; an upstream service may publish them
-straight to Kafka. The commands agent turns each into events (or a dead letter). A file travels
-as ``AppendFileLines`` parts followed by one ``CreateFile``; the file exists only once
-``CreateFile`` is handled, so a producer that dies half-way leaves no visible file.
+straight to Kafka, keyed by :func:`aggregate_id`. The commands agent applies the same rules as
+the API and dead-letters what breaks them, with the reason.
+
+No command carries user content: a file's line bodies are written first to the compacted bodies
+topic (:mod:`schemas.bodies`) and each ``AppendFileLines`` names its chunk record. A file is
+``AppendFileLines`` parts (lines 0, 1, 2… in order, one ``upload_id``) followed by one
+``CreateFile`` with the same ``upload_id``; the file exists only once ``CreateFile`` is handled,
+so a producer that dies half-way leaves no visible file, and a retried upload (another
+``upload_id``) never mixes with the first.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.events import SCHEMA_VERSION
+from schemas.bodies import BodyRef
+from schemas.events import SCHEMA_VERSION, ChunkRef
+from schemas.types import Name, NonNegative, Text, Timestamp, Uuid, Window
+
+Purpose = Literal["batch"]
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64, pattern="^[^\\x00]*$")], Text],
+    msgspec.Meta(max_length=16),
+]
 
 
-class Command(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
-    command_id: str
-    issued_at: datetime
+class Command(
+    msgspec.Struct, kw_only=True, frozen=True, tag_field="type", forbid_unknown_fields=True
+):
+    command_id: Text
+    issued_at: Timestamp
     schema_version: int = SCHEMA_VERSION
 
 
-class FileLine(msgspec.Struct, frozen=True, array_like=True):
-    custom_id: str | None
-    method: str
-    path: str
-    model: str
-    body: str  # sanitised JSON text
+class FileLine(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One line's metadata: [custom_id, method, path, model, body_size]."""
+
+    custom_id: Annotated[str, msgspec.Meta(max_length=64, pattern="^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$")] | None  # fmt: skip
+    method: Literal["POST"]
+    path: Name
+    model: Name
+    body_size: NonNegative
 
 
 class AppendFileLines(Command, tag=True, frozen=True):
-    file_id: str
-    first_line: int
-    lines: list[FileLine]
+    """Lines ``first_line…`` of an upload, whose bodies are the chunk record ``body_key``
+    (written before this command) at ``body``."""
+
+    file_id: Uuid
+    upload_id: Uuid
+    first_line: NonNegative
+    body_key: Name
+    body: BodyRef
+    lines: Annotated[list[FileLine], msgspec.Meta(min_length=1)]
 
 
 class CreateFile(Command, tag=True, frozen=True):
-    file_id: str
-    owner: str
-    filename: str
-    purpose: str
-    bytes: int
-    line_count: int
-    expires_at: datetime | None
-    api_key_id: str | None = None
+    """Completes an upload: exactly ``line_count`` lines of ``upload_id`` must precede it."""
+
+    file_id: Uuid
+    upload_id: Uuid
+    owner: Name
+    filename: Annotated[str, msgspec.Meta(max_length=1024, pattern="^[^\\x00]*$")]
+    purpose: Purpose
+    bytes: NonNegative
+    line_count: Annotated[int, msgspec.Meta(ge=1)]
+    expires_at: Timestamp | None
+    api_key_id: Uuid | None = None
 
 
 class DeleteFile(Command, tag=True, frozen=True):
-    file_id: str
+    file_id: Uuid
 
 
 class CreateBatch(Command, tag=True, frozen=True):
-    batch_id: str
-    owner: str
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None = None
-    api_key_id: str | None = None
+    """Keyed by ``input_file_id``: it is checked against the file it names, in order after it."""
+
+    batch_id: Uuid
+    owner: Name
+    input_file_id: Uuid
+    endpoint: Name
+    completion_window: Window
+    metadata: Metadata | None = None
+    api_key_id: Uuid | None = None
+
+
+class ModelRun(msgspec.Struct, frozen=True, array_like=True):
+    model: Name
+    start: int
+    end: int  # exclusive
+
+
+class PopulateBatch(Command, tag=True, frozen=True):
+    """Emitted by the commands agent itself once a CreateBatch passed: the batch's facts and
+    its file's manifest (chunks and which model each line runs on)."""
+
+    batch_id: Uuid
+    input_file_id: Uuid
+    owner: Name
+    endpoint: Name
+    completion_window: Window
+    created_at: Timestamp
+    expires_at: Timestamp
+    headers: dict[str, str]
+    chunks: list[ChunkRef]
+    models: list[ModelRun]
 
 
 class CancelBatch(Command, tag=True, frozen=True):
-    batch_id: str
+    batch_id: Uuid
 
 
-AnyCommand = AppendFileLines | CreateFile | DeleteFile | CreateBatch | CancelBatch
+AnyCommand = AppendFileLines | CreateFile | DeleteFile | CreateBatch | PopulateBatch | CancelBatch
 
 
 def aggregate_id(command: AnyCommand) -> str:
     """The Kafka key of a command: commands on one aggregate are handled in order."""
     if isinstance(command, AppendFileLines | CreateFile | DeleteFile):
         return command.file_id
+    if isinstance(command, CreateBatch):
+        return command.input_file_id
     return command.batch_id

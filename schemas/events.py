@@ -3,64 +3,77 @@
 Every event is a msgspec Struct tagged by its class name in the ``type`` field and carries
 ``event_id``, ``occurred_at`` and ``schema_version``. Lifecycle events carry ids, states,
 status codes, sizes and times only: prompt and completion text travels on the bodies topic
-(:class:`Body`), so analytics consumers of the lifecycle never see user content.
+(:mod:`schemas.bodies`), so analytics consumers of the lifecycle never see user content.
 
 Event ids of decisions are deterministic (see :func:`schemas.ids.event_id`), so a redelivered
 decision is recognisable as the same event rather than a second one.
+
+The claim gate publishes the request lifecycle in :class:`RequestTransitions` records, one per
+decision cycle; each holds ordinary per-request events, so a plain consumer expands a record
+by iterating its ``events``.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
+from schemas.bodies import BodyRef
+from schemas.types import Name, Text, Timestamp, Uuid, Window
+
 SCHEMA_VERSION = 1
+
+State = Literal["pending", "claimed", "processing", "completed", "failed", "canceled"]
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
     event_id: str
-    occurred_at: datetime
+    occurred_at: Timestamp
     schema_version: int = SCHEMA_VERSION
 
 
 # --- files.v1 (key: file_id) -------------------------------------------------------------
 
 
-class TemplateMeta(msgspec.Struct, frozen=True):
-    """One uploaded line, without its body (the body is on the bodies topic)."""
+class TemplateMeta(msgspec.Struct, frozen=True, array_like=True):
+    """One uploaded line without its body: [custom_id, method, path, model, body_size]."""
 
-    template_id: str
-    line_number: int  # 0-based, upload order
-    custom_id: str | None
-    method: str
-    path: str
-    model: str
+    custom_id: Text | None
+    method: Name
+    path: Name
+    model: Name
     body_size: int
 
 
 class TemplatesAppended(Event, tag=True, frozen=True):
-    file_id: str
+    """Lines ``first_line…`` of a file; their bodies are the chunk record ``body_key`` at
+    ``body`` on the bodies topic (line ``first_line + i`` is the chunk's line ``i``). Template
+    ids are derived: :func:`schemas.ids.template_id` (file, line)."""
+
+    file_id: Uuid
+    first_line: int
+    body_key: str
+    body: BodyRef
     templates: list[TemplateMeta]
 
 
 class FileUploaded(Event, tag=True, frozen=True):
     """Published after every TemplatesAppended of the file, on the same partition."""
 
-    file_id: str
-    owner: str
-    filename: str
+    file_id: Uuid
+    owner: Name
+    filename: Text
     purpose: str
     bytes: int
-    created_at: datetime
-    expires_at: datetime | None
+    created_at: Timestamp
+    expires_at: Timestamp | None
     template_count: int
-    api_key_id: str | None = None
+    api_key_id: Uuid | None = None
 
 
 class FileDeleted(Event, tag=True, frozen=True):
-    file_id: str
+    file_id: Uuid
 
 
 FileEvent = TemplatesAppended | FileUploaded | FileDeleted
@@ -70,55 +83,69 @@ FileEvent = TemplatesAppended | FileUploaded | FileDeleted
 
 
 class BatchCreated(Event, tag=True, frozen=True):
-    batch_id: str
-    owner: str
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None
-    created_at: datetime
-    expires_at: datetime
-    output_file_id: str
-    error_file_id: str
-    api_key_id: str | None = None
+    batch_id: Uuid
+    owner: Name
+    input_file_id: Uuid
+    endpoint: Name
+    completion_window: Window
+    metadata: dict[str, Text] | None
+    created_at: Timestamp
+    expires_at: Timestamp
+    output_file_id: Uuid
+    error_file_id: Uuid
+    api_key_id: Uuid | None = None
+
+
+class BatchRejected(Event, tag=True, frozen=True):
+    """A CreateBatch that broke a rule (missing file, wrong purpose, disallowed window…): the
+    verdict the API answers its caller with, as an HTTP status and an error envelope."""
+
+    batch_id: Uuid
+    owner: Name
+    status: int
+    message: Text
+    code: str | None = None
+    param: str | None = None
 
 
 class BatchPopulated(Event, tag=True, frozen=True):
-    batch_id: str
+    batch_id: Uuid
     total: int
-    models: dict[str, int]  # requests per model: where the gate must be told of a cancel
+    models: dict[str, int]  # requests per model
 
 
 class BatchPopulationFailed(Event, tag=True, frozen=True):
-    batch_id: str
-    message: str
+    batch_id: Uuid
+    message: Text
 
 
 class BatchCancelRequested(Event, tag=True, frozen=True):
-    batch_id: str
+    batch_id: Uuid
 
 
-BatchEvent = BatchCreated | BatchPopulated | BatchPopulationFailed | BatchCancelRequested
+BatchEvent = (
+    BatchCreated | BatchRejected | BatchPopulated | BatchPopulationFailed | BatchCancelRequested
+)
 
 
-# --- requests.v1 (key: model) ------------------------------------------------------------
+# --- requests.v1 (key: model): the request lifecycle --------------------------------------
 
 
 class PendingItem(msgspec.Struct, frozen=True, array_like=True):
-    request_id: str
-    template_id: str
+    request_id: Uuid
     line_number: int
-    custom_id: str | None
 
 
 class RequestsPending(Event, tag=True, frozen=True):
-    """A chunk of a batch's rows becoming pending (population), all of one model."""
+    """A chunk of a batch's rows becoming pending (population), all of one model. A row's
+    template is line ``line_number`` of ``file_id``."""
 
-    batch_id: str | None
-    model: str
-    owner: str
-    created_at: datetime
-    deadline: datetime
+    batch_id: Uuid
+    file_id: Uuid
+    model: Name
+    owner: Name
+    created_at: Timestamp
+    deadline: Timestamp
     window_class: str
     service_tier: str | None
     items: list[PendingItem]
@@ -126,69 +153,65 @@ class RequestsPending(Event, tag=True, frozen=True):
     window_s: float = 86400.0
 
 
-class RequestClaimed(Event, tag=True, frozen=True):
-    request_id: str
-    batch_id: str | None
-    model: str
-    claim_id: str
+class _Transition(Event, frozen=True):
+    """One request's move out of ``from_state`` (the state machine of streams.lifecycle)."""
+
+    request_id: Uuid
+    batch_id: Uuid | None
+    model: Name
+    from_state: State
+
+
+class RequestClaimed(_Transition, tag=True, frozen=True):
+    claim_id: Uuid
     worker_id: str
     attempt: int
 
 
-class RequestStarted(Event, tag=True, frozen=True):
-    request_id: str
-    batch_id: str | None
-    model: str
-    claim_id: str
+class RequestStarted(_Transition, tag=True, frozen=True):
+    claim_id: Uuid
     worker_id: str
 
 
-class RequestCompleted(Event, tag=True, frozen=True):
-    request_id: str
-    batch_id: str | None
-    model: str
-    claim_id: str | None
+class RequestCompleted(_Transition, tag=True, frozen=True):
+    claim_id: Uuid | None
     status: int
     size: int
     routed_model: str
     attempt: int
 
 
-class RequestFailed(Event, tag=True, frozen=True):
-    request_id: str
-    batch_id: str | None
-    model: str
-    claim_id: str | None
-    error_type: str  # the FailureReason variant; the envelope itself is on the bodies topic
+class RequestFailed(_Transition, tag=True, frozen=True):
+    claim_id: Uuid | None
+    error_type: str  # the FailureReason variant
     status: int | None
     size: int
     attempt: int
+    # The envelope when the engine decided the failure itself (BatchTerminated, TaskTerminated,
+    # RequestBuilderError): it holds no user content. An upstream failure's envelope quotes
+    # the upstream body, so it travels on the bodies topic instead (``err:<request_id>``).
+    error: str | None = None
 
 
-class RequestRetryScheduled(Event, tag=True, frozen=True):
-    request_id: str
-    batch_id: str | None
-    model: str
-    claim_id: str
+class RequestRetryScheduled(_Transition, tag=True, frozen=True):
+    claim_id: Uuid
     attempt: int  # the attempt that will run next
-    not_before: datetime
+    not_before: Timestamp
 
 
-class RequestCanceled(Event, tag=True, frozen=True):
-    request_id: str
-    batch_id: str | None
-    model: str
+class RequestCanceled(_Transition, tag=True, frozen=True):
+    pass
 
 
-class RequestReclaimed(Event, tag=True, frozen=True):
-    """A stale claim returned to pending (core §4.8); counts as an attempt (README)."""
+class RequestReclaimed(_Transition, tag=True, frozen=True):
+    """A claim returned to pending: taken back as stale (core §4.8; counts as an attempt), or
+    handed back by an executor that did not run it (``not_sent``; the attempt is kept)."""
 
-    request_id: str
-    batch_id: str | None
-    model: str
-    claim_id: str  # the claim taken away
+    claim_id: Uuid
     attempt: int  # the attempt that will run next
-    reason: Literal["claim_timeout", "processing_timeout", "worker_dead", "worker_stale"]
+    reason: Literal[
+        "claim_timeout", "processing_timeout", "worker_dead", "worker_stale", "not_sent"
+    ]
 
 
 RequestEvent = (
@@ -204,44 +227,112 @@ RequestEvent = (
 TERMINAL_REQUEST_EVENTS = (RequestCompleted, RequestFailed, RequestCanceled)
 
 
-# --- gate.v1 (key: model): what the claim gate hears besides the lifecycle -----------------
+class RequestTransitions(Event, tag=True, frozen=True):
+    """The lifecycle events of one gate decision about ``model``, in order."""
+
+    model: Name
+    events: list[RequestEvent]
 
 
-class ExecutionStarted(Event, tag=True, frozen=True):
+LifecycleRecord = RequestTransitions
+
+
+# --- gate.v1 (key: model): what the claim gate hears besides model filters -----------------
+
+
+class SourceMark(msgspec.Struct, frozen=True, array_like=True):
+    """Where a gate input came from: the commands record that produced it and its position
+    among that record's outputs. The gate applies each mark once, so a command handled twice
+    after a crash does not populate twice."""
+
+    partition: int
+    offset: int
+    seq: int
+
+
+class LineRange(msgspec.Struct, frozen=True, array_like=True):
+    start: int
+    end: int  # exclusive
+
+
+class ChunkRef(msgspec.Struct, frozen=True, array_like=True):
+    """Lines ``first_line … first_line + count − 1`` of a file are one chunk record."""
+
+    first_line: int
+    count: int
+    partition: int
+    offset: int
+
+    def body(self, line: int) -> BodyRef:
+        return BodyRef(self.partition, self.offset, line - self.first_line)
+
+
+class BatchFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What the gate and the executor need to know of a batch."""
+
+    batch_id: Uuid
+    file_id: Uuid
+    owner: Name
+    created_at: Timestamp
+    deadline: Timestamp  # expires_at
+    window_class: str  # the completion_window text
+    window_s: float
+    path: Name  # the batch endpoint: every line's url
+    service_tier: str | None = None
+    # x-fusillade-batch-* header values (core §4.4), computed at population.
+    headers: dict[str, str] = {}
+
+
+class PendingRequests(Event, tag=True, frozen=True):
+    """Population of a batch's rows of ``model``: the lines in ``ranges`` become pending."""
+
+    source: SourceMark
+    batch: BatchFacts
+    model: Name
+    ranges: list[LineRange]
+    chunks: list[ChunkRef]
+
+
+class StartedItem(msgspec.Struct, frozen=True, array_like=True):
     request_id: str
-    model: str
     claim_id: str
-    worker_id: str
 
 
-ExecutionResult = Literal["completed", "failed", "retry", "canceled"]
+ExecutionResult = Literal["completed", "failed", "retry", "canceled", "not_sent"]
 
 
-class ExecutionFinished(Event, tag=True, frozen=True):
+class FinishedItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     request_id: str
-    model: str
     claim_id: str
-    worker_id: str
     result: ExecutionResult
     status: int | None = None
     size: int = 0
     error_type: str | None = None
     routed_model: str | None = None
-    attempt: int = 0
-    not_before: datetime | None = None  # with result == "retry"
+    not_before: Timestamp | None = None  # with result == "retry"
+
+
+class ExecutionReport(Event, tag=True, frozen=True):
+    """An executor's news about claims of ``model``: calls it started, and calls that ended
+    (which implies they started). Exactly one finished item ends every claim it received."""
+
+    worker_id: str
+    model: Name
+    started: list[StartedItem] = []
+    finished: list[FinishedItem] = []
 
 
 class CancelBatchRequests(Event, tag=True, frozen=True):
-    """Tells the gate partition owning ``model`` to cancel the batch's unsent rows."""
+    """Tells the gate partition owning ``model`` to cancel the batch's rows."""
 
-    batch_id: str
-    model: str
+    batch_id: Uuid
+    model: Name
 
 
 class GateTick(Event, tag=True, frozen=True):
-    """Wakes the gate for time-driven eligibility (retry ``not_before``)."""
+    """Wakes the gate for time-driven eligibility (retry ``not_before``, stale claims)."""
 
-    model: str
+    model: Name
 
 
 # --- model-filters.v1 (compacted; key: model) ----------------------------------------------
@@ -252,9 +343,9 @@ ModelState = Literal["live", "coming", "absent", "leaving"]
 class ModelFilterAppended(Event, tag=True, frozen=True):
     """A model's liveness (core §1.6). Compaction keeps the latest event per model forever."""
 
-    model: str
+    model: Name
     state: ModelState
-    expected_ready_at: datetime | None = None
+    expected_ready_at: Timestamp | None = None
 
 
 # --- workers.v1 (key: worker_id); heartbeats also reach every gate partition ----------------
@@ -288,63 +379,65 @@ class WorkerStopped(Event, tag=True, frozen=True):
 WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
 
 GateInput = (
-    ExecutionStarted
-    | ExecutionFinished
+    PendingRequests
+    | ExecutionReport
     | CancelBatchRequests
     | GateTick
     | ModelFilterAppended
     | WorkerHeartbeat
     | WorkerStopped
-    | RequestEvent
 )
 
 
-# --- dispatch.v1 (key: request_id) -------------------------------------------------------
+# --- dispatch.v1 (partition chosen by the gate) ------------------------------------------
 
 
-class Dispatch(Event, tag=True, frozen=True):
-    """A claimed request handed to an executor. No body, no credentials: the executor reads
-    the template body from the store and the upstream key from its model configuration."""
+class DispatchItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A claimed request for an executor. No body and no credentials: the executor reads the
+    body from the bodies topic at ``body`` and the upstream key from its model configuration."""
 
     request_id: str
-    batch_id: str | None
-    template_id: str
-    custom_id: str | None
-    model: str
     claim_id: str
+    batch_id: str | None
+    model: str
+    path: str
     attempt: int
-    deadline: datetime
+    deadline: Timestamp
+    claimed_at: Timestamp
+    body: BodyRef
+
+
+class DispatchBatch(Event, tag=True, frozen=True):
+    """Claims of one gate cycle for one dispatch partition, with the header values of the
+    batches they belong to."""
+
+    items: list[DispatchItem]
+    batch_headers: dict[str, dict[str, str]] = {}
 
 
 class AbortDispatch(Event, tag=True, frozen=True):
-    """Abort a running claim (its batch was cancelled); same key as its Dispatch, so it
-    reaches the executor that holds it."""
+    """Abort a running claim (its batch was cancelled or expired); sent to the partition of
+    its dispatch, so it reaches the executor that holds it."""
 
     request_id: str
     claim_id: str
 
 
-DispatchMessage = Dispatch | AbortDispatch
+DispatchMessage = DispatchBatch | AbortDispatch
 
 
-# --- bodies.v1 (compacted; key: '<kind>:<id>') -------------------------------------------
-
-BodyKind = Literal["tpl", "res", "err"]
+# --- keys.v1 (compacted; key: key_id) ------------------------------------------------------
 
 
-class Body(msgspec.Struct, frozen=True, kw_only=True):
-    """A request body (``tpl``), response body (``res``) or error envelope (``err``).
+class ApiKey(Event, tag=True, frozen=True):
+    """An API key's current state. Only the sha256 of the secret travels; the secret is shown
+    once to whoever created the key and is never stored."""
 
-    The topic is compacted and keyed ``<kind>:<id>``; erasure publishes a tombstone."""
-
-    kind: BodyKind
-    ref: str
-    text: str
-    schema_version: int = SCHEMA_VERSION
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}:{self.ref}"
+    key_id: Uuid
+    user: Name
+    key_hash: str  # hex sha256 of the secret
+    created_at: Timestamp
+    revoked_at: Timestamp | None = None
 
 
 # --- deadletter.v1 -----------------------------------------------------------------------
@@ -356,7 +449,9 @@ class DeadLetter(Event, tag=True, frozen=True):
     offset: int
     key: str | None
     reason: str
-    payload: str  # the rejected bytes, decoded as UTF-8 with replacement
+    payload: str  # the rejected bytes, decoded as UTF-8 with replacement (may be truncated)
 
 
-AnyEvent = FileEvent | BatchEvent | GateInput | DispatchMessage | WorkerStarted | DeadLetter
+AnyEvent = (
+    FileEvent | BatchEvent | RequestTransitions | GateInput | DispatchMessage | WorkerStarted
+)

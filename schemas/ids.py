@@ -2,7 +2,8 @@
 
 Population derives request ids from (batch, line) and template ids from (file, line): handling
 the same command twice yields the same rows. Decisions derive their event ids from what they
-decide, so a decision published twice is one event seen twice.
+decide, so a decision published twice is one event seen twice. Outside consumers can derive
+them too: every derived id is ``uuid5(NAMESPACE, "/".join(parts))``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,21 @@ def request_id(batch_id: str, line_number: int) -> str:
     return derived("request", batch_id, line_number)
 
 
+def claim_id(request_id: str, claims: int) -> str:
+    return derived("claim", request_id, claims)
+
+
 def output_file_id(batch_id: str) -> str:
     return derived("output-file", batch_id)
 
 
 def error_file_id(batch_id: str) -> str:
     return derived("error-file", batch_id)
+
+
+def file_id_for(owner: str, idempotency_key: str) -> str:
+    """The file an upload with an ``Idempotency-Key`` creates: a retry names the same file."""
+    return derived("file", owner, idempotency_key)
 
 
 def event_id(kind: str, *parts: object) -> str:

@@ -13,62 +13,74 @@ import msgspec
 GATE_PARTITIONS = 4
 
 
+# Large enough for a 10 MiB request body plus framing; the broker limit matches, and every
+# process checks at start-up that the configured body limit fits (cannonade.limits).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
 class Topic(msgspec.Struct, frozen=True):
     name: str
     key: str
     partitions: int
     carries: str
     compacted: bool = False
-    # Large enough for a 10 MiB request body plus framing; the broker limit matches.
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Extra topic configuration (compaction pace of changelogs).
+    config: dict[str, str] = {}
 
 
 COMMANDS = Topic(
     "cannonade.commands.v1",
     key="aggregate id (file_id or batch_id)",
     partitions=4,
-    carries="commands from the HTTP API or upstream services: CreateFile, AppendFileLines, "
-    "DeleteFile, CreateBatch, CancelBatch",
+    carries="commands from the HTTP API or upstream services (AppendFileLines, CreateFile, "
+    "DeleteFile, CreateBatch keyed by file_id; CancelBatch keyed by batch_id) and the agent's "
+    "own PopulateBatch; no user content",
 )
 FILES = Topic(
     "cannonade.files.v1",
     key="file_id",
     partitions=4,
-    carries="TemplatesAppended, FileUploaded, FileDeleted (ids, lines, sizes; no bodies)",
+    carries="TemplatesAppended, FileUploaded, FileDeleted (ids, custom_ids, models, sizes, "
+    "body refs; no bodies)",
 )
 BATCHES = Topic(
     "cannonade.batches.v1",
     key="batch_id",
     partitions=4,
-    carries="BatchCreated, BatchPopulated, BatchPopulationFailed, BatchCancelRequested",
+    carries="BatchCreated, BatchRejected, BatchPopulated, BatchPopulationFailed, "
+    "BatchCancelRequested",
 )
 REQUESTS = Topic(
     "cannonade.requests.v1",
     key="model",
     partitions=GATE_PARTITIONS,
-    carries="request lifecycle: RequestsPending, RequestClaimed, RequestStarted, "
-    "RequestCompleted, RequestFailed, RequestCanceled (ids, states, codes, sizes, times)",
+    carries="the request lifecycle, written by the claim gate: RequestTransitions records, "
+    "each a list of RequestsPending, RequestClaimed, RequestStarted, RequestCompleted, "
+    "RequestFailed, RequestRetryScheduled, RequestCanceled, RequestReclaimed events (ids, "
+    "states, codes, sizes, times)",
 )
 GATE = Topic(
     "cannonade.gate.v1",
     key="model",
     partitions=GATE_PARTITIONS,
-    carries="inputs to the claim gate besides the lifecycle: executor reports "
-    "(ExecutionStarted, ExecutionFinished) and batch control (CancelBatchRequests)",
+    carries="inputs to the claim gate: population (PendingRequests), executor reports "
+    "(ExecutionReport), batch control (CancelBatchRequests), ticks and executor heartbeats",
 )
 DISPATCH = Topic(
     "cannonade.dispatch.v1",
-    key="request_id",
+    key="request_id (the partition is chosen by the gate, round robin per cycle)",
     partitions=4,
-    carries="Dispatch work items from the gate to executors (claim_id, attempt; no bodies, "
-    "no credentials)",
+    carries="DispatchBatch work items from the gate to executors (claim ids, attempts, body "
+    "refs; no bodies, no credentials) and AbortDispatch",
 )
 BODIES = Topic(
     "cannonade.bodies.v1",
-    key="'tpl:<template_id>' | 'res:<request_id>' | 'err:<request_id>'",
+    key="'tplc:<file>:<upload>:<line>' | 'tpl:<request>' | 'res:<request>' | 'err:<request>'",
     partitions=4,
     compacted=True,
-    carries="request bodies, response bodies and error envelopes; erasure writes tombstones",
+    carries="user content: chunks of uploaded lines, request bodies, response bodies and "
+    "error envelopes (schemas.bodies); erasure writes tombstones",
 )
 MODEL_FILTERS = Topic(
     "cannonade.model-filters.v1",
@@ -84,12 +96,29 @@ WORKERS = Topic(
     partitions=4,
     carries="WorkerStarted, WorkerHeartbeat, WorkerStopped (projected as daemons)",
 )
+KEYS = Topic(
+    "cannonade.keys.v1",
+    key="key_id",
+    partitions=1,
+    compacted=True,
+    carries="ApiKey: each API key's owner, sha256 hash and revocation (never the secret), so "
+    "a rebuild of the read models restores every key",
+)
 DEADLETTER = Topic(
     "cannonade.deadletter.v1",
     key="the rejected message's key",
     partitions=1,
     carries="DeadLetter: a message that failed validation, where it came from and why",
 )
+
+
+# Changelogs hold live state only: short segments and an eager cleaner keep a table's
+# recovery proportional to what is live, not to everything that ever passed through it.
+_CHANGELOG_CONFIG = {
+    "segment.ms": "60000",
+    "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": "60000",
+}
 
 
 def changelog(app_id: str, table: str, partitions: int) -> Topic:
@@ -101,19 +130,21 @@ def changelog(app_id: str, table: str, partitions: int) -> Topic:
         partitions=partitions,
         compacted=True,
         carries=f"changelog of the {app_id} worker's '{table}' table",
+        config=_CHANGELOG_CONFIG,
     )
 
 
 # Table names are referenced by the agents that own them (streams/agents/*).
+COMMANDS_FILES_TABLE = "files"
+COMMANDS_BATCHES_TABLE = "batches"
+GATE_TABLE = "state"
 CHANGELOGS: tuple[Topic, ...] = (
-    changelog("cannonade-commands", "batch-progress", COMMANDS.partitions),
-    changelog("cannonade-gate", "gate-entries", GATE_PARTITIONS),
-    changelog("cannonade-gate", "gate-cancelled-batches", GATE_PARTITIONS),
-    changelog("cannonade-gate", "gate-buckets", GATE_PARTITIONS),
-    changelog("cannonade-gate", "gate-model-states", GATE_PARTITIONS),
+    changelog("cannonade-commands", COMMANDS_FILES_TABLE, COMMANDS.partitions),
+    changelog("cannonade-commands", COMMANDS_BATCHES_TABLE, COMMANDS.partitions),
+    changelog("cannonade-gate", GATE_TABLE, GATE_PARTITIONS),
 )
 
 ALL: tuple[Topic, ...] = (
-    COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, MODEL_FILTERS, WORKERS,
+    COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, MODEL_FILTERS, WORKERS, KEYS,
     DEADLETTER, *CHANGELOGS,
 )  # fmt: skip

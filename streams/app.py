@@ -27,7 +27,8 @@ from streams.emit import Out, TopicRole
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_MAX_MESSAGE = 16 * 1024 * 1024
+# A dead letter keeps the head of what it rejected: enough to see what went wrong.
+_DEAD_LETTER_PAYLOAD = 64 * 1024
 _ROLE_TOPICS: dict[TopicRole, Topic] = {
     "commands": topics.COMMANDS,
     "files": topics.FILES,
@@ -61,9 +62,11 @@ class Streams:
             datadir=str(Path(config.data_dir) / role),
             store="memory://",
             topic_partitions=topics.GATE_PARTITIONS,
-            producer_max_request_size=_MAX_MESSAGE,
-            consumer_max_fetch_size=_MAX_MESSAGE,
+            producer_max_request_size=topics.MAX_MESSAGE_BYTES,
+            consumer_max_fetch_size=topics.MAX_MESSAGE_BYTES,
             consumer_auto_offset_reset="earliest",
+            # Records produced within a millisecond share one request to the broker.
+            producer_linger_ms=1,
             broker_commit_interval=1.0,
             # A dead worker's partitions move after this long; Faust's default is 60 s.
             broker_session_timeout=10.0,
@@ -91,17 +94,23 @@ class Streams:
         commits and add a commit interval to every hop."""
         futures = [
             await self.topics[o.topic].send(
-                key=o.key.encode(), value=codec.encode(o.value), partition=o.partition, force=True
+                key=o.key.encode(),
+                value=o.value if o.value is None or isinstance(o.value, bytes) else codec.encode(o.value),
+                partition=o.partition,
+                force=True,
             )
             for o in outs
-        ]
+        ]  # fmt: skip
         if wait:
             await asyncio.gather(*futures)
 
     async def dead_letter(self, event: EventT, reason: str) -> None:
+        """Record a message the agent cannot apply, with the reason, and go on. User content
+        stays off the dead-letter topic: a body record is named by its key only."""
         message = event.message
         key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else None
         value = message.value if isinstance(message.value, bytes) else b""
+        payload = "" if message.topic == topics.BODIES.name else value[:_DEAD_LETTER_PAYLOAD]
         letter = DeadLetter(
             event_id=ids.event_id("dead-letter", message.topic, message.partition, message.offset),
             occurred_at=utcnow(),
@@ -110,7 +119,7 @@ class Streams:
             offset=message.offset,
             key=key,
             reason=reason,
-            payload=value.decode("utf-8", "replace"),
+            payload=bytes(payload).decode("utf-8", "replace"),
         )
         log.warning(
             "dead letter from %s[%s]@%s: %s",

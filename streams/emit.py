@@ -26,6 +26,8 @@ TopicRole = Literal[
 class Out(msgspec.Struct, frozen=True):
     topic: TopicRole
     key: str
-    value: msgspec.Struct
-    # Set only to reach every partition of a topic (heartbeats to each gate partition).
+    # An event, or raw bytes (bodies); None is a tombstone.
+    value: msgspec.Struct | bytes | None
+    # Set to reach a given partition (heartbeats to each gate partition, dispatch spreading,
+    # body records that must sit with their aggregate).
     partition: int | None = None

@@ -1,14 +1,12 @@
 """The request state machine (core §5.1, §6 inv. 4), free of I/O.
 
-The claim gate and the requests projector both fold lifecycle events through
-:func:`next_state`, so the write path and the read model can never disagree on which
-transitions exist. An event that does not apply to the current state returns ``None`` and is
-ignored: that is what makes redelivery and replay harmless.
+The claim gate decides every transition through :func:`next_state` and records the state it
+left in the event (``from_state``); the projector folds the same events through the same
+function, so a transition the gate makes is one the read model accepts, and an event that does
+not apply (``None``) is a defect the projector dead-letters rather than a row it corrupts.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 from schemas.events import (
     RequestCanceled,
@@ -20,9 +18,10 @@ from schemas.events import (
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
+    State,
 )
 
-State = Literal["pending", "claimed", "processing", "completed", "failed", "canceled"]
+__all__ = ["ACTIVE", "IN_FLIGHT", "TERMINAL", "State", "next_state"]
 
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "canceled"})
 IN_FLIGHT: frozenset[str] = frozenset({"claimed", "processing"})

@@ -1,46 +1,95 @@
-"""Commands to events: the pure rules of the commands agent (files, batches, population)."""
+"""Commands to events: the pure rules of the commands agent (files, batches, population).
+
+Each function takes the aggregate's current record and one command and returns the new record
+and what to publish, so redelivery and ordering are decided here and tested without a broker.
+A command that breaks a rule raises :class:`schemas.errors.ApiError`; the agent dead-letters
+it (file commands) or records a ``BatchRejected`` verdict (batch creation).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
 
 from schemas import ids
-from schemas.commands import AppendFileLines, CreateBatch, CreateFile
+from schemas.commands import (
+    AppendFileLines,
+    CancelBatch,
+    CreateBatch,
+    CreateFile,
+    ModelRun,
+    PopulateBatch,
+)
+from schemas.errors import ApiError, invalid_request, not_found
 from schemas.events import (
+    BatchCancelRequested,
     BatchCreated,
+    BatchFacts,
     BatchPopulated,
-    BatchPopulationFailed,
-    Body,
+    BatchRejected,
+    CancelBatchRequests,
+    ChunkRef,
+    FileDeleted,
     FileUploaded,
-    PendingItem,
-    RequestsPending,
+    LineRange,
+    PendingRequests,
+    SourceMark,
     TemplateMeta,
     TemplatesAppended,
 )
+from streams import validation
 from streams.emit import Out
+from streams.execution.client import batch_header_values
 
-PENDING_CHUNK = 1000
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class ManifestRow(msgspec.Struct, frozen=True, array_like=True):
-    """One template of a batch's input file, as population needs it."""
+class Manifest(msgspec.Struct):
+    """What population needs of a file's lines: where their bodies are, which model each runs
+    on, and the first line of each url (for the endpoint check)."""
 
-    template_id: str
-    line_number: int
-    custom_id: str | None
-    model: str
+    chunks: list[ChunkRef] = []
+    body_keys: list[str] = []
+    models: list[ModelRun] = []
+    urls: dict[str, int] = {}
+    lines: int = 0
+
+
+class FileRecord(msgspec.Struct):
+    """The commands agent's view of a file (table ``files``, keyed by file id)."""
+
+    uploads: dict[str, Manifest] = {}  # uploads in progress, by upload id
+    owner: str | None = None  # set once the file is created
+    purpose: str = "batch"
+    manifest: Manifest | None = None
+    deleted: bool = False
+    batches: list[str] = []  # batches created from the file (cancelled if it is deleted)
+
+
+class BatchRecord(msgspec.Struct):
+    """The commands agent's view of a batch (table ``batches``, keyed by batch id)."""
+
+    populated: bool = False
+    cancelled: bool = False
+    models: list[str] = []
+
+
+class BatchRules(msgspec.Struct, frozen=True):
+    allowed_windows: tuple[str, ...]
+    allowed_paths: tuple[str, ...]
+    header_fields: tuple[str, ...]
 
 
 def parse_window(text: str) -> timedelta:
     """Duration text with units s/m/h/d (``24h``, ``1h``); anything else is rejected."""
     match = _WINDOW.match(text.strip())
     if match is None:
-        raise ValueError(f"invalid completion window '{text}'")
+        raise invalid_request(f"invalid completion window '{text}'", param="completion_window")
     return timedelta(seconds=int(match.group(1)) * _UNIT[match.group(2)])
 
 
@@ -50,67 +99,142 @@ def service_tier(window: str) -> str | None:
     return {3600: "flex", 0: "priority"}.get(int(seconds))
 
 
-def append_lines(cmd: AppendFileLines, now: datetime) -> list[Out]:
-    """Bodies go to their own compacted topic; the lifecycle topic gets sizes only."""
-    out: list[Out] = []
-    metas: list[TemplateMeta] = []
+# -- files ---------------------------------------------------------------------------------
+
+
+def append_lines(record: FileRecord, cmd: AppendFileLines, now: datetime) -> list[Out]:
+    """Lines of an upload in progress, in order; their metadata goes to ``files.v1``."""
+    if record.owner is not None or record.deleted:
+        raise invalid_request(f"File {cmd.file_id} already exists")
+    upload = record.uploads.setdefault(cmd.upload_id, Manifest())
+    if cmd.first_line != upload.lines:
+        raise invalid_request(
+            f"Lines of upload {cmd.upload_id} must arrive in order: expected line "
+            f"{upload.lines}, got {cmd.first_line}"
+        )
+    count = len(cmd.lines)
+    upload.chunks.append(ChunkRef(cmd.first_line, count, cmd.body.partition, cmd.body.offset))
+    upload.body_keys.append(cmd.body_key)
     for offset, line in enumerate(cmd.lines):
         number = cmd.first_line + offset
-        tid = ids.template_id(cmd.file_id, number)
-        out.append(Out("bodies", f"tpl:{tid}", Body(kind="tpl", ref=tid, text=line.body)))
-        metas.append(
-            TemplateMeta(
-                template_id=tid,
-                line_number=number,
-                custom_id=line.custom_id,
-                method=line.method,
-                path=line.path,
-                model=line.model,
-                body_size=len(line.body.encode()),
-            )
-        )
-    out.append(
-        Out(
-            "files",
-            cmd.file_id,
-            TemplatesAppended(
-                event_id=ids.event_id("templates", cmd.file_id, cmd.first_line),
-                occurred_at=now,
-                file_id=cmd.file_id,
-                templates=metas,
-            ),
-        )
+        upload.urls.setdefault(line.path, number)
+        runs = upload.models
+        if runs and runs[-1].model == line.model and runs[-1].end == number:
+            runs[-1] = ModelRun(line.model, runs[-1].start, number + 1)
+        else:
+            runs.append(ModelRun(line.model, number, number + 1))
+    upload.lines += count
+    metas = [TemplateMeta(x.custom_id, x.method, x.path, x.model, x.body_size) for x in cmd.lines]
+    event = TemplatesAppended(
+        event_id=ids.event_id("templates", cmd.file_id, cmd.upload_id, cmd.first_line),
+        occurred_at=now,
+        file_id=cmd.file_id,
+        first_line=cmd.first_line,
+        body_key=cmd.body_key,
+        body=cmd.body,
+        templates=metas,
     )
-    return out
+    return [Out("files", cmd.file_id, event)]
 
 
-def create_file(cmd: CreateFile, now: datetime) -> list[Out]:
-    return [
+def create_file(record: FileRecord, cmd: CreateFile, now: datetime) -> list[Out]:
+    if record.owner is not None or record.deleted:
+        return []  # a retried upload of a file that exists: nothing more to do
+    upload = record.uploads.get(cmd.upload_id)
+    if upload is None or upload.lines != cmd.line_count:
+        got = 0 if upload is None else upload.lines
+        raise invalid_request(
+            f"File {cmd.file_id} declares {cmd.line_count} lines but upload {cmd.upload_id} "
+            f"appended {got}"
+        )
+    record.owner, record.purpose, record.manifest = cmd.owner, cmd.purpose, upload
+    record.uploads = {}
+    event = FileUploaded(
+        event_id=ids.event_id("file-uploaded", cmd.file_id),
+        occurred_at=now,
+        file_id=cmd.file_id,
+        owner=cmd.owner,
+        filename=cmd.filename,
+        purpose=cmd.purpose,
+        bytes=cmd.bytes,
+        created_at=cmd.issued_at,
+        expires_at=cmd.expires_at,
+        template_count=cmd.line_count,
+        api_key_id=cmd.api_key_id,
+    )
+    return [Out("files", cmd.file_id, event)]
+
+
+def delete_file(record: FileRecord, file_id: str, now: datetime) -> list[Out]:
+    """The file goes; batches running from it are cancelled (core §2.2 delete_file: a batch
+    that already ended is left as it is by the projector and has no rows left to cancel)."""
+    if record.deleted:
+        return []
+    record.deleted = True
+    cancels = [
         Out(
-            "files",
-            cmd.file_id,
-            FileUploaded(
-                event_id=ids.event_id("file-uploaded", cmd.file_id),
-                occurred_at=now,
-                file_id=cmd.file_id,
-                owner=cmd.owner,
-                filename=cmd.filename,
-                purpose=cmd.purpose,
-                bytes=cmd.bytes,
-                created_at=cmd.issued_at,
-                expires_at=cmd.expires_at,
-                template_count=cmd.line_count,
-                api_key_id=cmd.api_key_id,
+            "commands",
+            batch_id,
+            CancelBatch(
+                command_id=ids.derived("cancel", file_id, batch_id),
+                issued_at=now,
+                batch_id=batch_id,
             ),
         )
+        for batch_id in record.batches
     ]
+    deleted = FileDeleted(
+        event_id=ids.event_id("file-deleted", file_id), occurred_at=now, file_id=file_id
+    )
+    return [*cancels, Out("files", file_id, deleted)]
 
 
-def create_batch(cmd: CreateBatch) -> BatchCreated:
+# -- batches -------------------------------------------------------------------------------
+
+
+def check_create_batch(record: FileRecord | None, cmd: CreateBatch, rules: BatchRules) -> Manifest:
+    """The API's batch creation checks, in its order, against the file as the agent knows it."""
+    validation.check_window(cmd.completion_window, rules.allowed_windows)
+    validation.check_endpoint(cmd.endpoint, rules.allowed_paths)
+    validation.check_metadata(cmd.metadata)
+    if record is None or record.deleted or record.owner != cmd.owner or record.manifest is None:
+        raise not_found("File", cmd.input_file_id)
+    if record.purpose != "batch":
+        raise ApiError(
+            400,
+            f"File with ID {cmd.input_file_id} does not have purpose 'batch'",
+            code="invalid_file",
+        )
+    validation.check_lines_match_endpoint(record.manifest.urls, cmd.endpoint)
+    return record.manifest
+
+
+def create_batch(
+    record: FileRecord | None, cmd: CreateBatch, rules: BatchRules, now: datetime
+) -> list[Out]:
+    """BatchCreated and the PopulateBatch that follows it, or a BatchRejected verdict."""
+    try:
+        manifest = check_create_batch(record, cmd, rules)
+    except ApiError as exc:
+        rejected = BatchRejected(
+            event_id=ids.event_id("batch-rejected", cmd.batch_id),
+            occurred_at=now,
+            batch_id=cmd.batch_id,
+            owner=cmd.owner,
+            status=exc.status,
+            message=exc.message,
+            code=None if exc.code is None else str(exc.code),
+            param=exc.param,
+        )
+        return [Out("batches", cmd.batch_id, rejected)]
+    assert record is not None
+    if cmd.batch_id not in record.batches:
+        record.batches.append(cmd.batch_id)
     created_at = cmd.issued_at
-    return BatchCreated(
+    expires_at = created_at + parse_window(cmd.completion_window)
+    created = BatchCreated(
         event_id=ids.event_id("batch-created", cmd.batch_id),
-        occurred_at=created_at,
+        occurred_at=now,
         batch_id=cmd.batch_id,
         owner=cmd.owner,
         input_file_id=cmd.input_file_id,
@@ -118,82 +242,125 @@ def create_batch(cmd: CreateBatch) -> BatchCreated:
         completion_window=cmd.completion_window,
         metadata=cmd.metadata,
         created_at=created_at,
-        expires_at=created_at + parse_window(cmd.completion_window),
+        expires_at=expires_at,
         output_file_id=ids.output_file_id(cmd.batch_id),
         error_file_id=ids.error_file_id(cmd.batch_id),
         api_key_id=cmd.api_key_id,
     )
-
-
-def population_failed(batch_id: str, message: str, now: datetime) -> Out:
-    return Out(
-        "batches",
-        batch_id,
-        BatchPopulationFailed(
-            event_id=ids.event_id("population-failed", batch_id),
-            occurred_at=now,
-            batch_id=batch_id,
-            message=message,
-        ),
+    populate = PopulateBatch(
+        command_id=ids.derived("populate", cmd.batch_id),
+        issued_at=now,
+        batch_id=cmd.batch_id,
+        input_file_id=cmd.input_file_id,
+        owner=cmd.owner,
+        endpoint=cmd.endpoint,
+        completion_window=cmd.completion_window,
+        created_at=created_at,
+        expires_at=expires_at,
+        headers=_headers(created, manifest.lines, rules.header_fields),
+        chunks=manifest.chunks,
+        models=manifest.models,
     )
+    return [Out("batches", cmd.batch_id, created), Out("commands", cmd.batch_id, populate)]
 
 
-def populate(created: BatchCreated, manifest: list[ManifestRow], now: datetime) -> list[Out]:
-    """One pending row per template (ids derived from batch and line), then BatchPopulated.
+def _headers(created: BatchCreated, total: int, fields: tuple[str, ...]) -> dict[str, str]:
+    """The x-fusillade-batch-* header values (core §4.4) of a batch, fixed at population."""
+    known: Mapping[str, Any] = {
+        "id": created.batch_id,
+        "file_id": created.input_file_id,
+        "endpoint": created.endpoint,
+        "completion_window": created.completion_window,
+        "metadata": created.metadata,
+        "output_file_id": created.output_file_id,
+        "error_file_id": created.error_file_id,
+        "created_by": created.owner,
+        "created_at": created.created_at,
+        "expires_at": created.expires_at,
+        "total_requests": total,
+    }
+    return batch_header_values(fields, known, created.metadata or {})
 
-    An empty manifest fails the population with the reference's message."""
-    if not manifest:
-        return [
-            population_failed(
-                created.batch_id, "Cannot populate batch from file with no templates", now
-            )
-        ]
-    by_model: dict[str, list[PendingItem]] = {}
-    for row in manifest:
-        by_model.setdefault(row.model, []).append(
-            PendingItem(
-                ids.request_id(created.batch_id, row.line_number),
-                row.template_id,
-                row.line_number,
-                row.custom_id,
-            )
-        )
-    tier = service_tier(created.completion_window)
+
+def populate(
+    record: BatchRecord, cmd: PopulateBatch, source: tuple[int, int], now: datetime
+) -> list[Out]:
+    """One pending row per line, per model a PendingRequests for the gate, then
+    BatchPopulated. A batch cancelled first is not populated (core §5.2.1)."""
+    if record.cancelled:
+        return [_cancel_requested(cmd.batch_id, now)]
+    if record.populated:
+        return []  # redelivered: population happens exactly once
+    window_s = max((cmd.expires_at - cmd.created_at).total_seconds(), 0.0)
+    by_model: dict[str, list[LineRange]] = {}
+    for run in cmd.models:
+        by_model.setdefault(run.model, []).append(LineRange(run.start, run.end))
     out: list[Out] = []
-    for model, items in by_model.items():
-        for start in range(0, len(items), PENDING_CHUNK):
-            out.append(
-                Out(
-                    "requests",
-                    model,
-                    RequestsPending(
-                        event_id=ids.event_id("pending", created.batch_id, model, start),
-                        occurred_at=now,
-                        batch_id=created.batch_id,
-                        model=model,
-                        owner=created.owner,
-                        created_at=now,
-                        deadline=created.expires_at,
-                        window_class=created.completion_window,
-                        service_tier=tier,
-                        items=items[start : start + PENDING_CHUNK],
-                        window_s=max(
-                            (created.expires_at - created.created_at).total_seconds(), 0.0
-                        ),
-                    ),
-                )
-            )
+    for seq, (model, ranges) in enumerate(sorted(by_model.items())):
+        facts = BatchFacts(
+            batch_id=cmd.batch_id,
+            file_id=cmd.input_file_id,
+            owner=cmd.owner,
+            created_at=cmd.created_at,
+            deadline=cmd.expires_at,
+            window_class=cmd.completion_window,
+            window_s=window_s,
+            path=cmd.endpoint,
+            service_tier=service_tier(cmd.completion_window),
+            headers=cmd.headers,
+        )
+        pending = PendingRequests(
+            event_id=ids.event_id("pending", cmd.batch_id, model),
+            occurred_at=now,
+            source=SourceMark(source[0], source[1], seq),
+            batch=facts,
+            model=model,
+            ranges=ranges,
+            chunks=cmd.chunks,
+        )
+        out.append(Out("gate", model, pending))
+    total = sum(r.end - r.start for ranges in by_model.values() for r in ranges)
+    counts = {m: sum(r.end - r.start for r in ranges) for m, ranges in by_model.items()}
     out.append(
         Out(
             "batches",
-            created.batch_id,
+            cmd.batch_id,
             BatchPopulated(
-                event_id=ids.event_id("populated", created.batch_id),
+                event_id=ids.event_id("populated", cmd.batch_id),
                 occurred_at=now,
-                batch_id=created.batch_id,
-                total=len(manifest),
-                models={m: len(items) for m, items in by_model.items()},
+                batch_id=cmd.batch_id,
+                total=total,
+                models=counts,
             ),
         )
     )
+    record.populated, record.models = True, sorted(by_model)
     return out
+
+
+def cancel_requested(record: BatchRecord, batch_id: str, now: datetime) -> list[Out]:
+    """A cancel reaches the batch and each gate partition holding its rows."""
+    record.cancelled = True
+    return [_cancel_requested(batch_id, now)] + [
+        Out(
+            "gate",
+            model,
+            CancelBatchRequests(
+                event_id=ids.event_id("cancel", batch_id, model),
+                occurred_at=now,
+                batch_id=batch_id,
+                model=model,
+            ),
+        )
+        for model in record.models
+    ]
+
+
+def _cancel_requested(batch_id: str, now: datetime) -> Out:
+    return Out(
+        "batches",
+        batch_id,
+        BatchCancelRequested(
+            event_id=ids.event_id("cancel", batch_id), occurred_at=now, batch_id=batch_id
+        ),
+    )

@@ -10,7 +10,6 @@ import faust
 from cannonade.config import Config
 from streams.agents import commands, executor, gate
 from streams.app import Streams
-from streams.store import Store
 
 ROLES = ("commands", "gate", "executor")
 
@@ -19,13 +18,12 @@ def build(role: str, config: Config) -> Streams:
     if role not in ROLES:
         raise ValueError(f"unknown worker role '{role}'; expected one of {', '.join(ROLES)}")
     streams = Streams(role, config)
-    store = Store(config.database_url, config.api.projection_wait_s)
     if role == "commands":
-        commands.register(streams, store)
+        commands.register(streams)
     elif role == "gate":
         gate.register(streams)
     else:
-        executor.register(streams, store)
+        executor.register(streams)
     return streams
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from cannonade.config import Config
 from projections.api.auth import Principal, authenticate
 from projections.api.publisher import CommandPublisher
-from projections.rules.errors import ApiError
+from schemas.errors import ApiError
 
 log = logging.getLogger(__name__)
 

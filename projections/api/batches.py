@@ -20,7 +20,7 @@ from projections.rules.batches import (
     derive_status,
     validate_create_batch,
 )
-from projections.rules.errors import ApiError, not_found
+from schemas.errors import ApiError, not_found
 from schemas import ids
 from schemas.commands import CancelBatch, CreateBatch
 

@@ -12,7 +12,7 @@ from cannonade.config import Config, ModelKind
 from projections import queries
 from projections.api.app import context, json_response, principal
 from projections.rules.content import error_line, file_object, input_line, output_line
-from projections.rules.errors import ApiError, not_found
+from schemas.errors import ApiError, not_found
 from projections.rules.upload import (
     ParsedUpload,
     UploadLimits,

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from projections.rules.content import unix_seconds
-from projections.rules.errors import ApiError, invalid_request
+from schemas.errors import ApiError, invalid_request
 
 STATUS_FILTERS = ("in_progress", "completed", "failed", "cancelled", "expired")
 

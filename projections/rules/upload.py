@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from cannonade.config import ModelKind
-from projections.rules.errors import ApiError
+from schemas.errors import ApiError
 
 DEFAULT_EXPIRES_AFTER = 30 * 24 * 3600
 _MIN_EXPIRES_AFTER = 3600

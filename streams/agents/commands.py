@@ -1,20 +1,24 @@
 """The commands agent: turns commands into events, one aggregate at a time.
 
-Commands are keyed by aggregate id, so a batch's create and cancel (or a file's parts and its
-header) are handled in order by one worker. A small table remembers each batch's progress, so
-a redelivered CreateBatch does not populate twice and a cancel that overtook its create still
-wins.
+Commands are keyed by aggregate id, so a file's parts, its header, its deletion and the batches
+created from it are handled in order by one worker, and a batch's population and cancel too.
+Two small tables hold each aggregate's record (``files``, ``batches``); the agent never reads
+the read model, so no command waits on a projection and none can stall the stream.
+
+Every record change is written after the events it caused were acknowledged: a crash in
+between replays the command, which the pure rules (:mod:`streams.population`) and the gate's
+population marks make harmless, and never loses an event.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from typing import Any
 
 import msgspec
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 
-from schemas import codec, ids
+from schemas import codec, topics
 from schemas.commands import (
     AnyCommand,
     AppendFileLines,
@@ -22,121 +26,71 @@ from schemas.commands import (
     CreateBatch,
     CreateFile,
     DeleteFile,
+    PopulateBatch,
     aggregate_id,
 )
-from schemas.events import BatchCancelRequested, CancelBatchRequests, FileDeleted
+from schemas.errors import ApiError
 from streams import population
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
-from streams.store import Store
+from streams.population import BatchRecord, BatchRules, FileRecord
+from streams.tables import Utf8Keys
 
 log = logging.getLogger(__name__)
 
-_MISSING_FILE = {
-    "missing": "File with ID {} not found",
-    "deleted": "source file was deleted before batch population",
-    "wrong_purpose": "File with ID {} does not have purpose 'batch'",
-}
+_files_decoder = msgspec.msgpack.Decoder(FileRecord)
+_batches_decoder = msgspec.msgpack.Decoder(BatchRecord)
 
 
-class BatchProgress(msgspec.Struct):
-    populated: bool = False
-    cancelled: bool = False
-    models: list[str] = []
-
-
-_progress_decoder = msgspec.msgpack.Decoder(BatchProgress)
-
-
-def register(streams: Streams, store: Store) -> None:
+def register(streams: Streams) -> None:
     app = streams.app
-    progress = app.Table("batch-progress", default=None, key_type=bytes, value_type=bytes)
+    config = streams.config
+    kwargs: dict[str, Any] = {"default": None, "key_type": bytes, "value_type": bytes}
+    files = Utf8Keys(app.Table(topics.COMMANDS_FILES_TABLE, **kwargs))
+    batches = Utf8Keys(app.Table(topics.COMMANDS_BATCHES_TABLE, **kwargs))
+    rules = BatchRules(
+        allowed_windows=tuple(config.api.allowed_completion_windows),
+        allowed_paths=tuple(config.api.allowed_url_paths),
+        header_fields=tuple(config.executor.batch_metadata_fields),
+    )
 
-    def get(batch_id: str) -> BatchProgress:
-        raw = progress.get(batch_id.encode())
-        return BatchProgress() if raw is None else _progress_decoder.decode(raw)
+    def file(file_id: str) -> FileRecord:
+        raw = files.get(file_id)
+        return FileRecord() if raw is None else _files_decoder.decode(raw)
 
-    def put(batch_id: str, state: BatchProgress) -> None:
-        progress[batch_id.encode()] = msgspec.msgpack.encode(state)
+    def batch(batch_id: str) -> BatchRecord:
+        raw = batches.get(batch_id)
+        return BatchRecord() if raw is None else _batches_decoder.decode(raw)
 
-    async def handle(cmd: AnyCommand) -> list[Out]:
+    async def handle(cmd: AnyCommand, event: EventT) -> list[Out]:
         now = utcnow()
+        outs: list[Out]
         match cmd:
-            case AppendFileLines():
-                return population.append_lines(cmd, now)
-            case CreateFile():
-                return population.create_file(cmd, now)
-            case DeleteFile():
-                cancels: list[Out] = [
-                    Out(
-                        "commands",
-                        b,
-                        CancelBatch(
-                            command_id=ids.derived("cancel", cmd.command_id, b),
-                            issued_at=now,
-                            batch_id=b,
-                        ),
-                    )
-                    for b in await store.live_batches_using(cmd.file_id)
-                ]
-                deleted = FileDeleted(
-                    event_id=ids.event_id("file-deleted", cmd.file_id),
-                    occurred_at=now,
-                    file_id=cmd.file_id,
-                )
-                return [*cancels, Out("files", cmd.file_id, deleted)]
-            case CreateBatch():
-                return await create_batch(cmd, now)
-            case CancelBatch():
-                return cancel_batch(cmd.batch_id, now)
-        return []
-
-    async def create_batch(cmd: CreateBatch, now: datetime) -> list[Out]:
-        state = get(cmd.batch_id)
-        if state.populated:
-            return []  # redelivered: population happens exactly once
-        created = population.create_batch(cmd)
-        await streams.publish([Out("batches", cmd.batch_id, created)])
-        if state.cancelled:
-            return cancel_batch(cmd.batch_id, created.occurred_at)
-        file_state, manifest = await store.file_manifest(cmd.input_file_id, cmd.owner)
-        if file_state != "ok":
-            outs = [
-                population.population_failed(
-                    cmd.batch_id, _MISSING_FILE[file_state].format(cmd.input_file_id), utcnow()
-                )
-            ]
-        else:
-            outs = population.populate(created, manifest, utcnow())
-        put(cmd.batch_id, BatchProgress(populated=True, models=sorted({r.model for r in manifest})))
-        return outs
-
-    def cancel_batch(batch_id: str, now: datetime) -> list[Out]:
-        state = get(batch_id)
-        state.cancelled = True
-        put(batch_id, state)
-        outs = [
-            Out(
-                "batches",
-                batch_id,
-                BatchCancelRequested(
-                    event_id=ids.event_id("cancel", batch_id), occurred_at=now, batch_id=batch_id
-                ),
-            )
-        ]
-        outs += [
-            Out(
-                "gate",
-                model,
-                CancelBatchRequests(
-                    event_id=ids.event_id("cancel", batch_id, model),
-                    occurred_at=now,
-                    batch_id=batch_id,
-                    model=model,
-                ),
-            )
-            for model in state.models
-        ]
+            case AppendFileLines() | CreateFile() | DeleteFile() | CreateBatch():
+                record = file(aggregate_id(cmd))
+                if isinstance(cmd, AppendFileLines):
+                    outs = population.append_lines(record, cmd, now)
+                elif isinstance(cmd, CreateFile):
+                    outs = population.create_file(record, cmd, now)
+                elif isinstance(cmd, DeleteFile):
+                    outs = population.delete_file(record, cmd.file_id, now)
+                else:
+                    known = aggregate_id(cmd) in files
+                    outs = population.create_batch(record if known else None, cmd, rules, now)
+                    if not known:  # rejected: nothing to remember of a file never seen
+                        await streams.publish(outs, wait=True)
+                        return outs
+                await streams.publish(outs, wait=True)
+                files[aggregate_id(cmd)] = msgspec.msgpack.encode(record)
+            case PopulateBatch() | CancelBatch():
+                state = batch(cmd.batch_id)
+                if isinstance(cmd, PopulateBatch):
+                    source = (event.message.partition, event.message.offset)
+                    outs = population.populate(state, cmd, source, now)
+                else:
+                    outs = population.cancel_requested(state, cmd.batch_id, now)
+                await streams.publish(outs, wait=True)
+                batches[cmd.batch_id] = msgspec.msgpack.encode(state)
         return outs
 
     @app.agent(streams.topics["commands"], name="commands")
@@ -146,10 +100,16 @@ def register(streams: Streams, store: Store) -> None:
             if cmd is None:
                 await streams.dead_letter(event, reason or "undecodable")
                 continue
-            try:
-                outs = await handle(cmd)
-            except ValueError as exc:  # e.g. an unparseable completion window
-                await streams.dead_letter(event, str(exc))
+            key = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else None
+            if key != aggregate_id(cmd):
+                # Keyed otherwise, it would be ordered against the wrong aggregate.
+                await streams.dead_letter(
+                    event, f"{type(cmd).__name__} must be keyed by '{aggregate_id(cmd)}'"
+                )
                 continue
-            await streams.publish(outs)
-            log.info("%s %s: %d events", type(cmd).__name__, aggregate_id(cmd), len(outs))
+            try:
+                outs = await handle(cmd, event)
+            except ApiError as exc:
+                await streams.dead_letter(event, exc.message)
+                continue
+            log.info("%s %s: %d events", type(cmd).__name__, key, len(outs))

@@ -1,10 +1,14 @@
 """The executor agent: runs dispatched claims against their model's upstream.
 
-Each dispatch starts its own task (bounded by ``max_in_flight``) so that one slow upstream call
-never holds up the partition. The task reports to the gate — started, then finished with the
-outcome and, for a retriable failure, the next attempt's ``not_before`` — and publishes the
-response or error body on the bodies topic *before* the report, so a terminal row in the read
-model is never older than its body. The gate fences every report by claim id.
+Each claim runs as its own task (bounded by ``max_in_flight``) so that one slow upstream call
+never holds up the partition. Every claim it receives ends with exactly one finished report,
+whatever moment an abort lands: the task reports from a ``finally`` and an abort that arrives
+before its dispatch is remembered. Reports and result bodies go through a
+:class:`~streams.execution.reporter.Reporter`; the gate fences every report by claim id.
+
+A dispatch older than half the stale-worker threshold is not run but handed back
+(``not_sent``): it is one re-read after a crash or rebalance, and the gate may already have
+given its claim to someone else.
 """
 
 from __future__ import annotations
@@ -13,106 +17,205 @@ import asyncio
 import logging
 import os
 import socket
+from collections import OrderedDict
+from datetime import timedelta
 from typing import Any
 
 from faust.types import StreamT
 
 from cannonade import __version__
 from cannonade.config import Config
-from schemas import codec, ids, topics
+from schemas import bodies, codec, ids, topics
 from schemas.events import (
     AbortDispatch,
-    Body,
-    Dispatch,
-    ExecutionFinished,
-    ExecutionStarted,
+    DispatchBatch,
+    DispatchItem,
+    FinishedItem,
+    StartedItem,
     WorkerHeartbeat,
     WorkerStarted,
     WorkerStopped,
 )
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
+from streams.execution.bodies import BodyGone, BodyReader, BodySource
 from streams.execution.client import AiohttpTransport, Timeouts, UpstreamCall, UpstreamClient
 from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
-from streams.execution.outcome import Failure, override_response_id
+from streams.execution.outcome import (
+    Failure,
+    escalate,
+    inject_deadline_priority,
+    override_response_id,
+)
+from streams.execution.reporter import Reporter
 from streams.execution.retry import BackoffPolicy, GiveUp, decide
-from streams.store import Store
 
 log = logging.getLogger(__name__)
+
+_REMEMBERED_ABORTS = 10_000
 
 
 class Executor:
     def __init__(
-        self, streams: Streams, store: Store, client: UpstreamClient, config: Config
+        self,
+        reporter: Reporter,
+        body_source: BodySource,
+        client: UpstreamClient,
+        config: Config,
+        worker_id: str,
     ) -> None:
-        self.streams = streams
-        self.store = store
+        self.reporter = reporter
+        self.bodies = body_source
         self.client = client
         self.config = config
-        self.worker_id = f"executor:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
+        self.worker_id = worker_id
         self.slots = asyncio.Semaphore(config.executor.max_in_flight)
         self.running: dict[str, asyncio.Task[None]] = {}  # claim id -> execution
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # aborts that beat their claim
+        self.cancelled: set[str] = set()  # claims whose abort reached their task
         self.processed = 0
         self.failed = 0
         e = config.executor
         self.backoff = BackoffPolicy(
             backoff_ms=e.backoff_ms,
-            backoff_factor=int(e.backoff_factor),
+            backoff_factor=e.backoff_factor,
             max_backoff_ms=e.max_backoff_ms,
             max_retries=e.max_retries,
             stop_before_deadline_ms=e.stop_before_deadline_ms,
         )
+        # Past this age a dispatch may already have been reclaimed by the gate.
+        self.max_age = timedelta(milliseconds=config.liveness.stale_daemon_threshold_ms / 2)
 
-    async def accept(self, d: Dispatch) -> None:
-        await self.slots.acquire()
-        task = asyncio.create_task(self._run(d))
-        self.running[d.claim_id] = task
-        task.add_done_callback(lambda t: self._done(d.claim_id, t))
+    async def accept(self, batch: DispatchBatch) -> None:
+        for item in batch.items:
+            if item.claim_id in self.running:
+                continue  # the same claim re-read while it runs here
+            if item.claim_id in self.aborted:
+                del self.aborted[item.claim_id]
+                self._report(item, FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="canceled"))  # fmt: skip
+                continue
+            await self.slots.acquire()
+            headers = batch.batch_headers.get(item.batch_id or "", {})
+            task = asyncio.create_task(self._run(item, headers))
+            self.running[item.claim_id] = task
+            task.add_done_callback(lambda t, claim=item.claim_id: self._done(claim, t))
 
-    def abort(self, claim_id: str) -> bool:
-        """Cancel a running claim; its task reports it canceled."""
+    def abort(self, claim_id: str) -> None:
+        """Cancel a running claim; its task reports it canceled. An abort that arrives before
+        its claim is remembered, so the claim is reported canceled without running."""
         task = self.running.get(claim_id)
         if task is None:
-            return False
+            self.aborted[claim_id] = None
+            while len(self.aborted) > _REMEMBERED_ABORTS:
+                self.aborted.popitem(last=False)
+            return
+        self.cancelled.add(claim_id)
         task.cancel()
-        return True
 
     def _done(self, claim_id: str, task: asyncio.Task[None]) -> None:
         self.running.pop(claim_id, None)
+        self.cancelled.discard(claim_id)
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("execution task failed", exc_info=task.exception())
 
-    async def _run(self, d: Dispatch) -> None:
-        projected = await self.store.projected_claim(d.request_id)
-        if projected is not None and projected.supersedes(d.claim_id, d.attempt):
-            # A dispatch left behind on a dead executor's partition and re-read after the
-            # rebalance: the gate took the claim back and sent it again, so calling upstream
-            # now would send the request twice and exceed the model's capacity.
-            log.info("skipping stale claim %s of %s", d.claim_id, d.request_id)
-            return
-        await self.streams.publish(
-            [Out("gate", d.model, ExecutionStarted(event_id=ids.event_id("exec-started", d.claim_id),
-                                                    occurred_at=utcnow(), request_id=d.request_id,
-                                                    model=d.model, claim_id=d.claim_id,
-                                                    worker_id=self.worker_id))],
-            wait=True,
-        )  # fmt: skip
-        try:
-            outs = await self._execute(d)
-        except asyncio.CancelledError:
-            # Aborted because the batch was cancelled: the HTTP call is gone; say so.
-            outs = [self._finished(d, "canceled")]
-        except Exception:
-            # A bug or an unexpected store failure must not strand the claim: report the
-            # attempt as terminated, which the retry policy treats like any retriable reason.
-            log.exception("execution of %s failed", d.request_id)
-            outs = self._decide(d, TaskTerminated())
+    def _report(self, item: DispatchItem, finished: FinishedItem, outs: list[Out] | None = None) -> None:  # fmt: skip
         self.processed += 1
-        self.failed += any(
-            isinstance(o.value, ExecutionFinished) and o.value.result == "failed" for o in outs
+        self.failed += finished.result == "failed"
+        self.reporter.finished(item.model, finished, outs or [])
+
+    async def _run(self, item: DispatchItem, headers: dict[str, str]) -> None:
+        finished: FinishedItem | None = None
+        outs: list[Out] = []
+        try:
+            if utcnow() - item.claimed_at > self.max_age:
+                log.info("handing back stale claim %s of %s", item.claim_id, item.request_id)
+                finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="not_sent")  # fmt: skip
+                return
+            self.reporter.started(item.model, StartedItem(item.request_id, item.claim_id))
+            finished, outs = await self._execute(item, headers)
+        except asyncio.CancelledError:
+            if item.claim_id not in self.cancelled:
+                raise  # shutting down: the gate takes the claim back when we say we stopped
+            finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="canceled")  # fmt: skip
+        except Exception:
+            # A bug or an unexpected failure must not strand the claim: report the attempt
+            # as terminated, which the retry policy treats like any retriable reason.
+            log.exception("execution of %s failed", item.request_id)
+            finished, outs = self._decide(item, TaskTerminated())
+        finally:
+            if finished is not None:
+                self._report(item, finished, outs)
+
+    async def _execute(
+        self, item: DispatchItem, headers: dict[str, str]
+    ) -> tuple[FinishedItem, list[Out]]:
+        model = self.config.model(item.model)
+        if model is None:
+            return self._failed(item, RequestBuilderError(error=f"model '{item.model}' is not configured"))  # fmt: skip
+        try:
+            template = await self.bodies.template(item.body)
+        except BodyGone as exc:
+            return self._failed(item, RequestBuilderError(error=f"request body unavailable: {exc}"))  # fmt: skip
+        e = self.config.executor
+        now = utcnow()
+        routed, body = escalate(item.model, template.body, item.deadline, now, e.model_escalations)
+        if e.inject_deadline_priority:
+            body = inject_deadline_priority(body, item.deadline)
+        target = self.config.model(routed) or model
+        call = UpstreamCall(
+            request_id=item.request_id,
+            custom_id=template.custom_id,
+            endpoint=target.upstream,
+            path=item.path,
+            method="POST",
+            body=body,
+            api_key=target.api_key,
+            stream=item.path in e.streamable_endpoints,
+            batch_headers=headers,
         )
-        await self.streams.publish(outs, wait=True)
+        outcome = await self.client.execute(call)
+        if isinstance(outcome, Failure):
+            return self._decide(item, outcome.reason)
+        text = override_response_id(outcome.body, item.request_id, item.path)
+        raw = text.encode()
+        body_out = Out(
+            "bodies",
+            bodies.key(bodies.RESULT, item.request_id),
+            raw,
+            partition=bodies.partition_for(item.request_id, topics.BODIES.partitions),
+        )
+        finished = FinishedItem(
+            request_id=item.request_id, claim_id=item.claim_id, result="completed",
+            status=outcome.status, size=len(raw), routed_model=routed,
+        )  # fmt: skip
+        return finished, [body_out]
+
+    def _decide(self, item: DispatchItem, reason: FailureReason) -> tuple[FinishedItem, list[Out]]:
+        decision = decide(reason, item.attempt, utcnow(), item.deadline, self.backoff)
+        if isinstance(decision, GiveUp):
+            return self._failed(item, reason)
+        retry = FinishedItem(
+            request_id=item.request_id, claim_id=item.claim_id, result="retry",
+            not_before=decision.not_before,
+        )  # fmt: skip
+        return retry, []
+
+    def _failed(self, item: DispatchItem, reason: FailureReason) -> tuple[FinishedItem, list[Out]]:
+        raw = reason.to_json().encode()
+        status = getattr(reason, "status", None)
+        body_out = Out(
+            "bodies",
+            bodies.key(bodies.ERROR, item.request_id),
+            raw,
+            partition=bodies.partition_for(item.request_id, topics.BODIES.partitions),
+        )
+        finished = FinishedItem(
+            request_id=item.request_id, claim_id=item.claim_id, result="failed",
+            status=status if isinstance(status, int) else None, size=len(raw),
+            error_type=type(reason).__name__,
+        )  # fmt: skip
+        return finished, [body_out]
 
     def heartbeat(self, stopped: bool = False) -> list[Out]:
         """The worker's daemon record, and a liveness signal to every gate partition (the gate
@@ -147,73 +250,10 @@ class Executor:
             ),
         )
 
-    async def _execute(self, d: Dispatch) -> list[Out]:
-        model = self.config.model(d.model)
-        template = await self.store.template(d.template_id)
-        if model is None or template is None:
-            what = (
-                f"model '{d.model}' is not configured"
-                if model is None
-                else "template body not found"
-            )
-            return self._failed(d, RequestBuilderError(error=what))
-        call = UpstreamCall(
-            request_id=d.request_id,
-            custom_id=d.custom_id,
-            endpoint=model.upstream,
-            path=template.path,
-            method=template.method,
-            body=template.body,
-            api_key=model.api_key,
-            stream=template.path in self.config.executor.streamable_endpoints,
-        )
-        outcome = await self.client.execute(call)
-        if isinstance(outcome, Failure):
-            return self._decide(d, outcome.reason)
-        body = override_response_id(outcome.body, d.request_id, template.path)
-        return [
-            Out("bodies", f"res:{d.request_id}", Body(kind="res", ref=d.request_id, text=body)),
-            self._finished(
-                d, "completed", status=outcome.status, size=len(body.encode()), routed_model=d.model
-            ),
-        ]
 
-    def _decide(self, d: Dispatch, reason: FailureReason) -> list[Out]:
-        decision = decide(reason, d.attempt, utcnow(), d.deadline, self.backoff)
-        if isinstance(decision, GiveUp):
-            return self._failed(d, reason, status=_status_of(reason))
-        return [self._finished(d, "retry", not_before=decision.not_before)]
-
-    def _failed(self, d: Dispatch, reason: FailureReason, status: int | None = None) -> list[Out]:
-        envelope = reason.to_json()
-        return [
-            Out("bodies", f"err:{d.request_id}", Body(kind="err", ref=d.request_id, text=envelope)),
-            self._finished(d, "failed", status=status, size=len(envelope.encode()),
-                           error_type=type(reason).__name__),
-        ]  # fmt: skip
-
-    def _finished(self, d: Dispatch, result: str, **fields: object) -> Out:
-        report = ExecutionFinished(
-            event_id=ids.event_id("exec-finished", d.claim_id),
-            occurred_at=utcnow(),
-            request_id=d.request_id,
-            model=d.model,
-            claim_id=d.claim_id,
-            worker_id=self.worker_id,
-            result=result,  # type: ignore[arg-type]
-            attempt=d.attempt,
-            **fields,  # type: ignore[arg-type]
-        )
-        return Out("gate", d.model, report)
-
-
-def _status_of(reason: FailureReason) -> int | None:
-    status = getattr(reason, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def register(streams: Streams, store: Store) -> Executor:
-    e = streams.config.executor
+def register(streams: Streams) -> Executor:
+    config = streams.config
+    e = config.executor
     client = UpstreamClient(
         AiohttpTransport(),
         timeouts=Timeouts(
@@ -222,7 +262,10 @@ def register(streams: Streams, store: Store) -> Executor:
             body_ms=e.body_timeout_ms,
         ),
     )
-    executor = Executor(streams, store, client, streams.config)
+    worker_id = f"executor:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
+    reporter = Reporter(lambda outs: streams.publish(outs, wait=True), worker_id)
+    reader = BodyReader(config.kafka)
+    executor = Executor(reporter, reader, client, config, worker_id)
     app = streams.app
 
     @app.agent(streams.topics["dispatch"], name="executor")
@@ -239,6 +282,8 @@ def register(streams: Streams, store: Store) -> Executor:
 
     @app.task
     async def announce() -> None:
+        await reader.start()
+        reporter.start()
         await streams.publish([executor.started(), *executor.heartbeat()], wait=True)
 
     @app.timer(interval=e.heartbeat_interval_ms / 1000)
@@ -249,6 +294,8 @@ def register(streams: Streams, store: Store) -> Executor:
     async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Running calls are abandoned without a result (core §4.1); saying so lets the gate
         # take their claims back at once instead of after the stale threshold.
+        await reporter.stop()
         await streams.publish(executor.heartbeat(stopped=True), wait=True)
+        await reader.stop()
 
     return executor

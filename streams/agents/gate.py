@@ -1,8 +1,9 @@
 """The gate agent: one stream of everything a model partition hears, folded by :class:`Gate`.
 
-It reads the lifecycle topic and the gate topic together. Both are keyed by model with one
-partition count, so a model's pending rows, in-flight claims and executor reports all arrive
-at one worker, in order, and its table changelog lands on the same partition number.
+It reads the gate topic (population, executor reports, batch control, ticks, heartbeats) and
+the model-filters topic together. Both are keyed by model with one partition count, so a
+model's rows, claims and reports all arrive at one worker, in order, and its table changelog
+lands on the same partition number. The gate is the only writer of the request lifecycle.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from typing import Any
 
@@ -21,71 +21,29 @@ from schemas.events import GateTick
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.gate.core import Gate, Liveness
+from streams.tables import Utf8Keys
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 1.0
 
 
-class Utf8Keys(MutableMapping[str, bytes]):
-    """A Faust table seen with ``str`` keys; the table stores raw bytes keys so that keys read
-    back from the changelog on recovery compare equal to the ones written."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-
-    def __getitem__(self, key: str) -> bytes:
-        value = self.table[key.encode()]
-        if value is None:
-            raise KeyError(key)
-        return value  # type: ignore[no-any-return]
-
-    def __setitem__(self, key: str, value: bytes) -> None:
-        self.table[key.encode()] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.table[key.encode()]
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self.table.get(key.encode()) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return (k.decode() for k in self.table.keys())
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.table.get(key.encode())
-        return default if value is None else value
-
-    def items(self) -> Any:  # type: ignore[override]
-        return ((k.decode(), v) for k, v in self.table.items() if v is not None)
-
-
 def register(streams: Streams) -> Gate:
     app = streams.app
     config = streams.config
-    kwargs: dict[str, Any] = {
-        "default": None,
-        "key_type": bytes,
-        "value_type": bytes,
-        "partitions": topics.GATE_PARTITIONS,
-    }
-    tables = {
-        name: Utf8Keys(app.Table(f"gate-{name}", **kwargs))
-        for name in ("entries", "cancelled-batches", "model-states", "buckets")
-    }
-    worker_id = f"gate:{socket.gethostname()}:{os.getpid()}"
+    table = app.Table(
+        topics.GATE_TABLE,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=topics.GATE_PARTITIONS,
+    )
     limits = {name: model.concurrency for name, model in config.models.items()}
     live = config.liveness
     gate = Gate(
-        tables["entries"],
+        Utf8Keys(table),
         limits,
-        worker_id,
-        tables["cancelled-batches"],
-        model_states=tables["model-states"],
-        buckets=tables["buckets"],
+        f"gate:{socket.gethostname()}:{os.getpid()}",
         config=config.gate,
         liveness=Liveness(
             claim_timeout=timedelta(milliseconds=live.claim_timeout_ms),
@@ -98,15 +56,11 @@ def register(streams: Streams) -> Gate:
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
-        # Tables recover before the stream resumes; derive the index on the next event.
+        # Tables recover before the stream resumes; derive the indexes on the next event.
         rebuild["needed"] = True
 
     source = app.topic(
-        topics.REQUESTS.name,
-        topics.GATE.name,
-        topics.MODEL_FILTERS.name,
-        key_type=bytes,
-        value_type=bytes,
+        topics.GATE.name, topics.MODEL_FILTERS.name, key_type=bytes, value_type=bytes
     )
 
     @app.agent(source, name="gate")
@@ -119,7 +73,15 @@ def register(streams: Streams) -> Gate:
             if rebuild["needed"]:
                 gate.rebuild()
                 rebuild["needed"] = False
-            outs = gate.handle(message, utcnow())
+            gate.partition = event.message.partition
+            try:
+                outs = gate.handle(message, utcnow())
+            except Exception as exc:
+                # A defect triggered by one input must not stop the model's gate for good.
+                log.exception("gate could not apply %s", type(message).__name__)
+                await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
+                gate.rebuild()
+                continue
             if outs:
                 await streams.publish(outs)
 

@@ -60,7 +60,7 @@ class UpstreamCall(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str
     path: str
     method: str
-    body: str
+    body: bytes
     api_key: str
     stream: bool = False
     batch_headers: dict[str, str] = {}
@@ -150,7 +150,7 @@ def build_request(call: UpstreamCall) -> UpstreamRequest:
     body: bytes | None = None
     if call.method.upper() not in _BODYLESS_METHODS and call.body:
         headers["Content-Type"] = "application/json"
-        body = call.body.encode()
+        body = call.body
     if call.stream:
         headers["X-Fusillade-Stream"] = "true"
     for name, value in headers.items():

@@ -61,11 +61,11 @@ class ModelEscalation(msgspec.Struct, frozen=True):
 
 def escalate(
     model: str,
-    body: str,
+    body: bytes,
     deadline: datetime,
     now: datetime,
     escalations: Mapping[str, ModelEscalation],
-) -> tuple[str, str]:
+) -> tuple[str, bytes]:
     """(model, body) to send: the escalation model once the deadline is closer than its threshold.
 
     The credential is unchanged; non-object bodies keep their bytes and only the routing model
@@ -78,10 +78,10 @@ def escalate(
     if document is None:
         return escalation.escalation_model, body
     document["model"] = escalation.escalation_model
-    return escalation.escalation_model, _encode(document)
+    return escalation.escalation_model, _encode(document).encode()
 
 
-def inject_deadline_priority(body: str, deadline: datetime) -> str:
+def inject_deadline_priority(body: bytes, deadline: datetime) -> bytes:
     """Set `nvext.agent_hints.priority = -(deadline in Unix seconds)` so earlier deadlines rank
     higher upstream; bodies where that path is not all objects are left byte-for-byte."""
     document = _json_object(body)
@@ -95,7 +95,7 @@ def inject_deadline_priority(body: str, deadline: datetime) -> str:
         return body
     seconds = math.floor(deadline.timestamp())
     hints["priority"] = max(_INT32_MIN, min(_INT32_MAX, -seconds))
-    return _encode(document)
+    return _encode(document).encode()
 
 
 def override_response_id(body: str, request_id: str, path: str) -> str:
@@ -112,7 +112,7 @@ def override_response_id(body: str, request_id: str, path: str) -> str:
     return _encode(document)
 
 
-def _json_object(body: str) -> dict[str, Any] | None:
+def _json_object(body: str | bytes) -> dict[str, Any] | None:
     try:
         document = msgspec.json.decode(body)
     except msgspec.DecodeError:

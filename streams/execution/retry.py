@@ -12,16 +12,18 @@ from streams.execution.failure import FailureReason
 
 class BackoffPolicy(msgspec.Struct, frozen=True):
     backoff_ms: int = 1000
-    backoff_factor: int = 2
+    backoff_factor: float = 2.0
     max_backoff_ms: int = 10_000
     max_retries: int | None = 1000
     # Unset behaves as 0 (the reference's deadline awareness is always on); negative = grace.
     stop_before_deadline_ms: int | None = 0
 
     def delay(self, attempt: int) -> timedelta:
-        return timedelta(
-            milliseconds=min(self.backoff_ms * self.backoff_factor**attempt, self.max_backoff_ms)
-        )
+        try:
+            grown = self.backoff_ms * self.backoff_factor**attempt
+        except OverflowError:  # a float factor after hundreds of attempts
+            grown = self.max_backoff_ms
+        return timedelta(milliseconds=min(grown, self.max_backoff_ms))
 
 
 DEFAULT_BACKOFF_POLICY = BackoffPolicy()

@@ -1,17 +1,25 @@
 """The claim gate's decisions, free of I/O.
 
-:class:`Gate` folds everything a gate partition hears — lifecycle events, executor reports and
-heartbeats, model-filter changes, batch control and ticks — into per-request entries and
-answers with the events to publish. Entries live in mutable mappings (changelog-backed Faust
-tables in production, dicts in tests); the indexes below them (pending rows per batch, delayed
-retries, in-flight sets, per-owner active counts) are derived and rebuilt by :meth:`rebuild`,
-which is what a worker does after a rebalance.
+:class:`Gate` folds everything a gate partition hears — population, executor reports and
+heartbeats, model-filter changes, batch control and ticks — and answers with the events to
+publish. Its state is a mutable mapping of small records (a changelog-backed Faust table in
+production, a dict in tests) that holds **live work only**:
 
-What to claim is :func:`streams.gate.scoring.select` (capacity, fairness, urgency, model
-filters, ramp, leaky bucket). This module adds the lifecycle around it: eligibility
-(``not_before``, cancelled batches), fenced executor reports (a report counts only for the
-request's current claim), first terminal result wins, cancellation of in-flight work, stale
-claim reclaim, and unknown models failing their requests with a clear error.
+- ``B:<batch>:<model>`` — a batch's rows of one model: the batch's facts, its file's chunk
+  refs and the line ranges never claimed yet. A pending row that was never claimed has no
+  record of its own, so a backlog of any size costs a few bytes per batch.
+- ``R:<request>`` — a row with history: claimed, processing, or back to pending after a retry
+  or a reclaim. It is deleted when the row ends.
+- ``W:<partition>:<source partition>`` — the last population applied from each commands
+  partition (a command handled twice after a crash does not populate twice).
+- ``K:<owner>\\x1f<class>\\x1f<model>`` — leaky-bucket tokens; ``M:<model>`` — model liveness.
+
+A batch's record goes once its last row ends, so after a run the table holds nothing for it.
+The in-memory indexes (claimable rows per batch, delayed retries, in-flight sets, per-owner
+counts) are derived and rebuilt by :meth:`Gate.rebuild` after a rebalance.
+
+What to claim is :func:`streams.gate.scoring.select`; every transition goes through
+:func:`streams.lifecycle.next_state`, the state machine the projector applies too.
 """
 
 from __future__ import annotations
@@ -19,21 +27,26 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator, Mapping, MutableMapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from schemas import ids
+from schemas import ids, topics
 from schemas.events import (
     AbortDispatch,
-    Body,
+    BatchFacts,
     CancelBatchRequests,
-    Dispatch,
-    ExecutionFinished,
-    ExecutionStarted,
+    ChunkRef,
+    DispatchBatch,
+    DispatchItem,
+    ExecutionReport,
+    FinishedItem,
     GateInput,
     GateTick,
+    LineRange,
     ModelFilterAppended,
+    PendingItem,
+    PendingRequests,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
@@ -43,6 +56,8 @@ from schemas.events import (
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
+    RequestTransitions,
+    StartedItem,
     WorkerHeartbeat,
     WorkerStopped,
 )
@@ -54,32 +69,45 @@ from streams.execution.failure import (
     TaskTerminated,
 )
 from streams.gate import scoring
-from streams.lifecycle import IN_FLIGHT, State
+from streams.lifecycle import IN_FLIGHT, State, next_state
+
+Abort = Literal["cancel", "expire"]
+#: Lifecycle events per published record: keeps records far below the message size limit.
+EVENTS_PER_RECORD = 1000
 
 
-class Entry(msgspec.Struct):
-    """What the gate remembers of one request. Terminal entries are kept (small) so that a
-    redelivered ``RequestsPending`` can never bring a finished request back."""
+class GateRequest(msgspec.Struct, array_like=True):
+    """A row with history (``R:<request>``)."""
 
     model: str
     state: State
-    batch_id: str | None = None
-    template_id: str = ""
-    custom_id: str | None = None
-    line: int = 0
-    owner: str = ""
-    created_at: datetime | None = None
-    deadline: datetime | None = None
-    window_s: float = 86400.0
-    window_class: str = "24h"
+    batch_id: str
+    line: int
     attempt: int = 0
     claims: int = 0
     claim_id: str | None = None
     claimed_at: datetime | None = None
     started_at: datetime | None = None
-    worker_id: str | None = None  # the executor running it
+    worker_id: str | None = None
     not_before: datetime | None = None
-    cancel_requested: bool = False
+    abort: Abort | None = None  # the batch was cancelled or expired while this was in flight
+    partition: int = 0  # dispatch partition of the current claim
+
+
+class GateBatch(msgspec.Struct):
+    """A batch's rows of one model (``B:<batch>:<model>``)."""
+
+    facts: BatchFacts
+    model: str
+    chunks: list[ChunkRef]
+    unclaimed: list[LineRange]  # lines never claimed, in line order
+    closed: Abort | None = None  # cancelled or expired: nothing more is claimed
+
+    def body_ref(self, line: int) -> Any:
+        for chunk in self.chunks:
+            if chunk.first_line <= line < chunk.first_line + chunk.count:
+                return chunk.body(line)
+        raise KeyError(f"line {line} is in no chunk of batch {self.facts.batch_id}")
 
 
 class Liveness(msgspec.Struct, frozen=True):
@@ -92,54 +120,53 @@ class Liveness(msgspec.Struct, frozen=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_entry_decoder = msgspec.msgpack.Decoder(Entry)
+_request_decoder = msgspec.msgpack.Decoder(GateRequest)
+_batch_decoder = msgspec.msgpack.Decoder(GateBatch)
+_mark_decoder = msgspec.msgpack.Decoder(tuple[int, int])
 
 
-def encode_entry(entry: Entry) -> bytes:
-    return _encoder.encode(entry)
+class _Batch:
+    """A live batch's rows of one model, as the claim cycle sees them."""
+
+    __slots__ = ("key", "entry", "returned", "live")
+
+    def __init__(self, key: str, entry: GateBatch) -> None:
+        self.key = key
+        self.entry = entry
+        self.returned: list[int] = []  # heap of lines back to pending and claimable now
+        self.live = 0  # rows with an ``R:`` record
+
+    def unclaimed_count(self) -> int:
+        return sum(r.end - r.start for r in self.entry.unclaimed)
 
 
-def decode_entry(raw: bytes) -> Entry:
-    return _entry_decoder.decode(raw)
-
-
-def _bucket_key(key: scoring.BucketKey) -> str:
-    return "\x1f".join(key)
-
-
-class _ModelIndex:
+class _Model:
     def __init__(self) -> None:
-        # batch id ("" for batchless rows) -> heap of (created_at, line, request id)
-        self.pending: dict[str, list[tuple[float, int, str]]] = {}
+        self.batches: dict[str, _Batch] = {}
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
-        # Requests with an item in ``pending``: an item outlives a claim until it reaches the
-        # head of its heap, and serves again if the request returns to pending meanwhile.
-        self.queued: set[str] = set()
 
 
 class Gate:
     def __init__(
         self,
-        entries: MutableMapping[str, bytes],
+        state: MutableMapping[str, bytes],
         limits: Mapping[str, int],
         worker_id: str,
-        cancelled: MutableMapping[str, bytes],
         *,
-        model_states: MutableMapping[str, bytes] | None = None,
-        buckets: MutableMapping[str, bytes] | None = None,
+        partition: int = 0,
         config: scoring.GateConfig | None = None,
         liveness: Liveness | None = None,
+        dispatch_partitions: int = topics.DISPATCH.partitions,
     ) -> None:
-        self.entries = entries
+        self.state = state
         self.limits = limits
         self.worker_id = worker_id
-        self.cancelled = cancelled
-        self.model_states = {} if model_states is None else model_states
-        self.buckets = {} if buckets is None else buckets
+        self.partition = partition  # the input partition being handled (watermark keys)
         self.config = config or scoring.GateConfig()
         self.liveness = liveness or Liveness()
-        self.models: dict[str, _ModelIndex] = {}
+        self.dispatch_partitions = dispatch_partitions
+        self.models: dict[str, _Model] = {}
         self.owner_active: dict[str, int] = {}
         # Executor liveness is soft state, rebuilt from heartbeats within one interval.
         self.worker_seen: dict[str, datetime] = {}
@@ -149,287 +176,450 @@ class Gate:
         # the wall clock: a gate catching up on a backlog must not take a worker for dead
         # because that worker's newer heartbeats are still queued behind the backlog.
         self.clock: datetime | None = None
+        self.buckets: dict[str, datetime] = {}  # mirror of the K: records
+        self._next_partition = 0
+        self._events: dict[str, list[RequestEvent]] = {}
+        self._dispatch: dict[int, list[DispatchItem]] = {}
+        self._headers: dict[int, dict[str, dict[str, str]]] = {}
+        self._out: list[Out] = []
 
     # -- state access ---------------------------------------------------------------------
 
-    def _get(self, request_id: str) -> Entry | None:
-        raw = self.entries.get(request_id)
-        return None if raw is None else decode_entry(raw)
+    def _request(self, request_id: str) -> GateRequest | None:
+        raw = self.state.get(f"R:{request_id}")
+        return None if raw is None else _request_decoder.decode(raw)
 
-    def _put(self, request_id: str, entry: Entry) -> None:
-        self.entries[request_id] = encode_entry(entry)
+    def _put_request(self, request_id: str, entry: GateRequest) -> None:
+        self.state[f"R:{request_id}"] = _encoder.encode(entry)
 
-    def _index(self, model: str) -> _ModelIndex:
+    def _put_batch(self, batch: _Batch) -> None:
+        self.state[batch.key] = _encoder.encode(batch.entry)
+
+    def _model(self, model: str) -> _Model:
         index = self.models.get(model)
         if index is None:
-            index = self.models[model] = _ModelIndex()
+            index = self.models[model] = _Model()
         return index
-
-    def rebuild(self) -> None:
-        """Derive every index from the entries (after a rebalance)."""
-        self.models, self.owner_active = {}, {}
-        for request_id, raw in self.entries.items():
-            entry = decode_entry(raw)
-            if entry.state == "pending":
-                self._enqueue(request_id, entry)
-            elif entry.state in IN_FLIGHT:
-                self._index(entry.model).in_flight.add(request_id)
-                self.owner_active[entry.owner] = self.owner_active.get(entry.owner, 0) + 1
-
-    def _enqueue(self, request_id: str, entry: Entry) -> None:
-        index = self._index(entry.model)
-        if entry.not_before is not None:
-            heapq.heappush(index.delayed, (entry.not_before.timestamp(), request_id))
-            return
-        if request_id in index.queued:
-            return
-        created = entry.created_at.timestamp() if entry.created_at else 0.0
-        heap = index.pending.setdefault(entry.batch_id or "", [])
-        heapq.heappush(heap, (created, entry.line, request_id))
-        index.queued.add(request_id)
 
     def in_flight(self, model: str) -> int:
         index = self.models.get(model)
         return 0 if index is None else len(index.in_flight)
 
+    def rebuild(self) -> None:
+        """Derive every index from the state records (after a rebalance)."""
+        self.models, self.owner_active, self.buckets = {}, {}, {}
+        items = list(self.state.items())
+        for key, raw in items:
+            if key.startswith("K:"):
+                self.buckets[key] = datetime.fromisoformat(raw.decode())
+            elif key.startswith("B:"):
+                entry = _batch_decoder.decode(raw)
+                self._model(entry.model).batches[entry.facts.batch_id] = _Batch(key, entry)
+        for key, raw in items:
+            if key.startswith("R:"):
+                request_id, entry = key[2:], _request_decoder.decode(raw)
+                batch = self._model(entry.model).batches.get(entry.batch_id)
+                if batch is None:  # cannot happen: a batch outlives its rows; heal anyway
+                    del self.state[key]
+                    continue
+                batch.live += 1
+                if entry.state in IN_FLIGHT:
+                    self._model(entry.model).in_flight.add(request_id)
+                    self._owner(batch.entry.facts.owner, +1)
+                else:
+                    self._queue(request_id, entry, batch)
+
+    def _queue(self, request_id: str, entry: GateRequest, batch: _Batch) -> None:
+        if entry.not_before is not None:
+            item = (entry.not_before.timestamp(), request_id)
+            heapq.heappush(self._model(entry.model).delayed, item)
+        else:
+            heapq.heappush(batch.returned, entry.line)
+
+    def _owner(self, owner: str, delta: int) -> None:
+        left = self.owner_active.get(owner, 0) + delta
+        if left > 0:
+            self.owner_active[owner] = left
+        else:
+            self.owner_active.pop(owner, None)
+
     # -- input ----------------------------------------------------------------------------
 
     def handle(self, message: GateInput, now: datetime) -> list[Out]:
+        """Fold one input; returns what to publish, in order."""
+        try:
+            return self._handle(message, now)
+        except BaseException:
+            self._events, self._dispatch, self._headers, self._out = {}, {}, {}, []
+            raise
+
+    def _handle(self, message: GateInput, now: datetime) -> list[Out]:
         if self.started_at is None:
             self.started_at = now
-        out: list[Out] = []
-        model: str | None
+        model: str | None = None
         match message:
-            case RequestsPending():
-                self._on_pending(message, now, out)
+            case PendingRequests():
+                if self._fresh(message):
+                    self._on_pending(message, now)
                 model = message.model
-            case ExecutionStarted():
-                self._on_started(message, now, out)
-                model = message.model
-            case ExecutionFinished():
-                self._on_finished(message, now, out)
+            case ExecutionReport():
+                self.worker_seen[message.worker_id] = message.occurred_at
+                self._on_report(message, now)
                 model = message.model
             case CancelBatchRequests():
-                self._on_cancel_batch(message, now, out)
+                self._close(message.model, message.batch_id, "cancel", now)
                 model = message.model
             case ModelFilterAppended():
-                self.model_states[message.model] = message.state.encode()
+                self.state[f"M:{message.model}"] = message.state.encode()
                 model = message.model
             case WorkerHeartbeat():
                 self.worker_seen[message.worker_id] = message.occurred_at
                 self._observe(message.occurred_at)
-                return out
             case WorkerStopped():
                 self.workers_dead.add(message.worker_id)
-                return out
             case GateTick():
                 model = message.model
                 self._observe(message.occurred_at)
-                self._reclaim_stale(model, now, out)
-            case _:
-                # A lifecycle event the gate itself published, read back. Its entry already
-                # moved on (and may have moved further since): applying it again would undo
-                # later decisions. After a crash the gate re-handles its uncommitted inputs and
-                # re-makes the same decisions with the same ids instead (Faust flushes the
-                # table changelog with the outputs before it commits an input).
-                return out
-        self._claim(model, now, out)
-        return out
+                self._reclaim_stale(model, now)
+        if model is not None:
+            self._claim(model, now)
+        return self._flush(now)
 
     def _observe(self, at: datetime) -> None:
         if self.clock is None or at > self.clock:
             self.clock = at
 
-    def _move(self, request_id: str, entry: Entry, state: State) -> None:
-        """Change state, keeping the in-flight set, owner counts and queues in step."""
-        was, entry.state = entry.state, state
-        index = self._index(entry.model)
-        if was in IN_FLIGHT and state not in IN_FLIGHT:
-            index.in_flight.discard(request_id)
-            left = self.owner_active.get(entry.owner, 0) - 1
-            if left > 0:
-                self.owner_active[entry.owner] = left
-            else:
-                self.owner_active.pop(entry.owner, None)
-        elif was not in IN_FLIGHT and state in IN_FLIGHT:
-            index.in_flight.add(request_id)
-            self.owner_active[entry.owner] = self.owner_active.get(entry.owner, 0) + 1
-        if state == "pending":
-            entry.claim_id = None
-        self._put(request_id, entry)
-        if state == "pending":
-            self._enqueue(request_id, entry)
-
-    def _on_pending(self, event: RequestsPending, now: datetime, out: list[Out]) -> None:
-        known = event.model in self.limits
-        cancelled = event.batch_id is not None and event.batch_id in self.cancelled
-        for item in event.items:
-            if item.request_id in self.entries:
-                continue  # redelivered population: the request already exists
-            entry = Entry(
-                model=event.model,
-                state="pending",
-                batch_id=event.batch_id,
-                template_id=item.template_id,
-                custom_id=item.custom_id,
-                line=item.line_number,
-                owner=event.owner,
-                created_at=event.created_at,
-                deadline=event.deadline,
-                window_s=event.window_s,
-                window_class=event.window_class,
+    def _flush(self, now: datetime) -> list[Out]:
+        out = self._out
+        for model, events in self._events.items():
+            for start in range(0, len(events), EVENTS_PER_RECORD):
+                chunk = events[start : start + EVENTS_PER_RECORD]
+                record = RequestTransitions(
+                    event_id=ids.event_id("transitions", chunk[0].event_id, len(chunk)),
+                    occurred_at=now,
+                    model=model,
+                    events=chunk,
+                )
+                out.append(Out("requests", model, record))
+        for partition, items in self._dispatch.items():
+            record_ = DispatchBatch(
+                event_id=ids.event_id("dispatch", items[0].claim_id, len(items)),
+                occurred_at=now,
+                items=items,
+                batch_headers=self._headers.get(partition, {}),
             )
-            if cancelled:
-                self._put(item.request_id, entry)
-                self._end(item.request_id, entry, "canceled", now, out)
-            elif not known:
-                self._put(item.request_id, entry)
-                reason = RequestBuilderError(error=f"model '{entry.model}' is not configured")
-                self._end(item.request_id, entry, "failed", now, out, reason)
-            else:
-                self._put(item.request_id, entry)
-                self._enqueue(item.request_id, entry)
+            out.append(Out("dispatch", items[0].request_id, record_, partition=partition))
+        self._events, self._dispatch, self._headers, self._out = {}, {}, {}, []
+        return out
 
-    def _current(self, request_id: str, claim_id: str) -> Entry | None:
-        """The entry if ``claim_id`` is its current claim and it is still in flight (fencing)."""
-        entry = self._get(request_id)
+    def _emit(self, event: RequestEvent) -> None:
+        self._events.setdefault(event.model, []).append(event)
+
+    # -- population -----------------------------------------------------------------------
+
+    def _fresh(self, message: PendingRequests) -> bool:
+        """Whether this population is new: marks from one commands partition only grow."""
+        source = message.source
+        key = f"W:{self.partition}:{source.partition}"
+        raw = self.state.get(key)
+        mark = (source.offset, source.seq)
+        if raw is not None and tuple(_mark_decoder.decode(raw)) >= mark:
+            return False
+        self.state[key] = _encoder.encode(mark)
+        return True
+
+    def _on_pending(self, message: PendingRequests, now: datetime) -> None:
+        facts, model = message.batch, message.model
+        lines = [line for r in message.ranges for line in range(r.start, r.end)]
+        for start in range(0, len(lines), EVENTS_PER_RECORD):
+            part = lines[start : start + EVENTS_PER_RECORD]
+            self._emit(
+                RequestsPending(
+                    event_id=ids.event_id("pending", facts.batch_id, model, part[0]),
+                    occurred_at=now,
+                    batch_id=facts.batch_id,
+                    file_id=facts.file_id,
+                    model=model,
+                    owner=facts.owner,
+                    created_at=now,
+                    deadline=facts.deadline,
+                    window_class=facts.window_class,
+                    service_tier=facts.service_tier,
+                    items=[PendingItem(ids.request_id(facts.batch_id, n), n) for n in part],
+                    window_s=facts.window_s,
+                )
+            )
+        if model not in self.limits:
+            reason = RequestBuilderError(error=f"model '{model}' is not configured")
+            for n in lines:
+                self._end_unclaimed(facts, model, n, reason, now)
+            return
+        key = f"B:{facts.batch_id}:{model}"
+        if key in self.state:
+            return  # populated already (a population re-sent by hand past its mark)
+        entry = GateBatch(facts, model, message.chunks, list(message.ranges))
+        batch = _Batch(key, entry)
+        self._model(model).batches[facts.batch_id] = batch
+        self._put_batch(batch)
+
+    # -- executor reports -----------------------------------------------------------------
+
+    def _current(self, request_id: str, claim_id: str) -> GateRequest | None:
+        """The row if ``claim_id`` is its current claim and it is in flight (fencing)."""
+        entry = self._request(request_id)
         if entry is None or entry.claim_id != claim_id or entry.state not in IN_FLIGHT:
             return None
         return entry
 
-    def _on_started(self, report: ExecutionStarted, now: datetime, out: list[Out]) -> None:
-        entry = self._current(report.request_id, report.claim_id)
-        if entry is None or entry.state != "claimed":
+    def _on_report(self, report: ExecutionReport, now: datetime) -> None:
+        for started in report.started:
+            entry = self._current(started.request_id, started.claim_id)
+            if entry is not None:
+                self._start(started, entry, report.worker_id, now)
+        for finished in report.finished:
+            entry = self._current(finished.request_id, finished.claim_id)
+            if entry is None:
+                continue  # fenced out: a stale claim, or the request already ended
+            if entry.state == "claimed":
+                if finished.result == "not_sent":
+                    self._not_sent(finished.request_id, entry, now)
+                    continue
+                started = StartedItem(finished.request_id, finished.claim_id)
+                self._start(started, entry, report.worker_id, now)
+            self._finish(finished, entry, now)
+
+    def _start(self, item: StartedItem, entry: GateRequest, worker: str, now: datetime) -> None:
+        if entry.state != "claimed":
+            entry.worker_id = worker  # another executor took the claim over after a rebalance
+            self._put_request(item.request_id, entry)
             return
-        entry.worker_id, entry.started_at = report.worker_id, now
-        self._emit(report.request_id, entry, "processing", out, RequestStarted(
-            event_id=ids.event_id("started", report.claim_id), occurred_at=now,
-            request_id=report.request_id, batch_id=entry.batch_id, model=entry.model,
-            claim_id=report.claim_id, worker_id=report.worker_id,
+        entry.worker_id, entry.started_at = worker, now
+        assert entry.claim_id is not None
+        self._transition(item.request_id, entry, RequestStarted(
+            event_id=ids.event_id("started", entry.claim_id), occurred_at=now,
+            request_id=item.request_id, batch_id=entry.batch_id, model=entry.model,
+            from_state=entry.state, claim_id=entry.claim_id, worker_id=worker,
         ))  # fmt: skip
 
-    def _on_finished(self, report: ExecutionFinished, now: datetime, out: list[Out]) -> None:
-        entry = self._current(report.request_id, report.claim_id)
-        if entry is None:
-            return  # fenced out: a stale claim, or the request already ended
-        if entry.cancel_requested or report.result == "canceled":
-            # Cancelled while in flight: it ends canceled, never completed after its cancel.
-            self._end(report.request_id, entry, "canceled", now, out)
+    def _not_sent(self, request_id: str, entry: GateRequest, now: datetime) -> None:
+        """An executor handed a claim back unsent (a dispatch it judged stale)."""
+        if entry.abort is not None:
+            self._abort_end(request_id, entry, now)
             return
-        common: dict[str, Any] = {
-            "occurred_at": now,
-            "request_id": report.request_id,
-            "batch_id": entry.batch_id,
-            "model": entry.model,
-        }
-        if report.result == "completed":
-            self._emit(report.request_id, entry, "completed", out, RequestCompleted(
-                event_id=ids.event_id("terminal", report.request_id), claim_id=report.claim_id,
-                status=report.status or 200, size=report.size,
-                routed_model=report.routed_model or entry.model, attempt=entry.attempt, **common,
-            ))  # fmt: skip
-        elif report.result == "failed":
-            self._emit(report.request_id, entry, "failed", out, RequestFailed(
-                event_id=ids.event_id("terminal", report.request_id), claim_id=report.claim_id,
-                error_type=report.error_type or "NetworkError", status=report.status,
-                size=report.size, attempt=entry.attempt, **common,
-            ))  # fmt: skip
-        elif report.not_before is not None:
-            entry.attempt, entry.not_before = entry.attempt + 1, report.not_before
-            self._emit(report.request_id, entry, "pending", out, RequestRetryScheduled(
-                event_id=ids.event_id("retry", report.claim_id), claim_id=report.claim_id,
-                attempt=entry.attempt, not_before=report.not_before, **common,
-            ))  # fmt: skip
+        assert entry.claim_id is not None
+        self._transition(request_id, entry, RequestReclaimed(
+            event_id=ids.event_id("reclaimed", entry.claim_id), occurred_at=now,
+            request_id=request_id, batch_id=entry.batch_id, model=entry.model,
+            from_state=entry.state, claim_id=entry.claim_id, attempt=entry.attempt,
+            reason="not_sent",
+        ))  # fmt: skip
 
-    def _emit(
-        self, request_id: str, entry: Entry, state: State, out: list[Out], event: RequestEvent
-    ) -> None:
-        self._move(request_id, entry, state)
-        out.append(Out("requests", entry.model, event))
+    def _finish(self, item: FinishedItem, entry: GateRequest, now: datetime) -> None:
+        request_id = item.request_id
+        genuine = item.result in ("completed", "failed")
+        # Expiry ends in-flight work BatchTerminated whatever it returns, so an expired
+        # batch's files stop changing; after a cancel a genuine result still counts.
+        if entry.abort == "expire" or (entry.abort == "cancel" and not genuine):
+            self._abort_end(request_id, entry, now)
+            return
+        common = self._common(request_id, entry, now, "terminal")
+        if item.result == "completed":
+            self._transition(request_id, entry, RequestCompleted(
+                claim_id=entry.claim_id, status=item.status or 200, size=item.size,
+                routed_model=item.routed_model or entry.model, attempt=entry.attempt, **common,
+            ))  # fmt: skip
+        elif item.result == "failed":
+            self._transition(request_id, entry, RequestFailed(
+                claim_id=entry.claim_id, error_type=item.error_type or "NetworkError",
+                status=item.status, size=item.size, attempt=entry.attempt, **common,
+            ))  # fmt: skip
+        elif item.result == "retry" and item.not_before is not None:
+            assert entry.claim_id is not None
+            claim = entry.claim_id
+            entry.attempt, entry.not_before = entry.attempt + 1, item.not_before
+            self._transition(request_id, entry, RequestRetryScheduled(
+                **self._common(request_id, entry, now, "retry", claim), claim_id=claim,
+                attempt=entry.attempt, not_before=item.not_before,
+            ))  # fmt: skip
+        else:  # canceled unasked (the executor is stopping): it may have been sent
+            self._take_back(request_id, entry, "worker_dead", now)
 
-    def _end(
-        self,
-        request_id: str,
-        entry: Entry,
-        state: State,
-        now: datetime,
-        out: list[Out],
-        reason: FailureReason | None = None,
-    ) -> None:
-        """End a request the gate itself decides on: canceled, or failed with ``reason``."""
-        common: dict[str, Any] = {
-            "event_id": ids.event_id("terminal", request_id),
+    def _common(
+        self, request_id: str, entry: GateRequest, now: datetime, kind: str, *key: object
+    ) -> dict[str, Any]:
+        return {
+            "event_id": ids.event_id(kind, request_id, *key),
             "occurred_at": now,
             "request_id": request_id,
             "batch_id": entry.batch_id,
             "model": entry.model,
+            "from_state": entry.state,
         }
-        if state == "canceled" or reason is None:
-            self._emit(request_id, entry, "canceled", out, RequestCanceled(**common))
+
+    # -- transitions ----------------------------------------------------------------------
+
+    def _transition(self, request_id: str, entry: GateRequest, event: RequestEvent) -> None:
+        """Apply ``event`` through the state machine and record it; keeps the in-flight set,
+        owner counts, queues and the row's record in step."""
+        state = next_state(entry.state, event)
+        if state is None:
+            raise AssertionError(f"{type(event).__name__} does not apply to {entry.state}")
+        self._emit(event)
+        was, entry.state = entry.state, state
+        index = self._model(entry.model)
+        batch = index.batches[entry.batch_id]
+        owner = batch.entry.facts.owner
+        if was in IN_FLIGHT and state not in IN_FLIGHT:
+            index.in_flight.discard(request_id)
+            self._owner(owner, -1)
+        elif was not in IN_FLIGHT and state in IN_FLIGHT:
+            index.in_flight.add(request_id)
+            self._owner(owner, +1)
+        if state in ("completed", "failed", "canceled"):
+            self.state.pop(f"R:{request_id}", None)
+            batch.live -= 1
+            self._retire(index, batch)
             return
+        if state == "pending":
+            entry.claim_id = entry.claimed_at = entry.started_at = entry.worker_id = None
+            self._queue(request_id, entry, batch)
+        self._put_request(request_id, entry)
+
+    def _retire(self, index: _Model, batch: _Batch) -> None:
+        """Forget a batch once nothing of it is live here."""
+        if batch.live <= 0 and not batch.entry.unclaimed:
+            index.batches.pop(batch.entry.facts.batch_id, None)
+            self.state.pop(batch.key, None)
+
+    def _abort_end(self, request_id: str, entry: GateRequest, now: datetime) -> None:
+        if entry.abort == "expire":
+            self._fail(request_id, entry, BatchTerminated(), now)
+        else:
+            self._transition(request_id, entry, RequestCanceled(
+                **self._common(request_id, entry, now, "terminal"),
+            ))  # fmt: skip
+
+    def _fail(self, request_id: str, entry: GateRequest, reason: FailureReason, now: datetime) -> None:  # fmt: skip
         envelope = reason.to_json()
-        out.append(
-            Out("bodies", f"err:{request_id}", Body(kind="err", ref=request_id, text=envelope))
-        )
-        self._emit(request_id, entry, "failed", out, RequestFailed(
-            claim_id=entry.claim_id, error_type=type(reason).__name__, status=None,
-            size=len(envelope.encode()), attempt=entry.attempt, **common,
+        self._transition(request_id, entry, RequestFailed(
+            **self._common(request_id, entry, now, "terminal"), claim_id=entry.claim_id,
+            error_type=type(reason).__name__, status=None, size=len(envelope.encode()),
+            attempt=entry.attempt, error=envelope,
         ))  # fmt: skip
 
-    def _on_cancel_batch(self, message: CancelBatchRequests, now: datetime, out: list[Out]) -> None:
-        self.cancelled[message.batch_id] = b"1"
-        index = self._index(message.model)
-        for request_id in list(self._batch_rows(index, message.batch_id)):
-            entry = self._get(request_id)
-            if entry is None or entry.batch_id != message.batch_id:
-                continue
-            if entry.state == "pending":
-                self._end(request_id, entry, "canceled", now, out)
-            elif entry.state in IN_FLIGHT and not entry.cancel_requested and entry.claim_id:
-                # Abort the upstream call; the executor's report then ends it canceled.
-                entry.cancel_requested = True
-                self._put(request_id, entry)
-                abort = AbortDispatch(
-                    event_id=ids.event_id("abort", entry.claim_id), occurred_at=now,
-                    request_id=request_id, claim_id=entry.claim_id,
-                )  # fmt: skip
-                out.append(Out("dispatch", request_id, abort))
+    def _end_unclaimed(
+        self,
+        facts: BatchFacts,
+        model: str,
+        line: int,
+        reason: FailureReason | None,
+        now: datetime,
+    ) -> None:
+        """End a pending row that has no record of its own (never claimed): canceled when
+        ``reason`` is None, else failed with it."""
+        request_id = ids.request_id(facts.batch_id, line)
+        common: dict[str, Any] = {
+            "event_id": ids.event_id("terminal", request_id),
+            "occurred_at": now,
+            "request_id": request_id,
+            "batch_id": facts.batch_id,
+            "model": model,
+            "from_state": "pending",
+        }
+        if reason is None:
+            self._emit(RequestCanceled(**common))
+            return
+        envelope = reason.to_json()
+        self._emit(RequestFailed(
+            **common, claim_id=None, error_type=type(reason).__name__, status=None,
+            size=len(envelope.encode()), attempt=0, error=envelope,
+        ))  # fmt: skip
 
-    @staticmethod
-    def _batch_rows(index: _ModelIndex, batch_id: str) -> Iterator[str]:
-        yield from (item[2] for item in index.pending.get(batch_id, ()))
-        yield from (item[1] for item in index.delayed)
+    # -- cancel and expiry ----------------------------------------------------------------
+
+    def _close(self, model: str, batch_id: str, why: Abort, now: datetime) -> None:
+        """Cancel or expire a batch's rows of ``model``: rows not sent end at once (canceled,
+        or failed ``BatchTerminated``); rows in flight are aborted and end on the executor's
+        report (core §4.7)."""
+        index = self.models.get(model)
+        batch = None if index is None else index.batches.get(batch_id)
+        if index is None or batch is None or batch.entry.closed is not None:
+            return
+        entry = batch.entry
+        entry.closed = why
+        reason = BatchTerminated() if why == "expire" else None
+        for r in entry.unclaimed:
+            for line in range(r.start, r.end):
+                self._end_unclaimed(entry.facts, model, line, reason, now)
+        rows = list(self._rows_of(index, batch))
+        entry.unclaimed = []
+        batch.returned = []
+        self._put_batch(batch)
+        for request_id in rows:
+            row = self._request(request_id)
+            if row is None or row.batch_id != batch_id:
+                continue
+            if row.state == "pending":
+                row.abort = why
+                self._abort_end(request_id, row, now)
+            elif row.abort is None:
+                row.abort = why
+                self._put_request(request_id, row)
+                assert row.claim_id is not None
+                abort = AbortDispatch(
+                    event_id=ids.event_id("abort", row.claim_id), occurred_at=now,
+                    request_id=request_id, claim_id=row.claim_id,
+                )  # fmt: skip
+                self._out.append(Out("dispatch", request_id, abort, partition=row.partition))
+        self._retire(index, batch)
+
+    def _rows_of(self, index: _Model, batch: _Batch) -> Iterator[str]:
+        """Request ids with a record that may belong to the batch."""
+        batch_id = batch.entry.facts.batch_id
+        yield from (ids.request_id(batch_id, line) for line in set(batch.returned))
+        yield from (request_id for _, request_id in index.delayed)
         yield from index.in_flight
+
+    def _expire(self, index: _Model, model: str, now: datetime) -> None:
+        """Expiry (README decisions): once a batch's deadline passes it claims nothing more;
+        unsent rows fail ``BatchTerminated`` and in-flight ones are aborted to end so too."""
+        for batch_id, batch in list(index.batches.items()):
+            if batch.entry.closed is None and batch.entry.facts.deadline <= now:
+                self._close(model, batch_id, "expire", now)
 
     # -- reclaim --------------------------------------------------------------------------
 
-    def _reclaim_stale(self, model: str, now: datetime, out: list[Out]) -> None:
+    def _reclaim_stale(self, model: str, now: datetime) -> None:
         index = self.models.get(model)
         if index is None:
             return
         for request_id in list(index.in_flight):
-            entry = self._get(request_id)
-            if entry is None or entry.claim_id is None:
+            entry = self._request(request_id)
+            if entry is None:
                 continue
             reason = self._stale_reason(entry, now)
-            if reason is None:
-                continue
-            if entry.cancel_requested:
-                self._end(request_id, entry, "canceled", now, out)
-                continue
-            attempt = entry.attempt + 1
-            limit = self.liveness.max_retries
-            if limit is not None and attempt > limit:
-                self._end(request_id, entry, "failed", now, out, TaskTerminated())
-                continue
-            old_claim, entry.attempt = entry.claim_id, attempt
-            self._emit(request_id, entry, "pending", out, RequestReclaimed(
-                event_id=ids.event_id("reclaimed", old_claim), occurred_at=now,
-                request_id=request_id, batch_id=entry.batch_id, model=entry.model,
-                claim_id=old_claim, attempt=attempt, reason=reason,
-            ))  # fmt: skip
+            if reason is not None:
+                self._take_back(request_id, entry, reason, now)
 
-    def _stale_reason(self, entry: Entry, now: datetime) -> Any:
+    def _take_back(self, request_id: str, entry: GateRequest, reason: Any, now: datetime) -> None:
+        """Return a claim to pending as a new attempt (core §4.8), or end it."""
+        if entry.abort is not None:
+            self._abort_end(request_id, entry, now)
+            return
+        attempt = entry.attempt + 1
+        limit = self.liveness.max_retries
+        if limit is not None and attempt > limit:
+            self._fail(request_id, entry, TaskTerminated(), now)
+            return
+        claim = entry.claim_id
+        assert claim is not None
+        entry.attempt = attempt
+        self._transition(request_id, entry, RequestReclaimed(
+            **self._common(request_id, entry, now, "reclaimed", claim), claim_id=claim,
+            attempt=attempt, reason=reason,
+        ))  # fmt: skip
+
+    def _stale_reason(self, entry: GateRequest, now: datetime) -> str | None:
         live = self.liveness
         if entry.state == "claimed":
             claimed = entry.claimed_at or now
@@ -447,147 +637,125 @@ class Gate:
 
     # -- claiming -------------------------------------------------------------------------
 
-    def _claim(self, model: str, now: datetime, out: list[Out]) -> None:
+    def _claim(self, model: str, now: datetime) -> None:
         index = self.models.get(model)
         if index is None:
             return
         self._release_due(index, now)
-        self._expire_overdue(index, now, out)
+        self._expire(index, model, now)
         capacity = min(
             self.limits.get(model, 0) - len(index.in_flight), self.config.claim_batch_size
         )
         if capacity <= 0:
             return
-        candidates = list(self._candidates(index, model, capacity))
-        if not candidates:
+        units = [
+            scoring.Unit(
+                id=batch_id, batch=True, owner=b.entry.facts.owner,
+                deadline=b.entry.facts.deadline, window_s=b.entry.facts.window_s,
+                window_class=b.entry.facts.window_class,
+                available=b.unclaimed_count() + len(b.returned),
+            )  # fmt: skip
+            for batch_id, b in index.batches.items()
+            if b.entry.closed is None and (b.entry.unclaimed or b.returned)
+        ]
+        if not units:
             return
-        state = self.model_states.get(model)
-        live = scoring.is_live(None if state is None else state.decode())
-        buckets = self._buckets(model, now)
-        chosen = scoring.select(
-            model,
+        raw_state = self.state.get(f"M:{model}")
+        live = scoring.is_live(None if raw_state is None else raw_state.decode())
+        takes = scoring.select(
             capacity,
-            candidates,
+            units,
             self.owner_active,
             live,
-            scoring.cooldown(buckets, now),
+            self._cooldown(model, now),
             now,
             self.config,
         )
-        for key, at in scoring.leak_stamps(
-            chosen, model, now, self.config.leaks_per_window
-        ).items():
-            self.buckets[_bucket_key(key)] = at.isoformat().encode()
-        for pick in chosen:
-            entry = self._get(pick.request_id)
-            if entry is not None:
-                self._claim_one(pick.request_id, entry, now, out)
+        for take in takes:
+            batch = index.batches[take.unit.id]
+            lines = self._take_lines(batch, take.count)
+            for line in lines:
+                self._claim_one(batch, line, now)
+            self._put_batch(batch)
+            if take.leaked and lines:
+                unit = take.unit
+                at = scoring.next_token_at(now, unit.window_s, self.config.leaks_per_window)
+                key = _bucket_key(unit.owner, unit.window_class, model)
+                self.buckets[key] = at
+                self.state[key] = at.isoformat().encode()
 
-    def _expire_overdue(self, index: _ModelIndex, now: datetime, out: list[Out]) -> None:
-        """Expiry (README decisions): a batch past its deadline claims nothing more; its unsent
-        rows fail ``BatchTerminated``. Rows in flight finish, with no retry past the deadline."""
-        for batch_id, heap in list(index.pending.items()):
-            if not batch_id or not heap or batch_id in self.cancelled:
-                continue
-            head = self._get(heap[0][2])  # rows of a batch share its deadline
-            if head is None or head.deadline is None or head.deadline > now:
-                continue
-            del index.pending[batch_id]
-            for _, _, request_id in heap:
-                index.queued.discard(request_id)
-                entry = self._get(request_id)
-                if entry is not None and entry.state == "pending":
-                    self._end(request_id, entry, "failed", now, out, BatchTerminated())
+    def _cooldown(self, model: str, now: datetime) -> set[tuple[str, str]]:
+        """(owner, window-class) buckets of ``model`` without a token; spent tokens that came
+        back are dropped (they carry no state)."""
+        cooling: set[tuple[str, str]] = set()
+        for key, at in list(self.buckets.items()):
+            owner, window_class, bucket_model = key[2:].split("\x1f")
+            if at <= now:
+                del self.buckets[key]
+                self.state.pop(key, None)
+            elif bucket_model == model:
+                cooling.add((owner, window_class))
+        return cooling
 
-    def _release_due(self, index: _ModelIndex, now: datetime) -> None:
+    def _release_due(self, index: _Model, now: datetime) -> None:
         while index.delayed and index.delayed[0][0] <= now.timestamp():
             _, request_id = heapq.heappop(index.delayed)
-            entry = self._get(request_id)
-            if entry is not None and entry.state == "pending" and entry.not_before is not None:
-                entry.not_before = None
-                self._put(request_id, entry)
-                self._enqueue(request_id, entry)
-
-    def _candidates(
-        self, index: _ModelIndex, model: str, capacity: int
-    ) -> Iterator[scoring.Candidate]:
-        """Up to ``capacity`` claimable rows of each batch (and of the batchless rows): the
-        most any batch can contribute to one cycle, so ranking never scans every row."""
-        for batch_id, heap in list(index.pending.items()):
-            if batch_id and batch_id in self.cancelled:
-                continue  # its rows are canceled by the batch's cancel message
-            while heap and not _claimable(self._get(heap[0][2])):
-                index.queued.discard(heapq.heappop(heap)[2])  # stale: the request moved on
-            if not heap:
-                del index.pending[batch_id]
+            entry = self._request(request_id)
+            if entry is None or entry.state != "pending" or entry.not_before is None:
                 continue
-            wanted = capacity if batch_id else len(heap)
-            for request_id, entry in self._first_claimable(heap, wanted):
-                assert entry.deadline is not None
-                yield scoring.Candidate(
-                    request_id=request_id, model=model, owner=entry.owner, batch_id=entry.batch_id,
-                    deadline=entry.deadline, created_at=entry.created_at or entry.deadline,
-                    line=entry.line, window_s=entry.window_s, window_class=entry.window_class,
-                )  # fmt: skip
+            entry.not_before = None
+            self._put_request(request_id, entry)
+            batch = index.batches.get(entry.batch_id)
+            if batch is not None:
+                heapq.heappush(batch.returned, entry.line)
 
-    def _first_claimable(
-        self, heap: list[tuple[float, int, str]], wanted: int
-    ) -> list[tuple[str, Entry]]:
-        """The ``wanted`` first claimable rows of a heap, looking past stale items inside it.
-        Walks the heap in order without sorting it, so a cycle costs O(wanted·log wanted)
-        whatever the backlog."""
-        found: list[tuple[str, Entry]] = []
-        for _, _, request_id in _in_order(heap):
-            if len(found) >= wanted:
-                break
-            entry = self._get(request_id)
-            if _claimable(entry):
-                assert entry is not None
-                found.append((request_id, entry))
-        return found
+    def _take_lines(self, batch: _Batch, count: int) -> list[int]:
+        """The next ``count`` claimable lines of a batch, in line order: never-claimed lines
+        and lines back to pending, merged."""
+        taken: list[int] = []
+        ranges = batch.entry.unclaimed
+        while len(taken) < count and (ranges or batch.returned):
+            if batch.returned and (not ranges or batch.returned[0] < ranges[0].start):
+                line = heapq.heappop(batch.returned)
+                request_id = ids.request_id(batch.entry.facts.batch_id, line)
+                entry = self._request(request_id)
+                if entry is not None and entry.state == "pending" and entry.not_before is None:
+                    taken.append(line)
+                continue
+            head = ranges[0]
+            taken.append(head.start)
+            if head.start + 1 >= head.end:
+                ranges.pop(0)
+            else:
+                ranges[0] = LineRange(head.start + 1, head.end)
+        return taken
 
-    def _buckets(self, model: str, now: datetime) -> dict[scoring.BucketKey, datetime]:
-        found: dict[scoring.BucketKey, datetime] = {}
-        for key, raw in list(self.buckets.items()):
-            owner, window_class, bucket_model = key.split("\x1f")
-            at = datetime.fromisoformat(raw.decode())
-            if at <= now:
-                del self.buckets[key]  # the token is back: no state left to keep
-            elif bucket_model == model:
-                found[(owner, window_class, bucket_model)] = at
-        return found
-
-    def _claim_one(self, request_id: str, entry: Entry, now: datetime, out: list[Out]) -> None:
+    def _claim_one(self, batch: _Batch, line: int, now: datetime) -> None:
+        facts = batch.entry.facts
+        request_id = ids.request_id(facts.batch_id, line)
+        entry = self._request(request_id)
+        if entry is None:
+            entry = GateRequest(model=batch.entry.model, state="pending", batch_id=facts.batch_id, line=line)  # fmt: skip
+            batch.live += 1
         entry.claims += 1
-        claim_id = ids.derived("claim", request_id, entry.claims)
+        claim_id = ids.claim_id(request_id, entry.claims)
         entry.claim_id, entry.claimed_at = claim_id, now
-        entry.worker_id = entry.started_at = None
-        self._emit(request_id, entry, "claimed", out, RequestClaimed(
+        entry.partition = self._next_partition
+        self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
+        self._transition(request_id, entry, RequestClaimed(
             event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,
-            batch_id=entry.batch_id, model=entry.model, claim_id=claim_id,
+            batch_id=facts.batch_id, model=entry.model, from_state="pending", claim_id=claim_id,
             worker_id=self.worker_id, attempt=entry.attempt,
         ))  # fmt: skip
-        assert entry.deadline is not None
-        dispatch = Dispatch(
-            event_id=ids.event_id("dispatch", claim_id), occurred_at=now, request_id=request_id,
-            batch_id=entry.batch_id, template_id=entry.template_id, custom_id=entry.custom_id,
-            model=entry.model, claim_id=claim_id, attempt=entry.attempt, deadline=entry.deadline,
+        item = DispatchItem(
+            request_id=request_id, claim_id=claim_id, batch_id=facts.batch_id,
+            model=entry.model, path=facts.path, attempt=entry.attempt, deadline=facts.deadline,
+            claimed_at=now, body=batch.entry.body_ref(line),
         )  # fmt: skip
-        out.append(Out("dispatch", request_id, dispatch))
+        self._dispatch.setdefault(entry.partition, []).append(item)
+        if facts.headers:
+            self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
 
 
-def _in_order(heap: list[tuple[float, int, str]]) -> Iterator[tuple[float, int, str]]:
-    """A heap's items in ascending order, lazily: a frontier of candidate positions starting
-    at the root, each popped position adding its two children."""
-    frontier = [(heap[0], 0)] if heap else []
-    while frontier:
-        item, position = heapq.heappop(frontier)
-        yield item
-        for child in (2 * position + 1, 2 * position + 2):
-            if child < len(heap):
-                heapq.heappush(frontier, (heap[child], child))
-
-
-def _claimable(entry: Entry | None) -> bool:
-    """Pending with no retry delay; batch-level eligibility is checked per batch."""
-    return entry is not None and entry.state == "pending" and entry.not_before is None
+def _bucket_key(owner: str, window_class: str, model: str) -> str:
+    return "K:" + "\x1f".join((owner, window_class, model))

@@ -1,4 +1,8 @@
-"""The OpenAI error envelope every Cannonade-generated error uses (responses-and-api §8.2)."""
+"""The OpenAI error envelope every Cannonade-generated error uses (responses-and-api §8.2).
+
+A rule anywhere (the API, the commands agent) raises :class:`ApiError`; the API answers it as
+the envelope, the commands agent records it as a rejection with the same status and message.
+"""
 
 from __future__ import annotations
 

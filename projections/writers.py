@@ -1,0 +1,466 @@
+"""What each topic's records write to the read models: set-based SQL per poll.
+
+:func:`apply` writes one poll's records inside the caller's transaction and returns the
+records it could not apply (undecodable, or an event the state machine refuses) with the
+reason; the projector dead-letters those and goes on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+import msgspec
+from aiokafka import ConsumerRecord
+
+from projections.fold import COLUMN_TYPES, COLUMNS, Fold
+from schemas import bodies, codec, ids, topics
+from schemas.events import (
+    ApiKey,
+    BatchCancelRequested,
+    BatchCreated,
+    BatchPopulated,
+    BatchPopulationFailed,
+    BatchRejected,
+    FileDeleted,
+    FileUploaded,
+    TemplatesAppended,
+    WorkerHeartbeat,
+    WorkerStarted,
+    WorkerStopped,
+)
+
+Rejected = list[tuple[ConsumerRecord, str]]
+
+_INSERT_ROWS = """
+WITH ins AS (
+    INSERT INTO requests (id, batch_id, file_id, line_number, model, owner, state, deadline,
+                          created_at, service_tier, last_offset)
+    SELECT u.id, u.batch_id, u.file_id, u.line_number, u.model, u.owner, 'pending', u.deadline,
+           u.created_at, u.service_tier, u.off
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bigint[])
+         AS u(id, batch_id, file_id, line_number, model, owner, deadline, created_at,
+              service_tier, off)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING batch_id
+)
+INSERT INTO batch_counts (batch_id, pending)
+SELECT batch_id, count(*) FROM ins WHERE batch_id IS NOT NULL GROUP BY batch_id
+ON CONFLICT (batch_id) DO UPDATE SET pending = batch_counts.pending + EXCLUDED.pending
+"""
+
+_COUNTERS = ("pending", "in_progress", "completed", "failed", "canceled")
+_COUNTER_STATES = {
+    "pending": "('pending')",
+    "in_progress": "('claimed', 'processing')",
+    "completed": "('completed')",
+    "failed": "('failed')",
+    "canceled": "('canceled')",
+}
+# One statement per poll: every changed row written once, only past its last applied offset,
+# and the batch counters moved from each row's first from_state to its last state.
+_UPDATE_ROWS = f"""
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+        $6::int[], {", ".join(f"${i + 7}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
+    AS u(id, first_off, last_off, from_state, state, mask, {", ".join(COLUMNS)})
+),
+upd AS (
+    UPDATE requests r SET state = u.state, last_offset = u.last_off,
+        projected_at = clock_timestamp(),
+        {", ".join(f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END" for i, c in enumerate(COLUMNS))}
+    FROM u, requests o
+    WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off
+    RETURNING r.batch_id, u.from_state, u.state, o.response_size AS old_size,
+              r.response_size AS new_size,
+              COALESCE(r.completed_at, r.failed_at, r.canceled_at) AS ended_at
+)
+INSERT INTO batch_counts (batch_id, {", ".join(_COUNTERS)}, response_bytes, error_bytes,
+                          last_terminal_at)
+SELECT batch_id,
+    {", ".join(f"sum((state IN {_COUNTER_STATES[c]})::int - (from_state IN {_COUNTER_STATES[c]})::int)" for c in _COUNTERS)},
+    sum(CASE WHEN state = 'completed' THEN new_size ELSE 0 END
+        - CASE WHEN from_state = 'completed' THEN old_size ELSE 0 END),
+    sum(CASE WHEN state = 'failed' THEN new_size ELSE 0 END
+        - CASE WHEN from_state = 'failed' THEN old_size ELSE 0 END),
+    max(ended_at) FILTER (WHERE state IN ('completed', 'failed', 'canceled'))
+FROM upd WHERE batch_id IS NOT NULL GROUP BY batch_id
+ON CONFLICT (batch_id) DO UPDATE SET
+    {", ".join(f"{c} = batch_counts.{c} + EXCLUDED.{c}" for c in (*_COUNTERS, "response_bytes", "error_bytes"))},
+    last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at)
+RETURNING batch_id
+"""  # noqa: E501
+
+# Lazy finalisation (core §5.2.5), done here deterministically from event times: a populated
+# batch whose rows are all terminal gets its terminal stamps once.
+_FINALIZE = """
+UPDATE batches b SET
+    finalizing_at = c.last_terminal_at,
+    completed_at = CASE WHEN c.completed > 0 THEN c.last_terminal_at END,
+    failed_at = CASE WHEN c.completed = 0 THEN c.last_terminal_at END
+FROM batch_counts c
+WHERE c.batch_id = b.id AND b.id = ANY($1::uuid[])
+  AND b.total_requests > 0 AND b.requests_started_at IS NOT NULL
+  AND c.pending = 0 AND c.in_progress = 0
+  AND c.completed + c.failed + c.canceled = b.total_requests
+  AND b.completed_at IS NULL AND b.failed_at IS NULL AND b.cancelling_at IS NULL
+"""
+
+
+async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> Rejected:
+    by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
+    for record in records:
+        by_topic[record.topic].append(record)
+    rejected: Rejected = []
+    await _files(conn, by_topic[topics.FILES.name], rejected)
+    await _bodies(conn, by_topic[topics.BODIES.name], rejected)
+    touched = await _batches(conn, by_topic[topics.BATCHES.name], rejected)
+    touched |= await _requests(conn, by_topic[topics.REQUESTS.name], rejected)
+    await _model_filters(conn, by_topic[topics.MODEL_FILTERS.name], rejected)
+    await _workers(conn, by_topic[topics.WORKERS.name], rejected)
+    await _keys(conn, by_topic[topics.KEYS.name], rejected)
+    if touched:
+        await conn.execute(_FINALIZE, list(touched))
+    return rejected
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], record: ConsumerRecord, rejected: Rejected) -> Any:
+    try:
+        return decoder.decode(record.value)
+    except codec.DecodeErrors as exc:
+        rejected.append((record, f"invalid message: {exc}"))
+    except TypeError:  # a null value on a topic that has no tombstones
+        rejected.append((record, "empty payload"))
+    return None
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    templates: list[tuple[Any, ...]] = []
+    for record in records:
+        event = _decode(codec.file_events, record, rejected)
+        if isinstance(event, TemplatesAppended):
+            templates += [
+                (event.file_id, event.first_line + i, t.custom_id, t.method, t.path, t.model,
+                 t.body_size, event.body_key)
+                for i, t in enumerate(event.templates)
+            ]  # fmt: skip
+        elif isinstance(event, FileUploaded):
+            await _flush_templates(conn, templates)
+            await conn.execute(
+                "INSERT INTO files (id, owner, filename, purpose, bytes, template_count, api_key_id,"
+                " created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " ON CONFLICT (id) DO NOTHING",
+                event.file_id, event.owner, event.filename, event.purpose, event.bytes,
+                event.template_count, event.api_key_id, event.created_at, event.expires_at,
+            )  # fmt: skip
+            # Lines an abandoned earlier attempt of the same upload left beyond the file's end.
+            await conn.execute(
+                "DELETE FROM request_templates WHERE file_id = $1 AND line_number >= $2",
+                event.file_id,
+                event.template_count,
+            )
+            await _apply_deletions(conn, [event.file_id])
+        elif isinstance(event, FileDeleted):
+            await _flush_templates(conn, templates)
+            await conn.execute(
+                "INSERT INTO file_deletions (file_id, deleted_at) VALUES ($1, $2)"
+                " ON CONFLICT (file_id) DO NOTHING",
+                event.file_id, event.occurred_at,
+            )  # fmt: skip
+            await _apply_deletions(conn, [event.file_id])
+    await _flush_templates(conn, templates)
+
+
+async def _flush_templates(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    columns = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO request_templates (file_id, line_number, custom_id, method, path, model,"
+        " body_size, body_key) SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[],"
+        " $4::text[], $5::text[], $6::text[], $7::int[], $8::text[])"
+        " ON CONFLICT (file_id, line_number) DO UPDATE SET custom_id = EXCLUDED.custom_id,"
+        " method = EXCLUDED.method, path = EXCLUDED.path, model = EXCLUDED.model,"
+        " body_size = EXCLUDED.body_size, body_key = EXCLUDED.body_key",
+        *columns,
+    )
+    rows.clear()
+
+
+async def _apply_deletions(conn: asyncpg.Connection, file_ids: list[str]) -> None:
+    """Apply the recorded deletions among ``file_ids`` to the rows that exist now.
+
+    Called after a deletion and after every insert that may reference a deleted file, so the
+    outcome does not depend on which topic's events were projected first."""
+    deleted = await conn.fetch(
+        "SELECT file_id FROM file_deletions WHERE file_id = ANY($1::uuid[])", file_ids
+    )
+    if not deleted:
+        return
+    found = [r["file_id"] for r in deleted]
+    await conn.execute(
+        "UPDATE files f SET status = 'deleted', deleted_at = d.deleted_at FROM file_deletions d"
+        " WHERE d.file_id = f.id AND f.id = ANY($1::uuid[]) AND f.deleted_at IS NULL",
+        found,
+    )
+    await conn.execute(
+        "UPDATE batches SET"
+        " input_file_id = CASE WHEN input_file_id = ANY($1::uuid[]) THEN NULL ELSE input_file_id END,"
+        " output_file_id = CASE WHEN output_file_id = ANY($1::uuid[]) THEN NULL ELSE output_file_id END,"
+        " error_file_id = CASE WHEN error_file_id = ANY($1::uuid[]) THEN NULL ELSE error_file_id END"
+        " WHERE input_file_id = ANY($1::uuid[]) OR output_file_id = ANY($1::uuid[])"
+        " OR error_file_id = ANY($1::uuid[])",
+        found,
+    )
+
+
+# -- bodies --------------------------------------------------------------------------------
+
+
+async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    latest: dict[bytes, ConsumerRecord] = {}
+    for record in records:
+        if record.key is None:
+            rejected.append((record, "a body record needs a key"))
+            continue
+        latest[record.key] = record  # compaction semantics: the last record of a key wins
+    chunks: list[tuple[str, bytes]] = []
+    single: list[tuple[str, str, bytes]] = []
+    erased_chunks: list[str] = []
+    erased: list[tuple[str, str]] = []
+    for raw_key, record in latest.items():
+        key = raw_key.decode("utf-8", "replace")
+        kind, _, ref = key.partition(":")
+        if kind == bodies.CHUNK:
+            if record.value is None:
+                erased_chunks.append(key)
+            else:
+                chunks.append((key, record.value))
+            continue
+        if kind not in (bodies.TEMPLATE, bodies.RESULT, bodies.ERROR) or not _is_uuid(ref):
+            rejected.append((record, f"unknown body key '{key[:100]}'"))
+            continue
+        if record.value is None:
+            erased.append((ref, kind))
+        else:
+            single.append((ref, kind, record.value))
+    if chunks:
+        await conn.executemany(
+            "INSERT INTO template_chunks (body_key, body) VALUES ($1, $2)"
+            " ON CONFLICT (body_key) DO UPDATE SET body = EXCLUDED.body",
+            chunks,
+        )
+    if single:
+        await conn.executemany(
+            "INSERT INTO bodies (ref, kind, body) VALUES ($1, $2, $3)"
+            " ON CONFLICT (ref, kind) DO UPDATE SET body = EXCLUDED.body",
+            single,
+        )
+    if erased_chunks:
+        await conn.execute("DELETE FROM template_chunks WHERE body_key = ANY($1)", erased_chunks)
+    if erased:
+        await conn.executemany("DELETE FROM bodies WHERE ref = $1 AND kind = $2", erased)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+# -- batches -------------------------------------------------------------------------------
+
+
+async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> set[str]:  # fmt: skip
+    touched: set[str] = set()
+    for record in records:
+        event = _decode(codec.batch_events, record, rejected)
+        if event is None:
+            continue
+        touched.add(event.batch_id)
+        if isinstance(event, BatchCreated):
+            await _batch_created(conn, event)
+        elif isinstance(event, BatchPopulated):
+            await conn.execute(
+                "INSERT INTO batches (id, total_requests, models, requests_started_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
+                " total_requests = EXCLUDED.total_requests, models = EXCLUDED.models,"
+                " requests_started_at = COALESCE(batches.requests_started_at, EXCLUDED.requests_started_at)",
+                event.batch_id, event.total, msgspec.json.encode(event.models).decode(),
+                event.occurred_at,
+            )  # fmt: skip
+        elif isinstance(event, BatchPopulationFailed):
+            await conn.execute(
+                "INSERT INTO batches (id, failed_at, errors_message) VALUES ($1, $2, $3)"
+                " ON CONFLICT (id) DO UPDATE SET failed_at = COALESCE(batches.failed_at, $2),"
+                " errors_message = COALESCE(batches.errors_message, $3)",
+                event.batch_id, event.occurred_at, event.message,
+            )  # fmt: skip
+        elif isinstance(event, BatchCancelRequested):
+            # A batch that already ended keeps its outcome (a deleted input file cancels
+            # only the batches still running from it).
+            await conn.execute(
+                "INSERT INTO batches (id, cancelling_at, cancelled_at) VALUES ($1, $2, $2)"
+                " ON CONFLICT (id) DO UPDATE SET"
+                " cancelling_at = COALESCE(batches.cancelling_at, $2),"
+                " cancelled_at = COALESCE(batches.cancelled_at, $2)"
+                " WHERE batches.completed_at IS NULL AND batches.failed_at IS NULL",
+                event.batch_id, event.occurred_at,
+            )  # fmt: skip
+        elif isinstance(event, BatchRejected):
+            await conn.execute(
+                "INSERT INTO batch_rejections (batch_id, owner, status, message, code, param)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING",
+                event.batch_id, event.owner, event.status, event.message, event.code, event.param,
+            )  # fmt: skip
+    return touched
+
+
+async def _batch_created(conn: asyncpg.Connection, event: BatchCreated) -> None:
+    metadata = None if event.metadata is None else msgspec.json.encode(event.metadata).decode()
+    await conn.execute(
+        "INSERT INTO batches (id, owner, input_file_id, endpoint, completion_window, metadata,"
+        " output_file_id, error_file_id, api_key_id, created_at, expires_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        " ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner,"
+        " input_file_id = EXCLUDED.input_file_id, endpoint = EXCLUDED.endpoint,"
+        " completion_window = EXCLUDED.completion_window, metadata = EXCLUDED.metadata,"
+        " output_file_id = EXCLUDED.output_file_id, error_file_id = EXCLUDED.error_file_id,"
+        " api_key_id = EXCLUDED.api_key_id, created_at = EXCLUDED.created_at,"
+        " expires_at = EXCLUDED.expires_at WHERE batches.owner IS NULL",
+        event.batch_id, event.owner, event.input_file_id, event.endpoint,
+        event.completion_window, metadata, event.output_file_id, event.error_file_id,
+        event.api_key_id, event.created_at, event.expires_at,
+    )  # fmt: skip
+    await conn.executemany(
+        "INSERT INTO files (id, owner, filename, purpose, size_finalized, batch_id, created_at)"
+        " VALUES ($1, $2, $3, $4, false, $5, $6) ON CONFLICT (id) DO NOTHING",
+        [
+            (ids.output_file_id(event.batch_id), event.owner, f"batch-{event.batch_id}-output.jsonl",
+             "batch_output", event.batch_id, event.created_at),
+            (ids.error_file_id(event.batch_id), event.owner, f"batch-{event.batch_id}-error.jsonl",
+             "batch_error", event.batch_id, event.created_at),
+        ],
+    )  # fmt: skip
+    await _apply_deletions(conn, [event.input_file_id, event.output_file_id, event.error_file_id])
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> set[str]:  # fmt: skip
+    fold = Fold()
+    origin: dict[int, ConsumerRecord] = {}
+    for record in records:
+        batch = _decode(codec.lifecycle, record, rejected)
+        if batch is None:
+            continue
+        for event in batch.events:
+            origin[id(event)] = record
+            fold.apply(event, record.offset)
+    for event, reason in fold.rejected:
+        rejected.append((origin[id(event)], f"{reason} (request {event.request_id})"))
+    touched: set[str] = set()
+    if fold.new_rows:
+        rows = list(fold.new_rows.values())
+        await conn.execute(
+            _INSERT_ROWS,
+            *[
+                [getattr(r, f) for r in rows]
+                for f in ("id", "batch_id", "file_id", "line_number", "model", "owner",
+                          "deadline", "created_at", "service_tier", "offset")
+            ],
+        )  # fmt: skip
+        touched |= {r.batch_id for r in rows}
+    if fold.writes:
+        writes = list(fold.writes.values())
+        found = await conn.fetch(
+            _UPDATE_ROWS,
+            [w.id for w in writes],
+            [w.first_offset for w in writes],
+            [w.last_offset for w in writes],
+            [w.from_state for w in writes],
+            [w.state for w in writes],
+            [w.mask for w in writes],
+            *[[w.values.get(c) for w in writes] for c in COLUMNS],
+        )
+        touched |= {str(r["batch_id"]) for r in found}
+    if fold.errors:
+        await conn.executemany(
+            "INSERT INTO bodies (ref, kind, body) VALUES ($1, 'err', $2)"
+            " ON CONFLICT (ref, kind) DO UPDATE SET body = EXCLUDED.body",
+            [(ref, text.encode()) for ref, text in fold.errors.items()],
+        )
+    return touched
+
+
+# -- model filters, workers, keys ----------------------------------------------------------
+
+
+async def _model_filters(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    events = [e for e in (_decode(codec.model_filters, r, rejected) for r in records) if e]
+    if events:
+        await conn.executemany(
+            "INSERT INTO model_filters (event_id, model, state, expected_ready_at, created_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+            [(e.event_id, e.model, e.state, e.expected_ready_at, e.occurred_at) for e in events],
+        )
+
+
+async def _workers(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    """Daemon records (core §1.5); a heartbeat never revives a worker recorded dead."""
+    for record in records:
+        event = _decode(codec.worker_events, record, rejected)
+        if isinstance(event, WorkerStarted):
+            await conn.execute(
+                "INSERT INTO daemons (id, role, status, hostname, pid, version, config_snapshot,"
+                " started_at, last_heartbeat, created_at) VALUES ($1, $2, 'running', $3, $4, $5, $6, $7, $7, $7)"
+                " ON CONFLICT (id) DO NOTHING",
+                event.worker_id, event.role, event.hostname, event.pid, event.version,
+                msgspec.json.encode(event.config_snapshot).decode(), event.occurred_at,
+            )  # fmt: skip
+        elif isinstance(event, WorkerHeartbeat | WorkerStopped):
+            stopped = isinstance(event, WorkerStopped)
+            await conn.execute(
+                "INSERT INTO daemons (id, role, status, last_heartbeat, stopped_at, requests_processed,"
+                " requests_failed, requests_in_flight, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $4)"
+                " ON CONFLICT (id) DO UPDATE SET"
+                " status = CASE WHEN daemons.status = 'dead' THEN 'dead' ELSE EXCLUDED.status END,"
+                " last_heartbeat = GREATEST(daemons.last_heartbeat, EXCLUDED.last_heartbeat),"
+                " stopped_at = COALESCE(daemons.stopped_at, EXCLUDED.stopped_at),"
+                " requests_processed = EXCLUDED.requests_processed,"
+                " requests_failed = EXCLUDED.requests_failed,"
+                " requests_in_flight = EXCLUDED.requests_in_flight",
+                event.worker_id, event.role, "dead" if stopped else "running", event.occurred_at,
+                event.occurred_at if stopped else None, event.requests_processed,
+                event.requests_failed, event.requests_in_flight,
+            )  # fmt: skip
+
+
+async def _keys(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    for record in records:
+        if record.value is None:
+            continue  # compaction tombstone of a key record: nothing was ever deleted this way
+        event = _decode(codec.api_keys, record, rejected)
+        if not isinstance(event, ApiKey):
+            continue
+        try:
+            digest = bytes.fromhex(event.key_hash)
+        except ValueError:
+            rejected.append((record, "key_hash must be hex"))
+            continue
+        await conn.execute("INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING", event.user)
+        await conn.execute(
+            "INSERT INTO api_keys (id, user_id, key_hash, created_at, revoked_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET"
+            " revoked_at = COALESCE(api_keys.revoked_at, EXCLUDED.revoked_at)",
+            event.key_id, event.user, digest, event.created_at, event.revoked_at,
+        )  # fmt: skip

@@ -1,0 +1,135 @@
+"""Template bodies, read by offset from the compacted bodies topic.
+
+A dispatch names its body by :class:`schemas.bodies.BodyRef`; the executor fetches that record
+(and, while it is at it, the records after it: the next chunks of the same file, which the
+next dispatches will want) and keeps decoded chunks in a bounded cache. The write path thus
+never waits on the read model, and erased content (a tombstoned, compacted record) reads as
+gone rather than stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Protocol
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import bodies, topics
+from schemas.bodies import BodyRef, TemplateChunk
+
+
+class Template(msgspec.Struct, frozen=True):
+    custom_id: str | None
+    body: bytes
+
+
+class BodyGone(Exception):
+    """The body's record is not on the topic any more (erased), or never was (a bad ref)."""
+
+
+class BodySource(Protocol):
+    async def template(self, ref: BodyRef) -> Template: ...
+
+
+_Decoded = TemplateChunk | bytes
+
+
+class BodyReader:
+    """Random access to template bodies through one consumer with manual assignment. Every
+    partition stays paused except while a read is in progress on it."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic: str = topics.BODIES.name,
+        partitions: int = topics.BODIES.partitions,
+        cache_bytes: int = 64 * 1024 * 1024,
+        fetch_timeout_s: float = 10.0,
+    ) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            # One fetch brings the asked record and enough of the ones after it to read ahead.
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=topics.MAX_MESSAGE_BYTES,
+            fetch_max_wait_ms=5,
+            auto_offset_reset="earliest",
+        )
+        self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
+        self._locks = [asyncio.Lock() for _ in range(partitions)]
+        # (partition, offset) -> (decoded record, its size on the topic)
+        self._cache: OrderedDict[tuple[int, int], tuple[_Decoded, int]] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._fetch_timeout_s = fetch_timeout_s
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.assign(self._partitions)
+        self._consumer.pause(*self._partitions)
+        self._ready.set()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def template(self, ref: BodyRef) -> Template:
+        cached = self._cache.get((ref.partition, ref.offset))
+        if cached is None:
+            await self._ready.wait()
+            record = await self._fetch(ref.partition, ref.offset)
+        else:
+            record = cached[0]
+            self._cache.move_to_end((ref.partition, ref.offset))
+        if isinstance(record, bytes):
+            return Template(None, record)
+        if not 0 <= ref.index < len(record.lines):
+            raise BodyGone(f"line {ref.index} is not in the chunk at {ref.partition}@{ref.offset}")
+        line = record.lines[ref.index]
+        return Template(line.custom_id, bytes(line.body))
+
+    async def _fetch(self, partition: int, offset: int) -> _Decoded:
+        tp = self._partitions[partition]
+        async with self._locks[partition]:
+            found = self._cache.get((partition, offset))
+            if found is not None:
+                return found[0]
+            self._consumer.seek(tp, offset)
+            self._consumer.resume(tp)
+            try:
+                async with asyncio.timeout(self._fetch_timeout_s):
+                    while True:
+                        batch = await self._consumer.getmany(tp, timeout_ms=1000)
+                        records = batch.get(tp, [])
+                        if records:
+                            break
+            except TimeoutError:
+                raise BodyGone(f"no record at {partition}@{offset}") from None
+            finally:
+                self._consumer.pause(tp)
+            for record in records:
+                self._remember(partition, record.offset, record.key, record.value)
+            found = self._cache.get((partition, offset))
+            if found is None:
+                # Offsets survive compaction: a missing one was tombstoned and cleaned away.
+                raise BodyGone(f"the body at {partition}@{offset} was erased")
+            return found[0]
+
+    def _remember(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:  # fmt: skip
+        if key is None or value is None or (partition, offset) in self._cache:
+            return
+        kind = key.split(b":", 1)[0].decode("ascii", "replace")
+        if kind == bodies.CHUNK:
+            decoded: _Decoded = bodies.chunk_decoder.decode(value)
+        elif kind == bodies.TEMPLATE:
+            decoded = value
+        else:
+            return  # results share the partitions; executors never read them
+        self._cache[(partition, offset)] = (decoded, len(value))
+        self._cached += len(value)
+        while self._cached > self._cache_bytes and len(self._cache) > 1:
+            _, (_, size) = self._cache.popitem(last=False)
+            self._cached -= size

@@ -1,0 +1,125 @@
+"""Coalesces an executor's news into one ExecutionReport per model and flush.
+
+Calls that end within a couple of milliseconds of each other share one record to the gate, and
+their result bodies are acknowledged by the broker before the report that makes their rows
+terminal is sent, so a terminal row never waits for a body that was lost. A started call is
+reported only if it is still running a little later: at low upstream latency most calls end
+first, and the finished report implies the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from schemas import ids
+from schemas.events import ExecutionReport, FinishedItem, StartedItem
+from streams.app import utcnow
+from streams.emit import Out
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[Out]], Awaitable[None]]
+
+
+class Reporter:
+    def __init__(
+        self,
+        publish: Publish,
+        worker_id: str,
+        *,
+        finished_delay_s: float = 0.002,
+        started_delay_s: float = 0.05,
+    ) -> None:
+        self._publish = publish
+        self.worker_id = worker_id
+        self._finished_delay = finished_delay_s
+        self._started_delay = started_delay_s
+        self._started: dict[str, tuple[float, str, StartedItem]] = {}  # claim -> (t, model, item)
+        self._finished: dict[str, list[FinishedItem]] = {}
+        self._bodies: list[Out] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Flush what is left, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        await self._flush(everything=True)
+
+    def started(self, model: str, item: StartedItem) -> None:
+        self._started[item.claim_id] = (time.monotonic(), model, item)
+        self._wake.set()
+
+    def finished(self, model: str, item: FinishedItem, bodies: Sequence[Out] = ()) -> None:
+        self._started.pop(item.claim_id, None)
+        self._finished.setdefault(model, []).append(item)
+        self._bodies.extend(bodies)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        backoff = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self._finished_delay)
+            try:
+                await self._flush()
+                backoff = 0.1
+            except Exception:
+                # The broker is away: keep everything buffered and try again.
+                log.exception("could not send execution reports; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wake.set()
+                continue
+            if self._started:  # report still-running calls once they are old enough
+                oldest = min(t for t, _, _ in self._started.values())
+                wait = oldest + self._started_delay - time.monotonic()
+                asyncio.get_running_loop().call_later(max(wait, 0.0), self._wake.set)
+
+    async def _flush(self, *, everything: bool = False) -> None:
+        cutoff = time.monotonic() - self._started_delay
+        started: dict[str, list[StartedItem]] = {}
+        for claim, (at, model, item) in list(self._started.items()):
+            if everything or at <= cutoff:
+                started.setdefault(model, []).append(item)
+                del self._started[claim]
+        finished, bodies = self._finished, self._bodies
+        self._finished, self._bodies = {}, []
+        reports = [
+            Out(
+                "gate",
+                model,
+                ExecutionReport(
+                    event_id=ids.new_id(),
+                    occurred_at=utcnow(),
+                    worker_id=self.worker_id,
+                    model=model,
+                    started=started.get(model, []),
+                    finished=finished.get(model, []),
+                ),
+            )
+            for model in sorted(set(started) | set(finished))
+        ]
+        try:
+            if bodies:
+                await self._publish(bodies)
+            if reports:
+                await self._publish(reports)
+        except BaseException:
+            # Put it all back, in order, for the next attempt.
+            for model, items in finished.items():
+                self._finished[model] = items + self._finished.get(model, [])
+            self._bodies = bodies + self._bodies
+            now = time.monotonic()
+            for model, items in started.items():
+                for item in items:
+                    self._started.setdefault(item.claim_id, (now - self._started_delay, model, item))
+            raise

@@ -1,0 +1,50 @@
+"""Faust tables seen as plain mutable mappings, so the domain code keeps them as dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+
+class Utf8Keys(MutableMapping[str, bytes]):
+    """A Faust table seen with ``str`` keys; the table stores raw bytes keys so that keys read
+    back from the changelog on recovery compare equal to the ones written. A value of None is
+    a deleted key still in the changelog's compaction backlog."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self.table[key.encode()]
+        if value is None:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.table[key.encode()] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key.encode()]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.table.get(key.encode()) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k, v in self.table.items() if v is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for v in self.table.values() if v is not None)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.table.get(key.encode())
+        return default if value is None else value
+
+    def items(self) -> Any:  # type: ignore[override]
+        return ((k.decode(), v) for k, v in self.table.items() if v is not None)
+
+    def pop(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = self.table.get(key.encode())
+        if value is None:
+            return default
+        del self.table[key.encode()]
+        return value
