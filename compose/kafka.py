@@ -3,6 +3,10 @@
 The broker's jars come from Maven Central through ``compose/kafka/pom.xml`` and are cached
 per version; each stack gets its own config, data and log under its run directory.
 
+A node is its directory: the first :func:`start` picks its ports and cluster id, records them
+in ``node.json`` and formats storage; every later start reuses both, so a broker stopped with
+:func:`stop` comes back on its data (topics and records kept) at the same address.
+
 CLI: ``python -m compose.kafka fetch [--lib-dir DIR]`` gathers the jars (prints the lib dir).
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -21,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -45,6 +50,8 @@ _JVM_OPTS = (
     "-Dorg.slf4j.simpleLogger.showDateTime=true",
     "-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS",
 )
+# Per node dir: its cluster id and ports, fixed at the first start (see the module docstring).
+_NODE_FILE = "node.json"
 # Popen handles of brokers this process started, kept so they are never garbage-collected
 # while running (ResourceWarning) and so stop() can reap them instead of leaving zombies.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -169,6 +176,10 @@ def write_config(kafka_dir: Path, port: int, controller_port: int) -> Path:
         "offsets.topic.num.partitions": "4",
         "transaction.state.log.num.partitions": "4",
         "group.initial.rebalance.delay.ms": "0",
+        # A restarted node cannot register until its previous incarnation's session expires
+        # (DUPLICATE_BROKER_REGISTRATION): 3 s rather than the default 9 s bounds that wait.
+        "broker.session.timeout.ms": "3000",
+        "broker.heartbeat.interval.ms": "1000",
         "num.network.threads": "2",  # 2-core box
         "num.io.threads": "2",
         # Topics come from the catalog with explicit partition counts; a typo must fail loudly.
@@ -228,19 +239,83 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+@dataclass(frozen=True)
+class _Identity:
+    """What must not change across restarts of a node: clients and data depend on it."""
+
+    cluster_id: str
+    port: int
+    controller_port: int
+
+
+def formatted(kafka_dir: Path) -> bool:
+    """True once StorageTool has formatted the node's data dir."""
+    return (kafka_dir / "data" / "meta.properties").is_file()
+
+
+def _formatted_cluster_id(kafka_dir: Path) -> str | None:
+    try:
+        lines = (kafka_dir / "data" / "meta.properties").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "cluster.id":
+            return value.strip()
+    return None
+
+
+def _identity(kafka_dir: Path, ports: tuple[int, int] | None) -> _Identity:
+    """The node's recorded identity, or a new one recorded now (before formatting)."""
+    path = kafka_dir / _NODE_FILE
+    try:
+        data = json.loads(path.read_text())
+        ident = _Identity(str(data["cluster_id"]), int(data["port"]), int(data["controller_port"]))
+    except FileNotFoundError:
+        port, controller_port = ports or free_ports(2)
+        # Data formatted without a node.json (a dir from before it existed) keeps its id.
+        cluster_id = _formatted_cluster_id(kafka_dir) or random_cluster_id()
+        ident = _Identity(cluster_id, port, controller_port)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(ident)) + "\n")
+        os.replace(tmp, path)
+        return ident
+    if ports is not None and ports != (ident.port, ident.controller_port):
+        raise ValueError(
+            f"{kafka_dir} listens on {ident.port}/{ident.controller_port}, not {ports}: "
+            "a node keeps its ports"
+        )
+    return ident
+
+
+def recorded_pid(kafka_dir: Path) -> int | None:
+    """The pid of the broker last started in kafka_dir (running or not)."""
+    try:
+        return int((kafka_dir / "kafka.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def start(
     kafka_dir: Path, lib_dir: Path | None = None, ports: tuple[int, int] | None = None
 ) -> KafkaNode:
-    """Configure, format and launch a broker detached (own session); returns once spawned.
+    """Launch the node of kafka_dir detached (own session); returns once spawned.
 
-    ``ports`` = (client, controller); free loopback ports are picked when omitted.
+    ``ports`` = (client, controller) apply to a new node only (free loopback ports when
+    omitted); an existing node starts on its data with its recorded ports and cluster id.
+    A node that is already running is returned as is.
     """
     lib_dir = fetch_jars(lib_dir)
     kafka_dir.mkdir(parents=True, exist_ok=True)
-    port, controller_port = ports or free_ports(2)
-    config = write_config(kafka_dir, port, controller_port)
+    ident = _identity(kafka_dir, ports)
+    pid = recorded_pid(kafka_dir)
+    if pid is not None and is_running(pid, kafka_dir):
+        return KafkaNode(pid, ident.port, ident.controller_port, kafka_dir)
+    config = write_config(kafka_dir, ident.port, ident.controller_port)
     log = kafka_dir / "kafka.log"
-    format_storage(lib_dir, config, random_cluster_id(), log)
+    # Formatting again would fail: StorageTool checks the id against meta.properties.
+    if not formatted(kafka_dir):
+        format_storage(lib_dir, config, ident.cluster_id, log)
     out = log.open("ab")
     try:
         # start_new_session: the broker is its own process group, so `down` can signal the
@@ -258,7 +333,7 @@ def start(
     _CHILDREN[proc.pid] = proc
     # Written at once so a `down` after a failed `up` can still find and stop the broker.
     (kafka_dir / "kafka.pid").write_text(f"{proc.pid}\n")
-    return KafkaNode(proc.pid, port, controller_port, kafka_dir)
+    return KafkaNode(proc.pid, ident.port, ident.controller_port, kafka_dir)
 
 
 def _zombie_or_gone(pid: int) -> bool:
@@ -385,9 +460,11 @@ async def create_topics(
         await admin.close()
 
 
-def stop(pid: int, kafka_dir: Path | None = None, timeout: float = 30.0) -> None:
-    """SIGTERM the broker's process group (clean shutdown), SIGKILL it after ``timeout``."""
-    if not is_running(pid, kafka_dir):
+def stop(kafka_dir: Path, timeout: float = 30.0) -> None:
+    """Stop the node of kafka_dir, keeping its data: SIGTERM the broker's process group (a
+    clean shutdown), SIGKILL it after ``timeout``. A no-op when it is not running."""
+    pid = recorded_pid(kafka_dir)
+    if pid is None or not is_running(pid, kafka_dir):
         return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
         try:

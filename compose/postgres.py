@@ -2,7 +2,8 @@
 
 The server refuses to run as root, so when we are root the cluster belongs to the
 ``postgres`` OS user and initdb/pg_ctl run through ``runuser``. The cluster lives in
-``<run_dir>/pg`` and is thrown away with the run dir.
+``<run_dir>/pg`` and is thrown away with the run dir; :func:`start` and :func:`restart` on an
+existing cluster keep its data.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def _cluster_dir(run_dir: Path) -> Path:
     ``<run_dir>/pg`` is a symlink to it, so `down` still finds and removes it.
     """
     link = run_dir / "pg"
+    if link.is_symlink():  # made by an earlier start: the cluster lives there
+        return link.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     real = link
     if _as_root():
@@ -107,21 +110,47 @@ def _postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
 
 
+def has_data(run_dir: Path) -> bool:
+    """True once initdb has created the cluster of run_dir."""
+    return ((run_dir / "pg").resolve() / "data" / "PG_VERSION").is_file()
+
+
+def _server_opts(pg_dir: Path, port: int) -> str:
+    # fsync/synchronous_commit/full_page_writes off: a throwaway dev/test cluster trades
+    # crash safety for speed. Never use these settings for data that matters.
+    return (
+        f"-p {port} -k {pg_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+    )
+
+
 def start(run_dir: Path, port: int) -> PgCluster:
-    """initdb + pg_ctl start a fresh cluster on 127.0.0.1:port (blocking, ~1-2 s)."""
+    """Start the cluster of run_dir on 127.0.0.1:port, creating it first if needed (blocking,
+    ~1-2 s). Existing data is kept; a cluster already running is left alone."""
     pg_dir = _cluster_dir(run_dir)
     data = pg_dir / "data"
     if not (data / "PG_VERSION").exists():
         _run_pg(
             ["initdb", "-D", str(data), "-A", "trust", "-U", _PG_USER, "-E", "UTF8", "--no-sync"]
         )
-    # fsync/synchronous_commit/full_page_writes off: a throwaway dev/test cluster trades
-    # crash safety for speed. Never use these settings for data that matters.
-    opts = (
-        f"-p {port} -k {pg_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+    # pg_ctl status: 0 = running (exit codes documented by pg_ctl).
+    if _run_pg(["pg_ctl", "-D", str(data), "status"], check=False).returncode != 0:
+        _run_pg(
+            ["pg_ctl", "-D", str(data), "-o", _server_opts(pg_dir, port)]
+            + ["-l", str(pg_dir / "log"), "-w", "start"]
+        )
+    return PgCluster(_postmaster_pid(data), port, pg_dir)
+
+
+def restart(run_dir: Path, port: int) -> PgCluster:
+    """pg_ctl restart (fast shutdown) the cluster of run_dir on its data and port; starts it
+    if it was down or killed. Returns once it accepts connections."""
+    pg_dir = (run_dir / "pg").resolve()
+    data = pg_dir / "data"
+    _run_pg(
+        ["pg_ctl", "-D", str(data), "-o", _server_opts(pg_dir, port), "-l", str(pg_dir / "log")]
+        + ["-m", "fast", "-w", "restart"]
     )
-    _run_pg(["pg_ctl", "-D", str(data), "-o", opts, "-l", str(pg_dir / "log"), "-w", "start"])
     return PgCluster(_postmaster_pid(data), port, pg_dir)
 
 

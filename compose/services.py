@@ -2,6 +2,13 @@
 
 Used by the demo, the integration tests and the benchmarks. Each service logs to
 ``<run_dir>/logs/<name>.log``; :meth:`Services.start` returns once all of them are ready.
+
+A supervisor thread restarts any service that exits before :meth:`Services.stop` (a crash, a
+lost database, a test's :meth:`Services.kill`), after a backoff of 0.5 s doubling to 5 s, back
+to 0.5 s once a run lasted a minute. Each restart is logged to the service's log
+and counted in :attr:`Services.restarts`; :meth:`Services.wait_ready` and
+:meth:`Services.wait_restarted` wait on the service's readiness, which :meth:`Services._probe`
+defines for every role in one place.
 """
 
 from __future__ import annotations
@@ -11,14 +18,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 WORKER_ROLES = ("commands", "gate", "executor")
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 5.0
+_STABLE_S = 60.0  # a run this long resets the backoff
+_POLL_S = 0.1
 
 
 class ModelSpec(msgspec.Struct, frozen=True):
@@ -51,6 +64,81 @@ def write_config(
             f'api_key = "local-upstream-key"\nconcurrency = {spec.concurrency}\n'
         )
     path.write_text("\n".join(lines))
+
+
+# Whether a service's current run is ready, given its log and where that run's output starts
+# in it (an earlier run's output must not count). Only ever asked about a live process.
+Probe = Callable[[Path, int], bool]
+
+
+def log_probe(marker: bytes) -> Probe:
+    """Ready once this run has written ``marker`` to its log."""
+
+    def probe(log: Path, offset: int) -> bool:
+        try:
+            with log.open("rb") as fh:
+                fh.seek(offset)
+                return marker in fh.read()
+        except OSError:
+            return False
+
+    return probe
+
+
+def http_probe(url: str) -> Probe:
+    """Ready once ``url`` answers 2xx."""
+
+    def probe(_log: Path, _offset: int) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except OSError:
+            return False
+
+    return probe
+
+
+def running_probe(_log: Path, _offset: int) -> bool:
+    """For a service that announces nothing: ready as soon as it runs."""
+    return True
+
+
+@dataclass
+class _Service:
+    """One supervised service and its current run (``proc`` onwards)."""
+
+    name: str
+    argv: list[str]
+    env: Mapping[str, str]
+    log: Path
+    probe: Probe
+    proc: subprocess.Popen[bytes]
+    started_at: float
+    log_offset: int
+    ready: bool = False  # this run's probe has passed
+    restart_at: float | None = None  # set while the service waits out its backoff
+    backoff_s: float = _BACKOFF_MIN_S
+    ever_ready: bool = False  # False with an exit: it has never come up, so waits fail
+    exits: list[str] = field(default_factory=list)  # how recent runs ended, for errors
+
+
+def _launch(
+    log: Path, argv: list[str], env: Mapping[str, str]
+) -> tuple[subprocess.Popen[bytes], float, int]:
+    """Spawn a run appending to ``log``: its process, start time and log offset."""
+    with log.open("ab") as out:
+        offset = out.tell()
+        # Own session: kill() and stop() signal the whole group, and a Ctrl-C in the
+        # launching terminal does not reach the services.
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return proc, time.monotonic(), offset
+
+
+def _log_line(path: Path, text: str) -> None:
+    with path.open("a") as fh:
+        fh.write(f"{time.strftime('%H:%M:%S')} [supervisor] {text}\n")
 
 
 class Services:
@@ -88,80 +176,176 @@ class Services:
         }
         self.counts = {"gate": gates, "executor": executors, "commands": 1}
         self.latency_ms = upstream_latency_ms
+        # The current process of each service (replaced on every restart).
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = {}
+        self._services: dict[str, _Service] = {}
+        # Guards the three above: the supervisor thread restarts while callers kill and wait.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
-    def _spawn(
-        self, name: str, *args: str, env: Mapping[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, *args], env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        self.procs[name] = proc
-        return proc
+    def _probe(self, name: str) -> Probe:
+        """How to tell that ``name`` is ready: the one place to switch a role to an HTTP
+        health probe once it has one."""
+        role = name.split("-", 1)[0]
+        if role == "upstream":
+            return http_probe(f"{self.upstream_url}/_stats")
+        if role == "api":
+            return http_probe(f"{self.api_url}/healthz")
+        if role in WORKER_ROLES:
+            # A Faust worker logs "Ready" once it has joined its group and recovered tables.
+            return log_probe(b"Ready")
+        return running_probe  # the projector announces nothing yet
+
+    def start_service(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> str:
+        """Start ``python <args>`` as service ``name`` under supervision, logging to
+        ``logs/<name>.log``; a no-op for a name already supervised. Returns at once."""
+        with self._lock:
+            if name in self._services:
+                return name
+            log, argv, env = self.logs / f"{name}.log", [sys.executable, *args], env or self.env
+            proc, started_at, log_offset = _launch(log, argv, env)
+            svc = _Service(name, argv, env, log, self._probe(name), proc, started_at, log_offset)
+            self._services[name], self.procs[name], self.restarts[name] = svc, proc, 0
+            if self._supervisor is None:
+                self._supervisor = threading.Thread(
+                    target=self._supervise, name="services-supervisor", daemon=True
+                )
+                self._supervisor.start()
+        return name
 
     def start(self, timeout_s: float = 120.0) -> None:
-        self._spawn(
+        """Start every service and return once all are ready."""
+        self.start_service(
             "upstream", "-m", "cannonade.testing.fake_upstream",
             "--port", str(self.upstream_port), "--latency-ms", str(self.latency_ms),
         )  # fmt: skip
-        self._spawn("projector", "-m", "cannonade.cli", "projector")
+        self.start_service("projector", "-m", "cannonade.cli", "projector")
         for role in WORKER_ROLES:
             for n in range(self.counts[role]):
                 self.start_worker(role, n)
-        self._spawn("api", "-m", "cannonade.cli", "api")
+        self.start_service("api", "-m", "cannonade.cli", "api")
         deadline = time.monotonic() + timeout_s
-        self._wait_http(f"{self.upstream_url}/_stats", deadline)
-        self._wait_http(f"{self.api_url}/healthz", deadline)
-        for name in self.procs:
-            if name.split("-")[0] in WORKER_ROLES:
-                self.wait_ready(name, deadline)
+        for name in list(self._services):
+            self.wait_ready(name, max(0.0, deadline - time.monotonic()))
+        # A service that announces nothing (running_probe) counts as ready at once, so its
+        # crash at startup only shows as an exit; any exit while starting is a broken setup.
+        with self._lock:
+            crashed = next((svc for svc in self._services.values() if svc.exits), None)
+        if crashed is not None:
+            raise RuntimeError(
+                f"{crashed.name} exited while starting ({', '.join(crashed.exits)}):\n"
+                f"{self._tail(crashed.name)}"
+            )
 
     def start_worker(self, role: str, n: int = 0) -> str:
+        """Start worker ``<role>-<n>`` (see :meth:`start_service`: a no-op for one already
+        supervised, which comes back by itself after an exit)."""
         name = f"{role}-{n}"
         env = {**self.env, "CANNONADE_DATA_DIR": str(self.run_dir / "data" / name)}
-        self._spawn(name, "-m", "cannonade.cli", "worker", role, env=env)
-        return name
+        return self.start_service(name, "-m", "cannonade.cli", "worker", role, env=env)
 
-    def wait_ready(self, name: str, deadline: float) -> None:
-        """A Faust worker logs ``Ready`` once it has joined its group and recovered tables."""
-        path = self.logs / f"{name}.log"
-        while time.monotonic() < deadline:
-            self._check_alive(name)
-            if b"Ready" in path.read_bytes():
+    def _supervise(self) -> None:
+        while not self._stopping.wait(_POLL_S):
+            with self._lock:
+                services = list(self._services.values())
+                for svc in services:
+                    self._tend(svc)
+            # Probed outside the lock, which kill() and waits need meanwhile: an HTTP probe
+            # may take a second. Only this thread replaces a run, so the result is this run's.
+            for svc in services:
+                if not svc.ready and svc.proc.poll() is None and svc.probe(svc.log, svc.log_offset):
+                    with self._lock:
+                        svc.ready = svc.ever_ready = True
+
+    def _tend(self, svc: _Service) -> None:
+        """Under the lock: notice an exit, schedule the restart, and restart when due."""
+        now = time.monotonic()
+        if svc.restart_at is None:
+            code = svc.proc.poll()
+            if code is None:
                 return
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} not ready; see {path}")
-
-    def _check_alive(self, name: str) -> None:
-        code = self.procs[name].poll()
-        if code is not None:
-            tail = (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{name} exited with {code}:\n{tail}")
-
-    def _wait_http(self, url: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            for name in self.procs:
-                self._check_alive(name)
+            uptime = now - svc.started_at
+            if uptime >= _STABLE_S:
+                svc.backoff_s = _BACKOFF_MIN_S
+            svc.ready, svc.restart_at = False, now + svc.backoff_s
+            svc.exits = [*svc.exits[-4:], f"exit {code} after {uptime:.1f}s"]
+            _log_line(
+                svc.log,
+                f"{svc.name} exited with {code} after {uptime:.1f}s; "
+                f"restarting in {svc.backoff_s:.1f}s",
+            )
+            svc.backoff_s = min(svc.backoff_s * 2, _BACKOFF_MAX_S)
+        elif now >= svc.restart_at:
             try:
-                with urllib.request.urlopen(url, timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"{url} did not answer")
+                svc.proc, svc.started_at, svc.log_offset = _launch(svc.log, svc.argv, svc.env)
+            except OSError as exc:  # out of pids or fds, say: try again after a backoff
+                svc.restart_at = now + svc.backoff_s
+                _log_line(svc.log, f"{svc.name} restart failed: {exc!r}")
+                return
+            svc.restart_at = None
+            self.procs[svc.name] = svc.proc
+            self.restarts[svc.name] += 1
+            _log_line(svc.log, f"{svc.name} restart #{self.restarts[svc.name]}: pid {svc.proc.pid}")
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs[name]
-        os.killpg(proc.pid, sig)
+    def wait_ready(self, name: str, timeout_s: float = 120.0) -> None:
+        """Wait until the current run of ``name`` is ready (see :meth:`_probe`), through any
+        restarts. A service that exits before it was ever ready fails the wait (a broken
+        setup, which restarting does not fix)."""
+        self._wait(name, 0, timeout_s)
+
+    def wait_restarted(self, name: str, since: int, timeout_s: float = 120.0) -> None:
+        """Wait until ``name`` has been restarted more than ``since`` times (the count
+        :meth:`kill` returns) and that run is ready."""
+        self._wait(name, since + 1, timeout_s)
+
+    def _wait(self, name: str, restarts: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                svc = self._services[name]
+                # poll(): the supervisor clears `ready` up to _POLL_S after an exit.
+                if svc.ready and svc.proc.poll() is None and self.restarts[name] >= restarts:
+                    return
+                failed = not svc.ever_ready and bool(svc.exits)
+                exits = ", ".join(svc.exits) or "none"
+            if failed:
+                raise RuntimeError(
+                    f"{name} exited before it was ready ({exits}):\n{self._tail(name)}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{name} not ready after {timeout_s:.0f}s (runs ended: {exits}):\n"
+                    f"{self._tail(name)}"
+                )
+            time.sleep(_POLL_S)
+
+    def _tail(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Signal ``name``'s process group and wait for it to exit; the supervisor then
+        restarts it. Returns the restart count before the kill, for :meth:`wait_restarted`."""
+        with self._lock:
+            proc, count = self.procs[name], self.restarts[name]
+            # Under the lock: the supervisor cannot reap it (and free its pid) in between.
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
+        return count
 
     def stop(self) -> None:
-        for proc in self.procs.values():
+        """Stop supervising, then SIGTERM every service (SIGKILL after 15 s)."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+        procs = list(self.procs.values())
+        for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         end = time.monotonic() + 15
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -171,7 +355,7 @@ class Services:
     def rss_kib(self) -> dict[str, int]:
         """Peak resident memory (VmHWM) of each live service."""
         peaks: dict[str, int] = {}
-        for name, proc in self.procs.items():
+        for name, proc in list(self.procs.items()):
             try:
                 status = Path(f"/proc/{proc.pid}/status").read_text()
             except OSError:

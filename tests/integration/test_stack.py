@@ -1,20 +1,25 @@
-"""The no-Docker stack itself: real Kafka and PostgreSQL up, used, and torn down."""
+"""The no-Docker stack itself: real Kafka and PostgreSQL up, used, restarted on their data,
+and torn down; and the service supervisor bringing back a killed process."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from compose import kafka, postgres, stack
-from schemas.topics import ALL, COMMANDS
+from compose.services import ModelSpec, Services
+from schemas.topics import ALL, COMMANDS, Topic
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +142,165 @@ async def test_stack_up_use_down(tmp_path: Path) -> None:
     assert not any(_port_open(a) for a in addresses)
     # Zombies count as gone: pg_ctl returns as the postmaster exits, before init reaps it.
     assert not any(kafka.is_running(pid) for pid in info.pids.values())
+
+
+@pytest.fixture(scope="module")
+def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
+    """A stack of its own for the restart drills, so the session stack is never disturbed."""
+    run_dir = tmp_path_factory.mktemp("drill") / "stack"
+    info = asyncio.run(stack.up(run_dir))
+    yield info
+    stack.down(run_dir)
+
+
+async def _cluster_id(bootstrap: str) -> str:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return str((await admin.describe_cluster())["cluster_id"])
+    finally:
+        await admin.close()
+
+
+Record = tuple[bytes | None, bytes | None, int, int]  # key, value, partition, offset
+
+
+async def _read_all(bootstrap: str, topic: Topic) -> set[Record]:
+    """Every record of topic, read from the beginning to its end offsets."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: set[Record] = set()
+        async with asyncio.timeout(60):
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.update((r.key, r.value, r.partition, r.offset) for r in batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+async def test_kafka_stops_and_starts_on_its_data(drill_stack: stack.StackInfo) -> None:
+    run_dir, bootstrap = drill_stack.run_dir, drill_stack.kafka_bootstrap
+    cluster_id = await _cluster_id(bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent: set[Record] = set()
+        for i in range(20):
+            key, value = f"k{i}".encode(), uuid.uuid4().bytes
+            meta = await producer.send_and_wait(COMMANDS.name, value, key=key)
+            sent.add((key, value, meta.partition, meta.offset))
+        # A consumer group's progress lives in __consumer_offsets: the workers resume from it.
+        group, tp = f"drill-{uuid.uuid4().hex[:8]}", TopicPartition(COMMANDS.name, 0)
+        committer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+        await committer.start()
+        try:
+            committer.assign([tp])
+            await committer.commit({tp: 7})
+        finally:
+            await committer.stop()
+
+        restarted = await stack.restart_kafka(run_dir)
+        assert restarted.kafka_bootstrap == bootstrap
+        assert restarted.pids["kafka"] != drill_stack.pids["kafka"]
+        assert await _cluster_id(bootstrap) == cluster_id
+        assert await _read_all(bootstrap, COMMANDS) == sent
+        assert await _committed(bootstrap, group, tp) == 7
+        # A client connected before the restart carries on at the same address.
+        async with asyncio.timeout(60):
+            meta = await producer.send_and_wait(COMMANDS.name, b"after", key=b"after")
+        sent.add((b"after", b"after", meta.partition, meta.offset))
+    finally:
+        await producer.stop()
+
+    await stack.stop_kafka(run_dir)
+    assert not _port_open(bootstrap)
+    assert not kafka.is_running(restarted.pids["kafka"])
+    # `up` on a stopped stack resumes it on its data rather than wiping it.
+    resumed = await stack.up(run_dir)
+    assert "resumed" in resumed.timings
+    assert (resumed.kafka_bootstrap, resumed.database_url) == (bootstrap, drill_stack.database_url)
+    assert await _cluster_id(bootstrap) == cluster_id
+    assert await _read_all(bootstrap, COMMANDS) == sent
+
+
+async def _drill_rows(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT sum(n) FROM drill_rows"))
+    finally:
+        await conn.close()
+
+
+async def test_postgres_restarts_on_its_data(drill_stack: stack.StackInfo) -> None:
+    run_dir, url = drill_stack.run_dir, drill_stack.database_url
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE drill_rows (n int)")
+        await conn.executemany("INSERT INTO drill_rows VALUES ($1)", [(i,) for i in range(100)])
+    finally:
+        await conn.close()
+    total = sum(range(100))
+
+    before = stack.load(run_dir)
+    assert before is not None
+    restarted = await stack.restart_postgres(run_dir)
+    assert restarted.database_url == url
+    assert restarted.pids["postgres"] != before.pids["postgres"]
+    assert await _drill_rows(url) == total
+
+    await stack.stop_postgres(run_dir)
+    assert not _port_open(url.split("@", 1)[1])
+    started = await stack.start_postgres(run_dir)
+    assert started.database_url == url
+    assert await _drill_rows(url) == total
+
+
+def test_the_supervisor_brings_back_a_killed_service(
+    drill_stack: stack.StackInfo, tmp_path: Path
+) -> None:
+    services = Services(
+        tmp_path / "services",
+        drill_stack.kafka_bootstrap,
+        drill_stack.database_url,
+        {"chat-a": ModelSpec()},
+    )
+    # The fake upstream alone: it needs nothing from the engine, and its readiness is HTTP.
+    stats = f"{services.upstream_url}/_stats"
+    try:
+        services.start_service(
+            "upstream", "-m", "cannonade.testing.fake_upstream",
+            "--port", str(services.upstream_port), "--latency-ms", "0",
+        )  # fmt: skip
+        services.wait_ready("upstream", timeout_s=60)
+        for _ in range(2):
+            killed = services.procs["upstream"]
+            since = services.kill("upstream")
+            assert killed.returncode == -signal.SIGKILL
+            services.wait_restarted("upstream", since, timeout_s=60)
+            assert services.procs["upstream"].pid != killed.pid
+            with urllib.request.urlopen(stats, timeout=5) as response:
+                assert response.status == 200
+        assert services.restarts == {"upstream": 2}
+        log = (services.logs / "upstream.log").read_text()
+        # Back-to-back exits double the backoff.
+        assert "restarting in 0.5s" in log and "restarting in 1.0s" in log
+        assert "upstream restart #2" in log
+    finally:
+        services.stop()
+    assert services.procs["upstream"].poll() is not None
+    assert services.restarts == {"upstream": 2}
