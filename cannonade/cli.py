@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
@@ -59,22 +60,55 @@ def keys() -> None:
     """API keys."""
 
 
+async def _with_keys(action: Any) -> Any:
+    """Run ``action(publisher, conn)`` against the configured broker and database."""
+    import asyncpg
+
+    from projections.api.publisher import Publisher
+
+    cfg = config_module.load()
+    publisher = Publisher(cfg.kafka)
+    conn = await asyncpg.connect(cfg.database_url)
+    try:
+        return await action(publisher, conn)
+    finally:
+        await conn.close()
+        await publisher.stop()
+
+
 @keys.command("create")
 @click.option("--user", required=True, help="The user the key belongs to (created if new).")
 def keys_create(user: str) -> None:
     """Create an API key and print its secret (shown once; only its hash is stored)."""
-    import asyncpg
+    from projections.api.auth import issue_key
 
-    from projections.api.auth import create_key
+    _, secret = asyncio.run(_with_keys(lambda p, c: issue_key(p, c, user)))
+    click.echo(secret)
 
-    async def go() -> str:
-        conn = await asyncpg.connect(config_module.load().database_url)
-        try:
-            return await create_key(conn, user)
-        finally:
-            await conn.close()
 
-    click.echo(asyncio.run(go()))
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by id (see `cannonade keys list`); it stops working at once."""
+    from projections.api.auth import revoke_key
+
+    if not asyncio.run(_with_keys(lambda p, c: revoke_key(p, c, key_id))):
+        raise click.ClickException(f"no API key with id {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+@keys.command("list")
+@click.option("--user", default=None, help="Only this user's keys.")
+def keys_list(user: str | None) -> None:
+    """List API keys (ids, owners, creation and revocation times; never secrets)."""
+    from projections.api.auth import list_keys
+
+    async def go(_: Any, conn: Any) -> Any:
+        return await list_keys(conn, user)
+
+    for key in asyncio.run(_with_keys(go)):
+        revoked = "" if key.revoked_at is None else f"  revoked {key.revoked_at:%Y-%m-%d %H:%M}"
+        click.echo(f"{key.id}  {key.user:<24} created {key.created_at:%Y-%m-%d %H:%M}{revoked}")
 
 
 @main.group()

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 from openai import OpenAI
 
 from compose import stack
@@ -49,14 +48,6 @@ def _lines(count: int) -> bytes:
     return "\n".join(json.dumps(line) for line in lines).encode()
 
 
-async def _key(dsn: str) -> str:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await create_key(conn, "demo")
-    finally:
-        await conn.close()
-
-
 def run(count: int) -> None:
     # Turn SIGTERM into an exception so the services and the stack are always taken down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -73,7 +64,8 @@ def run(count: int) -> None:
             f"services up in {time.monotonic() - started:.1f}s: API {services.api_url}, logs in {services.logs}"
         )
         client = OpenAI(
-            base_url=f"{services.api_url}/v1", api_key=asyncio.run(_key(info.database_url))
+            base_url=f"{services.api_url}/v1",
+            api_key=asyncio.run(create_key(info.kafka_bootstrap, info.database_url, "demo")),
         )
         uploaded = client.files.create(file=("haiku.jsonl", _lines(count)), purpose="batch")
         print(

@@ -410,7 +410,7 @@ async def wait_ready(
 
 
 def _topic_config(topic: Topic) -> dict[str, str]:
-    config = {"max.message.bytes": str(topic.max_message_bytes)}
+    config = {"max.message.bytes": str(topic.max_message_bytes), **topic.config}
     if topic.compacted:
         config["cleanup.policy"] = "compact"
     return config

@@ -142,7 +142,9 @@ class Projector:
         except _CONNECTION_ERRORS:
             raise
         except asyncpg.PostgresError as exc:
-            log.warning("a poll of %d records failed (%r); isolating the culprit", len(records), exc)
+            log.warning(
+                "a poll of %d records failed (%r); isolating the culprit", len(records), exc
+            )
         # Record by record, each in a savepoint: the good ones apply, the bad one is named.
         async with conn.transaction():
             rejected = []

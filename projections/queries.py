@@ -1,9 +1,12 @@
 """Read-model queries used by the HTTP API. Every query is scoped to the caller (owner), so
-another user's resource is indistinguishable from a missing one."""
+another user's resource is indistinguishable from a missing one.
+
+Downloads read in pages (keyset pagination), each page on a connection taken from the pool
+and given back at once: a client that reads slowly holds no database connection.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +24,12 @@ _FILE_COLUMNS = """
         ELSE f.bytes END AS bytes
 """
 _FILE_FROM = "FROM files f LEFT JOIN batch_counts c ON c.batch_id = f.batch_id"
+
+
+def like_pattern(text: str) -> str:
+    """A substring match for ILIKE in which ``%``, ``_`` and ``\\`` mean themselves."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 async def get_file(pool: asyncpg.Pool, file_id: str, owner: str) -> asyncpg.Record | None:
@@ -51,6 +60,7 @@ async def list_files(
     limit: int,
     ascending: bool,
     purpose: str | None,
+    search: str | None = None,
 ) -> list[asyncpg.Record]:
     op, direction = (">", "ASC") if ascending else ("<", "DESC")
     args: list[Any] = [owner, limit]
@@ -58,6 +68,9 @@ async def list_files(
     if purpose is not None:
         args.append(purpose)
         where += f" AND f.purpose = ${len(args)}"
+    if search is not None:
+        args.append(like_pattern(search))
+        where += f" AND f.filename ILIKE ${len(args)}"
     if after is not None:
         cursor = await pool.fetchrow(
             "SELECT created_at, id FROM files WHERE id = $1 AND owner = $2 AND deleted_at IS NULL",
@@ -75,45 +88,72 @@ async def list_files(
     )
 
 
-async def input_lines(
-    conn: asyncpg.Connection, file_id: str, *, skip: int, limit: int | None, search: str | None
-) -> AsyncIterator[asyncpg.Record]:
-    async for row in conn.cursor(
-        "SELECT t.custom_id, t.method, t.path, b.body FROM request_templates t"
-        " JOIN bodies b ON b.ref = t.id AND b.kind = 'tpl'"
-        " WHERE t.file_id = $1 AND ($2::text IS NULL OR t.custom_id ILIKE '%' || $2 || '%')"
-        " ORDER BY t.line_number OFFSET $3 LIMIT $4",
-        file_id,
-        search,
-        skip,
-        limit,
-    ):
-        yield row
+async def input_page(
+    pool: asyncpg.Pool,
+    file_id: str,
+    *,
+    after_line: int | None,
+    skip: int,
+    limit: int,
+    search: str | None,
+) -> tuple[list[asyncpg.Record], dict[str, bytes]]:
+    """A page of an input file's lines in line order (after ``after_line``, else from the
+    ``skip``-th match) and the chunk records holding their bodies."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT line_number, custom_id, method, path, body_key FROM request_templates"
+            " WHERE file_id = $1 AND ($2::text IS NULL OR custom_id ILIKE $2)"
+            " AND ($3::int IS NULL OR line_number > $3)"
+            " ORDER BY line_number OFFSET $4 LIMIT $5",
+            file_id,
+            None if search is None else like_pattern(search),
+            after_line,
+            skip,
+            limit,
+        )
+        keys = sorted({r["body_key"] for r in rows})
+        chunks = await conn.fetch(
+            "SELECT body_key, body FROM template_chunks WHERE body_key = ANY($1)", keys
+        )
+    return rows, {r["body_key"]: bytes(r["body"]) for r in chunks}
 
 
 def _result_query(state: str) -> str:
     at = "completed_at" if state == "completed" else "failed_at"
     kind = "res" if state == "completed" else "err"
     return (
-        f"SELECT r.id::text AS id, r.custom_id, r.response_status, b.body FROM requests r"
+        f"SELECT r.id::text AS id, t.custom_id, r.response_status, r.{at} AS at, b.body"
+        " FROM requests r"
+        " LEFT JOIN request_templates t ON t.file_id = r.file_id AND t.line_number = r.line_number"
         f" LEFT JOIN bodies b ON b.ref = r.id AND b.kind = '{kind}'"
         f" WHERE r.batch_id = $1 AND r.state = '{state}'"
-        " AND ($2::text IS NULL OR r.custom_id ILIKE '%' || $2 || '%')"
-        f" ORDER BY r.{at}, r.id OFFSET $3 LIMIT $4"
+        " AND ($2::text IS NULL OR t.custom_id ILIKE $2)"
+        f" AND ($3::timestamptz IS NULL OR (r.{at}, r.id) > ($3, $4::uuid))"
+        f" ORDER BY r.{at}, r.id OFFSET $5 LIMIT $6"
     )
 
 
-async def result_lines(
-    conn: asyncpg.Connection,
+async def result_page(
+    pool: asyncpg.Pool,
     batch_id: str,
     state: str,
     *,
+    after: tuple[datetime, str] | None,
     skip: int,
-    limit: int | None,
+    limit: int,
     search: str | None,
-) -> AsyncIterator[asyncpg.Record]:
-    async for row in conn.cursor(_result_query(state), batch_id, search, skip, limit):
-        yield row
+) -> list[asyncpg.Record]:
+    """A page of a batch's output (completed) or error (failed) lines, in the order new ones
+    only append to: (completed_at | failed_at, id)."""
+    return await pool.fetch(
+        _result_query(state),
+        batch_id,
+        None if search is None else like_pattern(search),
+        None if after is None else after[0],
+        None if after is None else after[1],
+        skip,
+        limit,
+    )
 
 
 async def results_missing_bodies(pool: asyncpg.Pool, batch_id: str, state: str) -> int:
@@ -213,7 +253,15 @@ async def list_batches(
 
 
 async def batch_exists(pool: asyncpg.Pool, batch_id: str) -> bool:
-    return bool(await pool.fetchval("SELECT true FROM batches WHERE id = $1", batch_id))
+    return bool(
+        await pool.fetchval(
+            "SELECT true FROM batches WHERE id = $1 AND owner IS NOT NULL", batch_id
+        )
+    )
+
+
+async def batch_rejection(pool: asyncpg.Pool, batch_id: str) -> asyncpg.Record | None:
+    return await pool.fetchrow("SELECT * FROM batch_rejections WHERE batch_id = $1", batch_id)
 
 
 async def batch_cancelling(pool: asyncpg.Pool, batch_id: str) -> bool:
@@ -222,11 +270,16 @@ async def batch_cancelling(pool: asyncpg.Pool, batch_id: str) -> bool:
     )
 
 
-async def line_urls(pool: asyncpg.Pool, file_id: str) -> list[tuple[int, str]]:
-    """The first line of each distinct url in a file, for the endpoint check."""
+async def line_urls(pool: asyncpg.Pool, file_id: str) -> dict[str, int]:
+    """The first (0-based) line of each distinct url in a file, for the endpoint check."""
     rows = await pool.fetch(
-        "SELECT min(line_number) AS line, path FROM request_templates WHERE file_id = $1"
-        " GROUP BY path ORDER BY line",
+        "SELECT path, min(line_number) AS line FROM request_templates WHERE file_id = $1"
+        " GROUP BY path",
         file_id,
     )
-    return [(r["line"], r["path"]) for r in rows]
+    return {r["path"]: r["line"] for r in rows}
+
+
+async def projector_position(pool: asyncpg.Pool) -> int:
+    """How far the projector has got, summed over partitions: grows while it makes progress."""
+    return int(await pool.fetchval("SELECT COALESCE(sum(next_offset), 0) FROM projection_offsets"))

@@ -35,6 +35,13 @@ from schemas.events import (
 
 Rejected = list[tuple[ConsumerRecord, str]]
 
+
+def position(offset: int, index: int) -> int:
+    """An event's place in its partition: several events share a record (and an offset), and
+    a row's ``last_offset`` must tell them apart."""
+    return (offset << 20) | index
+
+
 _INSERT_ROWS = """
 WITH ins AS (
     INSERT INTO requests (id, batch_id, file_id, line_number, model, owner, state, deadline,
@@ -363,11 +370,12 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rej
         batch = _decode(codec.lifecycle, record, rejected)
         if batch is None:
             continue
-        for event in batch.events:
+        for index, event in enumerate(batch.events):
             origin[id(event)] = record
-            fold.apply(event, record.offset)
+            fold.apply(event, position(record.offset, index))
     for event, reason in fold.rejected:
-        rejected.append((origin[id(event)], f"{reason} (request {event.request_id})"))
+        request = getattr(event, "request_id", "?")
+        rejected.append((origin[id(event)], f"{reason} (request {request})"))
     touched: set[str] = set()
     if fold.new_rows:
         rows = list(fold.new_rows.values())

@@ -452,6 +452,4 @@ class DeadLetter(Event, tag=True, frozen=True):
     payload: str  # the rejected bytes, decoded as UTF-8 with replacement (may be truncated)
 
 
-AnyEvent = (
-    FileEvent | BatchEvent | RequestTransitions | GateInput | DispatchMessage | WorkerStarted
-)
+AnyEvent = FileEvent | BatchEvent | RequestTransitions | GateInput | DispatchMessage | WorkerStarted

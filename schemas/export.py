@@ -12,16 +12,17 @@ from pathlib import Path
 import msgspec
 
 from schemas import api
+from schemas.bodies import TemplateChunk
 from schemas.commands import AnyCommand
 from schemas.events import (
+    ApiKey,
     BatchEvent,
-    Body,
     DeadLetter,
     DispatchMessage,
     FileEvent,
     GateInput,
     ModelFilterAppended,
-    RequestEvent,
+    RequestTransitions,
     WorkerEvent,
 )
 from schemas.topics import ALL as TOPICS
@@ -33,12 +34,14 @@ CONTRACTS: dict[str, object] = {
     "commands": AnyCommand,
     "file-events": FileEvent,
     "batch-events": BatchEvent,
-    "request-events": RequestEvent,
+    "request-events": RequestTransitions,
     "gate-inputs": GateInput,
     "dispatch": DispatchMessage,
     "model-filters": ModelFilterAppended,
     "worker-events": WorkerEvent,
-    "bodies": Body,
+    "api-keys": ApiKey,
+    # The value of a `tplc:` record on the bodies topic (other body records are raw bytes).
+    "bodies-template-chunk": TemplateChunk,
     "dead-letters": DeadLetter,
     **{f"api-{t.__name__}": t for t in api.API_OBJECTS},
 }

@@ -110,7 +110,7 @@ class Streams:
         message = event.message
         key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else None
         value = message.value if isinstance(message.value, bytes) else b""
-        payload = "" if message.topic == topics.BODIES.name else value[:_DEAD_LETTER_PAYLOAD]
+        payload = b"" if message.topic == topics.BODIES.name else value[:_DEAD_LETTER_PAYLOAD]
         letter = DeadLetter(
             event_id=ids.event_id("dead-letter", message.topic, message.partition, message.offset),
             occurred_at=utcnow(),

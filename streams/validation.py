@@ -6,10 +6,10 @@ every command, whoever published it, and records a rejection with the same statu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.errors import ApiError, invalid_request
+from schemas.errors import invalid_request
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -77,18 +77,3 @@ def check_lines_match_endpoint(first_line_by_url: Mapping[str, int], endpoint: s
             raise invalid_request(
                 f"Line {line + 1}: url '{url}' does not match batch endpoint '{endpoint}'"
             )
-
-
-def first_lines(urls_by_line: Iterable[tuple[int, str]]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for line, url in urls_by_line:
-        found.setdefault(url, line)
-    return found
-
-
-def file_not_usable(purpose: str, file_id: str) -> ApiError | None:
-    if purpose != "batch":
-        return ApiError(
-            400, f"File with ID {file_id} does not have purpose 'batch'", code="invalid_file"
-        )
-    return None

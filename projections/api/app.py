@@ -13,32 +13,52 @@ import msgspec
 from aiohttp import web
 
 from cannonade.config import Config
+from projections import queries
 from projections.api.auth import Principal, authenticate
-from projections.api.publisher import CommandPublisher
+from projections.api.publisher import Publisher
+from schemas import topics
 from schemas.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a body record adds to the body itself on the topic (key, headers, batch framing).
+_RECORD_OVERHEAD = 64 * 1024
 
 
 class Context:
     """What every handler needs, stored once on the application."""
 
-    def __init__(self, config: Config, pool: asyncpg.Pool, publisher: CommandPublisher) -> None:
+    def __init__(self, config: Config, pool: asyncpg.Pool, publisher: Publisher) -> None:
         self.config = config
         self.pool = pool
         self.publisher = publisher
+        self.downloads: dict[str, int] = {}  # user -> downloads in progress
 
     async def wait_for(self, check: Callable[[], Awaitable[bool]], what: str) -> None:
-        """Read-your-writes: wait (bounded) until the projection shows the accepted write."""
-        deadline = time.monotonic() + self.config.api.projection_wait_s
+        """Read-your-writes: wait until the projection shows an accepted write.
+
+        The wait is bounded by progress rather than a guess at how long a write takes: it
+        lasts as long as the projector keeps advancing, and gives up (503) once it has not
+        advanced for ``projection_stall_s`` — or after ``projection_wait_s`` in any case."""
+        api = self.config.api
+        start = time.monotonic()
+        position, moved_at = await queries.projector_position(self.pool), start
         delay = 0.005
         while not await check():
-            if time.monotonic() >= deadline:
-                raise ApiError(503, f"Timed out waiting for {what} to be recorded; retry the read")
+            now = time.monotonic()
+            if now - start > api.projection_wait_s or now - moved_at > api.projection_stall_s:
+                raise ApiError(
+                    503,
+                    f"Timed out waiting for {what} to be recorded (the projection is not "
+                    "advancing); it was accepted and will appear, retry the read",
+                    code="projection_lag",
+                )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.1)
+            latest = await queries.projector_position(self.pool)
+            if latest != position:
+                position, moved_at = latest, time.monotonic()
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("context", Context)
@@ -68,7 +88,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_response(ApiError(exc.status, exc.reason).envelope(), exc.status)
+        code = "file_too_large" if exc.status == 413 else None
+        return json_response(ApiError(exc.status, exc.reason, code=code).envelope(), exc.status)
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+        log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
+        error = ApiError(503, "The database is unavailable; try again", code="unavailable")
+        return json_response(error.envelope(), 503)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response(ApiError(500, "Internal server error").envelope(), 500)
@@ -89,18 +114,28 @@ async def healthz(_: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+def check_limits(config: Config) -> None:
+    """Every body the API accepts must fit in one record on the bodies topic."""
+    needed = config.api.max_request_body_size + _RECORD_OVERHEAD
+    if needed > topics.BODIES.max_message_bytes:
+        raise SystemExit(
+            f"api.max_request_body_size ({config.api.max_request_body_size}) does not fit the "
+            f"bodies topic's message limit ({topics.BODIES.max_message_bytes} bytes)"
+        )
+
+
 def create_app(config: Config) -> web.Application:
     from projections.api import batches, files
 
+    check_limits(config)
     app = web.Application(
         middlewares=[errors, authentication],
         client_max_size=config.api.max_file_size + 10 * 1024,
     )
 
     async def resources(app: web.Application) -> Any:
-        pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=10)
-        publisher = CommandPublisher(config.kafka)
-        await publisher.start()
+        pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=20)
+        publisher = Publisher(config.kafka)
         app[CONTEXT] = Context(config, pool, publisher)
         yield
         await publisher.stop()

@@ -1,32 +1,28 @@
-"""API keys: stored as sha256 hashes in PostgreSQL; the secret is shown once at creation."""
+"""API keys: issued and revoked as ApiKey records on the compacted keys topic (the sha256 hash
+only; the secret is shown once at creation), projected into ``api_keys`` for authentication.
+A rebuild of the read models from the log restores every key."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
+import time
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
+import msgspec
+
+from projections.api.publisher import Publisher
+from schemas import ids
+from schemas.events import ApiKey
 
 KEY_PREFIX = "cn-"
 
 
 def hash_key(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-async def create_key(conn: asyncpg.Connection, user: str) -> str:
-    """Create the user if new and a fresh key for them; returns the secret."""
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    async with conn.transaction():
-        await conn.execute("INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING", user)
-        await conn.execute(
-            "INSERT INTO api_keys (id, user_id, key_hash) VALUES ($1, $2, $3)",
-            uuid.uuid4(),
-            user,
-            hash_key(secret),
-        )
-    return secret
 
 
 class Principal:
@@ -37,6 +33,13 @@ class Principal:
         self.key_id = key_id
 
 
+class KeyInfo(msgspec.Struct, frozen=True):
+    id: str
+    user: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 async def authenticate(pool: asyncpg.Pool, header: str | None) -> Principal | None:
     if not header or not header.startswith("Bearer "):
         return None
@@ -45,3 +48,83 @@ async def authenticate(pool: asyncpg.Pool, header: str | None) -> Principal | No
         hash_key(header[len("Bearer ") :].strip()),
     )
     return None if row is None else Principal(row["user_id"], row["id"])
+
+
+async def _until(check: asyncpg.Connection, query: str, *args: object, timeout_s: float) -> None:
+    """Wait until ``query`` finds a row: the caller's next request must see the key."""
+    deadline = time.monotonic() + timeout_s
+    while await check.fetchval(query, *args) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the key was published but not projected in time; is the projector running?")  # fmt: skip
+        await asyncio.sleep(0.05)
+
+
+async def issue_key(
+    publisher: Publisher, conn: asyncpg.Connection, user: str, timeout_s: float = 60.0
+) -> tuple[str, str]:
+    """Create a key for ``user``; returns (key id, secret). The secret is never stored."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = str(uuid.uuid4())
+    now = datetime.now(UTC)
+    record = ApiKey(
+        event_id=ids.new_id(),
+        occurred_at=now,
+        key_id=key_id,
+        user=user,
+        key_hash=hash_key(secret).hex(),
+        created_at=now,
+    )
+    await publisher.key(record)
+    await _until(conn, "SELECT 1 FROM api_keys WHERE id = $1", key_id, timeout_s=timeout_s)
+    return key_id, secret
+
+
+async def revoke_key(
+    publisher: Publisher, conn: asyncpg.Connection, key_id: str, timeout_s: float = 60.0
+) -> bool:
+    """Revoke a key; False when there is no such key."""
+    row = await conn.fetchrow(
+        "SELECT user_id, key_hash, created_at FROM api_keys WHERE id = $1", key_id
+    )
+    if row is None:
+        return False
+    now = datetime.now(UTC)
+    await publisher.key(
+        ApiKey(
+            event_id=ids.new_id(),
+            occurred_at=now,
+            key_id=key_id,
+            user=row["user_id"],
+            key_hash=bytes(row["key_hash"]).hex(),
+            created_at=row["created_at"],
+            revoked_at=now,
+        )
+    )
+    await _until(
+        conn,
+        "SELECT 1 FROM api_keys WHERE id = $1 AND revoked_at IS NOT NULL",
+        key_id,
+        timeout_s=timeout_s,
+    )
+    return True
+
+
+async def list_keys(conn: asyncpg.Connection, user: str | None = None) -> list[KeyInfo]:
+    rows = await conn.fetch(
+        "SELECT id::text AS id, user_id AS user, created_at, revoked_at FROM api_keys"
+        " WHERE $1::text IS NULL OR user_id = $1 ORDER BY created_at, id",
+        user,
+    )
+    return [KeyInfo(**dict(r)) for r in rows]
+
+
+async def create_key(bootstrap: str, dsn: str, user: str) -> str:
+    """Issue a key for ``user`` against a broker and database; returns its secret."""
+    publisher = Publisher(bootstrap)
+    conn = await asyncpg.connect(dsn)
+    try:
+        _, secret = await issue_key(publisher, conn, user)
+        return secret
+    finally:
+        await conn.close()
+        await publisher.stop()

@@ -11,18 +11,18 @@ from aiohttp import web
 
 from projections import queries
 from projections.api.app import context, json_response, principal
-from projections.api.files import _limit, _optional_uuid, list_page, parse_uuid
+from projections.api.files import list_limit, list_page, optional_uuid, parse_uuid, query_text
 from projections.rules.batches import (
     BatchFacts,
     batch_object,
-    check_lines_match_endpoint,
     check_status_filter,
     derive_status,
     validate_create_batch,
 )
-from schemas.errors import ApiError, not_found
 from schemas import ids
 from schemas.commands import CancelBatch, CreateBatch
+from schemas.errors import ApiError, not_found
+from streams.validation import check_lines_match_endpoint
 
 
 def routes(router: web.UrlDispatcher) -> None:
@@ -73,7 +73,7 @@ async def create(request: web.Request) -> web.Response:
         )
     check_lines_match_endpoint(await queries.line_urls(ctx.pool, body.input_file_id), body.endpoint)
     batch_id = str(uuid.uuid4())
-    await ctx.publisher.publish(
+    await ctx.publisher.commands(
         [
             CreateBatch(
                 command_id=ids.new_id(),
@@ -88,8 +88,20 @@ async def create(request: web.Request) -> web.Response:
             )
         ]
     )
-    await ctx.wait_for(lambda: queries.batch_exists(ctx.pool, batch_id), "the batch")
+    await ctx.wait_for(lambda: _decided(ctx, batch_id), "the batch")
+    rejection = await queries.batch_rejection(ctx.pool, batch_id)
+    if rejection is not None:  # the commands agent's rules are the last word
+        raise ApiError(
+            rejection["status"], rejection["message"], code=rejection["code"],
+            param=rejection["param"],
+        )  # fmt: skip
     return json_response(await _batch_json(request, batch_id), 201)
+
+
+async def _decided(ctx: Any, batch_id: str) -> bool:
+    return await queries.batch_exists(ctx.pool, batch_id) or (
+        await queries.batch_rejection(ctx.pool, batch_id) is not None
+    )
 
 
 async def _batch_json(request: web.Request, batch_id: str) -> dict[str, Any]:
@@ -106,20 +118,20 @@ async def get(request: web.Request) -> web.Response:
 
 async def list_batches(request: web.Request) -> web.Response:
     ctx, who, q = context(request), principal(request), request.query
-    status = q.get("status")
+    status = query_text(q, "status")
     if status is not None:
         check_status_filter(status)
-    windows = q.get("completion_window")
-    limit = _limit(q.get("limit"), default=20)
+    windows = query_text(q, "completion_window")
+    limit = list_limit(q, default=20)
     rows = await queries.list_batches(
         ctx.pool,
         who.user,
-        after=_optional_uuid(q.get("after")),
+        after=optional_uuid(q.get("after")),
         limit=limit + 1,
         status=status,
         windows=None if windows is None else [w.strip() for w in windows.split(",") if w.strip()],
-        created_after=_time(q.get("created_after"), "created_after"),
-        created_before=_time(q.get("created_before"), "created_before"),
+        created_after=_time(query_text(q, "created_after"), "created_after"),
+        created_before=_time(query_text(q, "created_before"), "created_before"),
     )
     return json_response(list_page([batch_object(facts(r)) for r in rows], limit))
 
@@ -128,7 +140,8 @@ def _time(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
     try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     except ValueError:
         raise ApiError(
             400, f"{name} must be an RFC 3339 timestamp", code="invalid_request", param=name
@@ -145,7 +158,7 @@ async def cancel(request: web.Request) -> web.Response:
     if status in ("completed", "failed", "expired"):
         raise ApiError(409, f"Cannot cancel a batch with status '{status}'", code="invalid_state")
     if row["cancelling_at"] is None:
-        await ctx.publisher.publish(
+        await ctx.publisher.commands(
             [CancelBatch(command_id=ids.new_id(), issued_at=datetime.now(UTC), batch_id=batch_id)]
         )
         await ctx.wait_for(lambda: queries.batch_cancelling(ctx.pool, batch_id), "the cancellation")

@@ -1,8 +1,16 @@
-"""``/v1/files``: upload (validated, then published as commands), list, get, content, delete."""
+"""``/v1/files``: upload (validated, then published), list, get, content, delete.
+
+An upload is validated whole before anything is published. Its line bodies go to the bodies
+topic in chunks, then the commands naming those chunks; if publishing fails half-way the
+chunks already written are tombstoned, so a failed upload leaves nothing stored. With an
+``Idempotency-Key`` header the file id is derived from the key, so a retried upload answers
+the file the first attempt created instead of creating a second one.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,22 +18,26 @@ from aiohttp import BodyPartReader, web
 
 from cannonade.config import Config, ModelKind
 from projections import queries
-from projections.api.app import context, json_response, principal
+from projections.api.app import Context, context, json_response, principal
 from projections.rules.content import error_line, file_object, input_line, output_line
-from schemas.errors import ApiError, not_found
 from projections.rules.upload import (
-    ParsedUpload,
+    ParsedLine,
     UploadLimits,
     parse_upload,
     validate_expires_after,
     validate_purpose,
 )
-from schemas import ids
+from schemas import bodies, ids, topics
+from schemas.bodies import BodyRef
 from schemas.commands import AnyCommand, AppendFileLines, CreateFile, DeleteFile, FileLine
+from schemas.errors import ApiError, invalid_request, not_found
+from streams import validation
 
-# Upload parts stay well under the broker's message limit; one oversized line travels alone.
-PART_BYTES = 512 * 1024
-CONTENT_PAGE = 1000
+# Chunk records stay well under the message limit; a larger line travels alone.
+CHUNK_BYTES = 512 * 1024
+PAGE = 500
+# Numbers a query parameter may hold: anything larger is a mistake, not a request.
+MAX_QUERY_INT = 2**62
 
 
 def routes(router: web.UrlDispatcher) -> None:
@@ -66,58 +78,121 @@ async def _read_multipart(request: web.Request) -> dict[str, Any]:
                 fields["filename"] = part.filename
             else:
                 fields[part.name] = await part.text()
-    except (ValueError, AssertionError, KeyError) as exc:
-        raise ApiError(400, f"Invalid multipart request: {exc}", code="invalid_request") from None
+    except (ValueError, AssertionError, KeyError, UnicodeDecodeError) as exc:
+        raise invalid_request(f"Invalid multipart request: {exc}") from None
     return fields
 
 
-async def upload(request: web.Request) -> web.Response:
-    ctx = context(request)
-    who = principal(request)
-    limits = UploadLimits(
-        max_file_size=ctx.config.api.max_file_size,
-        max_requests_per_file=ctx.config.api.max_requests_per_file,
-        max_request_body_size=ctx.config.api.max_request_body_size,
-        allowed_url_paths=tuple(ctx.config.api.allowed_url_paths),
+def _limits(config: Config) -> UploadLimits:
+    return UploadLimits(
+        max_file_size=config.api.max_file_size,
+        max_requests_per_file=config.api.max_requests_per_file,
+        max_request_body_size=config.api.max_request_body_size,
+        allowed_url_paths=tuple(config.api.allowed_url_paths),
     )
+
+
+async def upload(request: web.Request) -> web.Response:
+    ctx, who = context(request), principal(request)
+    limits = _limits(ctx.config)
     if (request.content_length or 0) > limits.max_file_size + 10 * 1024:
         raise ApiError(
             413,
             f"File exceeds the maximum allowed size of {limits.max_file_size} bytes",
             code="file_too_large",
         )
+    key = request.headers.get("Idempotency-Key")
+    file_id = ids.file_id_for(who.user, key) if key else str(uuid.uuid4())
+    if key:
+        existing = await queries.get_file(ctx.pool, file_id, who.user)
+        if existing is not None:
+            return json_response(file_json(existing), 201)
     fields = await _read_multipart(request)
     now = datetime.now(UTC)
-    purpose = validate_purpose(fields.get("purpose"))
+    validate_purpose(fields.get("purpose"))
     expires_at = validate_expires_after(
         fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]"), now
     )
     if "file" not in fields:
-        raise ApiError(400, "No file field found in multipart upload", code="invalid_request")
+        raise invalid_request("No file field found in multipart upload")
+    filename = fields.get("filename") or f"upload-{file_id}"
+    validation.check_storable(filename, "filename")
     raw: bytes = fields["file"]
     parsed = parse_upload(raw, limits, lambda model: _model_kind(ctx.config, model, who.user))
-    file_id = str(uuid.uuid4())
-    commands: list[AnyCommand] = [*_parts(file_id, parsed, now)]
-    commands.append(
-        CreateFile(
-            command_id=ids.new_id(),
-            issued_at=now,
-            file_id=file_id,
-            owner=who.user,
-            filename=fields.get("filename") or f"upload-{file_id}",
-            purpose=purpose,
-            bytes=len(raw),
-            line_count=len(parsed.lines),
-            expires_at=expires_at,
-            api_key_id=who.key_id,
+    upload_id = str(uuid.uuid4())
+    chunks = _chunks(parsed.lines)
+    records = [
+        (
+            bodies.chunk_key(file_id, upload_id, lines[0].line_number),
+            bodies.encode_chunk([(line.custom_id, line.body) for line in lines]),
+            bodies.partition_for(file_id, topics.BODIES.partitions),
         )
-    )
-    await ctx.publisher.publish(commands)
+        for lines in chunks
+    ]
+    refs: list[BodyRef] = []
+    try:
+        refs = await ctx.publisher.bodies(records)
+        commands: list[AnyCommand] = [
+            AppendFileLines(
+                command_id=ids.new_id(),
+                issued_at=now,
+                file_id=file_id,
+                upload_id=upload_id,
+                first_line=lines[0].line_number,
+                body_key=key_,
+                body=ref,
+                lines=[FileLine(x.custom_id, "POST", x.url, x.model, len(x.body)) for x in lines],
+            )
+            for lines, (key_, _, _), ref in zip(chunks, records, refs, strict=True)
+        ]
+        commands.append(
+            CreateFile(
+                command_id=ids.new_id(),
+                issued_at=now,
+                file_id=file_id,
+                upload_id=upload_id,
+                owner=who.user,
+                filename=filename,
+                purpose="batch",
+                bytes=len(raw),
+                line_count=len(parsed.lines),
+                expires_at=expires_at,
+                api_key_id=who.key_id,
+            )
+        )
+        await ctx.publisher.commands(commands)
+    except ApiError:
+        await _erase(ctx, records)
+        raise
     await ctx.wait_for(lambda: queries.file_exists(ctx.pool, file_id), "the file")
     row = await queries.get_file(ctx.pool, file_id, who.user)
     if row is None:
         raise not_found("File", file_id)
     return json_response(file_json(row), 201)
+
+
+async def _erase(ctx: Context, records: Sequence[tuple[str, bytes, int]]) -> None:
+    """Best effort: tombstones for the chunks of an upload that failed half-way (the purge
+    takes what this misses, e.g. when the broker is the thing that failed)."""
+    try:
+        await ctx.publisher.bodies([(key, None, partition) for key, _, partition in records])
+    except ApiError:
+        pass
+
+
+def _chunks(lines: list[ParsedLine]) -> list[list[ParsedLine]]:
+    chunks: list[list[ParsedLine]] = []
+    current: list[ParsedLine] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line.body) > CHUNK_BYTES:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(line)
+        size += len(line.body)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _model_kind(config: Config, model: str, user: str) -> ModelKind | None:
@@ -127,67 +202,57 @@ def _model_kind(config: Config, model: str, user: str) -> ModelKind | None:
     return found.kind
 
 
-def _parts(file_id: str, parsed: ParsedUpload, now: datetime) -> list[AppendFileLines]:
-    parts: list[AppendFileLines] = []
-    lines: list[FileLine] = []
-    first = size = 0
-    for line in parsed.lines:
-        if lines and size + len(line.body) > PART_BYTES:
-            parts.append(
-                AppendFileLines(
-                    command_id=ids.new_id(),
-                    issued_at=now,
-                    file_id=file_id,
-                    first_line=first,
-                    lines=lines,
-                )
-            )
-            first, lines, size = line.line_number, [], 0
-        lines.append(FileLine(line.custom_id, line.method, line.url, line.model, line.body))
-        size += len(line.body)
-    if lines:
-        parts.append(
-            AppendFileLines(
-                command_id=ids.new_id(),
-                issued_at=now,
-                file_id=file_id,
-                first_line=first,
-                lines=lines,
-            )
-        )
-    return parts
-
-
 async def list_files(request: web.Request) -> web.Response:
     ctx, who, q = context(request), principal(request), request.query
-    order = q.get("order", "desc")
+    order = query_text(q, "order") or "desc"
     if order not in ("asc", "desc"):
-        raise ApiError(400, "Order must be 'asc' or 'desc'", code="invalid_request")
-    limit = _limit(q.get("limit"), default=20)
-    after = _optional_uuid(q.get("after"))
+        raise invalid_request("Order must be 'asc' or 'desc'", param="order")
+    limit = list_limit(q, default=20)
     rows = await queries.list_files(
         ctx.pool,
         who.user,
-        after=after,
+        after=optional_uuid(query_text(q, "after")),
         limit=limit + 1,
         ascending=order == "asc",
-        purpose=q.get("purpose"),
+        purpose=query_text(q, "purpose"),
+        search=query_text(q, "search"),
     )
     return json_response(list_page([file_json(r) for r in rows], limit))
 
 
-def _limit(raw: str | None, default: int) -> int:
+def query_text(q: Any, name: str) -> str | None:
+    """A text query parameter; text the read model cannot hold is a client error."""
+    value = q.get(name)
+    if value is not None:
+        validation.check_storable(value, name)
+    return value  # type: ignore[no-any-return]
+
+
+def query_int(q: Any, name: str, default: int, *, low: int = 0, high: int = MAX_QUERY_INT) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise invalid_request(f"{name} must be an integer between {low} and {high}", param=name)
+    return value
+
+
+def list_limit(q: Any, default: int) -> int:
+    """Listing pages hold 1 to 100 items; out-of-range values are clamped, as OpenAI does."""
+    raw = q.get("limit")
     if raw is None:
         return default
     try:
         return max(1, min(int(raw), 100))
     except ValueError:
-        raise ApiError(
-            400, "limit must be an integer", code="invalid_request", param="limit"
-        ) from None
+        raise invalid_request("limit must be an integer", param="limit") from None
 
 
-def _optional_uuid(raw: str | None) -> str | None:
+def optional_uuid(raw: str | None) -> str | None:
     """A cursor that is not a UUID is ignored, as the reference does."""
     if raw is None:
         return None
@@ -221,7 +286,7 @@ async def get_file(request: web.Request) -> web.Response:
 async def delete_file(request: web.Request) -> web.Response:
     ctx = context(request)
     row = await _owned_file(request)
-    await ctx.publisher.publish(
+    await ctx.publisher.commands(
         [DeleteFile(command_id=ids.new_id(), issued_at=datetime.now(UTC), file_id=row["id"])]
     )
     await ctx.wait_for(lambda: queries.file_deleted(ctx.pool, row["id"]), "the deletion")
@@ -229,34 +294,36 @@ async def delete_file(request: web.Request) -> web.Response:
 
 
 async def content(request: web.Request) -> web.StreamResponse:
-    """JSONL lines; with ``limit`` one page, whose headers say whether more lines exist."""
-    ctx, q = context(request), request.query
+    """JSONL lines. With ``limit`` one page, whose headers say whether more lines exist;
+    without, the whole file, streamed page by page. A failure after the first byte resets the
+    connection, so a truncated download can never pass for a whole one."""
+    ctx, q, who = context(request), request.query, principal(request)
     row = await _owned_file(request)
-    skip = _non_negative(q.get("skip"), "skip")
-    limit = None if q.get("limit") is None else _non_negative(q.get("limit"), "limit")
-    search = q.get("search") or None
-    headers = {"Content-Type": "application/x-ndjson"}
-    state = "completed" if row["purpose"] == "batch_output" else "failed"
+    skip = query_int(q, "skip", 0)
+    limit = None if q.get("limit") is None else query_int(q, "limit", 0)
+    search = query_text(q, "search") or None
     incomplete = False
+    state = "completed" if row["purpose"] == "batch_output" else "failed"
     if row["purpose"] in ("batch_output", "batch_error"):
         batch = await queries.batch_by_result_file(ctx.pool, row["id"])
         incomplete = batch is not None and (batch["pending"] + batch["in_progress"]) > 0
         # A result's body travels on its own topic and may trail its row by a poll.
         await ctx.wait_for(lambda: _no_missing(ctx, row["batch_id"], state), "result bodies")
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        fetch = None if limit is None else limit + 1
-        if row["purpose"] == "batch":
-            source = queries.input_lines(conn, row["id"], skip=skip, limit=fetch, search=search)
-            lines = (
-                input_line(r["custom_id"], r["method"], r["path"], r["body"]) async for r in source
-            )
-        else:
-            source = queries.result_lines(
-                conn, row["batch_id"], state, skip=skip, limit=fetch, search=search
-            )
-            lines = (_result_line(state, r) async for r in source)
+        lines = _result_lines(ctx, row["batch_id"], state, skip, limit, search)
+    else:
+        lines = _input_lines(ctx, row["id"], skip, limit, search)
+    if ctx.downloads.get(who.user, 0) >= ctx.config.api.downloads_per_user:
+        raise ApiError(
+            429,
+            f"Too many downloads in progress for this user (at most "
+            f"{ctx.config.api.downloads_per_user} at once)",
+            code="rate_limit_exceeded",
+        )
+    ctx.downloads[who.user] = ctx.downloads.get(who.user, 0) + 1
+    try:
+        headers = {"Content-Type": "application/x-ndjson"}
         if limit is not None:
-            page = [line async for line in lines]
+            page = [line async for line in _take(lines, limit + 1)]
             more = len(page) > limit
             page = page[:limit]
             headers["X-Incomplete"] = str(incomplete or more).lower()
@@ -265,31 +332,79 @@ async def content(request: web.Request) -> web.StreamResponse:
         headers["X-Incomplete"] = str(incomplete).lower()
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        async for line in lines:
-            await response.write(line)
+        try:
+            async for line in lines:
+                await response.write(line)
+        except Exception:
+            if request.transport is not None:
+                request.transport.abort()
+            raise
         await response.write_eof()
         return response
+    finally:
+        left = ctx.downloads[who.user] - 1
+        if left:
+            ctx.downloads[who.user] = left
+        else:
+            del ctx.downloads[who.user]
 
 
-def _result_line(state: str, r: Any) -> bytes:
-    if state == "completed":
-        return output_line(r["id"], r["custom_id"], r["response_status"], r["body"])
-    return error_line(r["id"], r["custom_id"], r["body"])
+async def _take(lines: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:
+    if count <= 0:
+        return
+    async for line in lines:
+        yield line
+        count -= 1
+        if count <= 0:
+            return
 
 
-async def _no_missing(ctx: Any, batch_id: str, state: str) -> bool:
+async def _input_lines(
+    ctx: Context, file_id: str, skip: int, limit: int | None, search: str | None
+) -> AsyncIterator[bytes]:
+    after: int | None = None
+    left = limit
+    while left is None or left > 0:
+        size = PAGE if left is None else min(PAGE, left + 1)
+        rows, chunk_bodies = await queries.input_page(
+            ctx.pool, file_id, after_line=after, skip=skip if after is None else 0,
+            limit=size, search=search,
+        )  # fmt: skip
+        decoded = {k: bodies.chunk_decoder.decode(v) for k, v in chunk_bodies.items()}
+        for r in rows:
+            first = int(r["body_key"].rsplit(":", 1)[1])
+            body = decoded[r["body_key"]].lines[r["line_number"] - first].body
+            yield input_line(r["custom_id"], r["method"], r["path"], bytes(body))
+        if len(rows) < size:
+            return
+        after = rows[-1]["line_number"]
+        if left is not None:
+            left -= len(rows)
+
+
+async def _result_lines(
+    ctx: Context, batch_id: str, state: str, skip: int, limit: int | None, search: str | None
+) -> AsyncIterator[bytes]:
+    after: tuple[datetime, str] | None = None
+    left = limit
+    while left is None or left > 0:
+        size = PAGE if left is None else min(PAGE, left + 1)
+        rows = await queries.result_page(
+            ctx.pool, batch_id, state, after=after, skip=skip if after is None else 0,
+            limit=size, search=search,
+        )  # fmt: skip
+        for r in rows:
+            body = None if r["body"] is None else bytes(r["body"]).decode("utf-8", "replace")
+            if state == "completed":
+                yield output_line(r["id"], r["custom_id"], r["response_status"], body)
+            else:
+                yield error_line(r["id"], r["custom_id"], body)
+        if len(rows) < size:
+            return
+        after = (rows[-1]["at"], rows[-1]["id"])
+        if left is not None:
+            left -= len(rows)
+
+
+async def _no_missing(ctx: Context, batch_id: str, state: str) -> bool:
     return await queries.results_missing_bodies(ctx.pool, batch_id, state) == 0
-
-
-def _non_negative(raw: str | None, name: str) -> int:
-    if raw is None:
-        return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ApiError(
-            400, f"{name} must be a non-negative integer", code="invalid_request", param=name
-        )
-    return value

@@ -151,8 +151,9 @@ CREATE TABLE requests (
     failed_at       timestamptz,
     canceled_at     timestamptz,
     projected_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
-    -- Kafka offset of the last event applied to this row: a request's events share one
-    -- partition, so an event at or below it is a replay and is skipped.
+    -- Position of the last event applied to this row (its record's offset << 20 | its index
+    -- in the record): a request's events share one partition, so an event at or below it is
+    -- a replay and is skipped.
     last_offset     bigint NOT NULL
 );
 CREATE INDEX requests_batch_output ON requests (batch_id, completed_at, id) WHERE state = 'completed';

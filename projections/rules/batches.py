@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,12 +17,9 @@ import msgspec
 
 from projections.rules.content import unix_seconds
 from schemas.errors import ApiError, invalid_request
+from streams import validation
 
 STATUS_FILTERS = ("in_progress", "completed", "failed", "cancelled", "expired")
-
-_MAX_METADATA_PAIRS = 16
-_MAX_METADATA_KEY = 64
-_MAX_METADATA_VALUE = 512
 
 _UUID = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -58,17 +55,9 @@ def validate_create_batch(
         raise invalid_request(f"Invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise invalid_request(f"Invalid JSON body: {exc}") from None
-    if req.completion_window not in allowed_windows:
-        raise invalid_request(
-            "Unsupported completion_window. Allowed values: " + ", ".join(allowed_windows),
-            param="completion_window",
-        )
-    if req.endpoint not in allowed_paths:
-        raise invalid_request(
-            f"Unsupported endpoint '{req.endpoint}'. Supported: " + ", ".join(allowed_paths),
-            param="endpoint",
-        )
-    metadata = _check_metadata(req.metadata)
+    validation.check_window(req.completion_window, allowed_windows)
+    validation.check_endpoint(req.endpoint, allowed_paths)
+    metadata = validation.check_metadata(req.metadata)
     if not _UUID.fullmatch(req.input_file_id):
         raise invalid_request("Invalid input_file_id format", param="input_file_id")
     return CreateBatchRequest(
@@ -77,48 +66,6 @@ def validate_create_batch(
         completion_window=req.completion_window,
         metadata=metadata,
     )
-
-
-def _check_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise invalid_request("Invalid 'metadata': expected an object", param="metadata")
-    if len(metadata) > _MAX_METADATA_PAIRS:
-        raise invalid_request(
-            f"Invalid 'metadata': too many properties. Expected at most {_MAX_METADATA_PAIRS}, "
-            f"got {len(metadata)}",
-            param="metadata",
-        )
-    for key, value in metadata.items():
-        if len(key) > _MAX_METADATA_KEY:
-            raise invalid_request(
-                f"Invalid 'metadata': key '{key}' is longer than {_MAX_METADATA_KEY} "
-                f"characters (got {len(key)})",
-                param="metadata",
-            )
-        if not isinstance(value, str):
-            raise invalid_request(f"Invalid 'metadata.{key}': expected a string", param="metadata")
-        if len(value) > _MAX_METADATA_VALUE:
-            raise invalid_request(
-                f"Invalid 'metadata.{key}': longer than {_MAX_METADATA_VALUE} characters "
-                f"(got {len(value)})",
-                param="metadata",
-            )
-    return metadata
-
-
-def check_lines_match_endpoint(urls_by_line: Iterable[tuple[int, str]], endpoint: str) -> None:
-    """Check 5: every line targets the batch endpoint.
-
-    `urls_by_line` holds (0-based line_number, url) pairs in line order; the first mismatch
-    is reported with its 1-based line.
-    """
-    for line_number, url in urls_by_line:
-        if url != endpoint:
-            raise invalid_request(
-                f"Line {line_number + 1}: url '{url}' does not match batch endpoint '{endpoint}'"
-            )
 
 
 class BatchFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,7 +103,10 @@ class BatchFacts(msgspec.Struct, frozen=True, kw_only=True):
 
 def derive_status(f: BatchFacts) -> str:
     populated = f.requests_started_at is not None
-    finished = populated and f.pending == 0 and f.in_progress == 0
+    # Rows reach the read model after the batch says it is populated: until every row is
+    # known, a batch with nothing pending yet is not finished.
+    ended = f.completed + f.failed + f.canceled
+    finished = populated and f.pending == 0 and f.in_progress == 0 and ended >= f.total
     if f.cancelling_at is not None:
         # Population after a cancel is a no-op, so an unpopulated cancelled batch is done.
         return "cancelled" if finished or not populated else "cancelling"

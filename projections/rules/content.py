@@ -72,10 +72,9 @@ def error_line(request_id: str, custom_id: str | None, error_text: str | None) -
     )
 
 
-def input_line(custom_id: str | None, method: str, url: str, body_text: str) -> bytes:
-    return _line(
-        {"custom_id": custom_id, "method": method, "url": url, "body": _json_or_text(body_text)}
-    )
+def input_line(custom_id: str | None, method: str, url: str, body: bytes) -> bytes:
+    """An input file line; ``body`` is the stored compact JSON, embedded as it is."""
+    return _line({"custom_id": custom_id, "method": method, "url": url, "body": msgspec.Raw(body)})
 
 
 def virtual_file_size(kind: VirtualKind, total_response_bytes: int, rows: int) -> int:

@@ -59,7 +59,7 @@ class ParsedLine(msgspec.Struct, frozen=True, gc=False):
     custom_id: str
     method: str
     url: str
-    body: str  # sanitised, compact JSON
+    body: bytes  # sanitised, compact JSON
     model: str
 
 
@@ -179,7 +179,9 @@ class _LineChecker:
                 + ", ".join(self.limits.allowed_url_paths)
             )
         body = line.body
-        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise _bad_file(f"Line {n}: 'body' must be a JSON object")
+        model = body.get("model")
         if not isinstance(model, str):
             raise _bad_file(f"Line {n}: Missing 'model' field in request body")
         self._check_model(n, model, url)
@@ -191,7 +193,7 @@ class _LineChecker:
                 f"Line {n}: Request body is {len(encoded)} bytes, which exceeds the maximum "
                 f"allowed size of {self.limits.max_request_body_size} bytes"
             )
-        return ParsedLine(n - 1, custom_id, "POST", url, encoded.decode(), model)
+        return ParsedLine(n - 1, custom_id, "POST", url, encoded, model)
 
     def _check_custom_id(self, n: int, custom_id: str) -> None:
         size = len(custom_id) if custom_id.isascii() else len(custom_id.encode())
@@ -246,6 +248,8 @@ def parse_upload(
             f"File exceeds the maximum allowed size of {limits.max_file_size} bytes",
             code="file_too_large",
         )
+    # A byte order mark is no content (OpenAI accepts files that start with one).
+    data = data.removeprefix(b"\xef\xbb\xbf")
     _check_utf8(data)
     checker = _LineChecker(limits, model_kind)
     lines: list[ParsedLine] = []

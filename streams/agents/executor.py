@@ -14,6 +14,7 @@ given its claim to someone else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -98,7 +99,7 @@ class Executor:
             headers = batch.batch_headers.get(item.batch_id or "", {})
             task = asyncio.create_task(self._run(item, headers))
             self.running[item.claim_id] = task
-            task.add_done_callback(lambda t, claim=item.claim_id: self._done(claim, t))
+            task.add_done_callback(functools.partial(self._done, item.claim_id))
 
     def abort(self, claim_id: str) -> None:
         """Cancel a running claim; its task reports it canceled. An abort that arrives before

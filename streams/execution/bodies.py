@@ -49,15 +49,8 @@ class BodyReader:
         cache_bytes: int = 64 * 1024 * 1024,
         fetch_timeout_s: float = 10.0,
     ) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            enable_auto_commit=False,
-            # One fetch brings the asked record and enough of the ones after it to read ahead.
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=topics.MAX_MESSAGE_BYTES,
-            fetch_max_wait_ms=5,
-            auto_offset_reset="earliest",
-        )
+        self._bootstrap = bootstrap
+        self._consumer: AIOKafkaConsumer | None = None
         self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
         self._locks = [asyncio.Lock() for _ in range(partitions)]
         # (partition, offset) -> (decoded record, its size on the topic)
@@ -68,13 +61,24 @@ class BodyReader:
         self._ready = asyncio.Event()
 
     async def start(self) -> None:
-        await self._consumer.start()
-        self._consumer.assign(self._partitions)
-        self._consumer.pause(*self._partitions)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            # One fetch brings the asked record and enough of the ones after it to read ahead.
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=topics.MAX_MESSAGE_BYTES,
+            fetch_max_wait_ms=5,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        consumer.assign(self._partitions)
+        consumer.pause(*self._partitions)
+        self._consumer = consumer
         self._ready.set()
 
     async def stop(self) -> None:
-        await self._consumer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def template(self, ref: BodyRef) -> Template:
         cached = self._cache.get((ref.partition, ref.offset))
@@ -93,23 +97,25 @@ class BodyReader:
 
     async def _fetch(self, partition: int, offset: int) -> _Decoded:
         tp = self._partitions[partition]
+        consumer = self._consumer
+        assert consumer is not None
         async with self._locks[partition]:
             found = self._cache.get((partition, offset))
             if found is not None:
                 return found[0]
-            self._consumer.seek(tp, offset)
-            self._consumer.resume(tp)
+            consumer.seek(tp, offset)
+            consumer.resume(tp)
             try:
                 async with asyncio.timeout(self._fetch_timeout_s):
                     while True:
-                        batch = await self._consumer.getmany(tp, timeout_ms=1000)
+                        batch = await consumer.getmany(tp, timeout_ms=1000)
                         records = batch.get(tp, [])
                         if records:
                             break
             except TimeoutError:
                 raise BodyGone(f"no record at {partition}@{offset}") from None
             finally:
-                self._consumer.pause(tp)
+                consumer.pause(tp)
             for record in records:
                 self._remember(partition, record.offset, record.key, record.value)
             found = self._cache.get((partition, offset))

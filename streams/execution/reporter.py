@@ -115,11 +115,13 @@ class Reporter:
                 await self._publish(reports)
         except BaseException:
             # Put it all back, in order, for the next attempt.
-            for model, items in finished.items():
-                self._finished[model] = items + self._finished.get(model, [])
+            for model, done in finished.items():
+                self._finished[model] = done + self._finished.get(model, [])
             self._bodies = bodies + self._bodies
             now = time.monotonic()
-            for model, items in started.items():
-                for item in items:
-                    self._started.setdefault(item.claim_id, (now - self._started_delay, model, item))
+            for model, running in started.items():
+                for item in running:
+                    self._started.setdefault(
+                        item.claim_id, (now - self._started_delay, model, item)
+                    )
             raise

@@ -213,8 +213,9 @@ class Gate:
             if key.startswith("K:"):
                 self.buckets[key] = datetime.fromisoformat(raw.decode())
             elif key.startswith("B:"):
-                entry = _batch_decoder.decode(raw)
-                self._model(entry.model).batches[entry.facts.batch_id] = _Batch(key, entry)
+                batch_entry = _batch_decoder.decode(raw)
+                batches = self._model(batch_entry.model).batches
+                batches[batch_entry.facts.batch_id] = _Batch(key, batch_entry)
         for key, raw in items:
             if key.startswith("R:"):
                 request_id, entry = key[2:], _request_decoder.decode(raw)
@@ -650,8 +651,11 @@ class Gate:
             return
         units = [
             scoring.Unit(
-                id=batch_id, batch=True, owner=b.entry.facts.owner,
-                deadline=b.entry.facts.deadline, window_s=b.entry.facts.window_s,
+                id=batch_id,
+                batch=True,
+                owner=b.entry.facts.owner,
+                deadline=b.entry.facts.deadline,
+                window_s=b.entry.facts.window_s,
                 window_class=b.entry.facts.window_class,
                 available=b.unclaimed_count() + len(b.returned),
             )  # fmt: skip

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from openai import OpenAI
 
@@ -77,20 +76,12 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _new_key(dsn: str, user: str) -> str:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await create_key(conn, user)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="session")
 def client_for(services: Services, stack_info: stack.StackInfo) -> Callable[[str], OpenAI]:
     """An unmodified ``openai`` client authenticated as ``user`` (a fresh key each call)."""
 
     def make(user: str) -> OpenAI:
-        key = run(_new_key(stack_info.database_url, user))
+        key = run(create_key(stack_info.kafka_bootstrap, stack_info.database_url, user))
         return OpenAI(base_url=f"{services.api_url}/v1", api_key=key, max_retries=0, timeout=60)
 
     return make

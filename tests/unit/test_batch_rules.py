@@ -11,12 +11,12 @@ import pytest
 from projections.rules.batches import (
     BatchFacts,
     batch_object,
-    check_lines_match_endpoint,
     check_status_filter,
     derive_status,
     validate_create_batch,
 )
-from projections.rules.errors import ApiError, invalid_api_key, invalid_request, not_found
+from schemas.errors import ApiError, invalid_api_key, invalid_request, not_found
+from streams.validation import check_lines_match_endpoint
 
 FILE_ID = "7b0f1c2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b"
 WINDOWS = ["24h", "1h"]
@@ -107,9 +107,9 @@ def test_invalid_json_or_missing_fields_is_400() -> None:
 
 def test_lines_must_target_the_batch_endpoint() -> None:
     endpoint = "/v1/chat/completions"
-    check_lines_match_endpoint([(0, endpoint), (1, endpoint)], endpoint)
+    check_lines_match_endpoint({endpoint: 0}, endpoint)
     with pytest.raises(ApiError) as info:
-        check_lines_match_endpoint([(0, endpoint), (1, "/v1/embeddings"), (2, "/v1/x")], endpoint)
+        check_lines_match_endpoint({endpoint: 0, "/v1/x": 2, "/v1/embeddings": 1}, endpoint)
     assert info.value.status == 400
     assert info.value.message == (
         "Line 2: url '/v1/embeddings' does not match batch endpoint '/v1/chat/completions'"

@@ -1,4 +1,5 @@
-"""The exported JSON Schemas are the contract outside consumers build against."""
+"""The exported JSON Schemas are the contract outside producers and consumers build against,
+and the decoders enforce exactly that contract."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import msgspec
 import pytest
 
 from schemas import codec, export
+from schemas.bodies import BodyRef, encode_chunk
 from schemas.commands import AppendFileLines, CreateBatch, FileLine
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+FILE = "7b0f1c2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b"
+BATCH = "1f0e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
 
 
 def test_checked_in_json_schemas_are_current() -> None:
@@ -20,10 +26,9 @@ def test_checked_in_json_schemas_are_current() -> None:
 
 
 def test_commands_round_trip_with_their_type_tag_and_version() -> None:
-    now = datetime(2026, 1, 1, tzinfo=UTC)
     cmds = [
-        CreateBatch(command_id="c1", issued_at=now, batch_id="b", owner="u", input_file_id="f", endpoint="/v1/chat/completions", completion_window="24h"),
-        AppendFileLines(command_id="c2", issued_at=now, file_id="f", first_line=0, lines=[FileLine("x", "POST", "/v1/embeddings", "m", "{}")]),
+        CreateBatch(command_id="c1", issued_at=NOW, batch_id=BATCH, owner="u", input_file_id=FILE, endpoint="/v1/chat/completions", completion_window="24h"),
+        AppendFileLines(command_id="c2", issued_at=NOW, file_id=FILE, upload_id=BATCH, first_line=0, body_key="tplc:x", body=BodyRef(0, 7), lines=[FileLine("x", "POST", "/v1/embeddings", "m", 2)]),
     ]  # fmt: skip
     for cmd in cmds:
         raw = codec.encode(cmd)
@@ -32,7 +37,57 @@ def test_commands_round_trip_with_their_type_tag_and_version() -> None:
         assert codec.commands.decode(raw) == cmd
 
 
+def _create_batch(**fields: object) -> bytes:
+    doc: dict[str, object] = {
+        "type": "CreateBatch", "command_id": "c", "issued_at": "2026-01-01T00:00:00Z",
+        "batch_id": BATCH, "owner": "alice", "input_file_id": FILE,
+        "endpoint": "/v1/chat/completions", "completion_window": "24h",
+    }  # fmt: skip
+    return msgspec.json.encode(doc | fields)
+
+
+def test_a_well_formed_command_decodes() -> None:
+    assert codec.commands.decode(_create_batch()).batch_id == BATCH
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"batch_id": "not-a-uuid"}, "batch_id"),
+        ({"input_file_id": FILE.upper()}, "input_file_id"),
+        ({"issued_at": "2026-01-01T00:00:00"}, "issued_at"),  # no time zone
+        ({"completion_window": "7 days"}, "completion_window"),
+        ({"owner": "ali\x00ce"}, "owner"),
+        ({"metadata": {"k": "v\x00"}}, "metadata"),
+        ({"unexpected": 1}, "unexpected"),
+    ],
+)
+def test_what_breaks_the_published_contract_is_refused_with_the_field_named(
+    fields: dict[str, object], named: str
+) -> None:
+    with pytest.raises(codec.DecodeErrors, match=named):
+        codec.commands.decode(_create_batch(**fields))
+
+
+def test_the_published_schema_states_formats_and_forbids_unknown_fields() -> None:
+    schema = msgspec.json.decode(export.render()["commands.schema.json"])
+    create = schema["$defs"]["CreateBatch"]
+    assert create["properties"]["batch_id"]["format"] == "uuid"
+    assert "pattern" in create["properties"]["batch_id"]
+    assert create["properties"]["issued_at"]["format"] == "date-time"
+    assert create["additionalProperties"] is False
+
+
 def test_a_command_missing_a_field_is_rejected_with_the_field_named() -> None:
     raw = b'{"type":"CancelBatch","command_id":"c","issued_at":"2026-01-01T00:00:00Z"}'
     with pytest.raises(codec.DecodeErrors, match="batch_id"):
         codec.commands.decode(raw)
+
+
+def test_a_template_chunk_embeds_bodies_without_escaping_them() -> None:
+    body = b'{"model":"m","messages":[{"role":"user","content":"say \\"hi\\""}]}'
+    chunk = encode_chunk([("a", body), (None, b"{}")])
+    assert len(chunk) < len(body) + 40  # each body takes its own size, quotes included
+    decoded = msgspec.json.decode(chunk)
+    assert decoded["lines"][0] == ["a", msgspec.json.decode(body)]
+    assert decoded["lines"][1] == [None, {}]

@@ -1,169 +1,150 @@
-"""The request state machine and the projector's fold, without Kafka or PostgreSQL."""
+"""Folding lifecycle events into read-model writes (projections/fold.py), and the request state
+machine it shares with the gate (streams/lifecycle.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
-from projections.fold import Fold
+from projections.fold import COLUMNS, Fold
 from schemas.events import (
     PendingItem,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
     RequestFailed,
+    RequestReclaimed,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
 )
 from streams.lifecycle import next_state
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-BASE = {"batch_id": "b", "model": "m"}
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+BATCH = "1f0e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
+FILE = "7b0f1c2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b"
+R = "00000000-0000-4000-8000-000000000001"
+CLAIM = "00000000-0000-4000-8000-0000000000c1"
 
 
-def at(s: int) -> datetime:
-    return T0 + timedelta(seconds=s)
+def common(from_state: str, at: datetime = NOW) -> dict[str, Any]:
+    return {"event_id": "e", "occurred_at": at, "request_id": R, "batch_id": BATCH, "model": "m", "from_state": from_state}  # fmt: skip
 
 
-def pending(*ids: str) -> RequestsPending:
+def pending() -> RequestsPending:
     return RequestsPending(
-        event_id="p", occurred_at=T0, batch_id="b", model="m", owner="u", created_at=T0,
-        deadline=at(86400), window_class="24h", service_tier=None,
-        items=[PendingItem(i, f"t-{i}", n, f"c-{i}") for n, i in enumerate(ids)],
+        event_id="p", occurred_at=NOW, batch_id=BATCH, file_id=FILE, model="m", owner="alice",
+        created_at=NOW, deadline=NOW + timedelta(hours=24), window_class="24h",
+        service_tier=None, items=[PendingItem(R, 0)],
     )  # fmt: skip
 
 
-def claimed(rid: str, s: int = 1) -> RequestClaimed:
-    return RequestClaimed(
-        event_id="c",
-        occurred_at=at(s),
-        request_id=rid,
-        claim_id="k",
-        worker_id="w",
-        attempt=0,
-        **BASE,
-    )
+def claimed(from_state: str = "pending") -> RequestClaimed:
+    return RequestClaimed(**common(from_state), claim_id=CLAIM, worker_id="gate", attempt=0)
 
 
-def started(rid: str, s: int = 2) -> RequestStarted:
-    return RequestStarted(
-        event_id="s", occurred_at=at(s), request_id=rid, claim_id="k", worker_id="w", **BASE
-    )
+def started(from_state: str = "claimed") -> RequestStarted:
+    return RequestStarted(**common(from_state), claim_id=CLAIM, worker_id="executor-1")
 
 
-def completed(rid: str, s: int = 3, size: int = 10) -> RequestCompleted:
+def completed(from_state: str = "processing") -> RequestCompleted:
     return RequestCompleted(
-        event_id="d",
-        occurred_at=at(s),
-        request_id=rid,
-        claim_id="k",
-        status=200,
-        size=size,
-        routed_model="m",
-        attempt=0,
-        **BASE,
-    )
+        **common(from_state, NOW + timedelta(seconds=2)), claim_id=CLAIM, status=200, size=42,
+        routed_model="m", attempt=0,
+    )  # fmt: skip
 
 
-def failed(rid: str, s: int = 3) -> RequestFailed:
+def failed(from_state: str = "processing", error: str | None = None) -> RequestFailed:
     return RequestFailed(
-        event_id="f",
-        occurred_at=at(s),
-        request_id=rid,
-        claim_id="k",
-        error_type="NonRetriableHttpStatus",
-        status=400,
-        size=7,
-        attempt=0,
-        **BASE,
-    )
+        **common(from_state), claim_id=CLAIM, error_type="BatchTerminated", status=None,
+        size=26, attempt=0, error=error,
+    )  # fmt: skip
 
 
-def canceled(rid: str, s: int = 3) -> RequestCanceled:
-    return RequestCanceled(event_id="x", occurred_at=at(s), request_id=rid, **BASE)
+def canceled(from_state: str = "pending") -> RequestCanceled:
+    return RequestCanceled(**common(from_state))
+
+
+def retry(from_state: str = "processing") -> RequestRetryScheduled:
+    return RequestRetryScheduled(**common(from_state), claim_id=CLAIM, attempt=1, not_before=NOW)
+
+
+def reclaimed(from_state: str = "claimed") -> RequestReclaimed:
+    return RequestReclaimed(**common(from_state), claim_id=CLAIM, attempt=1, reason="claim_timeout")  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("state", "event", "expected"),
     [
-        (None, pending("r"), "pending"),
-        ("pending", pending("r"), None),
-        ("pending", claimed("r"), "claimed"),
-        ("claimed", started("r"), "processing"),
-        ("processing", completed("r"), "completed"),
-        ("completed", failed("r"), None),  # first result wins
-        ("failed", completed("r"), None),
-        ("completed", canceled("r"), None),  # cancel never overwrites a result
-        ("canceled", completed("r"), "completed"),  # a genuine late result supersedes a cancel
-        ("canceled", canceled("r"), None),
-        (
-            "processing",
-            RequestRetryScheduled(
-                event_id="y",
-                occurred_at=T0,
-                request_id="r",
-                claim_id="k",
-                attempt=1,
-                not_before=at(1),
-                **BASE,
-            ),
-            "pending",
-        ),
-        ("completed", claimed("r"), None),  # claims never revive a terminal row
+        (None, pending(), "pending"),
+        ("pending", pending(), None),
+        ("pending", claimed(), "claimed"),
+        ("claimed", claimed(), None),
+        ("claimed", started(), "processing"),
+        ("pending", started(), None),
+        ("processing", retry(), "pending"),
+        ("claimed", reclaimed(), "pending"),
+        ("pending", reclaimed(), None),
+        ("processing", completed(), "completed"),
+        ("canceled", completed(), "completed"),  # a genuine late result supersedes a cancel
+        ("completed", completed(), None),  # first result wins
+        ("failed", completed(), None),
+        ("completed", failed(), None),
+        ("pending", canceled(), "canceled"),
+        ("completed", canceled(), None),  # cancel never overwrites a result
+        ("canceled", canceled(), None),
     ],
 )
-def test_transitions(state: str | None, event: object, expected: str | None) -> None:
+def test_transitions(state: str | None, event: Any, expected: str | None) -> None:
     assert next_state(state, event) == expected  # type: ignore[arg-type]
 
 
-def test_fold_counts_follow_transitions_and_replays_change_nothing() -> None:
-    events = [
-        pending("a", "b", "c"),
-        claimed("a"),
-        started("a"),
-        completed("a", size=42),
-        claimed("b"),
-        canceled("c"),
-    ]
-    fold = Fold({})
-    for offset, event in enumerate(events):
-        fold.apply(event, offset)
-    counts = fold.deltas["b"].counts
-    assert (counts["pending"], counts["in_progress"], counts["completed"], counts["canceled"]) == (
-        0,
-        1,
-        1,
-        1,
-    )
-    assert counts["response_bytes"] == 42
-    assert fold.deltas["b"].last_terminal_at == at(3)
-    row = fold.rows["a"]
-    assert (row.state, row.response_size, row.claimed_at, row.started_at) == (
-        "completed",
-        42,
-        at(1),
-        at(2),
-    )
-
-    again = Fold(fold.rows)  # the same events at the same offsets: a replay
-    for offset, event in enumerate(events):
-        again.apply(event, offset)
-    assert not again.deltas and {r.state for r in again.rows.values()} == {
-        "completed",
-        "claimed",
-        "canceled",
-    }
+def test_a_whole_lifecycle_collapses_into_one_write_of_its_final_columns() -> None:
+    fold = Fold()
+    for position, event in enumerate([pending(), claimed(), started(), completed()]):
+        fold.apply(event, position)
+    assert list(fold.new_rows) == [R]
+    write = fold.writes[R]
+    assert (write.from_state, write.state) == ("pending", "completed")
+    assert (write.first_offset, write.last_offset) == (1, 3)
+    assert write.values["claim_id"] == CLAIM
+    assert write.values["daemon_id"] == "executor-1"  # the start overwrote the claimant
+    assert write.values["response_size"] == 42
+    assert write.values["completed_at"] == NOW + timedelta(seconds=2)
+    assert write.values["canceled_at"] is None
+    assert set(write.values) <= set(COLUMNS)
+    assert not fold.rejected
 
 
-def test_failed_rows_count_their_error_size() -> None:
-    fold = Fold({})
-    for offset, event in enumerate([pending("a"), claimed("a"), started("a"), failed("a")]):
-        fold.apply(event, offset)
-    counts = fold.deltas["b"].counts
-    assert (
-        counts["failed"] == 1
-        and counts["error_bytes"] == 7
-        and fold.rows["a"].error_type == "NonRetriableHttpStatus"
-    )
+def test_a_retry_clears_the_claim_columns_it_leaves_behind() -> None:
+    fold = Fold()
+    for position, event in enumerate([claimed(), started(), retry()]):
+        fold.apply(event, position)
+    values = fold.writes[R].values
+    assert fold.writes[R].state == "pending"
+    assert values["claim_id"] is None and values["started_at"] is None
+    assert values["retry_attempt"] == 1 and values["not_before"] == NOW
+
+
+def test_an_event_that_does_not_follow_the_state_it_claims_is_refused() -> None:
+    fold = Fold()
+    fold.apply(claimed(), 1)
+    fold.apply(completed("processing"), 2)  # the row is claimed, not processing
+    assert fold.writes[R].state == "claimed"
+    assert [reason for _, reason in fold.rejected] == ["RequestCompleted does not apply to claimed"]
+
+
+def test_an_illegal_transition_is_refused_even_as_the_first_event() -> None:
+    fold = Fold()
+    fold.apply(completed("completed"), 1)
+    assert not fold.writes
+    assert fold.rejected[0][1] == "RequestCompleted does not apply to completed"
+
+
+def test_engine_made_failure_envelopes_are_kept_for_the_error_file() -> None:
+    fold = Fold()
+    fold.apply(failed("pending", error='{"type":"BatchTerminated"}'), 1)
+    assert fold.errors == {R: '{"type":"BatchTerminated"}'}
+    assert fold.writes[R].values["failed_at"] == NOW

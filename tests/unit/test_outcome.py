@@ -74,16 +74,16 @@ ESCALATIONS = {"small": ModelEscalation(escalation_model="big")}
 
 
 def test_escalation_switches_model_and_body_model_close_to_the_deadline() -> None:
-    body = '{"model":"small","messages":[{"role":"user","content":"hi"}]}'
+    body = b'{"model":"small","messages":[{"role":"user","content":"hi"}]}'
 
     model, sent = escalate("small", body, NOW + timedelta(seconds=899), NOW, ESCALATIONS)
 
     assert model == "big"
-    assert sent == '{"model":"big","messages":[{"role":"user","content":"hi"}]}'
+    assert sent == b'{"model":"big","messages":[{"role":"user","content":"hi"}]}'
 
 
 def test_no_escalation_at_or_beyond_the_threshold_or_without_config() -> None:
-    body = '{ "model": "small" }'
+    body = b'{ "model": "small" }'
     far = NOW + timedelta(seconds=900)
 
     assert escalate("small", body, far, NOW, ESCALATIONS) == ("small", body)
@@ -93,19 +93,19 @@ def test_no_escalation_at_or_beyond_the_threshold_or_without_config() -> None:
 def test_escalation_threshold_is_configurable_and_non_object_bodies_keep_their_bytes() -> None:
     escalations = {"small": ModelEscalation(escalation_model="big", threshold_s=60)}
 
-    assert escalate("small", "[1]", NOW + timedelta(seconds=59), NOW, escalations) == (
+    assert escalate("small", b"[1]", NOW + timedelta(seconds=59), NOW, escalations) == (
         "big",
-        "[1]",
+        b"[1]",
     )
-    assert escalate("small", "{}", NOW + timedelta(seconds=61), NOW, escalations) == (
+    assert escalate("small", b"{}", NOW + timedelta(seconds=61), NOW, escalations) == (
         "small",
-        "{}",
+        b"{}",
     )
 
 
 def test_deadline_priority_is_negative_deadline_seconds_merged_into_nvext() -> None:
     deadline = datetime(2025, 6, 2, 0, 0, 0, 900_000, tzinfo=UTC)
-    body = '{"model":"m","nvext":{"router":{"x":1},"agent_hints":{"priority":5,"keep":true}}}'
+    body = b'{"model":"m","nvext":{"router":{"x":1},"agent_hints":{"priority":5,"keep":true}}}'
 
     rewritten = msgspec.json.decode(inject_deadline_priority(body, deadline))
 
@@ -121,13 +121,13 @@ def test_deadline_priority_is_negative_deadline_seconds_merged_into_nvext() -> N
 def test_deadline_priority_creates_the_path_and_clamps_to_32_bits() -> None:
     far_future = datetime(2100, 1, 1, tzinfo=UTC)
 
-    rewritten = inject_deadline_priority('{"model":"m"}', far_future)
+    rewritten = inject_deadline_priority(b'{"model":"m"}', far_future)
 
-    assert rewritten == '{"model":"m","nvext":{"agent_hints":{"priority":-2147483648}}}'
+    assert rewritten == b'{"model":"m","nvext":{"agent_hints":{"priority":-2147483648}}}'
 
 
 @pytest.mark.parametrize(
-    "body", ["not json", "[1]", '{"nvext": 3}', '{"nvext": {"agent_hints": []}}']
+    "body", [b"not json", b"[1]", b'{"nvext": 3}', b'{"nvext": {"agent_hints": []}}']
 )
-def test_deadline_priority_leaves_unsuitable_bodies_alone(body: str) -> None:
+def test_deadline_priority_leaves_unsuitable_bodies_alone(body: bytes) -> None:
     assert inject_deadline_priority(body, NOW) == body

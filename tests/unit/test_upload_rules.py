@@ -9,7 +9,6 @@ import msgspec
 import pytest
 
 from cannonade.config import ModelKind
-from projections.rules.errors import ApiError
 from projections.rules.upload import (
     ParsedUpload,
     UploadLimits,
@@ -17,6 +16,7 @@ from projections.rules.upload import (
     validate_expires_after,
     validate_purpose,
 )
+from schemas.errors import ApiError
 
 KINDS: dict[str, ModelKind] = {"gpt": "chat", "emb": "embeddings"}
 CHAT = "/v1/chat/completions"
@@ -76,7 +76,7 @@ def test_body_is_sanitised_compact_and_keeps_key_order() -> None:
     raw += msgspec.json.encode(body).replace(b",", b", ") + b"}"
     parsed = parse(raw)
     assert parsed.lines[0].body == (
-        '{"model":"gpt","messages":[{"role":"user","content":"hi","priority":1}],"temperature":0.5}'
+        b'{"model":"gpt","messages":[{"role":"user","content":"hi","priority":1}],"temperature":0.5}'
     )
 
 
@@ -203,16 +203,24 @@ def test_unsupported_url_lists_allowed_paths() -> None:
     assert limited.message.endswith("Allowed paths are: /v1/embeddings")
 
 
-@pytest.mark.parametrize("body", [{"messages": []}, {"model": 3}, ["gpt"], "gpt", 7])
-def test_missing_model_including_non_object_body(body: Any) -> None:
+@pytest.mark.parametrize("body", [{"messages": []}, {"model": 3}])
+def test_missing_model(body: Any) -> None:
     err = rejected(line(body=body))
     assert err.status == 400
     assert err.message == "Line 1: Missing 'model' field in request body"
 
 
-def test_null_body_has_no_model() -> None:
-    raw = b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":null}'
-    assert rejected(raw).message == "Line 1: Missing 'model' field in request body"
+@pytest.mark.parametrize("body", ["null", '["gpt"]', '"gpt"', "7"])
+def test_a_body_that_is_not_an_object_is_named_as_such(body: str) -> None:
+    raw = b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":' + body.encode()
+    err = rejected(raw + b"}")
+    assert err.status == 400
+    assert err.message == "Line 1: 'body' must be a JSON object"
+
+
+def test_a_byte_order_mark_at_the_start_is_accepted() -> None:
+    parsed = parse(b"\xef\xbb\xbf" + line("a") + b"\n" + line("b"))
+    assert [p.custom_id for p in parsed.lines] == ["a", "b"]
 
 
 def test_inaccessible_model_is_403() -> None:
@@ -244,7 +252,7 @@ def test_model_type_must_match_endpoint() -> None:
 def test_body_size_is_measured_after_sanitising() -> None:
     body = {"model": "gpt", "input": "x" * 20, "priority": 1, "service_tier": "flex"}
     kept = len(b'{"model":"gpt","input":"' + b"x" * 20 + b'"}')
-    assert parse(line(body=body), max_request_body_size=kept).lines[0].body.endswith('x"}')
+    assert parse(line(body=body), max_request_body_size=kept).lines[0].body.endswith(b'x"}')
     err = rejected(line(body=body), max_request_body_size=kept - 1)
     assert err.message == (
         f"Line 1: Request body is {kept} bytes, which exceeds the maximum allowed size of "
