@@ -184,11 +184,20 @@ async def _read_all(bootstrap: str, topic: Topic) -> set[Record]:
         await consumer.stop()
 
 
-async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int | None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int:
+    """The group's committed offset for tp. After a restart the group coordinator reloads
+    __consumer_offsets once the broker is ready, and answers "no offset" meanwhile."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
-        return await consumer.committed(tp)
+        async with asyncio.timeout(30):
+            while True:
+                offset = await consumer.committed(tp)
+                if offset is not None:
+                    return int(offset)
+                await asyncio.sleep(0.2)
     finally:
         await consumer.stop()
 
@@ -206,7 +215,9 @@ async def test_kafka_stops_and_starts_on_its_data(drill_stack: stack.StackInfo) 
             sent.add((key, value, meta.partition, meta.offset))
         # A consumer group's progress lives in __consumer_offsets: the workers resume from it.
         group, tp = f"drill-{uuid.uuid4().hex[:8]}", TopicPartition(COMMANDS.name, 0)
-        committer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+        committer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        )
         await committer.start()
         try:
             committer.assign([tp])
