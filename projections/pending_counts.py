@@ -60,11 +60,18 @@ def _tier_clause(tier: TierFilter, args: list[Any]) -> str:
     return matches if kind == "include" else f"NOT COALESCE({matches}, false)"
 
 
-_ELIGIBLE = """
+# A row's template is line line_number of its file (batch rows; a batchless row carries its
+# own body and is deleted whole by erasure).
+_TEMPLATE = (
+    "LEFT JOIN request_templates t ON t.file_id = r.file_id AND t.line_number = r.line_number"
+)
+_PRESENT = "(r.file_id IS NULL OR t.file_id IS NOT NULL)"
+_ELIGIBLE = f"""
     FROM requests r
-    JOIN request_templates t ON t.id = r.template_id
+    {_TEMPLATE}
     LEFT JOIN batches b ON b.id = r.batch_id
-    WHERE (r.batch_id IS NULL OR (b.cancelling_at IS NULL AND b.deleted_at IS NULL
+    WHERE {_PRESENT}
+      AND (r.batch_id IS NULL OR (b.cancelling_at IS NULL AND b.deleted_at IS NULL
            AND b.completed_at IS NULL AND b.failed_at IS NULL AND b.cancelled_at IS NULL))
 """
 
@@ -113,8 +120,8 @@ async def pending_counts(
             decay_args.append(models)
             model_clause = " AND r.model = ANY($3::text[])"
         for r in await conn.fetch(
-            "SELECT r.model, count(*) FROM requests r JOIN request_templates t ON t.id = r.template_id"
-            " WHERE r.service_tier = 'flex' AND r.state = 'completed'"
+            f"SELECT r.model, count(*) FROM requests r {_TEMPLATE}"
+            f" WHERE {_PRESENT} AND r.service_tier = 'flex' AND r.state = 'completed'"
             f" AND r.completed_at BETWEEN $1 AND $2{model_clause} GROUP BY r.model",
             *decay_args,
         ):
