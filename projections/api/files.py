@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cannonade.config import Config, ModelKind
 from projections import queries
@@ -78,7 +79,7 @@ async def _read_multipart(request: web.Request) -> dict[str, Any]:
                 fields["filename"] = part.filename
             else:
                 fields[part.name] = await part.text()
-    except (ValueError, AssertionError, KeyError, UnicodeDecodeError) as exc:
+    except (ValueError, AssertionError, KeyError, UnicodeDecodeError, HttpProcessingError) as exc:
         raise invalid_request(f"Invalid multipart request: {exc}") from None
     return fields
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cannonade.config import ModelKind
 from projections.rules.upload import (
@@ -307,3 +309,44 @@ def test_expires_after_out_of_bounds_is_400(anchor: str | None, seconds: int | s
     with pytest.raises(ApiError) as info:
         validate_expires_after(anchor, seconds, NOW)
     assert info.value.status == 400
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def _uploads(draw: st.DrawFn) -> bytes:
+    """Files whose lines are valid, almost valid, or anything at all."""
+    lines: list[bytes] = []
+    for n in range(draw(st.integers(0, 5))):
+        kind = draw(st.sampled_from(["valid", "mutated", "bytes"]))
+        if kind == "bytes":
+            lines.append(draw(st.binary(max_size=40)))
+            continue
+        doc: dict[str, Any] = msgspec.json.decode(line(f"c{n}"))
+        if kind == "mutated":
+            doc[draw(st.sampled_from(["custom_id", "method", "url", "body", "extra"]))] = draw(_json_values)  # fmt: skip
+        lines.append(msgspec.json.encode(doc))
+    return draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + b"\n".join(lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_uploads())
+def test_any_upload_is_parsed_or_rejected_with_a_client_error(data: bytes) -> None:
+    try:
+        parsed = parse(data)
+    except ApiError as exc:
+        assert 400 <= exc.status < 500 and exc.message
+        return
+    for accepted in parsed.lines:
+        assert msgspec.json.decode(accepted.body)["model"] == accepted.model
+        assert (
+            set(msgspec.json.decode(accepted.body)) & {"priority", "service_tier", "background"}
+            == set()
+        )
