@@ -331,6 +331,9 @@ class Gate:
 
     def _on_pending(self, message: PendingRequests, now: datetime) -> None:
         facts, model = message.batch, message.model
+        key = f"B:{facts.batch_id}:{model}"
+        if key in self.state:
+            return  # populated already (a population re-sent by hand past its mark)
         lines = [line for r in message.ranges for line in range(r.start, r.end)]
         for start in range(0, len(lines), EVENTS_PER_RECORD):
             part = lines[start : start + EVENTS_PER_RECORD]
@@ -355,9 +358,6 @@ class Gate:
             for n in lines:
                 self._end_unclaimed(facts, model, n, reason, now)
             return
-        key = f"B:{facts.batch_id}:{model}"
-        if key in self.state:
-            return  # populated already (a population re-sent by hand past its mark)
         entry = GateBatch(facts, model, message.chunks, list(message.ranges))
         batch = _Batch(key, entry)
         self._model(model).batches[facts.batch_id] = batch
