@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from projections.pending_counts import Window, shape, validate
-from projections.rules.errors import ApiError
+from schemas.errors import ApiError
 
 
 def test_start_after_end_and_negative_decay_are_rejected() -> None:
