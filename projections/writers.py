@@ -68,8 +68,9 @@ _COUNTER_STATES = {
     "failed": "('failed')",
     "canceled": "('canceled')",
 }
-# One statement per poll: every changed row written once, only past its last applied offset,
-# and the batch counters moved from each row's first from_state to its last state.
+# One statement per poll: every changed row written once, only past its last applied offset
+# and only from the state its first event left (a transition the gate published twice after a
+# crash applies once), and the batch counters moved from that state to the row's last state.
 _UPDATE_ROWS = f"""
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
@@ -81,7 +82,7 @@ upd AS (
         projected_at = clock_timestamp(),
         {", ".join(f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END" for i, c in enumerate(COLUMNS))}
     FROM u, requests o
-    WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off
+    WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off AND r.state = u.from_state
     RETURNING r.batch_id, u.from_state, u.state, o.response_size AS old_size,
               r.response_size AS new_size,
               COALESCE(r.completed_at, r.failed_at, r.canceled_at) AS ended_at

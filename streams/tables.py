@@ -48,3 +48,73 @@ class Utf8Keys(MutableMapping[str, bytes]):
             return default
         del self.table[key.encode()]
         return value
+
+
+class WriteBehind(MutableMapping[str, bytes]):
+    """A mapping whose writes are held back until :meth:`flush`.
+
+    The gate writes its state through one: the agent publishes a decision's events first and
+    only then flushes the state changes to the table's changelog, so a crash in between makes
+    the gate re-decide (and re-publish the same events, which every consumer dedupes) instead
+    of remembering a decision whose events were lost."""
+
+    def __init__(self, inner: MutableMapping[str, bytes]) -> None:
+        self.inner = inner
+        self.pending: dict[str, bytes | None] = {}  # None: deleted
+
+    def __getitem__(self, key: str) -> bytes:
+        if key not in self.pending:
+            return self.inner[key]
+        value = self.pending[key]
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.pending[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.pending[key] = None
+
+    def pop(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = self.get(key)
+        if value is None:
+            return default
+        self.pending[key] = None
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self.items())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+    def items(self) -> Any:  # type: ignore[override]
+        for key, value in self.inner.items():
+            if key not in self.pending:
+                yield key, value
+        for key, pending in self.pending.items():
+            if pending is not None:
+                yield key, pending
+
+    def flush(self) -> None:
+        for key, value in self.pending.items():
+            if value is None:
+                self.inner.pop(key, None)
+            else:
+                self.inner[key] = value
+        self.pending = {}
+
+    def discard(self) -> None:
+        self.pending = {}

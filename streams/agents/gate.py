@@ -21,7 +21,7 @@ from schemas.events import GateTick
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.gate.core import Gate, Liveness
-from streams.tables import Utf8Keys
+from streams.tables import Utf8Keys, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ def register(streams: Streams) -> Gate:
     )
     limits = {name: model.concurrency for name, model in config.models.items()}
     live = config.liveness
+    state = WriteBehind(Utf8Keys(table))
     gate = Gate(
-        Utf8Keys(table),
+        state,
         limits,
         f"gate:{socket.gethostname()}:{os.getpid()}",
         config=config.gate,
@@ -79,11 +80,13 @@ def register(streams: Streams) -> Gate:
             except Exception as exc:
                 # A defect triggered by one input must not stop the model's gate for good.
                 log.exception("gate could not apply %s", type(message).__name__)
-                await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
+                state.discard()
                 gate.rebuild()
+                await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
                 continue
             if outs:
                 await streams.publish(outs)
+            state.flush()
 
     @app.timer(interval=TICK_INTERVAL_S, on_leader=True)
     async def tick() -> None:
