@@ -40,10 +40,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from openai import AsyncOpenAI
@@ -73,6 +73,7 @@ HARNESS_BIN = HARNESS_DIR / "target" / "release" / "fusillade-harness"
 UPSTREAM = "fake upstream"
 KAFKA, POSTGRES, HARNESS = "kafka", "postgres", "fusillade-harness"
 CANNONADE = "cannonade"
+T = TypeVar("T")
 
 
 # --- the shared fake upstream ----------------------------------------------------------------
@@ -82,11 +83,16 @@ class Upstream:
     """One fake upstream process for every run of both sides."""
 
     def __init__(self, run_root: Path, latency_ms: int) -> None:
+        self.latency_ms = latency_ms
+        self.log_path = run_root / "upstream.log"
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = run_root / "upstream.log"
         cmd = [sys.executable, "-m", "cannonade.testing.fake_upstream",
-               "--port", str(port), "--latency-ms", str(latency_ms)]  # fmt: skip
+               "--port", str(port), "--latency-ms", str(self.latency_ms)]  # fmt: skip
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -101,6 +107,22 @@ class Upstream:
                     self.stop()
                     raise BenchError(f"fake upstream did not start; see {self.log_path}") from None
                 time.sleep(0.2)
+
+    def ensure(self) -> None:
+        """Start a new upstream (on a new port) if the last one is gone. On a shared box
+        something outside the benchmark can kill it (seen once: SIGTERM, nothing logged)."""
+        code = self.proc.poll()
+        if code is not None:
+            log(f"warning: the fake upstream exited ({code}) between runs; starting a new one")
+            self.restarts += 1
+            self._start()
+
+    async def died(self) -> int:
+        """Returns the exit code once the upstream process has exited."""
+        # Polled: a child's exit raises no event (and a waiting thread could not be cancelled).
+        while (code := self.proc.poll()) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        return code
 
     def _call(self, method: str, path: str) -> bytes:
         req = urllib.request.Request(f"{self.url}{path}", method=method)
@@ -208,6 +230,22 @@ async def _go(proc: asyncio.subprocess.Process) -> None:
     await proc.stdin.drain()
 
 
+async def _guarded(upstream: Upstream, work: Coroutine[Any, Any, T]) -> T:
+    """``work``, abandoned with an error as soon as the shared upstream dies: every request
+    would then fail and be retried with backoff, so the run could never finish in time."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(upstream.died())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise BenchError(f"the fake upstream died mid-run (exit {watch.result()})")
+    finally:
+        for t in (task, watch):
+            t.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+
+
 # --- runs ------------------------------------------------------------------------------------
 
 
@@ -230,7 +268,10 @@ class Ctx:
             start_services_timeout=args.start_services_timeout,
         )
         self.stack = stack_roots(backend)
-        self.stack[UPSTREAM] = upstream.proc.pid
+
+    def before_run(self) -> None:
+        self.upstream.ensure()
+        self.stack[UPSTREAM] = self.upstream.proc.pid
 
 
 def stack_roots(backend: Backend) -> dict[str, int]:
@@ -288,7 +329,9 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         t0, driver0 = time.monotonic(), _self_cpu_s()
         window.start()
         try:
-            timings, _samples = await drive(client, args.requests, [MODEL], ctx.ns, services.logs)
+            timings, _samples = await _guarded(
+                ctx.upstream, drive(client, args.requests, [MODEL], ctx.ns, services.logs)
+            )
         except BaseException:
             window.stop()
             raise
@@ -363,7 +406,8 @@ async def fusillade_run(ctx: Ctx, harness: Path, round_no: int, interval_ms: int
         window.start()
         try:
             await _go(proc)
-            await _expect(proc, "completed", args.start_timeout + args.timeout + 60, log_path)
+            wait_s = args.start_timeout + args.timeout + 60
+            await _guarded(ctx.upstream, _expect(proc, "completed", wait_s, log_path))
         except BaseException:
             window.stop()
             raise
@@ -462,19 +506,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
             for name, step in steps:
-                log(f"round {round_no}/{args.runs}: {name} (load {procs.loadavg()[0]:.2f})")
-                try:
-                    result = await step()
-                except (BenchError, TimeoutError, RuntimeError, OSError) as exc:
-                    failures.append(f"round {round_no} {name}: {exc}")
-                    log(f"FAILED round {round_no} {name}: {exc}")
-                    # A Cannonade batch left half done would run on in the next round's
-                    # services (same topics), so its later rounds would not be comparable.
-                    if name == CANNONADE:
-                        cannonade_ok = False
+                # A fusillade run starts from a fresh database, so one that failed (say, the
+                # upstream was killed) can simply run again; a Cannonade one cannot (below).
+                attempts = 1 if name == CANNONADE else 2
+                for attempt in range(1, attempts + 1):
+                    log(f"round {round_no}/{args.runs}: {name} (load {procs.loadavg()[0]:.2f})")
+                    try:
+                        await asyncio.to_thread(ctx.before_run)
+                        result = await step()
+                        break
+                    except (BenchError, TimeoutError, RuntimeError, OSError) as exc:
+                        failures.append(f"round {round_no} {name}: {exc}")
+                        log(f"FAILED round {round_no} {name} (attempt {attempt}): {exc}")
+                        # A Cannonade batch left half done would run on in the next round's
+                        # services (same topics), so its later rounds would not be comparable.
+                        if name == CANNONADE:
+                            cannonade_ok = False
+                else:
                     continue
                 derived(result, args.requests)
                 runs.append(result)
+                # Kept as it goes, so an interrupted run still leaves its finished runs.
+                (run_root / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
                 log(
                     f"round {round_no} {name}: {result['requests_per_s']} req/s, "
                     f"{result['cpu_s_per_1000_total']} CPU-s/1000, load "
@@ -504,7 +557,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "summary": summarize(runs, args),
         "failures": failures,
-        "ok": not failures and bool(runs) and all(r["ok"] for r in runs),
+        "upstream_restarts": upstream.restarts if upstream is not None else 0,
+        # Every planned run has figures and passed its checks (a failure retried fine is
+        # still listed under failures).
+        "ok": len(runs) == args.runs * len(configs(args)) and all(r["ok"] for r in runs),
         "logs": str(run_root),
     }
 
