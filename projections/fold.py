@@ -16,9 +16,12 @@ from typing import Any
 import msgspec
 
 from schemas.events import (
+    BatchlessFacts,
+    RealtimeCompletionReported,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
+    RequestCreated,
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
@@ -55,17 +58,30 @@ COLUMN_TYPES = {
 }  # fmt: skip
 
 
-class NewRow(msgspec.Struct, frozen=True):
+class NewRow(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    batch_id: str
-    file_id: str
-    line_number: int
+    batch_id: str | None
+    file_id: str | None
+    line_number: int | None
     model: str
     owner: str
+    state: State
     deadline: datetime
     created_at: datetime
     service_tier: str | None
     offset: int
+    path: str | None = None
+    background: bool = False
+    api_key_id: str | None = None
+
+
+def batchless_row(request_id: str, model: str, state: State, facts: BatchlessFacts, offset: int) -> NewRow:  # fmt: skip
+    return NewRow(
+        id=request_id, batch_id=None, file_id=None, line_number=None, model=model,
+        owner=facts.owner, state=state, deadline=facts.deadline, created_at=facts.created_at,
+        service_tier=facts.service_tier, offset=offset, path=facts.path,
+        background=facts.background, api_key_id=facts.api_key_id,
+    )  # fmt: skip
 
 
 class RowWrite(msgspec.Struct):
@@ -90,6 +106,8 @@ class Fold:
         self.new_rows: dict[str, NewRow] = {}
         self.writes: dict[str, RowWrite] = {}
         self.errors: dict[str, str] = {}  # request id -> engine-made error envelope
+        # Outcomes of rows never claimed, applied with responses §5 (insert if absent).
+        self.realtime: dict[str, tuple[RealtimeCompletionReported, int]] = {}
         self.rejected: list[tuple[RequestEvent, str]] = []  # events that do not apply
 
     def apply(self, event: RequestEvent, offset: int) -> None:
@@ -104,12 +122,21 @@ class Fold:
                         line_number=item.line_number,
                         model=event.model,
                         owner=event.owner,
+                        state="pending",
                         deadline=event.deadline,
                         created_at=event.created_at,
                         service_tier=event.service_tier,
                         offset=offset,
+                        path=None,
                     ),
                 )
+            return
+        if isinstance(event, RequestCreated):
+            row = batchless_row(event.request_id, event.model, event.state, event.facts, offset)
+            self.new_rows.setdefault(event.request_id, row)
+            return
+        if isinstance(event, RealtimeCompletionReported):
+            self.realtime.setdefault(event.request_id, (event, offset))
             return
         state = next_state(event.from_state, event)
         write = self.writes.get(event.request_id)

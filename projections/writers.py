@@ -17,6 +17,7 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from projections.fold import COLUMN_TYPES, COLUMNS, Fold
+from streams.lifecycle import next_state
 from schemas import bodies, codec, ids, topics
 from schemas.events import (
     ApiKey,
@@ -42,16 +43,28 @@ def position(offset: int, index: int) -> int:
     return (offset << 20) | index
 
 
-_INSERT_ROWS = """
+# A row born processing (realtime, a step sub-request) is held by no worker: the all-zero
+# daemon id, claimed and started at creation (core §2.6 create_realtime).
+_NO_DAEMON = "00000000-0000-0000-0000-000000000000"
+_NEW_ROW_FIELDS = (
+    "id", "batch_id", "file_id", "line_number", "model", "owner", "state", "deadline",
+    "created_at", "service_tier", "offset", "path", "background", "api_key_id",
+)  # fmt: skip
+_INSERT_ROWS = f"""
 WITH ins AS (
     INSERT INTO requests (id, batch_id, file_id, line_number, model, owner, state, deadline,
-                          created_at, service_tier, last_offset)
-    SELECT u.id, u.batch_id, u.file_id, u.line_number, u.model, u.owner, 'pending', u.deadline,
-           u.created_at, u.service_tier, u.off
+                          created_at, service_tier, last_offset, path, background, api_key_id,
+                          daemon_id, claimed_at, started_at)
+    SELECT u.id, u.batch_id, u.file_id, u.line_number, u.model, u.owner, u.state, u.deadline,
+           u.created_at, u.service_tier, u.off, u.path, u.background, u.api_key_id,
+           CASE WHEN u.state = 'processing' THEN '{_NO_DAEMON}' END,
+           CASE WHEN u.state = 'processing' THEN u.created_at END,
+           CASE WHEN u.state = 'processing' THEN u.created_at END
     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bigint[])
-         AS u(id, batch_id, file_id, line_number, model, owner, deadline, created_at,
-              service_tier, off)
+                $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[], $11::bigint[],
+                $12::text[], $13::bool[], $14::uuid[])
+         AS u(id, batch_id, file_id, line_number, model, owner, state, deadline, created_at,
+              service_tier, off, path, background, api_key_id)
     ON CONFLICT (id) DO NOTHING
     RETURNING batch_id
 )
@@ -102,6 +115,32 @@ ON CONFLICT (batch_id) DO UPDATE SET
     last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at)
 RETURNING batch_id
 """  # noqa: E501
+
+# Outcomes of rows never claimed (responses §5): a processing realtime row ends; an ended row
+# stays; a missing row is created in its final state from the create context.
+_REALTIME_OUTCOMES = f"""
+INSERT INTO requests (id, model, owner, state, deadline, created_at, service_tier, path,
+                      background, api_key_id, daemon_id, claimed_at, started_at,
+                      response_status, response_size, error_type, completed_at, failed_at,
+                      last_offset)
+SELECT u.id, u.model, u.owner, u.state, u.deadline, u.created_at, u.service_tier, u.path,
+       u.background, u.api_key_id, '{_NO_DAEMON}', u.created_at, u.created_at, u.status,
+       u.size, CASE WHEN u.state = 'failed' THEN 'NonRetriableHttpStatus' END,
+       CASE WHEN u.state = 'completed' THEN u.at END, CASE WHEN u.state = 'failed' THEN u.at END,
+       u.off
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+            $6::timestamptz[], $7::text[], $8::text[], $9::bool[], $10::uuid[], $11::int[],
+            $12::int[], $13::timestamptz[], $14::bigint[])
+     AS u(id, model, owner, state, deadline, created_at, service_tier, path, background,
+          api_key_id, status, size, at, off)
+ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,
+    response_status = EXCLUDED.response_status, response_size = EXCLUDED.response_size,
+    error_type = EXCLUDED.error_type, completed_at = EXCLUDED.completed_at,
+    failed_at = EXCLUDED.failed_at, last_offset = EXCLUDED.last_offset,
+    projected_at = clock_timestamp()
+WHERE requests.state = 'processing' AND requests.batch_id IS NULL
+  AND requests.service_tier = 'priority' AND requests.last_offset < EXCLUDED.last_offset
+"""
 
 # Lazy finalisation (core §5.2.5), done here deterministically from event times: a populated
 # batch whose rows are all terminal gets its terminal stamps once.
@@ -380,15 +419,8 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rej
     touched: set[str] = set()
     if fold.new_rows:
         rows = list(fold.new_rows.values())
-        await conn.execute(
-            _INSERT_ROWS,
-            *[
-                [getattr(r, f) for r in rows]
-                for f in ("id", "batch_id", "file_id", "line_number", "model", "owner",
-                          "deadline", "created_at", "service_tier", "offset")
-            ],
-        )  # fmt: skip
-        touched |= {r.batch_id for r in rows}
+        await conn.execute(_INSERT_ROWS, *[[getattr(r, f) for r in rows] for f in _NEW_ROW_FIELDS])
+        touched |= {r.batch_id for r in rows if r.batch_id is not None}
     if fold.writes:
         writes = list(fold.writes.values())
         found = await conn.fetch(
@@ -402,6 +434,20 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rej
             *[[w.values.get(c) for w in writes] for c in COLUMNS],
         )
         touched |= {str(r["batch_id"]) for r in found}
+    if fold.realtime:
+        outcomes = [(e, off, next_state(None, e)) for e, off in fold.realtime.values()]
+        await conn.execute(
+            _REALTIME_OUTCOMES,
+            *zip(
+                *[
+                    (e.request_id, e.model, e.facts.owner, state, e.facts.deadline,
+                     e.facts.created_at, e.facts.service_tier, e.facts.path, e.facts.background,
+                     e.facts.api_key_id, e.status, e.size, e.occurred_at, off)
+                    for e, off, state in outcomes
+                ],
+                strict=True,
+            ),
+        )  # fmt: skip
     if fold.errors:
         await conn.executemany(
             "INSERT INTO bodies (ref, kind, body) VALUES ($1, 'err', $2)"

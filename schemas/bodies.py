@@ -8,7 +8,9 @@ everything else refers to it:
   ``{"lines": [[custom_id, <body>], ...]}`` with each body embedded as raw JSON (no escaping,
   so a body takes its own size on the topic);
 - ``tpl:<request_id>`` — the body of a batchless request, raw;
-- ``res:<request_id>`` / ``err:<request_id>`` — a response body / error envelope, raw.
+- ``res:<request_id>`` / ``err:<request_id>`` — a response body / error envelope, raw;
+- ``sreq:<step_id>`` / ``sres:<step_id>`` / ``serr:<step_id>`` — a chain step's request
+  payload, response payload and error, JSON.
 
 A :class:`BodyRef` (partition, offset, index) names one template body: executors read it
 straight from the topic by offset, so the write path never reads the read model. Records keep
@@ -25,6 +27,9 @@ CHUNK = "tplc"
 TEMPLATE = "tpl"
 RESULT = "res"
 ERROR = "err"
+STEP_REQUEST = "sreq"
+STEP_RESULT = "sres"
+STEP_ERROR = "serr"
 
 
 class BodyRef(msgspec.Struct, frozen=True, array_like=True):

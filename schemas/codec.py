@@ -14,11 +14,13 @@ from schemas.commands import AnyCommand
 from schemas.events import (
     ApiKey,
     BatchEvent,
+    ChainEvent,
     DispatchMessage,
     FileEvent,
     GateInput,
     ModelFilterAppended,
     RequestTransitions,
+    StepWork,
     WorkerEvent,
 )
 
@@ -33,6 +35,8 @@ dispatches: msgspec.json.Decoder[DispatchMessage] = msgspec.json.Decoder(Dispatc
 model_filters = msgspec.json.Decoder(ModelFilterAppended)
 worker_events = msgspec.json.Decoder(WorkerEvent)
 api_keys = msgspec.json.Decoder(ApiKey)
+chain_events = msgspec.json.Decoder(ChainEvent)
+step_work = msgspec.json.Decoder(StepWork)
 
 DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
 

@@ -115,7 +115,30 @@ class CancelBatch(Command, tag=True, frozen=True):
     batch_id: Uuid
 
 
-AnyCommand = AppendFileLines | CreateFile | DeleteFile | CreateBatch | PopulateBatch | CancelBatch
+class SubmitRequest(Command, tag=True, frozen=True):
+    """A flex request without a batch (responses §7.5–7.7): its body (after tool injection,
+    with ``service_tier``/``background`` removed) was written first to the bodies topic as
+    ``tpl:<request_id>``."""
+
+    request_id: Uuid
+    owner: Name
+    model: Name
+    path: Name
+    body: BodyRef
+    created_at: Timestamp
+    background: bool = False
+    api_key_id: Uuid | None = None
+
+
+AnyCommand = (
+    AppendFileLines
+    | CreateFile
+    | DeleteFile
+    | CreateBatch
+    | PopulateBatch
+    | CancelBatch
+    | SubmitRequest
+)
 
 
 def aggregate_id(command: AnyCommand) -> str:
@@ -124,4 +147,6 @@ def aggregate_id(command: AnyCommand) -> str:
         return command.file_id
     if isinstance(command, CreateBatch):
         return command.input_file_id
+    if isinstance(command, SubmitRequest):
+        return command.request_id
     return command.batch_id

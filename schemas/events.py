@@ -203,6 +203,45 @@ class RequestCanceled(_Transition, tag=True, frozen=True):
     pass
 
 
+class BatchlessFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What a request without a batch knows of itself (flex, realtime, step sub-requests)."""
+
+    owner: Name
+    path: Name
+    # "flex" for flex rows; "priority" for realtime rows and step sub-requests (core §1.4.4).
+    service_tier: str | None
+    created_at: Timestamp
+    deadline: Timestamp
+    background: bool = False  # /v1/responses: answered 202 and polled
+    api_key_id: Uuid | None = None
+
+
+class RequestCreated(Event, tag=True, frozen=True):
+    """A request without a batch comes to be: ``pending`` (flex, by the claim gate) or
+    ``processing`` (realtime by the API, a step sub-request by the chain agent; never
+    claimed). Creating one that exists changes nothing (core §2.6, responses §5)."""
+
+    request_id: Uuid
+    model: Name
+    state: Literal["pending", "processing"]
+    facts: BatchlessFacts
+    batch_id: None = None
+
+
+class RealtimeCompletionReported(Event, tag=True, frozen=True):
+    """The outcome of a request that was never claimed (realtime, a step sub-request), applied
+    with responses §5: a ``processing`` row ends completed (2xx) or failed (the
+    NonRetriableHttpStatus envelope, on the bodies topic as ``err:``); a row that already
+    ended is left as it is; a missing row is created in its final state from ``facts``."""
+
+    request_id: Uuid
+    model: Name
+    status: int
+    size: int
+    facts: BatchlessFacts
+    batch_id: None = None
+
+
 class RequestReclaimed(_Transition, tag=True, frozen=True):
     """A claim returned to pending: taken back as stale (core §4.8; counts as an attempt), or
     handed back by an executor that did not run it (``not_sent``; the attempt is kept)."""
@@ -216,6 +255,8 @@ class RequestReclaimed(_Transition, tag=True, frozen=True):
 
 RequestEvent = (
     RequestsPending
+    | RequestCreated
+    | RealtimeCompletionReported
     | RequestClaimed
     | RequestStarted
     | RequestCompleted
@@ -291,6 +332,16 @@ class PendingRequests(Event, tag=True, frozen=True):
     model: Name
     ranges: list[LineRange]
     chunks: list[ChunkRef]
+
+
+class RequestSubmitted(Event, tag=True, frozen=True):
+    """A flex request for the claim gate (from the commands agent)."""
+
+    source: SourceMark
+    request_id: Uuid
+    model: Name
+    facts: BatchlessFacts
+    body: BodyRef
 
 
 class StartedItem(msgspec.Struct, frozen=True, array_like=True):
@@ -380,6 +431,7 @@ WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
 
 GateInput = (
     PendingRequests
+    | RequestSubmitted
     | ExecutionReport
     | CancelBatchRequests
     | GateTick
@@ -405,6 +457,7 @@ class DispatchItem(msgspec.Struct, frozen=True, kw_only=True):
     deadline: Timestamp
     claimed_at: Timestamp
     body: BodyRef
+    owner: str = ""  # whose server-side tools a /v1/responses request may use
 
 
 class DispatchBatch(Event, tag=True, frozen=True):
@@ -424,6 +477,96 @@ class AbortDispatch(Event, tag=True, frozen=True):
 
 
 DispatchMessage = DispatchBatch | AbortDispatch
+
+
+# --- responses.v1 (key: response uuid): multi-step chains (responses-and-api §1–§3, §9) -----
+
+StepKind = Literal["model_call", "tool_call"]
+
+
+class ChainHead(msgspec.Struct, frozen=True):
+    """A head row the claim gate claimed (flex, batch line): the chain ends it by reporting
+    the claim's outcome to the gate. A realtime head has none: the chain ends it with a
+    RealtimeCompletionReported."""
+
+    claim_id: str
+    model: str
+    batch_id: str | None = None
+
+
+class ChainStarted(Event, tag=True, frozen=True):
+    """A /v1/responses request with tools becomes a chain, headed by its own request row
+    (head step id = response uuid = request id)."""
+
+    response_id: Uuid
+    model: Name
+    parent: BodyRef  # the request body (after tool injection) on the bodies topic
+    resolved_tool_names: list[str]
+    facts: BatchlessFacts
+    head: ChainHead | None = None
+    max_iterations: int = 10
+
+
+class StepRecorded(Event, tag=True, frozen=True):
+    """A step of the chain (§1.1), pending; its request payload is on the bodies topic."""
+
+    response_id: Uuid
+    step_id: Uuid
+    request_id: Uuid | None  # model_call: its request row; tool_call: none
+    prev_step_id: Uuid | None
+    parent_step_id: Uuid | None
+    kind: StepKind
+    sequence: int
+    payload: BodyRef
+    tool: str | None = None  # tool_call: the tool's name
+
+
+class StepStarted(Event, tag=True, frozen=True):
+    response_id: Uuid
+    step_id: Uuid
+
+
+class StepCompleted(Event, tag=True, frozen=True):
+    response_id: Uuid
+    step_id: Uuid
+    payload: BodyRef
+
+
+class StepFailed(Event, tag=True, frozen=True):
+    response_id: Uuid
+    step_id: Uuid
+    error: BodyRef
+
+
+class ResponseFinalized(Event, tag=True, frozen=True):
+    """The chain's end (§2.11): status 200 and the assembled response, or the failure."""
+
+    response_id: Uuid
+    status: int
+    body: BodyRef
+
+
+ChainEvent = (
+    ChainStarted | StepRecorded | StepStarted | StepCompleted | StepFailed | ResponseFinalized
+)
+
+
+# --- step-work.v1 (key: response uuid): work items of the step executors --------------------
+
+
+class StepWork(Event, tag=True, frozen=True):
+    """Run one step: a model call (its chat-completions payload) or a server-side tool call
+    (``{"name", "args", "call_id"}``). The step executor reports on responses.v1."""
+
+    response_id: Uuid
+    step_id: Uuid
+    sequence: int
+    kind: StepKind
+    payload: BodyRef
+    model: Name
+    owner: Name
+    request_id: Uuid | None = None
+    tool: str | None = None
 
 
 # --- keys.v1 (compacted; key: key_id) ------------------------------------------------------
@@ -452,4 +595,13 @@ class DeadLetter(Event, tag=True, frozen=True):
     payload: str  # the rejected bytes, decoded as UTF-8 with replacement (may be truncated)
 
 
-AnyEvent = FileEvent | BatchEvent | RequestTransitions | GateInput | DispatchMessage | WorkerStarted
+AnyEvent = (
+    FileEvent
+    | BatchEvent
+    | RequestTransitions
+    | GateInput
+    | DispatchMessage
+    | WorkerStarted
+    | ChainEvent
+    | StepWork
+)

@@ -17,12 +17,14 @@ from schemas.commands import AnyCommand
 from schemas.events import (
     ApiKey,
     BatchEvent,
+    ChainEvent,
     DeadLetter,
     DispatchMessage,
     FileEvent,
     GateInput,
     ModelFilterAppended,
     RequestTransitions,
+    StepWork,
     WorkerEvent,
 )
 from schemas.topics import ALL as TOPICS
@@ -40,6 +42,8 @@ CONTRACTS: dict[str, object] = {
     "model-filters": ModelFilterAppended,
     "worker-events": WorkerEvent,
     "api-keys": ApiKey,
+    "responses": ChainEvent,
+    "step-work": StepWork,
     # The value of a `tplc:` record on the bodies topic (other body records are raw bytes).
     "bodies-template-chunk": TemplateChunk,
     "dead-letters": DeadLetter,

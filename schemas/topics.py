@@ -96,6 +96,21 @@ WORKERS = Topic(
     partitions=4,
     carries="WorkerStarted, WorkerHeartbeat, WorkerStopped (projected as daemons)",
 )
+RESPONSES = Topic(
+    "cannonade.responses.v1",
+    key="response uuid (= the head request id)",
+    partitions=4,
+    carries="multi-step chains: ChainStarted, StepRecorded, StepStarted, StepCompleted, "
+    "StepFailed, ResponseFinalized (ids, kinds, states, times, body refs; payloads are on the "
+    "bodies topic)",
+)
+STEP_WORK = Topic(
+    "cannonade.step-work.v1",
+    key="response uuid",
+    partitions=4,
+    carries="StepWork: a chain step (model call or server-side tool call) for the step "
+    "executors (body refs only)",
+)
 KEYS = Topic(
     "cannonade.keys.v1",
     key="key_id",
@@ -138,13 +153,17 @@ def changelog(app_id: str, table: str, partitions: int) -> Topic:
 COMMANDS_FILES_TABLE = "files"
 COMMANDS_BATCHES_TABLE = "batches"
 GATE_TABLE = "state"
+COMMANDS_REQUESTS_TABLE = "requests"
+CHAINS_TABLE = "chains"
 CHANGELOGS: tuple[Topic, ...] = (
     changelog("cannonade-commands", COMMANDS_FILES_TABLE, COMMANDS.partitions),
     changelog("cannonade-commands", COMMANDS_BATCHES_TABLE, COMMANDS.partitions),
+    changelog("cannonade-commands", COMMANDS_REQUESTS_TABLE, COMMANDS.partitions),
+    changelog("cannonade-chains", CHAINS_TABLE, RESPONSES.partitions),
     changelog("cannonade-gate", GATE_TABLE, GATE_PARTITIONS),
 )
 
 ALL: tuple[Topic, ...] = (
     COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, MODEL_FILTERS, WORKERS, KEYS,
-    DEADLETTER, *CHANGELOGS,
+    RESPONSES, STEP_WORK, DEADLETTER, *CHANGELOGS,
 )  # fmt: skip

@@ -39,6 +39,8 @@ _ROLE_TOPICS: dict[TopicRole, Topic] = {
     "bodies": topics.BODIES,
     "workers": topics.WORKERS,
     "model_filters": topics.MODEL_FILTERS,
+    "responses": topics.RESPONSES,
+    "step_work": topics.STEP_WORK,
 }
 
 

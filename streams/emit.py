@@ -20,6 +20,8 @@ TopicRole = Literal[
     "commands",
     "workers",
     "model_filters",
+    "responses",
+    "step_work",
 ]
 
 

@@ -9,9 +9,11 @@ not apply (``None``) is a defect the projector dead-letters rather than a row it
 from __future__ import annotations
 
 from schemas.events import (
+    RealtimeCompletionReported,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
+    RequestCreated,
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
@@ -33,6 +35,14 @@ def next_state(current: State | None, event: RequestEvent) -> State | None:
     match event:
         case RequestsPending():
             return "pending" if current is None else None
+        case RequestCreated():
+            return event.state if current is None else None
+        case RealtimeCompletionReported():
+            # Never claimed: from processing, or straight into its final state (insert if
+            # absent); an ended row stays as it is (responses §5).
+            if current is None or current == "processing":
+                return "completed" if 200 <= event.status < 300 else "failed"
+            return None
         case RequestClaimed():
             return "claimed" if current == "pending" else None
         case RequestStarted():
