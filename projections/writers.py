@@ -17,7 +17,6 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from projections.fold import COLUMN_TYPES, COLUMNS, Fold
-from streams.lifecycle import next_state
 from schemas import bodies, codec, ids, topics
 from schemas.events import (
     ApiKey,
@@ -33,6 +32,7 @@ from schemas.events import (
     WorkerStarted,
     WorkerStopped,
 )
+from streams.lifecycle import next_state
 
 Rejected = list[tuple[ConsumerRecord, str]]
 
