@@ -30,6 +30,7 @@ import msgspec
 
 from streams.execution.outcome import ModelEscalation
 from streams.gate.scoring import GateConfig
+from streams.responses.tools import ToolConfig
 
 ModelKind = Literal["chat", "embeddings"]
 
@@ -100,6 +101,15 @@ class LivenessConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stale_daemon_threshold_ms: int = 30_000
 
 
+class ResponsesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Responses, flex and realtime requests (responses-and-api §2.10, §6, §7)."""
+
+    # Transition evaluations per multi-step response before it fails (§2.10).
+    max_iterations: int = 10
+    # How long a blocking flex call waits for its request to end before answering 504 (§6).
+    poll_timeout_s: float = 3600.0
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kafka: str = "127.0.0.1:9092"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/cannonade"
@@ -111,6 +121,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     liveness: LivenessConfig = msgspec.field(default_factory=LivenessConfig)
     # The claim gate's rules (urgency_weight, claim_ramp_exponent, leaks_per_window, windows).
     gate: GateConfig = msgspec.field(default_factory=GateConfig)
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    # Server-side tools, `[tools.<name>]` (responses-and-api §2.2).
+    tools: dict[str, ToolConfig] = {}
 
     def model(self, name: str) -> ModelConfig | None:
         return self.models.get(name)
