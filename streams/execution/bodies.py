@@ -34,6 +34,11 @@ class BodySource(Protocol):
 
 
 _Decoded = TemplateChunk | bytes
+# Read whole: batchless request bodies, and the chain steps' payloads (step executors and the
+# chain agent read those by ref too).
+_RAW_KINDS = frozenset(
+    {bodies.TEMPLATE, bodies.STEP_REQUEST, bodies.STEP_RESULT, bodies.STEP_ERROR}
+)
 
 
 class BodyReader:
@@ -130,7 +135,7 @@ class BodyReader:
         kind = key.split(b":", 1)[0].decode("ascii", "replace")
         if kind == bodies.CHUNK:
             decoded: _Decoded = bodies.chunk_decoder.decode(value)
-        elif kind == bodies.TEMPLATE:
+        elif kind in _RAW_KINDS:
             decoded = value
         else:
             return  # results share the partitions; executors never read them
