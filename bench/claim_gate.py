@@ -359,11 +359,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         services_start_s, replayed = started.start_s, started.replayed
         offsets_before, cpu_before, t_run = started.offsets, started.cpu, started.at
 
-        conn = await asyncpg.connect(backend.database_url, timeout=10)
-        try:
-            secrets = [await create_key(conn, user) for user in users]
-        finally:
-            await conn.close()
+        secrets = [await create_key(backend.kafka, backend.database_url, u) for u in users]
         clients = [
             AsyncOpenAI(base_url=f"{services.api_url}/v1", api_key=s, max_retries=0, timeout=120)
             for s in secrets

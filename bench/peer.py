@@ -268,6 +268,9 @@ class Ctx:
             start_services_timeout=args.start_services_timeout,
         )
         self.stack = stack_roots(backend)
+        # Set while a Cannonade batch exists that has not completed: if its run fails, the
+        # batch stays on the topics and the next round's services would carry on with it.
+        self.cannonade_batch_open = False
 
     def before_run(self) -> None:
         self.upstream.ensure()
@@ -315,11 +318,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         started = await start_services(services, backend, ctx.ns)
         if "upstream" in services.procs:
             raise BenchError("compose.services started its own upstream; the shared one is unused")
-        conn = await asyncpg.connect(backend.database_url, timeout=10)
-        try:
-            secret = await create_key(conn, USER)
-        finally:
-            await conn.close()
+        secret = await create_key(backend.kafka, backend.database_url, USER)
         client = AsyncOpenAI(
             base_url=f"{services.api_url}/v1", api_key=secret, max_retries=0, timeout=120
         )
@@ -329,9 +328,11 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         t0, driver0 = time.monotonic(), _self_cpu_s()
         window.start()
         try:
+            ctx.cannonade_batch_open = True
             timings, _samples = await _guarded(
                 ctx.upstream, drive(client, args.requests, [MODEL], ctx.ns, services.logs)
             )
+            ctx.cannonade_batch_open = False
         except BaseException:
             window.stop()
             raise
@@ -506,10 +507,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
             for name, step in steps:
-                # A fusillade run starts from a fresh database, so one that failed (say, the
-                # upstream was killed) can simply run again; a Cannonade one cannot (below).
-                attempts = 1 if name == CANNONADE else 2
-                for attempt in range(1, attempts + 1):
+                # A failed run (say, the upstream was killed, or the box too loaded for a
+                # timeout) runs once more: fusillade's from a fresh database, Cannonade's
+                # unless its batch was left unfinished (below).
+                result: dict[str, Any] | None = None
+                for attempt in (1, 2):
                     log(f"round {round_no}/{args.runs}: {name} (load {procs.loadavg()[0]:.2f})")
                     try:
                         await asyncio.to_thread(ctx.before_run)
@@ -519,10 +521,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         failures.append(f"round {round_no} {name}: {exc}")
                         log(f"FAILED round {round_no} {name} (attempt {attempt}): {exc}")
                         # A Cannonade batch left half done would run on in the next round's
-                        # services (same topics), so its later rounds would not be comparable.
-                        if name == CANNONADE:
+                        # services (same topics), so its later runs would not be comparable.
+                        if name == CANNONADE and ctx.cannonade_batch_open:
                             cannonade_ok = False
-                else:
+                            log("no further Cannonade runs: a failed batch is left on the topics")
+                            break
+                if result is None:
                     continue
                 derived(result, args.requests)
                 runs.append(result)
