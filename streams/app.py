@@ -19,6 +19,7 @@ from faust.types import EventT
 
 from cannonade.config import Config
 from schemas import codec, ids, topics
+from schemas.bodies import BodyRef
 from schemas.events import DeadLetter
 from schemas.topics import Topic
 from streams import fetch_wait
@@ -105,6 +106,17 @@ class Streams:
         ]  # fmt: skip
         if wait:
             await asyncio.gather(*futures)
+
+    async def write_bodies(self, records: Sequence[tuple[str, bytes, int]]) -> list[BodyRef]:
+        """Write (key, value, partition) records to the bodies topic and return where each
+        landed, once acknowledged: events refer to bodies by these refs."""
+        topic = self.topics["bodies"]
+        futures = [
+            await topic.send(key=key.encode(), value=value, partition=partition, force=True)
+            for key, value, partition in records
+        ]
+        landed = await asyncio.gather(*futures)
+        return [BodyRef(m.partition, m.offset) for m in landed]
 
     async def dead_letter(self, event: EventT, reason: str) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content

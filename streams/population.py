@@ -23,12 +23,14 @@ from schemas.commands import (
     CreateFile,
     ModelRun,
     PopulateBatch,
+    SubmitRequest,
 )
 from schemas.errors import ApiError, invalid_request, not_found
 from schemas.events import (
     BatchCancelRequested,
     BatchCreated,
     BatchFacts,
+    BatchlessFacts,
     BatchPopulated,
     BatchRejected,
     CancelBatchRequests,
@@ -37,6 +39,7 @@ from schemas.events import (
     FileUploaded,
     LineRange,
     PendingRequests,
+    RequestSubmitted,
     SourceMark,
     TemplateMeta,
     TemplatesAppended,
@@ -336,6 +339,66 @@ def populate(
     )
     record.populated, record.models = True, sorted(by_model)
     return out
+
+
+# -- requests without a batch -----------------------------------------------------------------
+
+
+class RequestRecord(msgspec.Struct):
+    """The commands agent's view of a batchless request (table ``requests``)."""
+
+    model: str
+    owner: str
+
+
+class RequestRules(msgspec.Struct, frozen=True):
+    kinds: dict[str, str]  # model -> chat | embeddings, for the models a user may use
+    users: dict[str, tuple[str, ...]]  # model -> allowed users (empty: everyone)
+    flex_window_s: float
+
+
+FLEX_PATHS = ("/v1/chat/completions", "/v1/responses")
+
+
+def submit(
+    record: RequestRecord | None,
+    cmd: SubmitRequest,
+    source: tuple[int, int],
+    rules: RequestRules,
+    now: datetime,
+) -> tuple[RequestRecord, list[Out]]:
+    """A flex request for the claim gate, after the API's model rules (§8.1, §7.5)."""
+    if record is not None:
+        return record, []  # submitted already
+    allowed = rules.users.get(cmd.model)
+    if cmd.model not in rules.kinds or (allowed and cmd.owner not in allowed):
+        raise ApiError(
+            403,
+            f"You do not have access to '{cmd.model}'. Please contact your administrator to "
+            "request access.",
+            code="model_not_accessible",
+        )
+    if cmd.path not in FLEX_PATHS or rules.kinds[cmd.model] != "chat":
+        raise invalid_request(f"Flex requests go to {' or '.join(FLEX_PATHS)} on a chat model")
+    facts = BatchlessFacts(
+        owner=cmd.owner,
+        path=cmd.path,
+        service_tier="flex",
+        created_at=cmd.created_at,
+        deadline=cmd.created_at + timedelta(seconds=rules.flex_window_s),
+        background=cmd.background,
+        api_key_id=cmd.api_key_id,
+    )
+    submitted = RequestSubmitted(
+        event_id=ids.event_id("submitted", cmd.request_id),
+        occurred_at=now,
+        source=SourceMark(source[0], source[1], 0),
+        request_id=cmd.request_id,
+        model=cmd.model,
+        facts=facts,
+        body=cmd.body,
+    )
+    return RequestRecord(cmd.model, cmd.owner), [Out("gate", cmd.model, submitted)]
 
 
 def cancel_requested(record: BatchRecord, batch_id: str, now: datetime) -> list[Out]:

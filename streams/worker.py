@@ -8,10 +8,10 @@ from pathlib import Path
 import faust
 
 from cannonade.config import Config
-from streams.agents import commands, executor, gate
+from streams.agents import chains, commands, executor, gate, steps
 from streams.app import Streams
 
-ROLES = ("commands", "gate", "executor")
+ROLES = ("commands", "gate", "executor", "chains")
 
 
 def build(role: str, config: Config) -> Streams:
@@ -22,8 +22,11 @@ def build(role: str, config: Config) -> Streams:
         commands.register(streams)
     elif role == "gate":
         gate.register(streams)
+    elif role == "chains":
+        chains.register(streams)
     else:
         executor.register(streams)
+        steps.register(streams)  # chain steps: the same upstreams, plus server-side tools
     return streams
 
 

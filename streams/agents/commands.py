@@ -27,19 +27,21 @@ from schemas.commands import (
     CreateFile,
     DeleteFile,
     PopulateBatch,
+    SubmitRequest,
     aggregate_id,
 )
 from schemas.errors import ApiError
 from streams import population
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
-from streams.population import BatchRecord, BatchRules, FileRecord
+from streams.population import BatchRecord, BatchRules, FileRecord, RequestRecord, RequestRules
 from streams.tables import Utf8Keys
 
 log = logging.getLogger(__name__)
 
 _files_decoder = msgspec.msgpack.Decoder(FileRecord)
 _batches_decoder = msgspec.msgpack.Decoder(BatchRecord)
+_requests_decoder = msgspec.msgpack.Decoder(RequestRecord)
 
 
 def register(streams: Streams) -> None:
@@ -48,6 +50,12 @@ def register(streams: Streams) -> None:
     kwargs: dict[str, Any] = {"default": None, "key_type": bytes, "value_type": bytes}
     files = Utf8Keys(app.Table(topics.COMMANDS_FILES_TABLE, **kwargs))
     batches = Utf8Keys(app.Table(topics.COMMANDS_BATCHES_TABLE, **kwargs))
+    requests = Utf8Keys(app.Table(topics.COMMANDS_REQUESTS_TABLE, **kwargs))
+    request_rules = RequestRules(
+        kinds={name: m.kind for name, m in config.models.items()},
+        users={name: tuple(m.users) for name, m in config.models.items()},
+        flex_window_s=config.gate.window_for_tier("flex"),
+    )
     rules = BatchRules(
         allowed_windows=tuple(config.api.allowed_completion_windows),
         allowed_paths=tuple(config.api.allowed_url_paths),
@@ -82,6 +90,13 @@ def register(streams: Streams) -> None:
                         return outs
                 await streams.publish(outs, wait=True)
                 files[aggregate_id(cmd)] = msgspec.msgpack.encode(record)
+            case SubmitRequest():
+                raw = requests.get(cmd.request_id)
+                seen = None if raw is None else _requests_decoder.decode(raw)
+                source = (event.message.partition, event.message.offset)
+                record_, outs = population.submit(seen, cmd, source, request_rules, now)
+                await streams.publish(outs, wait=True)
+                requests[cmd.request_id] = msgspec.msgpack.encode(record_)
             case PopulateBatch() | CancelBatch():
                 state = batch(cmd.batch_id)
                 if isinstance(cmd, PopulateBatch):

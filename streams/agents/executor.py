@@ -9,6 +9,10 @@ before its dispatch is remembered. Reports and result bodies go through a
 A dispatch older than half the stale-worker threshold is not run but handed back
 (``not_sent``): it is one re-read after a crash or rebalance, and the gate may already have
 given its claim to someone else.
+
+A ``/v1/responses`` request is translated to a chat completion and back (responses §7.8); one
+that has tools (its own, or server-side tools resolved for its owner) is handed to the chain
+agent with its claim, and the chain's finalisation ends the claim (§7.9).
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ import logging
 import os
 import socket
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 from faust.types import StreamT
 
 from cannonade import __version__
 from cannonade.config import Config
 from schemas import bodies, codec, ids, topics
+from schemas.bodies import BodyRef
 from schemas.events import (
     AbortDispatch,
+    BatchlessFacts,
+    ChainHead,
+    ChainStarted,
     DispatchBatch,
     DispatchItem,
     FinishedItem,
@@ -50,6 +60,12 @@ from streams.execution.outcome import (
 )
 from streams.execution.reporter import Reporter
 from streams.execution.retry import BackoffPolicy, GiveUp, decide
+from streams.responses.inputs import decode_body
+from streams.responses.tools import inject_tools, resolve_tools
+from streams.responses.translate import chat_to_responses, responses_to_chat
+
+RESPONSES_PATH = "/v1/responses"
+CHAT_PATH = "/v1/chat/completions"
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +80,12 @@ class Executor:
         client: UpstreamClient,
         config: Config,
         worker_id: str,
+        publish: Callable[[Sequence[Out]], Awaitable[None]],
+        write_bodies: Callable[[Sequence[tuple[str, bytes, int]]], Awaitable[list[BodyRef]]],
     ) -> None:
         self.reporter = reporter
+        self.publish = publish
+        self.write_bodies = write_bodies
         self.bodies = body_source
         self.client = client
         self.config = config
@@ -134,6 +154,7 @@ class Executor:
                 finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="not_sent")  # fmt: skip
                 return
             self.reporter.started(item.model, StartedItem(item.request_id, item.claim_id))
+            # No outcome: the claim was handed to the chain agent, whose finalisation ends it.
             finished, outs = await self._execute(item, headers)
         except asyncio.CancelledError:
             if item.claim_id not in self.cancelled:
@@ -150,7 +171,9 @@ class Executor:
 
     async def _execute(
         self, item: DispatchItem, headers: dict[str, str]
-    ) -> tuple[FinishedItem, list[Out]]:
+    ) -> tuple[FinishedItem | None, list[Out]]:
+        """The claim's outcome and the bodies to publish with it; no outcome when the claim
+        was handed to the chain agent."""
         model = self.config.model(item.model)
         if model is None:
             return self._failed(item, RequestBuilderError(error=f"model '{item.model}' is not configured"))  # fmt: skip
@@ -163,22 +186,39 @@ class Executor:
         routed, body = escalate(item.model, template.body, item.deadline, now, e.model_escalations)
         if e.inject_deadline_priority:
             body = inject_deadline_priority(body, item.deadline)
+        path, request = item.path, None
+        if item.path == RESPONSES_PATH:
+            try:
+                request = decode_body(body)
+                if not isinstance(request, dict):
+                    raise ValueError("the body is not a JSON object")
+                resolved = resolve_tools(self.config.tools, item.model, item.owner)
+                request = inject_tools(request, resolved)
+                if request.get("tools"):
+                    await self._hand_to_chain(item, request, sorted(resolved), body)
+                    return None, []
+                body, path = msgspec.json.encode(responses_to_chat(request)), CHAT_PATH
+            except ValueError as exc:  # InputError included: the intake checks the same rules
+                return self._failed(item, RequestBuilderError(error=str(exc)))
         target = self.config.model(routed) or model
         call = UpstreamCall(
             request_id=item.request_id,
             custom_id=template.custom_id,
             endpoint=target.upstream,
-            path=item.path,
+            path=path,
             method="POST",
             body=body,
             api_key=target.api_key,
-            stream=item.path in e.streamable_endpoints,
+            stream=path in e.streamable_endpoints,
             batch_headers=headers,
         )
         outcome = await self.client.execute(call)
         if isinstance(outcome, Failure):
             return self._decide(item, outcome.reason)
-        text = override_response_id(outcome.body, item.request_id, item.path)
+        text = outcome.body
+        if request is not None:
+            text = _as_response(text, request, now)
+        text = override_response_id(text, item.request_id, item.path)
         raw = text.encode()
         body_out = Out(
             "bodies",
@@ -191,6 +231,38 @@ class Executor:
             status=outcome.status, size=len(raw), routed_model=routed,
         )  # fmt: skip
         return finished, [body_out]
+
+    async def _hand_to_chain(
+        self, item: DispatchItem, request: dict[str, Any], resolved: list[str], sent: bytes
+    ) -> None:
+        """Start the multi-step chain headed by this claimed row (§7.9). A body that gained
+        server-side tools here is written again, so the chain reads what it runs."""
+        parent = item.body
+        encoded = msgspec.json.encode(request)
+        if encoded != sent:
+            key = bodies.key(bodies.TEMPLATE, item.request_id)
+            partition = bodies.partition_for(item.request_id, topics.BODIES.partitions)
+            [parent] = await self.write_bodies([(key, encoded, partition)])
+        now = utcnow()
+        started = ChainStarted(
+            event_id=ids.event_id("chain-started", item.claim_id),
+            occurred_at=now,
+            response_id=item.request_id,
+            model=item.model,
+            parent=parent,
+            resolved_tool_names=resolved,
+            facts=BatchlessFacts(
+                owner=item.owner,
+                path=item.path,
+                service_tier="flex" if item.batch_id is None else None,
+                created_at=now,
+                deadline=item.deadline,
+                background=bool(request.get("background")),
+            ),  # fmt: skip
+            head=ChainHead(item.claim_id, item.model, item.batch_id),
+            max_iterations=self.config.responses.max_iterations,
+        )
+        await self.publish([Out("responses", item.request_id, started)])
 
     def _decide(self, item: DispatchItem, reason: FailureReason) -> tuple[FinishedItem, list[Out]]:
         decision = decide(reason, item.attempt, utcnow(), item.deadline, self.backoff)
@@ -252,6 +324,19 @@ class Executor:
         )
 
 
+def _as_response(chat_text: str, request: dict[str, Any], now: Any) -> str:
+    """An upstream chat completion as the Responses object the caller asked for (§7.8);
+    an unreadable body is kept as it came."""
+    try:
+        chat = msgspec.json.decode(chat_text)
+    except msgspec.DecodeError:
+        return chat_text
+    if not isinstance(chat, dict):
+        return chat_text
+    translated = chat_to_responses(chat, request, created_at=int(now.timestamp()))
+    return msgspec.json.encode(translated).decode()
+
+
 def register(streams: Streams) -> Executor:
     config = streams.config
     e = config.executor
@@ -266,7 +351,15 @@ def register(streams: Streams) -> Executor:
     worker_id = f"executor:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
     reporter = Reporter(lambda outs: streams.publish(outs, wait=True), worker_id)
     reader = BodyReader(config.kafka)
-    executor = Executor(reporter, reader, client, config, worker_id)
+    executor = Executor(
+        reporter,
+        reader,
+        client,
+        config,
+        worker_id,
+        lambda outs: streams.publish(outs, wait=True),
+        streams.write_bodies,
+    )
     app = streams.app
 
     @app.agent(streams.topics["dispatch"], name="executor")

@@ -9,7 +9,8 @@ production, a dict in tests) that holds **live work only**:
   refs and the line ranges never claimed yet. A pending row that was never claimed has no
   record of its own, so a backlog of any size costs a few bytes per batch.
 - ``R:<request>`` — a row with history: claimed, processing, or back to pending after a retry
-  or a reclaim. It is deleted when the row ends.
+  or a reclaim; and every live batchless (flex) row, with its own facts and body ref. It is
+  deleted when the row ends.
 - ``W:<partition>:<source partition>`` — the last population applied from each commands
   partition (a command handled twice after a crash does not populate twice).
 - ``K:<owner>\\x1f<class>\\x1f<model>`` — leaky-bucket tokens; ``M:<model>`` — model liveness.
@@ -32,9 +33,11 @@ from typing import Any, Literal
 import msgspec
 
 from schemas import ids, topics
+from schemas.bodies import BodyRef
 from schemas.events import (
     AbortDispatch,
     BatchFacts,
+    BatchlessFacts,
     CancelBatchRequests,
     ChunkRef,
     DispatchBatch,
@@ -50,13 +53,16 @@ from schemas.events import (
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
+    RequestCreated,
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
+    RequestSubmitted,
     RequestTransitions,
+    SourceMark,
     StartedItem,
     WorkerHeartbeat,
     WorkerStopped,
@@ -77,11 +83,11 @@ EVENTS_PER_RECORD = 1000
 
 
 class GateRequest(msgspec.Struct, array_like=True):
-    """A row with history (``R:<request>``)."""
+    """A row with history, or a batchless row (``R:<request>``)."""
 
     model: str
     state: State
-    batch_id: str
+    batch_id: str  # "" for a batchless row
     line: int
     attempt: int = 0
     claims: int = 0
@@ -92,6 +98,9 @@ class GateRequest(msgspec.Struct, array_like=True):
     not_before: datetime | None = None
     abort: Abort | None = None  # the batch was cancelled or expired while this was in flight
     partition: int = 0  # dispatch partition of the current claim
+    # A batchless row's own facts and body (a batch row finds both in its batch's record).
+    facts: BatchlessFacts | None = None
+    body: BodyRef | None = None
 
 
 class GateBatch(msgspec.Struct):
@@ -143,6 +152,7 @@ class _Batch:
 class _Model:
     def __init__(self) -> None:
         self.batches: dict[str, _Batch] = {}
+        self.loose: set[str] = set()  # batchless rows claimable now
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
 
@@ -220,22 +230,30 @@ class Gate:
             if key.startswith("R:"):
                 request_id, entry = key[2:], _request_decoder.decode(raw)
                 batch = self._model(entry.model).batches.get(entry.batch_id)
-                if batch is None:  # cannot happen: a batch outlives its rows; heal anyway
-                    del self.state[key]
+                if entry.batch_id and batch is None:
+                    del self.state[key]  # cannot happen: a batch outlives its rows; heal anyway
                     continue
-                batch.live += 1
+                if batch is not None:
+                    batch.live += 1
                 if entry.state in IN_FLIGHT:
                     self._model(entry.model).in_flight.add(request_id)
-                    self._owner(batch.entry.facts.owner, +1)
+                    self._owner(self._owner_of(entry), +1)
                 else:
-                    self._queue(request_id, entry, batch)
+                    self._queue(request_id, entry)
 
-    def _queue(self, request_id: str, entry: GateRequest, batch: _Batch) -> None:
+    def _owner_of(self, entry: GateRequest) -> str:
+        if entry.facts is not None:
+            return entry.facts.owner
+        return self._model(entry.model).batches[entry.batch_id].entry.facts.owner
+
+    def _queue(self, request_id: str, entry: GateRequest) -> None:
+        index = self._model(entry.model)
         if entry.not_before is not None:
-            item = (entry.not_before.timestamp(), request_id)
-            heapq.heappush(self._model(entry.model).delayed, item)
+            heapq.heappush(index.delayed, (entry.not_before.timestamp(), request_id))
+        elif not entry.batch_id:
+            index.loose.add(request_id)
         else:
-            heapq.heappush(batch.returned, entry.line)
+            heapq.heappush(index.batches[entry.batch_id].returned, entry.line)
 
     def _owner(self, owner: str, delta: int) -> None:
         left = self.owner_active.get(owner, 0) + delta
@@ -260,8 +278,12 @@ class Gate:
         model: str | None = None
         match message:
             case PendingRequests():
-                if self._fresh(message):
+                if self._fresh(message.source):
                     self._on_pending(message, now)
+                model = message.model
+            case RequestSubmitted():
+                if self._fresh(message.source):
+                    self._on_submitted(message, now)
                 model = message.model
             case ExecutionReport():
                 self.worker_seen[message.worker_id] = message.occurred_at
@@ -318,9 +340,9 @@ class Gate:
 
     # -- population -----------------------------------------------------------------------
 
-    def _fresh(self, message: PendingRequests) -> bool:
-        """Whether this population is new: marks from one commands partition only grow."""
-        source = message.source
+    def _fresh(self, source: SourceMark) -> bool:
+        """Whether this input from the commands agent is new: marks from one commands
+        partition only grow, so a command handled twice after a crash applies once."""
         key = f"W:{self.partition}:{source.partition}"
         raw = self.state.get(key)
         mark = (source.offset, source.seq)
@@ -363,6 +385,32 @@ class Gate:
         self._model(model).batches[facts.batch_id] = batch
         self._put_batch(batch)
 
+    def _on_submitted(self, message: RequestSubmitted, now: datetime) -> None:
+        """A flex request: a live batchless row of its own."""
+        request_id, model = message.request_id, message.model
+        if f"R:{request_id}" in self.state:
+            return
+        self._emit(RequestCreated(
+            event_id=ids.event_id("created", request_id), occurred_at=now, request_id=request_id,
+            model=model, state="pending", facts=message.facts,
+        ))  # fmt: skip
+        if model not in self.limits:
+            reason = RequestBuilderError(error=f"model '{model}' is not configured")
+            envelope = reason.to_json()
+            self._emit(RequestFailed(
+                event_id=ids.event_id("terminal", request_id), occurred_at=now,
+                request_id=request_id, batch_id=None, model=model, from_state="pending",
+                claim_id=None, error_type=type(reason).__name__, status=None,
+                size=len(envelope.encode()), attempt=0, error=envelope,
+            ))  # fmt: skip
+            return
+        entry = GateRequest(
+            model=model, state="pending", batch_id="", line=0, facts=message.facts,
+            body=message.body,
+        )  # fmt: skip
+        self._put_request(request_id, entry)
+        self._queue(request_id, entry)
+
     # -- executor reports -----------------------------------------------------------------
 
     def _current(self, request_id: str, claim_id: str) -> GateRequest | None:
@@ -398,7 +446,7 @@ class Gate:
         assert entry.claim_id is not None
         self._transition(item.request_id, entry, RequestStarted(
             event_id=ids.event_id("started", entry.claim_id), occurred_at=now,
-            request_id=item.request_id, batch_id=entry.batch_id, model=entry.model,
+            request_id=item.request_id, batch_id=entry.batch_id or None, model=entry.model,
             from_state=entry.state, claim_id=entry.claim_id, worker_id=worker,
         ))  # fmt: skip
 
@@ -410,7 +458,7 @@ class Gate:
         assert entry.claim_id is not None
         self._transition(request_id, entry, RequestReclaimed(
             event_id=ids.event_id("reclaimed", entry.claim_id), occurred_at=now,
-            request_id=request_id, batch_id=entry.batch_id, model=entry.model,
+            request_id=request_id, batch_id=entry.batch_id or None, model=entry.model,
             from_state=entry.state, claim_id=entry.claim_id, attempt=entry.attempt,
             reason="not_sent",
         ))  # fmt: skip
@@ -452,7 +500,7 @@ class Gate:
             "event_id": ids.event_id(kind, request_id, *key),
             "occurred_at": now,
             "request_id": request_id,
-            "batch_id": entry.batch_id,
+            "batch_id": entry.batch_id or None,
             "model": entry.model,
             "from_state": entry.state,
         }
@@ -468,8 +516,7 @@ class Gate:
         self._emit(event)
         was, entry.state = entry.state, state
         index = self._model(entry.model)
-        batch = index.batches[entry.batch_id]
-        owner = batch.entry.facts.owner
+        owner = self._owner_of(entry)
         if was in IN_FLIGHT and state not in IN_FLIGHT:
             index.in_flight.discard(request_id)
             self._owner(owner, -1)
@@ -478,12 +525,15 @@ class Gate:
             self._owner(owner, +1)
         if state in ("completed", "failed", "canceled"):
             self.state.pop(f"R:{request_id}", None)
-            batch.live -= 1
-            self._retire(index, batch)
+            index.loose.discard(request_id)
+            batch = index.batches.get(entry.batch_id)
+            if batch is not None:
+                batch.live -= 1
+                self._retire(index, batch)
             return
         if state == "pending":
             entry.claim_id = entry.claimed_at = entry.started_at = entry.worker_id = None
-            self._queue(request_id, entry, batch)
+            self._queue(request_id, entry)
         self._put_request(request_id, entry)
 
     def _retire(self, index: _Model, batch: _Batch) -> None:
@@ -560,7 +610,7 @@ class Gate:
             row = self._request(request_id)
             if row is None or row.batch_id != batch_id:
                 continue
-            if row.state == "pending":
+            if row.state == "pending" and row.batch_id:
                 row.abort = why
                 self._abort_end(request_id, row, now)
             elif row.abort is None:
@@ -662,6 +712,7 @@ class Gate:
             for batch_id, b in index.batches.items()
             if b.entry.closed is None and (b.entry.unclaimed or b.returned)
         ]
+        units += self._loose_units(index)
         if not units:
             return
         raw_state = self.state.get(f"M:{model}")
@@ -676,17 +727,64 @@ class Gate:
             self.config,
         )
         for take in takes:
-            batch = index.batches[take.unit.id]
-            lines = self._take_lines(batch, take.count)
-            for line in lines:
-                self._claim_one(batch, line, now)
-            self._put_batch(batch)
-            if take.leaked and lines:
+            if not take.unit.batch:
+                claimed = self._claim_loose(index, take.unit.id, now)
+            else:
+                batch = index.batches[take.unit.id]
+                lines = self._take_lines(batch, take.count)
+                for line in lines:
+                    self._claim_one(batch, line, now)
+                self._put_batch(batch)
+                claimed = bool(lines)
+            if take.leaked and claimed:
                 unit = take.unit
                 at = scoring.next_token_at(now, unit.window_s, self.config.leaks_per_window)
                 key = _bucket_key(unit.owner, unit.window_class, model)
                 self.buckets[key] = at
                 self.state[key] = at.isoformat().encode()
+
+    def _loose_units(self, index: _Model) -> list[scoring.Unit]:
+        units = []
+        for request_id in list(index.loose):
+            entry = self._request(request_id)
+            if entry is None or entry.facts is None or entry.state != "pending" or entry.not_before:
+                index.loose.discard(request_id)  # it moved on since it was queued
+                continue
+            facts = entry.facts
+            units.append(
+                scoring.Unit(
+                    id=request_id,
+                    batch=False,
+                    owner=facts.owner,
+                    deadline=facts.deadline,
+                    window_s=self.config.window_for_tier(facts.service_tier),
+                    window_class=scoring.window_class_for_batchless(facts.service_tier),
+                )
+            )
+        return units
+
+    def _claim_loose(self, index: _Model, request_id: str, now: datetime) -> bool:
+        entry = self._request(request_id)
+        index.loose.discard(request_id)
+        if entry is None or entry.facts is None or entry.body is None:
+            return False
+        facts, body = entry.facts, entry.body
+        claim_id = self._new_claim(request_id, entry, now)
+        self._dispatch.setdefault(entry.partition, []).append(
+            DispatchItem(
+                request_id=request_id,
+                claim_id=claim_id,
+                batch_id=None,
+                model=entry.model,
+                path=facts.path,
+                attempt=entry.attempt,
+                deadline=facts.deadline,
+                claimed_at=now,
+                body=body,
+                owner=facts.owner,
+            )  # fmt: skip
+        )
+        return True
 
     def _cooldown(self, model: str, now: datetime) -> set[tuple[str, str]]:
         """(owner, window-class) buckets of ``model`` without a token; spent tokens that came
@@ -709,9 +807,8 @@ class Gate:
                 continue
             entry.not_before = None
             self._put_request(request_id, entry)
-            batch = index.batches.get(entry.batch_id)
-            if batch is not None:
-                heapq.heappush(batch.returned, entry.line)
+            if not entry.batch_id or entry.batch_id in index.batches:
+                self._queue(request_id, entry)
 
     def _take_lines(self, batch: _Batch, count: int) -> list[int]:
         """The next ``count`` claimable lines of a batch, in line order: never-claimed lines
@@ -741,6 +838,18 @@ class Gate:
         if entry is None:
             entry = GateRequest(model=batch.entry.model, state="pending", batch_id=facts.batch_id, line=line)  # fmt: skip
             batch.live += 1
+        claim_id = self._new_claim(request_id, entry, now)
+        item = DispatchItem(
+            request_id=request_id, claim_id=claim_id, batch_id=facts.batch_id,
+            model=entry.model, path=facts.path, attempt=entry.attempt, deadline=facts.deadline,
+            claimed_at=now, body=batch.entry.body_ref(line), owner=facts.owner,
+        )  # fmt: skip
+        self._dispatch.setdefault(entry.partition, []).append(item)
+        if facts.headers:
+            self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
+
+    def _new_claim(self, request_id: str, entry: GateRequest, now: datetime) -> str:
+        """Make a pending row claimed by a new claim; returns the claim id."""
         entry.claims += 1
         claim_id = ids.claim_id(request_id, entry.claims)
         entry.claim_id, entry.claimed_at = claim_id, now
@@ -748,17 +857,10 @@ class Gate:
         self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
         self._transition(request_id, entry, RequestClaimed(
             event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,
-            batch_id=facts.batch_id, model=entry.model, from_state="pending", claim_id=claim_id,
-            worker_id=self.worker_id, attempt=entry.attempt,
+            batch_id=entry.batch_id or None, model=entry.model, from_state="pending",
+            claim_id=claim_id, worker_id=self.worker_id, attempt=entry.attempt,
         ))  # fmt: skip
-        item = DispatchItem(
-            request_id=request_id, claim_id=claim_id, batch_id=facts.batch_id,
-            model=entry.model, path=facts.path, attempt=entry.attempt, deadline=facts.deadline,
-            claimed_at=now, body=batch.entry.body_ref(line),
-        )  # fmt: skip
-        self._dispatch.setdefault(entry.partition, []).append(item)
-        if facts.headers:
-            self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
+        return claim_id
 
 
 def _bucket_key(owner: str, window_class: str, model: str) -> str:

@@ -1,0 +1,88 @@
+"""The step executor: a second agent of the ``executor`` role, on ``cannonade.step-work.v1``.
+
+Runs chain steps with :class:`~streams.chains.runner.StepRunner`: each step is its own task,
+so the tool calls of one round run concurrently. A work item is acknowledged by hand once its
+outcome is on Kafka, so its offset commits only then and the work of a worker that dies
+mid-step is redelivered (and found abandoned by the ledger, never fired twice). While a
+rebalance is under way the offsets of running steps are let go, so that slow calls do not
+hold the group up: those steps still finish and report from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, cast
+
+from faust.types import StreamT
+
+from schemas import codec, ids
+from streams.agents.chains import KafkaBodies
+from streams.app import Streams, decode_or_none
+from streams.chains.ledger import KafkaLedger
+from streams.chains.runner import AiohttpTools, StepRunner
+from streams.execution.bodies import BodyReader
+from streams.execution.client import AiohttpTransport, Timeouts
+
+log = logging.getLogger(__name__)
+
+_REBALANCE_POLL_S = 0.2
+
+
+def register(streams: Streams) -> StepRunner:
+    app = streams.app
+    config = streams.config
+    e = config.executor
+    reader = BodyReader(config.kafka)
+    ledger = KafkaLedger(config.kafka)
+    models = AiohttpTransport()
+    tools = AiohttpTools()
+    runner = StepRunner(
+        KafkaBodies(streams, reader),
+        ledger,
+        models,
+        tools,
+        config,
+        timeouts=Timeouts(
+            first_chunk_ms=e.first_chunk_timeout_ms,
+            chunk_ms=e.chunk_timeout_ms,
+            body_ms=e.body_timeout_ms,
+        ),
+        max_in_flight=e.max_in_flight,
+    )
+    worker_id = f"steps:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
+    log.info("step executor %s", worker_id)
+
+    @app.agent(streams.topics["step_work"], name="steps")
+    async def steps(stream: StreamT) -> None:
+        # Acknowledged by hand (see the module docstring); StreamT does not declare noack.
+        async for event in cast(Any, stream).noack().events():
+            work, reason = decode_or_none(codec.step_work, event.value)
+            if work is None:
+                await streams.dead_letter(event, reason or "undecodable")
+                event.ack()
+                continue
+            await runner.accept(work, event.message.partition, event.ack)
+
+    @app.task
+    async def start() -> None:
+        await reader.start()
+        await ledger.start()
+
+    @app.task
+    async def let_go_during_rebalances() -> None:
+        while True:
+            await asyncio.sleep(_REBALANCE_POLL_S)
+            if app.rebalancing and runner.running:
+                runner.release()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await ledger.stop()
+        await reader.stop()
+        await tools.close()
+        await models.close()
+
+    return runner
