@@ -354,9 +354,9 @@ class Gate:
     def _on_pending(self, message: PendingRequests, now: datetime) -> None:
         facts, model = message.batch, message.model
         key = f"B:{facts.batch_id}:{model}"
-        if key in self.state:
-            return  # populated already (a population re-sent by hand past its mark)
         lines = [line for r in message.ranges for line in range(r.start, r.end)]
+        if key in self.state or not lines:
+            return  # populated already (a population re-sent by hand past its mark)
         for start in range(0, len(lines), EVENTS_PER_RECORD):
             part = lines[start : start + EVENTS_PER_RECORD]
             self._emit(
@@ -617,11 +617,7 @@ class Gate:
                 row.abort = why
                 self._put_request(request_id, row)
                 assert row.claim_id is not None
-                abort = AbortDispatch(
-                    event_id=ids.event_id("abort", row.claim_id), occurred_at=now,
-                    request_id=request_id, claim_id=row.claim_id,
-                )  # fmt: skip
-                self._out.append(Out("dispatch", request_id, abort, partition=row.partition))
+                self._abort(request_id, row.claim_id, row.partition, now)
         self._retire(index, batch)
 
     def _rows_of(self, index: _Model, batch: _Batch) -> Iterator[str]:
@@ -664,11 +660,22 @@ class Gate:
             return
         claim = entry.claim_id
         assert claim is not None
+        if entry.state == "processing":
+            # The call may still be running somewhere (a slow or partitioned executor): stop
+            # it rather than pay for it twice; its report is fenced out anyway.
+            self._abort(request_id, claim, entry.partition, now)
         entry.attempt = attempt
         self._transition(request_id, entry, RequestReclaimed(
             **self._common(request_id, entry, now, "reclaimed", claim), claim_id=claim,
             attempt=attempt, reason=reason,
         ))  # fmt: skip
+
+    def _abort(self, request_id: str, claim_id: str, partition: int, now: datetime) -> None:
+        abort = AbortDispatch(
+            event_id=ids.event_id("abort", claim_id), occurred_at=now,
+            request_id=request_id, claim_id=claim_id,
+        )  # fmt: skip
+        self._out.append(Out("dispatch", request_id, abort, partition=partition))
 
     def _stale_reason(self, entry: GateRequest, now: datetime) -> str | None:
         live = self.liveness
