@@ -283,3 +283,52 @@ async def line_urls(pool: asyncpg.Pool, file_id: str) -> dict[str, int]:
 async def projector_position(pool: asyncpg.Pool) -> int:
     """How far the projector has got, summed over partitions: grows while it makes progress."""
     return int(await pool.fetchval("SELECT COALESCE(sum(next_offset), 0) FROM projection_offsets"))
+
+
+# -- requests without a batch (responses-and-api §4, §6) ----------------------------------
+
+_BODY = "(SELECT b.body FROM bodies b WHERE b.ref = r.id AND b.kind = '{kind}')"
+
+
+async def batchless_request(
+    pool: asyncpg.Pool, request_id: str, owner: str
+) -> asyncpg.Record | None:
+    """A request without a batch with its stored bodies: the request (`body`), the response
+    (`response_body`) and the error envelope (`error`). Batch rows are never visible here."""
+    return await pool.fetchrow(
+        "SELECT r.id::text AS id, r.state, r.model, r.owner, r.created_at, r.completed_at,"
+        " r.failed_at, r.response_status, r.background,"
+        f" {_BODY.format(kind='tpl')} AS body, {_BODY.format(kind='res')} AS response_body,"
+        f" {_BODY.format(kind='err')} AS error"
+        " FROM requests r WHERE r.id = $1 AND r.owner = $2 AND r.batch_id IS NULL",
+        request_id,
+        owner,
+    )
+
+
+async def request_exists(pool: asyncpg.Pool, request_id: str) -> bool:
+    return bool(await pool.fetchval("SELECT true FROM requests WHERE id = $1", request_id))
+
+
+async def request_settled(pool: asyncpg.Pool, request_id: str) -> bool:
+    """Whether a request has ended and the body of its outcome (which travels on its own topic
+    and may trail the row) has been projected too."""
+    return bool(
+        await pool.fetchval(
+            "SELECT r.state IN ('completed', 'failed', 'canceled') AND (r.state = 'canceled'"
+            " OR r.response_size = 0 OR EXISTS (SELECT 1 FROM bodies b WHERE b.ref = r.id"
+            " AND b.kind = CASE r.state WHEN 'completed' THEN 'res' ELSE 'err' END))"
+            " FROM requests r WHERE r.id = $1",
+            request_id,
+        )
+    )
+
+
+async def response_step(pool: asyncpg.Pool, step_id: str) -> asyncpg.Record | None:
+    """A step of a multi-step response, without its payloads (§4.1 needs only its linkage)."""
+    return await pool.fetchrow(
+        "SELECT id::text AS id, request_id::text AS request_id, prev_step_id::text AS"
+        " prev_step_id, parent_step_id::text AS parent_step_id, step_kind, step_sequence, state,"
+        " created_at, updated_at FROM response_steps WHERE id = $1",
+        step_id,
+    )

@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from cannonade.config import Config, ModelKind
+from cannonade.config import Config
 from projections import queries
 from projections.api.app import Context, context, json_response, principal
+from projections.api.intake import model_kind
 from projections.rules.content import error_line, file_object, input_line, output_line
 from projections.rules.upload import (
     ParsedLine,
@@ -119,7 +120,7 @@ async def upload(request: web.Request) -> web.Response:
     filename = fields.get("filename") or f"upload-{file_id}"
     validation.check_storable(filename, "filename")
     raw: bytes = fields["file"]
-    parsed = parse_upload(raw, limits, lambda model: _model_kind(ctx.config, model, who.user))
+    parsed = parse_upload(raw, limits, lambda model: model_kind(ctx.config, model, who.user))
     upload_id = str(uuid.uuid4())
     chunks = _chunks(parsed.lines)
     records = [
@@ -194,13 +195,6 @@ def _chunks(lines: list[ParsedLine]) -> list[list[ParsedLine]]:
     if current:
         chunks.append(current)
     return chunks
-
-
-def _model_kind(config: Config, model: str, user: str) -> ModelKind | None:
-    found = config.model(model)
-    if found is None or (found.users and user not in found.users):
-        return None
-    return found.kind
 
 
 async def list_files(request: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""Publishes what the API accepts: bodies to the bodies topic, commands to the commands topic.
+"""Publishes what the API accepts: bodies to the bodies topic, commands to the commands topic,
+and the lifecycle facts of realtime requests (which no worker records) to the requests topic.
 
 Every send waits for the broker's acknowledgement within a short bound, so a caller hears
 "could not record" in seconds when the broker is away instead of hanging.
@@ -17,7 +18,7 @@ from schemas import codec, topics
 from schemas.bodies import BodyRef
 from schemas.commands import AnyCommand, aggregate_id
 from schemas.errors import ApiError
-from schemas.events import ApiKey
+from schemas.events import ApiKey, RequestTransitions
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ class Publisher:
                 (topics.COMMANDS.name, codec.encode(c), aggregate_id(c).encode(), None)
                 for c in commands
             ]
+        )
+
+    async def transitions(self, records: Sequence[RequestTransitions]) -> None:
+        """Lifecycle records, keyed by model like the gate's, so one request's facts share a
+        partition and keep their order."""
+        await self._send(
+            [(topics.REQUESTS.name, codec.encode(r), r.model.encode(), None) for r in records]
         )
 
     async def key(self, key: ApiKey) -> None:

@@ -38,6 +38,15 @@ streamable_endpoints = ["/v1/completions"]
 [liveness]
 claim_timeout_ms = 20000
 stale_daemon_threshold_ms = 6000
+
+# A blocking flex call answers 504 after this long: short, so that the timeout is observable.
+[responses]
+poll_timeout_s = 15.0
+
+# A model no test user may use (access is per user).
+[models."chat-private"]
+kind = "chat"
+users = ["nobody"]
 """
 
 

@@ -1,0 +1,119 @@
+"""A streamed single-step response (§7.8, `stream: true`): the upstream's chat-completion
+chunks as the Responses event stream the `openai` SDK reads.
+
+Text deltas are sent as they come; every item's final form, and the terminal event, follow once
+the reassembled chat completion is translated. The message item streamed live has the id
+the translation derives for it (from the chat id and its output index), so the live deltas and
+the final object name the same item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.responses.translate import chat_to_responses, item_id, message_item
+
+Event = dict[str, Any]
+_TERMINAL = {"incomplete": "response.incomplete", "failed": "response.failed"}
+
+
+class ResponsesStream:
+    def __init__(self, request: dict[str, Any], response_id: str, created_at: int) -> None:
+        self._request = request
+        self._id = response_id
+        self._created_at = created_at
+        self._sequence = 0
+        self._seed: str | None = None  # the chat id, as the reassembled completion keeps it
+        self._reasoning = False
+        self._message: tuple[int, str] | None = None  # (output index, item id) once text flows
+
+    def opening(self) -> list[Event]:
+        snapshot = self._snapshot("in_progress")
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def chunk(self, chunk: Any) -> list[Event]:
+        """The events for one chat chunk: text of the first choice, as it comes."""
+        if not isinstance(chunk, dict):
+            return []
+        if self._seed is None and isinstance(chunk.get("id"), str):
+            self._seed = chunk["id"]
+        events: list[Event] = []
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict) or choice.get("index", 0) != 0:
+                continue
+            if delta.get("reasoning_content") or delta.get("reasoning"):
+                self._reasoning = True
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                events += self._text(text)
+        return events
+
+    def finished(self, response: dict[str, Any]) -> list[Event]:
+        """The final items and the terminal event, from the translated response."""
+        events: list[Event] = []
+        output = response.get("output")
+        for index, item in enumerate(output if isinstance(output, list) else []):
+            if self._message == (index, item.get("id")):
+                at = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                part = item["content"][0]
+                events += [
+                    self._event("response.output_text.done", **at, text=part["text"], logprobs=[]),
+                    self._event("response.content_part.done", **at, part=part),
+                ]
+            else:
+                events.append(self._event("response.output_item.added", output_index=index, item=item))  # fmt: skip
+            events.append(self._event("response.output_item.done", output_index=index, item=item))
+        kind = _TERMINAL.get(response.get("status", ""), "response.completed")
+        events.append(self._event(kind, response=response))
+        return events
+
+    def failed(self, error: dict[str, Any]) -> list[Event]:
+        response = self._snapshot("failed") | {"error": error}
+        return [self._event("response.failed", response=response)]
+
+    def _text(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        if self._message is None:
+            # A reasoning item, when there is one, comes first in the translation.
+            index = 1 if self._reasoning else 0
+            item = message_item("", item_id("msg", self._seed or "", index), status="in_progress")
+            self._message = (index, item["id"])
+            events += [
+                self._event(
+                    "response.output_item.added", output_index=index, item=item | {"content": []}
+                ),  # fmt: skip
+                self._event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=item["content"][0],
+                ),
+            ]
+        index, message_id = self._message
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=message_id,
+                output_index=index,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def _snapshot(self, status: str) -> dict[str, Any]:
+        """The response before its outcome: the request's echoed fields, nothing produced."""
+        empty = chat_to_responses({}, self._request, created_at=self._created_at)
+        return empty | {"id": self._id, "status": status, "completed_at": None, "usage": None}
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event

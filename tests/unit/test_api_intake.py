@@ -1,0 +1,70 @@
+"""What a request without a batch must be before it is routed: model access and type (§8.1,
+§8.2), and the body a flex request hands to the engine."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from cannonade.config import Config, ModelConfig
+from projections.api.intake import flex_body, is_flex, requested_model, usable_model
+from schemas.errors import ApiError
+
+CONFIG = Config(
+    models={
+        "chat": ModelConfig(kind="chat"),
+        "embed": ModelConfig(kind="embeddings"),
+        "private": ModelConfig(kind="chat", users=["bob"]),
+    }
+)
+
+
+def refusal(model: str, user: str, path: str) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        usable_model(CONFIG, model, user, path)
+    return info.value
+
+
+def test_a_model_the_caller_may_use_on_its_endpoint() -> None:
+    assert usable_model(CONFIG, "chat", "alice", "/v1/responses") is CONFIG.models["chat"]
+    assert usable_model(CONFIG, "embed", "alice", "/v1/embeddings") is CONFIG.models["embed"]
+    assert usable_model(CONFIG, "private", "bob", "/v1/chat/completions").users == ["bob"]
+
+
+@pytest.mark.parametrize("model", ["missing", "private"])
+def test_an_unknown_or_foreign_model_is_403_like_the_reference(model: str) -> None:
+    error = refusal(model, "alice", "/v1/chat/completions")
+    assert (error.status, error.code, error.param) == (403, "model_not_accessible", "model")
+    assert error.message == (
+        f"You do not have access to '{model}'. Please contact your administrator to request access."
+    )
+
+
+def test_a_model_of_the_wrong_type_is_400() -> None:
+    error = refusal("embed", "alice", "/v1/chat/completions")
+    assert (error.status, error.type) == (400, "invalid_request_error")
+    assert error.message == (
+        "Model 'embed' is a EMBEDDINGS model but endpoint '/v1/chat/completions' requires a "
+        "CHAT model"
+    )
+    assert refusal("chat", "alice", "/v1/embeddings").status == 400
+    assert refusal("ch\x00at", "alice", "/v1/embeddings").status == 400  # never stored
+
+
+def test_the_model_must_be_a_string() -> None:
+    assert requested_model({"model": "chat"}) == "chat"
+    for body in ({}, {"model": 5}, {"model": None}):
+        with pytest.raises(ApiError) as info:
+            requested_model(body)
+        assert (info.value.status, info.value.param) == (400, "model")
+
+
+def test_a_flex_body_keeps_what_the_upstream_computes_and_drops_how_it_is_run() -> None:
+    body = {
+        "model": "chat", "messages": [], "service_tier": "flex", "background": True,
+        "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+    }  # fmt: skip
+    assert is_flex(body) and not is_flex({"service_tier": "auto"}) and not is_flex({})
+    assert msgspec.json.decode(flex_body(body)) == {
+        "model": "chat", "messages": [], "temperature": 0,
+    }  # fmt: skip
