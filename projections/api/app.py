@@ -125,7 +125,7 @@ def check_limits(config: Config) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    from projections.api import batches, chat, files, realtime, responses
+    from projections.api import batches, chat, files, proxy, responses
 
     check_limits(config)
     app = web.Application(
@@ -145,7 +145,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     files.routes(app.router)
     batches.routes(app.router)
-    realtime.setup(app)
+    proxy.setup(app)
     chat.routes(app.router)
     responses.routes(app.router)
     return app

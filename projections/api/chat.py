@@ -9,7 +9,7 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from projections.api import flex, intake, realtime, stored
+from projections.api import flex, intake, proxy, realtime, stored
 from projections.api.app import context, json_response, principal
 from projections.rules.responses import chat_completion_result
 from schemas.errors import ApiError
@@ -51,7 +51,7 @@ async def _create(request: web.Request, path: str) -> web.StreamResponse:
     def success(upstream: bytes) -> bytes:
         return override_response_id(upstream.decode("utf-8", "replace"), request_id, path).encode()
 
-    job = realtime.Job(
+    job = proxy.Job(
         request_id=request_id,
         model=name,
         config=model,
@@ -62,7 +62,7 @@ async def _create(request: web.Request, path: str) -> web.StreamResponse:
         success=success,
         relay=ChatRelay(request_id) if path == CHAT else None,
     )
-    return await realtime.answer(request, job)
+    return await proxy.answer(request, job)
 
 
 class ChatRelay:
@@ -76,10 +76,10 @@ class ChatRelay:
 
     def forward(self, data: str) -> tuple[str, bytes]:
         data = override_response_id(data, self._request_id, CHAT)
-        return data, realtime.sse(data)
+        return data, proxy.sse(data)
 
     def closing(self, status: int, body: bytes) -> bytes:
         return b""  # `[DONE]`, or the upstream's error event, came with the stream
 
     def broken(self, error: ApiError) -> bytes:
-        return realtime.sse(msgspec.json.encode(error.envelope()))
+        return proxy.sse(msgspec.json.encode(error.envelope()))

@@ -15,9 +15,10 @@ import msgspec
 from aiohttp import web
 
 from projections import queries
-from projections.api import flex, intake, realtime, stored
+from projections.api import flex, intake, proxy, realtime, stored
 from projections.api.app import Context, context, json_response, principal
 from projections.api.auth import Principal
+from projections.api.chat import CHAT
 from projections.api.response_stream import Event, ResponsesStream
 from projections.rules.responses import (
     RequestDetail,
@@ -39,7 +40,6 @@ from streams.responses.tools import inject_tools, resolve_tools
 from streams.responses.translate import chat_to_responses, responses_to_chat
 
 PATH = "/v1/responses"
-CHAT = "/v1/chat/completions"
 _CHAINS = "projections.api.chains"
 
 
@@ -72,7 +72,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     if background:  # answered 202 and polled: nothing streams
         chat.pop("stream", None)
         chat.pop("stream_options", None)
-    job = realtime.Job(
+    job = proxy.Job(
         request_id=request_id,
         model=name,
         config=model,
@@ -84,8 +84,8 @@ async def create(request: web.Request) -> web.StreamResponse:
         relay=None if background else ResponsesRelay(body, response_id(request_id), created_at),
     )
     if not background:
-        return await realtime.answer(request, job)
-    await realtime.start_background(request, job)
+        return await proxy.answer(request, job)
+    await proxy.start_background(request, job)
     detail = RequestDetail(
         id=request_id, state="processing", model=name, created_at=facts.created_at,
         body=raw.decode("utf-8", "replace"),
@@ -219,4 +219,4 @@ class ResponsesRelay:
 
 
 def _sse(events: list[Event]) -> bytes:
-    return b"".join(realtime.sse(msgspec.json.encode(e), e["type"]) for e in events)
+    return b"".join(proxy.sse(msgspec.json.encode(e), e["type"]) for e in events)

@@ -395,6 +395,9 @@ def test_requests_the_api_refuses(alice: OpenAI, services: Services) -> None:
             anonymous = raw.post(path, json={"model": _MODEL})
             assert anonymous.status_code == 401
             assert anonymous.json()["error"]["code"] == "invalid_api_key"
+        # Every body must fit one record on the bodies topic (conftest keeps the 10 MiB limit).
+        large = raw.post("/responses", content=b" " * 10_485_761, headers=key)
+        assert large.status_code == 413 and large.json()["error"]["code"] == "request_too_large"
 
 
 @pytest.mark.skipif(

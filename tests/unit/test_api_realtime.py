@@ -10,7 +10,8 @@ import msgspec
 
 from cannonade.config import ModelConfig
 from projections.api.chat import ChatRelay
-from projections.api.realtime import Job, Recording, upstream_error
+from projections.api.proxy import Job, upstream_error
+from projections.api.realtime import Recording
 from projections.api.responses import ResponsesRelay
 from schemas.errors import ApiError
 from schemas.events import BatchlessFacts
