@@ -18,7 +18,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("role", type=click.Choice(["commands", "gate", "executor"]))
+@click.argument("role", type=click.Choice(["commands", "gate", "executor", "chains"]))
 @click.option("--loglevel", default="info")
 def worker(role: str, loglevel: str) -> None:
     """Run one stream-processing worker role (a Faust worker)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-WORKER_ROLES = ("commands", "gate", "executor")
+WORKER_ROLES = ("commands", "gate", "executor", "chains")
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 5.0
 _STABLE_S = 60.0  # a run this long resets the backoff
@@ -154,18 +154,24 @@ class Services:
         upstream_latency_ms: int = 0,
         extra_config: str = "",
         windows: Sequence[str] = ("24h", "1h"),
+        chains: int = 1,
     ) -> None:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.upstream_port = free_port()
         self.api_port = free_port()
+        self.tools_port = free_port()
         self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
         self.api_url = f"http://127.0.0.1:{self.api_port}"
+        # The fake tool server (cannonade.testing.fake_tools): `[tools.<name>]` tables in
+        # ``extra_config`` reach it through the ``{tools_url}`` placeholder.
+        self.tools_url = f"http://127.0.0.1:{self.tools_port}"
         self.config_path = run_dir / "cannonade.toml"
         write_config(
-            self.config_path, models, self.upstream_url, self.api_port, extra_config, windows
-        )
+            self.config_path, models, self.upstream_url, self.api_port,
+            self.fill_placeholders(extra_config), windows,
+        )  # fmt: skip
         self.env = {
             **os.environ,
             "CANNONADE_CONFIG": str(self.config_path),
@@ -174,7 +180,7 @@ class Services:
             "CANNONADE_DATA_DIR": str(run_dir / "data"),
             "PYTHONUNBUFFERED": "1",
         }
-        self.counts = {"gate": gates, "executor": executors, "commands": 1}
+        self.counts = {"gate": gates, "executor": executors, "commands": 1, "chains": chains}
         self.latency_ms = upstream_latency_ms
         # The current process of each service (replaced on every restart).
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -185,6 +191,13 @@ class Services:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
 
+    def fill_placeholders(self, text: str) -> str:
+        """Configuration text with the addresses known only now: ``{tools_url}``,
+        ``{upstream_url}`` and ``{api_url}`` (TOML's own braces are left alone)."""
+        for name in ("tools_url", "upstream_url", "api_url"):
+            text = text.replace("{" + name + "}", getattr(self, name))
+        return text
+
     def _probe(self, name: str) -> Probe:
         """How to tell that ``name`` is ready: the one place to switch a role to an HTTP
         health probe once it has one."""
@@ -193,6 +206,8 @@ class Services:
             return http_probe(f"{self.upstream_url}/_stats")
         if role == "api":
             return http_probe(f"{self.api_url}/healthz")
+        if role == "tools":
+            return http_probe(f"{self.tools_url}/_stats")
         if role in WORKER_ROLES:
             # A Faust worker logs "Ready" once it has joined its group and recovered tables.
             return log_probe(b"Ready")
@@ -221,6 +236,9 @@ class Services:
             "upstream", "-m", "cannonade.testing.fake_upstream",
             "--port", str(self.upstream_port), "--latency-ms", str(self.latency_ms),
         )  # fmt: skip
+        self.start_service(
+            "tools", "-m", "cannonade.testing.fake_tools", "--port", str(self.tools_port)
+        )
         self.start_service("projector", "-m", "cannonade.cli", "projector")
         for role in WORKER_ROLES:
             for n in range(self.counts[role]):

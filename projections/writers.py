@@ -25,8 +25,13 @@ from schemas.events import (
     BatchPopulated,
     BatchPopulationFailed,
     BatchRejected,
+    ChainStarted,
     FileDeleted,
     FileUploaded,
+    ResponseFinalized,
+    StepCompleted,
+    StepRecorded,
+    StepStarted,
     TemplatesAppended,
     WorkerHeartbeat,
     WorkerStarted,
@@ -170,6 +175,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     await _model_filters(conn, by_topic[topics.MODEL_FILTERS.name], rejected)
     await _workers(conn, by_topic[topics.WORKERS.name], rejected)
     await _keys(conn, by_topic[topics.KEYS.name], rejected)
+    await _responses(conn, by_topic[topics.RESPONSES.name], by_topic[topics.BODIES.name], rejected)
     if touched:
         await conn.execute(_FINALIZE, list(touched))
     return rejected
@@ -271,6 +277,14 @@ async def _apply_deletions(conn: asyncpg.Connection, file_ids: list[str]) -> Non
 # -- bodies --------------------------------------------------------------------------------
 
 
+# Bodies kept whole, keyed by the id after the kind: a batchless request's body, results and
+# errors, and chain steps' payloads (projected into their steps by _responses as well).
+_SINGLE_BODY_KINDS = (
+    bodies.TEMPLATE, bodies.RESULT, bodies.ERROR,
+    bodies.STEP_REQUEST, bodies.STEP_RESULT, bodies.STEP_ERROR,
+)  # fmt: skip
+
+
 async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
     latest: dict[bytes, ConsumerRecord] = {}
     for record in records:
@@ -291,7 +305,7 @@ async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejec
             else:
                 chunks.append((key, record.value))
             continue
-        if kind not in (bodies.TEMPLATE, bodies.RESULT, bodies.ERROR) or not _is_uuid(ref):
+        if kind not in _SINGLE_BODY_KINDS or not _is_uuid(ref):
             rejected.append((record, f"unknown body key '{key[:100]}'"))
             continue
         if record.value is None:
@@ -519,3 +533,165 @@ async def _keys(conn: asyncpg.Connection, records: list[ConsumerRecord], rejecte
             " revoked_at = COALESCE(api_keys.revoked_at, EXCLUDED.revoked_at)",
             event.key_id, event.user, digest, event.created_at, event.revoked_at,
         )  # fmt: skip
+
+
+# -- responses (multi-step chains) ---------------------------------------------------------
+
+# Chain events fold per step within a poll: the first start, the first terminal fact (later
+# ones are redeliveries or a late result of an abandoned step: the first one won at the agent
+# too), the last event's time and position. SQL then moves each row only forward from the
+# state it has, so a replayed poll changes nothing.
+_INSERT_STEPS = """
+INSERT INTO response_steps (id, request_id, prev_step_id, parent_step_id, step_kind,
+                            step_sequence, tool, request_payload, state, created_at, updated_at,
+                            last_offset)
+SELECT u.id, u.request_id, u.prev_step_id, u.parent_step_id, u.kind, u.seq, u.tool, b.body,
+       'pending', u.at, u.at, u.off
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::bigint[],
+            $7::text[], $8::timestamptz[], $9::bigint[])
+     AS u(id, request_id, prev_step_id, parent_step_id, kind, seq, tool, at, off)
+LEFT JOIN bodies b ON b.ref = u.id AND b.kind = 'sreq'
+ON CONFLICT (id) DO NOTHING
+"""
+_LIVE = "s.state IN ('pending', 'processing')"
+# Until its serr body is projected, a failed step's error says only that it failed: §1.2 wants
+# one, and the body (acknowledged before the event) is normally there already.
+_ERROR_UNKNOWN = b'{"type":"step_failed"}'
+_MOVE_STEPS = f"""
+UPDATE response_steps s SET
+    state = CASE WHEN u.terminal IS NOT NULL AND {_LIVE} THEN u.terminal
+                 WHEN u.started IS NOT NULL AND s.state = 'pending' THEN 'processing'
+                 ELSE s.state END,
+    started_at = CASE WHEN s.state <> 'pending' THEN s.started_at
+                      WHEN u.terminal = 'completed' THEN COALESCE(u.started, u.ended)
+                      ELSE u.started END,
+    completed_at = CASE WHEN u.terminal = 'completed' AND {_LIVE} THEN u.ended
+                        ELSE s.completed_at END,
+    failed_at = CASE WHEN u.terminal = 'failed' AND {_LIVE} THEN u.ended ELSE s.failed_at END,
+    response_payload = CASE WHEN u.terminal = 'completed' AND {_LIVE}
+        THEN (SELECT b.body FROM bodies b WHERE b.ref = s.id AND b.kind = 'sres')
+        ELSE s.response_payload END,
+    error = CASE WHEN u.terminal = 'failed' AND {_LIVE}
+        THEN COALESCE((SELECT b.body FROM bodies b WHERE b.ref = s.id AND b.kind = 'serr'), $6)
+        ELSE s.error END,
+    updated_at = u.at,
+    last_offset = u.off
+FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::timestamptz[],
+            $5::timestamptz[], $7::bigint[]) AS u(id, started, terminal, ended, at, off)
+WHERE s.id = u.id AND s.last_offset < u.off
+"""
+# A step payload projected after its step's event (the topics are read independently).
+_FILL_STEPS = """
+UPDATE response_steps s SET
+    request_payload = COALESCE(q.body, s.request_payload),
+    response_payload = CASE WHEN s.state = 'completed' THEN COALESCE(r.body, s.response_payload)
+                            ELSE s.response_payload END,
+    error = CASE WHEN s.state = 'failed' THEN COALESCE(e.body, s.error) ELSE s.error END
+FROM unnest($1::uuid[]) AS t(id)
+LEFT JOIN bodies q ON q.ref = t.id AND q.kind = 'sreq'
+LEFT JOIN bodies r ON r.ref = t.id AND r.kind = 'sres'
+LEFT JOIN bodies e ON e.ref = t.id AND e.kind = 'serr'
+WHERE s.id = t.id
+"""
+# Erasure: a tombstoned payload leaves its step's copy too (an erased error reads as unknown).
+_ERASE_STEPS = """
+UPDATE response_steps s SET
+    request_payload = CASE WHEN t.kind = 'sreq' THEN NULL ELSE s.request_payload END,
+    response_payload = CASE WHEN t.kind = 'sres' THEN NULL ELSE s.response_payload END,
+    error = CASE WHEN t.kind = 'serr' AND s.error IS NOT NULL THEN $3 ELSE s.error END
+FROM unnest($1::uuid[], $2::text[]) AS t(id, kind)
+WHERE s.id = t.id
+"""
+_STEP_BODY_KINDS = (bodies.STEP_REQUEST, bodies.STEP_RESULT, bodies.STEP_ERROR)
+
+
+class _StepMove(msgspec.Struct):
+    at: Any
+    off: int
+    started: Any = None
+    terminal: str | None = None
+    ended: Any = None
+
+
+async def _responses(
+    conn: asyncpg.Connection,
+    records: list[ConsumerRecord],
+    body_records: list[ConsumerRecord],
+    rejected: Rejected,
+) -> None:
+    chains: dict[str, tuple[ChainStarted, int]] = {}
+    recorded: dict[str, tuple[StepRecorded, int]] = {}
+    moves: dict[str, _StepMove] = {}
+    finalized: dict[str, tuple[ResponseFinalized, int]] = {}
+    for record in records:
+        event = _decode(codec.chain_events, record, rejected)
+        if event is None:
+            continue
+        off = position(record.offset, 0)
+        if isinstance(event, ChainStarted):
+            chains.setdefault(event.response_id, (event, off))
+        elif isinstance(event, StepRecorded):
+            recorded.setdefault(event.step_id, (event, off))
+        elif isinstance(event, ResponseFinalized):
+            finalized.setdefault(event.response_id, (event, off))
+        else:
+            move = moves.setdefault(event.step_id, _StepMove(event.occurred_at, off))
+            move.at, move.off = event.occurred_at, off
+            if isinstance(event, StepStarted):
+                move.started = move.started or event.occurred_at
+            elif move.terminal is None:
+                move.terminal = "completed" if isinstance(event, StepCompleted) else "failed"
+                move.ended = event.occurred_at
+    if chains:
+        await conn.executemany(
+            "INSERT INTO response_chains (id, owner, model, background, created_at, last_offset)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            [
+                (e.response_id, e.facts.owner, e.model, e.facts.background, e.facts.created_at, off)
+                for e, off in chains.values()
+            ],
+        )
+    if recorded:
+        rows = [
+            (e.step_id, e.request_id, e.prev_step_id, e.parent_step_id, e.kind, e.sequence,
+             e.tool, e.occurred_at, off)
+            for e, off in recorded.values()
+        ]  # fmt: skip
+        await conn.execute(_INSERT_STEPS, *[list(c) for c in zip(*rows, strict=True)])
+    if moves:
+        await conn.execute(
+            _MOVE_STEPS,
+            list(moves),
+            [m.started for m in moves.values()],
+            [m.terminal for m in moves.values()],
+            [m.ended for m in moves.values()],
+            [m.at for m in moves.values()],
+            _ERROR_UNKNOWN,
+            [m.off for m in moves.values()],
+        )
+    if finalized:
+        await conn.executemany(
+            "UPDATE response_chains SET finalized_at = $2, final_status = $3, last_offset = $4"
+            " WHERE id = $1 AND finalized_at IS NULL AND last_offset < $4",
+            [(e.response_id, e.occurred_at, e.status, off) for e, off in finalized.values()],
+        )
+    await _step_bodies(conn, body_records)
+
+
+async def _step_bodies(conn: asyncpg.Connection, records: list[ConsumerRecord]) -> None:
+    """Copy the step payloads of this poll into steps that were projected before them."""
+    latest: dict[tuple[str, str], bool] = {}  # (step id, kind) -> erased
+    for record in records:
+        if record.key is None:
+            continue
+        kind, _, ref = record.key.decode("utf-8", "replace").partition(":")
+        if kind in _STEP_BODY_KINDS and _is_uuid(ref):
+            latest[(ref, kind)] = record.value is None
+    filled = sorted({ref for (ref, _), erased in latest.items() if not erased})
+    if filled:
+        await conn.execute(_FILL_STEPS, filled)
+    erased = [(ref, kind) for (ref, kind), gone in latest.items() if gone]
+    if erased:
+        await conn.execute(
+            _ERASE_STEPS, [r for r, _ in erased], [k for _, k in erased], _ERROR_UNKNOWN
+        )

@@ -27,6 +27,25 @@ MODELS = {
     "chat-d": ModelSpec("chat", 8),
     "embed-a": ModelSpec("embeddings", 4),
 }
+# Users of the server-side tools (tools resolve only for listed users and models).
+TOOL_USERS = [f"tool-user-{n}" for n in range(24)]
+# Server-side tools on the fake tool server (its address is filled in at start).
+TOOLS_CONFIG = "".join(
+    f"""
+[tools.{name}]
+description = "{description}"
+url = "{{tools_url}}/tools/{name}"
+api_key = "tool-secret-{name}"
+timeout_secs = {timeout}
+models = ["chat-b"]
+users = {json.dumps(TOOL_USERS)}
+"""
+    for name, description, timeout in (
+        ("get_weather", "Current weather of a city", 20),
+        ("lookup", "Looks a term up", 20),
+        ("slow_tool", "Takes its time", 120),
+    )
+)
 # Short liveness limits so that recovery is observable within a test; few retries so that
 # exhausting them is.
 TEST_CONFIG = """
@@ -71,7 +90,7 @@ def services(
         MODELS,
         gates=2,
         executors=2,
-        extra_config=TEST_CONFIG,
+        extra_config=TEST_CONFIG + TOOLS_CONFIG,
         windows=("24h", "1h", "15s"),  # 15s: a batch that expires within a test
     )
     try:
