@@ -242,7 +242,7 @@ def test_realtime_background_response_is_in_progress_then_completed(
     alice: OpenAI, upstream: FakeUpstreamControl
 ) -> None:
     mark = marker()
-    upstream.script({"latency_ms": 2000}, marker=mark)
+    upstream.script({"latency_ms": 5000}, marker=mark)
     accepted = alice.responses.create(model=_MODEL, input=f"say {mark}", background=True)
     assert (accepted.status, accepted.background, accepted.output) == ("in_progress", True, [])
     # The row is recorded before the 202, so the first read finds it.
@@ -318,12 +318,12 @@ def test_a_caller_that_disconnects_leaves_a_499_row(
     alice: OpenAI, services: Services, upstream: FakeUpstreamControl
 ) -> None:
     mark = marker()
-    impatient = alice.with_options(timeout=1.0)
+    impatient = alice.with_options(timeout=3.0)
     with pytest.raises(openai.APITimeoutError):
         impatient.chat.completions.create(
             model=_MODEL,
             messages=say(mark),
-            extra_body={"x_fake": {"latency_ms": 6000}},
+            extra_body={"x_fake": {"latency_ms": 15000}},
         )
     row = retrieved(alice, request_id_sent(upstream, mark), status_is("failed"))
     assert row["error"] == {
