@@ -1,12 +1,11 @@
 """`POST /v1/responses` (§7.1–§7.6, §8.6) and `GET /v1/responses/{id}` (§4).
 
-A body with tools after injection (§2.2) is a multi-step chain, run by
+A realtime body with tools after injection (§2.2) is a multi-step chain, run by
 `projections.api.chains`; everything else is one upstream chat completion, translated (§7.8).
 """
 
 from __future__ import annotations
 
-import importlib
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from projections import queries
-from projections.api import flex, intake, proxy, realtime, stored
+from projections.api import chains, flex, intake, proxy, realtime, stored
 from projections.api.app import Context, context, json_response, principal
 from projections.api.auth import Principal
 from projections.api.chat import CHAT
@@ -40,7 +39,6 @@ from streams.responses.tools import inject_tools, resolve_tools
 from streams.responses.translate import chat_to_responses, responses_to_chat
 
 PATH = "/v1/responses"
-_CHAINS = "projections.api.chains"
 
 
 def routes(router: web.UrlDispatcher) -> None:
@@ -65,7 +63,8 @@ async def create(request: web.Request) -> web.StreamResponse:
         return await _flex(ctx, who, request_id, name, body, background)
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
-        return await _chain(request, ctx, who, request_id, body, frozenset(resolved))
+        # §7.4: a multi-step chain, run inline.
+        return await chains.respond(request, ctx, who, request_id, body, frozenset(resolved))
     facts = realtime.facts(ctx.config, who, PATH, background)
     created_at = int(facts.created_at.timestamp())
     chat = responses_to_chat(body)
@@ -133,28 +132,6 @@ async def _flex(
     error = response.get("error") or {}
     status = 200 if response["status"] == "completed" else error.get("code") or 500
     return json_response(response, status)
-
-
-async def _chain(
-    request: web.Request,
-    ctx: Context,
-    who: Principal,
-    request_id: str,
-    body: dict[str, Any],
-    resolved_tool_names: frozenset[str],
-) -> web.StreamResponse:
-    """§7.4: multi-step chains are `projections.api.chains`' (written in parallel)."""
-    try:
-        chains = importlib.import_module(_CHAINS)
-    except ModuleNotFoundError as exc:
-        if exc.name != _CHAINS:
-            raise
-        raise ApiError(
-            501,
-            "Responses with tools (multi-step chains) are not available yet",
-            code="not_implemented",
-        ) from None
-    return await chains.respond(request, ctx, who, request_id, body, resolved_tool_names)  # type: ignore[no-any-return]
 
 
 async def retrieve(request: web.Request) -> web.Response:

@@ -5,7 +5,6 @@ caller that disconnects, and retrieval with its ownership rules."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import uuid
@@ -398,18 +397,6 @@ def test_requests_the_api_refuses(alice: OpenAI, services: Services) -> None:
         # Every body must fit one record on the bodies topic (conftest keeps the 10 MiB limit).
         large = raw.post("/responses", content=b" " * 10_485_761, headers=key)
         assert large.status_code == 413 and large.json()["error"]["code"] == "request_too_large"
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("projections.api.chains") is not None,
-    reason="the chains module answers these",
-)
-def test_a_response_with_tools_goes_to_the_chains_module(alice: OpenAI) -> None:
-    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
-    with pytest.raises(openai.APIStatusError) as info:
-        alice.responses.create(model=_MODEL, input="x", tools=[tool])  # type: ignore[list-item]
-    assert info.value.status_code == 501
-    assert error_body(info.value)["code"] == "not_implemented"
 
 
 # -- retrieval -------------------------------------------------------------------------------
