@@ -15,12 +15,14 @@ judges them by this worker's liveness and does not take a long chain back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from faust.types import StreamT
 
 from cannonade import __version__
@@ -36,6 +38,9 @@ from streams.tables import Utf8Keys, WriteBehind
 log = logging.getLogger(__name__)
 
 ROLE = "chains"
+# What a lost broker connection raises: retried, never dead-lettered.
+TRANSIENT = (KafkaError, TimeoutError, OSError)
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.2, 5.0
 
 
 class KafkaBodies:
@@ -47,16 +52,7 @@ class KafkaBodies:
         self.reader = reader
 
     async def write_bodies(self, records: Sequence[BodyRecord]) -> list[BodyRef]:
-        topic = self.streams.topics["bodies"]
-        futures = [
-            await topic.send(key=r.key.encode(), value=r.value, partition=r.partition, force=True)
-            for r in records
-        ]
-        refs = []
-        for future in futures:
-            metadata = await future
-            refs.append(BodyRef(metadata.partition, metadata.offset))
-        return refs
+        return await self.streams.write_bodies([(r.key, r.value, r.partition) for r in records])
 
     async def read_body(self, ref: BodyRef) -> bytes:
         try:
@@ -125,22 +121,34 @@ def register(streams: Streams) -> ChainCore:
             if key != message.response_id:
                 await streams.dead_letter(event, f"must be keyed by '{message.response_id}'")
                 continue
-            outs: list[Out] = []
-            if assigned["adopt"]:
-                # The table has recovered by the time the stream runs again.
-                assigned["adopt"] = False
-                outs += core.adopt(assigned["partitions"])
-            try:
-                outs += await core.handle(message, event.message.partition)
-            except Exception as exc:
-                # A defect triggered by one event must not stop every chain of the partition.
-                log.exception("chain agent could not apply %s", type(message).__name__)
-                state.discard()
-                await streams.dead_letter(event, f"chain agent could not apply it: {exc!r}")
-                continue
-            if outs:
-                await streams.publish(outs, wait=True)
-            state.flush()
+            backoff = _BACKOFF_FIRST_S
+            while True:
+                adopted = set(core.adopted)
+                try:
+                    outs: list[Out] = []
+                    if assigned["adopt"]:
+                        # The table has recovered by the time the stream runs again.
+                        outs += core.adopt(assigned["partitions"])
+                    outs += await core.handle(message, event.message.partition)
+                    if outs:
+                        await streams.publish(outs, wait=True)
+                    state.flush()
+                    assigned["adopt"] = False
+                    break
+                except TRANSIENT as exc:
+                    # The broker is away: decide again once it is back (same facts, same ids).
+                    state.discard()
+                    core.adopted = adopted
+                    log.warning("chain agent: %r; retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                except Exception as exc:
+                    # A defect triggered by one event must not stop every chain of the partition.
+                    log.exception("chain agent could not apply %s", type(message).__name__)
+                    state.discard()
+                    core.adopted = adopted
+                    await streams.dead_letter(event, f"chain agent could not apply it: {exc!r}")
+                    break
 
     @app.task
     async def announce() -> None:

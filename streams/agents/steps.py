@@ -19,7 +19,7 @@ from typing import Any, cast
 from faust.types import StreamT
 
 from schemas import codec, ids
-from streams.agents.chains import KafkaBodies
+from streams.agents.chains import TRANSIENT, KafkaBodies
 from streams.app import Streams, decode_or_none
 from streams.chains.ledger import KafkaLedger
 from streams.chains.runner import AiohttpTools, StepRunner
@@ -29,6 +29,7 @@ from streams.execution.client import AiohttpTransport, Timeouts
 log = logging.getLogger(__name__)
 
 _REBALANCE_POLL_S = 0.2
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.2, 5.0
 
 
 def register(streams: Streams) -> StepRunner:
@@ -64,7 +65,16 @@ def register(streams: Streams) -> StepRunner:
                 await streams.dead_letter(event, reason or "undecodable")
                 event.ack()
                 continue
-            await runner.accept(work, event.message.partition, event.ack)
+            backoff = _BACKOFF_FIRST_S
+            while True:
+                try:
+                    await runner.accept(work, event.message.partition, event.ack)
+                    break
+                except TRANSIENT as exc:
+                    # Nothing ran yet (or the start may have landed: the ledger then says so).
+                    log.warning("step executor: %r; retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     @app.task
     async def start() -> None:

@@ -288,6 +288,27 @@ def test_a_streamed_failure_ends_with_response_failed(
     assert error is not None and error.message == "executor error: HTTP 503: later"
 
 
+def test_chain_content_never_lands_on_a_topic_that_is_not_compacted(
+    client: OpenAI,
+    stack_info: stack.StackInfo,
+    tools: FakeToolsControl,
+    upstream: FakeUpstreamControl,  # fmt: skip
+) -> None:
+    mark = marker()
+    upstream.script(
+        calls(("call_1", "get_weather", {"secret": mark})), {"content": f"answer {mark}"},
+        marker=mark,
+    )  # fmt: skip
+    tools.script({"result": {"secret": mark}}, tool="get_weather", marker=mark)
+    response = client.responses.create(model=MODEL, input=f"prompt {mark}")
+    assert response.output_text == f"answer {mark}"
+    for topic in topics.ALL:
+        if topic.compacted:
+            continue
+        records = run(_read_topic(stack_info.kafka_bootstrap, topic))
+        assert not any(mark.encode() in (r.value or b"") for r in records), topic.name
+
+
 # -- workers dying mid-chain ----------------------------------------------------------------
 
 
