@@ -594,12 +594,13 @@ LEFT JOIN bodies e ON e.ref = t.id AND e.kind = 'serr'
 WHERE s.id = t.id
 """
 # Erasure: a tombstoned payload leaves its step's copy too (an erased error reads as unknown).
+# One row per step: an UPDATE applies only one of several joined rows to a target.
 _ERASE_STEPS = """
 UPDATE response_steps s SET
-    request_payload = CASE WHEN t.kind = 'sreq' THEN NULL ELSE s.request_payload END,
-    response_payload = CASE WHEN t.kind = 'sres' THEN NULL ELSE s.response_payload END,
-    error = CASE WHEN t.kind = 'serr' AND s.error IS NOT NULL THEN $3 ELSE s.error END
-FROM unnest($1::uuid[], $2::text[]) AS t(id, kind)
+    request_payload = CASE WHEN t.request THEN NULL ELSE s.request_payload END,
+    response_payload = CASE WHEN t.response THEN NULL ELSE s.response_payload END,
+    error = CASE WHEN t.error AND s.error IS NOT NULL THEN $4 ELSE s.error END
+FROM unnest($1::uuid[], $2::bool[], $3::bool[], $5::bool[]) AS t(id, request, response, error)
 WHERE s.id = t.id
 """
 _STEP_BODY_KINDS = (bodies.STEP_REQUEST, bodies.STEP_RESULT, bodies.STEP_ERROR)
@@ -690,8 +691,17 @@ async def _step_bodies(conn: asyncpg.Connection, records: list[ConsumerRecord]) 
     filled = sorted({ref for (ref, _), erased in latest.items() if not erased})
     if filled:
         await conn.execute(_FILL_STEPS, filled)
-    erased = [(ref, kind) for (ref, kind), gone in latest.items() if gone]
+    erased: dict[str, set[str]] = {}
+    for (ref, kind), gone in latest.items():
+        if gone:
+            erased.setdefault(ref, set()).add(kind)
     if erased:
+        kinds = list(erased.values())
         await conn.execute(
-            _ERASE_STEPS, [r for r, _ in erased], [k for _, k in erased], _ERROR_UNKNOWN
+            _ERASE_STEPS,
+            list(erased),
+            [bodies.STEP_REQUEST in k for k in kinds],
+            [bodies.STEP_RESULT in k for k in kinds],
+            _ERROR_UNKNOWN,
+            [bodies.STEP_ERROR in k for k in kinds],
         )
