@@ -123,7 +123,7 @@ def register(streams: Streams) -> ChainCore:
                 continue
             backoff = _BACKOFF_FIRST_S
             while True:
-                adopted = set(core.adopted)
+                held = dict(core.held)
                 try:
                     outs: list[Out] = []
                     if assigned["adopt"]:
@@ -138,7 +138,7 @@ def register(streams: Streams) -> ChainCore:
                 except TRANSIENT as exc:
                     # The broker is away: decide again once it is back (same facts, same ids).
                     state.discard()
-                    core.adopted = adopted
+                    core.held = held
                     log.warning("chain agent: %r; retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX_S)
@@ -146,7 +146,7 @@ def register(streams: Streams) -> ChainCore:
                     # A defect triggered by one event must not stop every chain of the partition.
                     log.exception("chain agent could not apply %s", type(message).__name__)
                     state.discard()
-                    core.adopted = adopted
+                    core.held = held
                     await streams.dead_letter(event, f"chain agent could not apply it: {exc!r}")
                     break
 
@@ -158,11 +158,13 @@ def register(streams: Streams) -> ChainCore:
 
     @app.timer(interval=config.executor.heartbeat_interval_ms / 1000)
     async def heartbeat() -> None:
-        outs = worker_events(worker_id, ROLE, WorkerHeartbeat)
+        outs = worker_events(worker_id, ROLE, WorkerHeartbeat, in_flight=len(core.held))
         if assigned["adopt"] and not app.rebalancing:
             # No event came since the assignment: take over the idle partitions' chains too.
             assigned["adopt"] = False
             outs += core.adopt(assigned["partitions"])
+        else:
+            outs += core.holding()
         await streams.publish(outs)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]

@@ -41,6 +41,7 @@ from schemas.bodies import BodyRef
 from schemas.events import (
     BatchlessFacts,
     ChainEvent,
+    ChainHead,
     ChainStarted,
     ExecutionReport,
     FinishedItem,
@@ -134,9 +135,9 @@ class ChainCore:
         self.io = io
         self.worker_id = worker_id
         self.clock = clock
-        # Claimed heads this worker has told the gate it holds (in memory: after a restart or
-        # a rebalance the new holder says so again, see adopt()).
-        self.adopted: set[tuple[str, str]] = set()
+        # The live claimed heads this worker holds, by response (in memory: after a restart or
+        # a rebalance the new holder takes them over again, see adopt()).
+        self.held: dict[str, ChainHead] = {}
 
     # -- table ----------------------------------------------------------------------------
 
@@ -397,21 +398,33 @@ class ChainCore:
             occurred_at=self.clock(), worker_id=self.worker_id, model=head.model,
             finished=[item],
         )  # fmt: skip
-        self.adopted.add((chain.response_id, head.claim_id))
+        self.held.pop(chain.response_id, None)
         return Out("gate", head.model, report)
 
     def _take_over(self, chain: ChainState) -> list[Out]:
-        """Tell the gate this worker holds the head's claim (once per claim and process), so
-        it judges the claim by this worker's heartbeats."""
+        """Tell the gate this worker holds the head's claim (once per claim and process; see
+        also holding()), so it judges the claim by this worker's heartbeats."""
         head = chain.head
-        if head is None or chain.terminal or (chain.response_id, head.claim_id) in self.adopted:
+        if head is None or chain.terminal or self.held.get(chain.response_id) == head:
             return []
-        self.adopted.add((chain.response_id, head.claim_id))
+        self.held[chain.response_id] = head
+        return [self._started_report(head.model, [StartedItem(chain.response_id, head.claim_id)])]
+
+    def _started_report(self, model: str, items: list[StartedItem]) -> Out:
         report = ExecutionReport(
             event_id=ids.new_id(), occurred_at=self.clock(), worker_id=self.worker_id,
-            model=head.model, started=[StartedItem(chain.response_id, head.claim_id)],
+            model=model, started=items,
         )  # fmt: skip
-        return [Out("gate", head.model, report)]
+        return Out("gate", model, report)
+
+    def holding(self) -> list[Out]:
+        """Every held claim, said again (with the heartbeat): the executor that handed a head
+        over may report its own start of the claim after this worker took it over, and the
+        gate credits a claim to whoever reported it last."""
+        by_model: dict[str, list[StartedItem]] = {}
+        for response, head in self.held.items():
+            by_model.setdefault(head.model, []).append(StartedItem(response, head.claim_id))
+        return [self._started_report(model, items) for model, items in sorted(by_model.items())]
 
     def adopt(self, partitions: Iterable[int]) -> list[Out]:
         """Take over every live claimed chain of ``partitions`` (after an assignment): a chain
@@ -427,7 +440,7 @@ class ChainCore:
 
     def forget(self) -> None:
         """After a rebalance: claims must be taken over again by whoever holds them now."""
-        self.adopted.clear()
+        self.held.clear()
 
 
 def _apply(step: StepEntry, event: StepStarted | StepCompleted | StepFailed) -> bool:

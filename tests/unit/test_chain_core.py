@@ -396,3 +396,14 @@ async def test_table_values_hold_refs_not_payloads(size: int) -> None:
     await h.complete(head, completion(calls=[("call_1", "get_weather")]))
     assert len(h.table[HEAD]) < 1_000
     assert h.bodies.latest(bodies.key(bodies.STEP_REQUEST, HEAD)) is not None
+
+
+async def test_held_claims_are_said_again_until_their_chain_ends() -> None:
+    h = Harness(head=CLAIM)
+    [head] = works(await h.feed(h.chain_started()))
+    [report] = reports(h.core.holding())
+    assert [(s.request_id, s.claim_id) for s in report.started] == [(HEAD, "claim-1")]
+    assert report.worker_id == WORKER
+    await h.complete(head, completion("done"))
+    assert h.core.holding() == []
+    assert Harness().core.holding() == []  # realtime heads have no claim to hold
