@@ -32,7 +32,7 @@ from schemas.errors import ApiError
 from schemas.events import BatchlessFacts, ChainStarted, RequestCreated, RequestTransitions
 from streams.responses.inputs import compact_json
 from streams.responses.steps import response_id
-from streams.responses.translate import function_call_item, item_id, tool_fields
+from streams.responses.translate import function_call_item, item_id, message_item, tool_fields
 
 PATH = "/v1/responses"
 TIER = "priority"
@@ -215,7 +215,9 @@ class ChainEvents:
     def created(self) -> bytes:
         response = {**self.base, "status": "in_progress"}
         summary = {"id": response["id"], "object": "response", "status": "in_progress"}
-        return self._event(0, "response.created", {**summary, "response": response})
+        return self._event(0, "response.created", {**summary, "response": response}) + self._event(
+            0, "response.in_progress", {"response": response}
+        )
 
     def steps(self, rows: list[Any], *, final: bool) -> bytes:
         """Events for the finished steps at the front of ``rows``, stopping at the first one
@@ -236,6 +238,8 @@ class ChainEvents:
         return out
 
     def _step(self, row: Any) -> bytes:
+        """A step's output items, framed as the SDK's stream helper accumulates them (added,
+        deltas, done); item ids are the assembled response's (§3)."""
         sequence, step = row["step_sequence"], row["id"]
         payload = _json(row["response_payload"])
         if row["step_kind"] == "tool_call":
@@ -248,29 +252,49 @@ class ChainEvents:
                 "call_id": call_id if isinstance(call_id, str) else f"call_step_{sequence}",
                 "output": compact_json(payload),
             }
-            return self._item_done(sequence, item)
+            index = self._index()
+            return self._added(sequence, index, item) + self._done(sequence, index, item)
         out = b""
         message = _message(payload)
         content = message.get("content")
         if isinstance(content, str) and content:
-            out += self._event(sequence, "response.output_text.delta", {
-                "item_id": item_id("msg", step, 0), "output_index": self._index(),
-                "content_index": 0, "delta": content, "logprobs": [],
-            })  # fmt: skip
+            out += self._text(sequence, message_item(content, item_id("msg", step, 0)))
         calls = message.get("tool_calls")
         for index, call in enumerate(calls if isinstance(calls, list) else []):
-            if not isinstance(call, dict):
-                continue
-            item = function_call_item(call, item_id("fc", step, index + 1))
-            out += self._event(sequence, "response.function_call_arguments.delta", {
-                "item_id": item["id"], "output_index": self._index(),
-                "call_id": item["call_id"], "delta": item["arguments"],
-            })  # fmt: skip
+            if isinstance(call, dict):
+                out += self._call(sequence, function_call_item(call, item_id("fc", step, index + 1)))  # fmt: skip
         return out
 
-    def _item_done(self, sequence: int, item: dict[str, Any]) -> bytes:
-        data = {"output_index": self._index(), "item": item}
-        return self._event(sequence, "response.output_item.done", data)
+    def _text(self, sequence: int, item: dict[str, Any]) -> bytes:
+        index, part = self._index(), item["content"][0]
+        at = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        empty = {**part, "text": ""}
+        return b"".join([
+            self._added(sequence, index, {**item, "content": []}),
+            self._event(sequence, "response.content_part.added", {**at, "part": empty}),
+            self._event(sequence, "response.output_text.delta", {**at, "delta": part["text"], "logprobs": []}),
+            self._event(sequence, "response.output_text.done", {**at, "text": part["text"], "logprobs": []}),
+            self._event(sequence, "response.content_part.done", {**at, "part": part}),
+            self._done(sequence, index, item),
+        ])  # fmt: skip
+
+    def _call(self, sequence: int, item: dict[str, Any]) -> bytes:
+        index = self._index()
+        at = {"item_id": item["id"], "output_index": index}
+        arguments = item["arguments"]
+        return b"".join([
+            self._added(sequence, index, {**item, "arguments": ""}),
+            self._event(sequence, "response.function_call_arguments.delta", {**at, "call_id": item["call_id"], "delta": arguments}),
+            self._event(sequence, "response.function_call_arguments.done", {**at, "name": item["name"], "arguments": arguments}),
+            self._done(sequence, index, item),
+        ])  # fmt: skip
+
+    def _added(self, sequence: int, index: int, item: dict[str, Any]) -> bytes:
+        added = {**item, "status": "in_progress"}
+        return self._event(sequence, "response.output_item.added", {"output_index": index, "item": added})  # fmt: skip
+
+    def _done(self, sequence: int, index: int, item: dict[str, Any]) -> bytes:
+        return self._event(sequence, "response.output_item.done", {"output_index": index, "item": item})  # fmt: skip
 
     def _index(self) -> int:
         self.output_index += 1

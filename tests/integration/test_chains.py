@@ -259,19 +259,40 @@ def test_streaming_sends_the_steps_as_they_land(
 
     events = list(client.responses.create(model=MODEL, input=f"weather? {mark}", stream=True))
 
-    kinds = [e.type for e in events]
-    assert kinds == [
+    kinds: list[str] = [e.type for e in events]
+    # The §7.4 events, in order (framed by item added/done events for the SDK's helper).
+    spec = iter(kinds)
+    assert all(kind in spec for kind in [
         "response.created", "response.function_call_arguments.delta",
         "response.output_item.done", "response.output_text.delta", "response.completed",
-    ]  # fmt: skip
+    ]), kinds  # fmt: skip
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert events[1].call_id == "call_1"  # type: ignore[union-attr]
-    assert events[2].item.call_id == "call_1"  # type: ignore[union-attr]
-    assert events[3].delta == f"sunny {mark}"  # type: ignore[union-attr]
+    delta = next(e for e in events if e.type == "response.function_call_arguments.delta")
+    assert getattr(delta, "call_id", None) == "call_1"  # §7.4 names the call
+    [tool_output] = [e.item for e in events if e.type == "response.output_item.done" and e.item.type == "function_call_output"]  # type: ignore[union-attr]  # fmt: skip
+    assert tool_output.call_id == "call_1"
+    text = next(e for e in events if e.type == "response.output_text.delta")
+    assert text.delta == f"sunny {mark}"  # type: ignore[union-attr]
     final = events[-1].response  # type: ignore[union-attr]
     assert final.status == "completed" and final.output_text == f"sunny {mark}"
     # The model calls streamed too: the chain stores them reassembled.
     assert all(call.body["stream"] is True for call in model_calls(upstream, mark))
+
+
+def test_the_sdk_stream_helper_accumulates_a_chain(
+    client: OpenAI, tools: FakeToolsControl, upstream: FakeUpstreamControl
+) -> None:
+    mark = marker()
+    upstream.script(
+        calls(("call_1", "get_weather", {"m": mark})), {"content": f"sunny {mark}"}, marker=mark
+    )
+    with client.responses.stream(model=MODEL, input=f"weather? {mark}") as stream:
+        texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert texts == [f"sunny {mark}"]
+    assert final.output_text == f"sunny {mark}"
+    assert [i.type for i in final.output] == ["function_call", "function_call_output", "message"]
 
 
 def test_a_streamed_failure_ends_with_response_failed(
