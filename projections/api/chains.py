@@ -142,7 +142,7 @@ def _in_progress(
 # -- waiting on the read model ------------------------------------------------------------
 
 
-class _Ended(msgspec.Struct, frozen=True):
+class Ended(msgspec.Struct, frozen=True):
     state: str
     body: bytes | None
 
@@ -168,13 +168,13 @@ def failure_payload(state: str, error: bytes | None) -> Any:
         return {"type": "server_error", "message": message}
 
 
-async def _ended(pool: asyncpg.Pool, request_id: str) -> _Ended | None:
+async def _ended(pool: asyncpg.Pool, request_id: str) -> Ended | None:
     row = await pool.fetchrow(_HEAD, request_id)
     if row is None or row["state"] not in _TERMINAL:
         return None
     if row["state"] != "canceled" and row["body"] is None:
         return None  # the body is on its way (another topic)
-    return _Ended(row["state"], None if row["body"] is None else bytes(row["body"]))
+    return Ended(row["state"], None if row["body"] is None else bytes(row["body"]))
 
 
 class _Poll:
@@ -300,7 +300,7 @@ class ChainEvents:
         self.output_index += 1
         return self.output_index - 1
 
-    def ended(self, ended: _Ended) -> bytes:
+    def ended(self, ended: Ended) -> bytes:
         status, answer = ended.outcome()
         if status == 200:
             return self._event(self.next_step, "response.completed", {"response": answer})
