@@ -27,7 +27,7 @@ from aiohttp import web
 
 from projections.api.app import Context, json_response
 from projections.api.auth import Principal
-from schemas import bodies, codec, ids, topics
+from schemas import bodies, ids, topics
 from schemas.errors import ApiError
 from schemas.events import BatchlessFacts, ChainStarted, RequestCreated, RequestTransitions
 from streams.responses.inputs import compact_json
@@ -104,7 +104,7 @@ async def _start(
     parent_key = bodies.key(bodies.TEMPLATE, request_id)
     refs, _ = await asyncio.gather(
         ctx.publisher.bodies([(parent_key, msgspec.json.encode(body), partition)]),
-        _send(ctx, topics.REQUESTS.name, model, record),
+        ctx.publisher.transitions([record]),
     )
     started = ChainStarted(
         event_id=ids.event_id("chain-started", request_id), occurred_at=now,
@@ -112,12 +112,7 @@ async def _start(
         resolved_tool_names=sorted(resolved_tool_names), facts=facts,
         max_iterations=ctx.config.responses.max_iterations,
     )  # fmt: skip
-    await _send(ctx, topics.RESPONSES.name, request_id, started)
-
-
-async def _send(ctx: Context, topic: str, key: str, event: msgspec.Struct) -> None:
-    # The publisher's acknowledged send; it has no helper for the chain topic.
-    await ctx.publisher._send([(topic, codec.encode(event), key.encode(), None)])
+    await ctx.publisher.chain(request_id, started)
 
 
 async def _head_exists(pool: asyncpg.Pool, request_id: str) -> bool:

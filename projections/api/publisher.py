@@ -18,7 +18,7 @@ from schemas import codec, topics
 from schemas.bodies import BodyRef
 from schemas.commands import AnyCommand, aggregate_id
 from schemas.errors import ApiError
-from schemas.events import ApiKey, RequestTransitions
+from schemas.events import ApiKey, ChainEvent, RequestTransitions
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ class Publisher:
         await self._send(
             [(topics.REQUESTS.name, codec.encode(r), r.model.encode(), None) for r in records]
         )
+
+    async def chain(self, response_id: str, event: ChainEvent) -> None:
+        """A chain fact, keyed by its response: every fact of one chain shares a partition."""
+        await self._send([(topics.RESPONSES.name, codec.encode(event), response_id.encode(), None)])
 
     async def key(self, key: ApiKey) -> None:
         await self._send([(topics.KEYS.name, codec.encode(key), key.key_id.encode(), None)])

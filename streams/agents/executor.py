@@ -154,8 +154,10 @@ class Executor:
                 finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="not_sent")  # fmt: skip
                 return
             self.reporter.started(item.model, StartedItem(item.request_id, item.claim_id))
-            # No outcome: the claim was handed to the chain agent, whose finalisation ends it.
             finished, outs = await self._execute(item, headers)
+            if finished is None:
+                # Handed to the chain agent, which reports the claim from now on.
+                self.reporter.handed_off(item.claim_id)
         except asyncio.CancelledError:
             if item.claim_id not in self.cancelled:
                 raise  # shutting down: the gate takes the claim back when we say we stopped

@@ -57,6 +57,11 @@ class Reporter:
         self._started[item.claim_id] = (time.monotonic(), model, item)
         self._wake.set()
 
+    def handed_off(self, claim_id: str) -> None:
+        """The claim is someone else's to report now (the chain agent took it over): its
+        start must not arrive after theirs."""
+        self._started.pop(claim_id, None)
+
     def finished(self, model: str, item: FinishedItem, bodies: Sequence[Out] = ()) -> None:
         self._started.pop(item.claim_id, None)
         self._finished.setdefault(model, []).append(item)
