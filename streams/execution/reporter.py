@@ -1,8 +1,8 @@
 """Coalesces an executor's news into one ExecutionReport per model and flush.
 
 Calls that end within a couple of milliseconds of each other share one record to the gate, and
-their result bodies are acknowledged by the broker before the report that makes their rows
-terminal is sent, so a terminal row never waits for a body that was lost. A started call is
+their result bodies are sent ahead of it in the same produce request, so a report that makes
+rows terminal never lands without their bodies (a send that fails is retried whole). A started call is
 reported only if it is still running a little later: at low upstream latency most calls end
 first, and the finished report implies the start.
 """
@@ -114,10 +114,10 @@ class Reporter:
             for model in sorted(set(started) | set(finished))
         ]
         try:
-            if bodies:
-                await self._publish(bodies)
-            if reports:
-                await self._publish(reports)
+            # One send, bodies first: they travel in the same produce request as the reports
+            # that end their rows, and both are acknowledged before anything is forgotten.
+            if bodies or reports:
+                await self._publish([*bodies, *reports])
         except BaseException:
             # Put it all back, in order, for the next attempt.
             for model, done in finished.items():
