@@ -1,0 +1,712 @@
+"""Fault drills against the real stack (issue 6): a batch of 2,000 requests with upstream latency
+meets a fault mid-flight — kill -9 of each role, a PostgreSQL restart and outage, a broker
+stop/start on its data, poison records on every topic — and must still end exactly right.
+
+Every drill asserts the same outcome:
+
+- the batch ends terminal (`completed`), with completed + failed = total;
+- its output and error files together hold exactly one line per custom_id;
+- the model's concurrency held upstream throughout;
+- each request has one terminal event on the lifecycle topic;
+- requests sent upstream more than once were all in flight during the fault, and there are
+  no more extra calls than requests in flight when it struck (at most the model's limit);
+  none at all when the fault is off the write path (projector, API, database, poison).
+
+"In flight" is measured, not assumed: a request counts from its claim (the earliest of its
+lifecycle event, its dispatch record and its first upstream call) to its first terminal event.
+A kill is an instant; an outage lasts from the stop to the end of the start.
+
+The drills restart the broker and the database, so they run on a stack and services of their
+own (module scope); each drill starts only once every service is ready again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import openai
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+from openai import OpenAI
+
+from compose import stack
+from compose.services import ModelSpec, Services
+from projections.api.auth import create_key
+from schemas import ids, topics
+from tests.integration.conftest import TERMINAL, chat_line, jsonl, log_path, upstream_stats
+
+pytestmark = [pytest.mark.integration, pytest.mark.drill]
+
+LINES = 2000
+CONCURRENCY = 16
+# 16 at a time at 40 ms is at most 400 requests/s: a 2,000-line batch runs for 5 s or more,
+# so a fault after the first tenth lands well inside it.
+LATENCY_MS = 40
+STARTED = LINES // 10
+OUTAGE_S = 5.0  # how long the longer outages last (a property of the fault, not a wait)
+FINISH_TIMEOUT_S = 300.0
+
+KILL_ROLES = ("commands", "gate", "executor", "projector", "api")
+# A model per drill: the fake upstream's per-model figures then belong to that drill alone.
+MODELS = {
+    f"drill-{name}": ModelSpec("chat", CONCURRENCY)
+    for name in (
+        *(f"kill-{role}" for role in KILL_ROLES),
+        "pg-restart", "pg-outage", "kafka", "poison", "after",
+    )
+}  # fmt: skip
+# Short liveness limits (as in the suite's config) so that recovery fits in a drill.
+CONFIG = """
+[executor]
+heartbeat_interval_ms = 1000
+
+[liveness]
+claim_timeout_ms = 20000
+stale_daemon_threshold_ms = 6000
+"""
+
+
+# -- the drill's own stack and services -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
+    run_dir = tmp_path_factory.mktemp("fault-drills") / "stack"
+    info = asyncio.run(stack.up(run_dir))
+    yield info
+    stack.down(run_dir)
+
+
+@pytest.fixture(scope="module")
+def drill_services(
+    drill_stack: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Services]:
+    # Two gate and two executor processes, like the suite: a killed one hands its partitions
+    # to the other.
+    svc = Services(
+        tmp_path_factory.mktemp("fault-drill-services"),
+        drill_stack.kafka_bootstrap,
+        drill_stack.database_url,
+        MODELS,
+        gates=2,
+        executors=2,
+        extra_config=CONFIG,
+    )
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture
+def ready(drill_stack: stack.StackInfo, drill_services: Services) -> Services:
+    """The drill services, each ready, on a running broker and database (whatever the
+    previous drill left behind)."""
+    asyncio.run(stack.start_kafka(drill_stack.run_dir))
+    asyncio.run(stack.start_postgres(drill_stack.run_dir))
+    for name in list(drill_services.procs):
+        drill_services.wait_ready(name, timeout_s=120)
+    return drill_services
+
+
+def new_client(services: Services, info: stack.StackInfo, user: str) -> OpenAI:
+    key = asyncio.run(create_key(info.kafka_bootstrap, info.database_url, user))
+    return OpenAI(base_url=f"{services.api_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+# -- driving a batch through a fault --------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    """When the fault began and ended (UTC), and the model's upstream calls around it."""
+
+    began: datetime
+    ended: datetime
+    calls_before: int
+    calls_after: int
+    upstream_runs: int  # restarts of the fake upstream when the batch was submitted
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def patiently(action: Callable[[], Any], timeout_s: float = 120) -> Any:
+    """``action()``, retried while the API is away (killed, or its database is)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return action()
+        except (openai.APIConnectionError, openai.InternalServerError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API stayed unavailable: {exc!r}") from exc
+            time.sleep(0.25)
+
+
+def submit(client: OpenAI, tag: str, model: str, lines: int = LINES) -> Any:
+    content = [chat_line(f"{tag}-{i}", model=model, latency_ms=LATENCY_MS) for i in range(lines)]
+    uploaded = client.files.create(file=(f"{tag}.jsonl", jsonl(content)), purpose="batch")
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
+def wait_until_running(client: OpenAI, batch_id: str, done: int = STARTED) -> None:
+    """Until ``done`` requests of the batch have ended (it must not have finished)."""
+    deadline = time.monotonic() + 120
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        counts = batch.request_counts
+        assert batch.status not in TERMINAL, f"the batch ended before the fault: {batch}"
+        if counts is not None and counts.completed + counts.failed >= done:
+            return
+        assert time.monotonic() < deadline, f"batch {batch_id} did not get going: {batch}"
+        time.sleep(0.05)
+
+
+def wait_terminal(client: OpenAI, batch_id: str, timeout_s: float = FINISH_TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    batch = None
+    while True:
+        try:
+            batch = client.batches.retrieve(batch_id)
+            if batch.status in TERMINAL:
+                return batch
+        except (openai.APIConnectionError, openai.InternalServerError):
+            pass  # the API (or its database) is still coming back
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} not terminal after {timeout_s:.0f}s: {batch}")
+        time.sleep(0.25)
+
+
+def model_calls(services: Services, model: str) -> int:
+    stats = upstream_stats(services)["models"].get(model)
+    return 0 if stats is None else int(stats["calls"])
+
+
+FaultAction = Callable[[str], dict[str, Any] | None]  # given the batch id
+
+
+def run_fault(
+    services: Services, model: str, batch_id: str, fault: FaultAction, upstream_runs: int
+) -> Fault:
+    before = model_calls(services, model)
+    began = now()
+    detail = fault(batch_id) or {}
+    # A kill is an instant: the process is gone when its signal is sent.
+    ended = began if detail.get("instant") else now()
+    after = model_calls(services, model)
+    # Mid-batch: some requests had been sent before the fault, and not all of them after it.
+    assert STARTED <= before and after < LINES, (before, after)
+    return Fault(began, ended, before, after, upstream_runs, detail)
+
+
+def drill_batch(
+    services: Services,
+    info: stack.StackInfo,
+    name: str,
+    fault: FaultAction,
+) -> tuple[OpenAI, Any, Fault]:
+    """Submit a batch on model ``drill-<name>``, apply ``fault`` once it is under way, and wait
+    for the batch to end."""
+    model = f"drill-{name}"
+    client = new_client(services, info, f"user-{name}-{uuid.uuid4().hex[:6]}")
+    restarts = dict(services.restarts)
+    batch = submit(client, name, model)
+    wait_until_running(client, batch.id)
+    happened = run_fault(services, model, batch.id, fault, restarts["upstream"])
+    done = wait_terminal(client, batch.id)
+    # Which services the supervisor had to restart meanwhile (a killed one, or any crash).
+    happened.detail["restarted"] = sorted(
+        svc for svc, count in services.restarts.items() if count != restarts.get(svc)
+    )
+    return client, done, happened
+
+
+# -- reading what happened ------------------------------------------------------------------
+
+
+async def read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
+    """Every record now on ``topic``."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=topics.MAX_MESSAGE_BYTES,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass
+class Lifecycle:
+    """A batch's requests as the lifecycle and dispatch topics tell it."""
+
+    terminal_ids: dict[str, set[str]]  # request -> distinct terminal event ids
+    first_claim: dict[str, datetime]
+    first_end: dict[str, datetime]
+    partitions: set[int]  # of the model's lifecycle records
+    dispatches: dict[str, Counter[str]]  # request -> dispatch records per claim id
+    reclaims: dict[str, dict[str, str]]  # request -> reason it was taken back, per event
+
+    def why(self, requests: set[str]) -> dict[str, int]:
+        """How ``requests`` came to be sent again: a claim dispatched twice, or taken back."""
+        causes: Counter[str] = Counter()
+        for request in requests:
+            if max(self.dispatches.get(request, Counter()).values(), default=0) > 1:
+                causes["same claim dispatched twice"] += 1
+            causes.update(f"reclaimed: {r}" for r in self.reclaims.get(request, {}).values())
+        return dict(causes)
+
+
+_ENDS = ("RequestCompleted", "RequestFailed", "RequestCanceled")
+
+
+def _json(value: bytes | None) -> Any:
+    try:
+        return msgspec.json.decode(value or b"")
+    except msgspec.DecodeError:
+        return None
+
+
+def lifecycle(bootstrap: str, model: str, batch_id: str) -> Lifecycle:
+    records = asyncio.run(read_topic(bootstrap, topics.REQUESTS))
+    dispatches = asyncio.run(read_topic(bootstrap, topics.DISPATCH))
+    terminal: dict[str, set[str]] = defaultdict(set)
+    claims: dict[str, datetime] = {}
+    ends: dict[str, datetime] = {}
+    partitions: set[int] = set()
+    dispatched: dict[str, Counter[str]] = defaultdict(Counter)
+    reclaims: dict[str, dict[str, str]] = defaultdict(dict)
+    for record in records:
+        if record.key != model.encode() or (message := _json(record.value)) is None:
+            continue  # another model's, or a poison record
+        partitions.add(record.partition)
+        for event in message.get("events", []):
+            if event.get("batch_id") != batch_id or "request_id" not in event:
+                continue
+            request, when = event["request_id"], at(event["occurred_at"])
+            if event["type"] == "RequestClaimed":
+                claims[request] = min(claims.get(request, when), when)
+            elif event["type"] == "RequestReclaimed":
+                reclaims[request][event["event_id"]] = event["reason"]
+            elif event["type"] in _ENDS:
+                terminal[request].add(event["event_id"])
+                ends[request] = min(ends.get(request, when), when)
+    for record in dispatches:
+        message = _json(record.value) or {}
+        for item in message.get("items", []):
+            if item["batch_id"] == batch_id:
+                request, when = item["request_id"], at(item["claimed_at"])
+                claims[request] = min(claims.get(request, when), when)
+                dispatched[request][item["claim_id"]] += 1
+    return Lifecycle(dict(terminal), claims, ends, partitions, dispatched, reclaims)
+
+
+def download(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    text = patiently(lambda: client.files.content(file_id).text)
+    return [msgspec.json.decode(line) for line in text.splitlines() if line]
+
+
+@dataclass
+class Outcome:
+    in_flight_at_fault: set[str]
+    duplicated: dict[str, int]  # request -> calls, for requests called more than once
+    partitions: set[int]  # of the model's lifecycle records
+
+
+def verify(
+    services: Services,
+    info: stack.StackInfo,
+    client: OpenAI,
+    batch: Any,
+    fault: Fault,
+    name: str,
+    *,
+    write_path: bool,
+) -> Outcome:
+    """Everything every drill asserts (see the module docstring). ``write_path``: whether the
+    fault may cost a call already sent (else no request may reach upstream twice)."""
+    model = f"drill-{name}"
+    counts = batch.request_counts
+    errors = download(client, batch.error_file_id)
+    assert batch.status == "completed", (batch.status, counts, errors[:3])
+    assert counts.total == LINES and counts.completed + counts.failed == LINES, counts
+
+    output = download(client, batch.output_file_id)
+    seen = Counter(line["custom_id"] for line in output + errors)
+    expected = {f"{name}-{i}" for i in range(LINES)}
+    assert set(seen) == expected and max(seen.values()) == 1, (
+        f"missing {sorted(expected - set(seen))[:5]}, extra {sorted(set(seen) - expected)[:5]}, "
+        f"repeated {[c for c, n in seen.items() if n > 1][:5]}"
+    )
+    assert (len(output), len(errors)) == (counts.completed, counts.failed)
+
+    # The fake upstream keeps its call records in memory: a restart (nothing in a drill
+    # restarts it; a signal from outside the test would) loses them.
+    assert services.restarts["upstream"] == fault.upstream_runs, "the fake upstream restarted"
+    stats = upstream_stats(services)
+    assert stats["models"][model]["max_in_flight"] <= CONCURRENCY, stats["models"][model]
+    request_ids = {ids.request_id(batch.id, i) for i in range(LINES)}
+    calls = Counter(c["request_id"] for c in stats["calls"] if c["request_id"] in request_ids)
+    first_call: dict[str, datetime] = {}
+    for call in stats["calls"]:
+        if call["request_id"] in request_ids and call["request_id"] not in first_call:
+            first_call[call["request_id"]] = datetime.fromtimestamp(call["at"], UTC)
+    assert set(calls) == request_ids, f"{len(request_ids - set(calls))} requests never sent"
+
+    story = lifecycle(info.kafka_bootstrap, model, batch.id)
+    assert len(story.terminal_ids) == LINES
+    two = {r: e for r, e in story.terminal_ids.items() if len(e) > 1}
+    assert not two, f"requests with two different terminal events: {list(two.items())[:3]}"
+
+    # In flight when the fault began, and at any moment while it lasted (the same for a kill).
+    at_start, exposed = set(), set()
+    for request in request_ids:
+        claimed = min(t for t in (story.first_claim.get(request), first_call.get(request)) if t)
+        ended = story.first_end[request]
+        if claimed <= fault.began <= ended:
+            at_start.add(request)
+        if claimed <= fault.ended and ended >= fault.began:
+            exposed.add(request)
+    duplicated = {r: n for r, n in calls.items() if n > 1}
+    extra = sum(n - 1 for n in duplicated.values())
+    print(
+        f"\n[drill {name}] in flight at the fault: {len(at_start)} (during it: {len(exposed)}), "
+        f"sent twice: {len(duplicated)} ({extra} extra calls: {story.why(set(duplicated))}), "
+        f"failed: {counts.failed}, "
+        f"fault {(fault.ended - fault.began).total_seconds():.1f}s after "
+        f"{fault.calls_before}/{LINES} calls, {fault.detail}"
+    )
+    assert len(at_start) <= CONCURRENCY, f"{len(at_start)} in flight at the fault"
+    if write_path:
+        assert set(duplicated) <= exposed, (
+            f"sent twice but not in flight at the fault: {sorted(set(duplicated) - exposed)}"
+        )
+        # No more extra calls than requests in flight when it struck (at most the limit).
+        assert extra <= len(at_start), duplicated
+    else:
+        assert not duplicated, f"{len(duplicated)} requests sent twice: {duplicated}"
+    return Outcome(exposed, duplicated, story.partitions)
+
+
+# -- which process to kill ------------------------------------------------------------------
+
+
+def model_partition(model: str) -> int:
+    """The gate/lifecycle partition of ``model`` (records are keyed by model)."""
+    every = list(range(topics.GATE_PARTITIONS))
+    return int(DefaultPartitioner()(model.encode(), every, every))
+
+
+_ASSIGNED = "Executing _on_partitions_assigned"
+_ACTIVE_TABLE = "Highwater for active changelog partitions"
+_ROW = re.compile(r"^\|[^|]+\|\s*(\d+)\s*\|", re.MULTILINE)
+
+
+def active_partitions(services: Services, name: str) -> set[int]:
+    """The gate table partitions ``name`` owns since its latest assignment, from its log
+    (Faust prints the active changelog partitions it recovers on every assignment)."""
+    text = log_path(services, name).read_text(errors="replace")
+    latest = text[max(text.rfind(_ASSIGNED), 0) :]
+    start = latest.find(_ACTIVE_TABLE)
+    if start < 0:
+        return set()
+    end = latest.find("\n[", start)  # the next log line ends the table
+    return {int(p) for p in _ROW.findall(latest[start : end if end >= 0 else None])}
+
+
+def gate_owning(services: Services, model: str) -> str:
+    partition = model_partition(model)
+    gates = sorted(n for n in services.procs if n.startswith("gate-"))
+    owners = [n for n in gates if partition in active_partitions(services, n)]
+    assert len(owners) == 1, f"partition {partition} owned by {owners}"
+    return owners[0]
+
+
+# -- the drills -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", KILL_ROLES)
+def test_kill_9_of_a_role_mid_batch(
+    role: str, ready: Services, drill_stack: stack.StackInfo
+) -> None:
+    services, name = ready, f"kill-{role}"
+    model = f"drill-{name}"
+
+    def fault(_batch_id: str) -> dict[str, Any]:
+        if role == "gate":
+            victim = gate_owning(services, model)  # the one deciding this batch's claims
+        elif role in ("commands", "executor"):
+            victim = f"{role}-0"
+        else:
+            victim = role
+        since = services.kill(victim, signal.SIGKILL)
+        return {"killed": victim, "restarts_before": since, "instant": True}
+
+    client, batch, happened = drill_batch(services, drill_stack, name, fault)
+    victim = happened.detail["killed"]
+    # The supervisor brought it back (the batch may well have finished before it was ready),
+    # and nothing else went down with it.
+    services.wait_restarted(victim, happened.detail["restarts_before"], timeout_s=120)
+    assert happened.detail["restarted"] == [victim], happened.detail
+    story = verify(
+        services, drill_stack, client, batch, happened, name,
+        write_path=role in ("gate", "executor"),
+    )  # fmt: skip
+    if role == "gate":  # the drill aimed at the partition the model's lifecycle is on
+        assert story.partitions == {model_partition(model)}, story.partitions
+    if role == "commands":
+        # The restarted commands agent populates a new batch.
+        after = submit(client, "after", "drill-after", lines=20)
+        done = wait_terminal(client, after.id, timeout_s=120)
+        assert (done.status, done.request_counts.completed) == ("completed", 20)
+
+
+def test_postgres_restart_mid_batch(ready: Services, drill_stack: stack.StackInfo) -> None:
+    def fault(_batch_id: str) -> None:
+        asyncio.run(stack.restart_postgres(drill_stack.run_dir))
+
+    client, batch, happened = drill_batch(ready, drill_stack, "pg-restart", fault)
+    verify(ready, drill_stack, client, batch, happened, "pg-restart", write_path=False)
+
+
+def test_postgres_outage_mid_batch(ready: Services, drill_stack: stack.StackInfo) -> None:
+    def fault(_batch_id: str) -> None:
+        asyncio.run(stack.stop_postgres(drill_stack.run_dir))
+        time.sleep(OUTAGE_S)  # the outage itself
+        asyncio.run(stack.start_postgres(drill_stack.run_dir))
+
+    client, batch, happened = drill_batch(ready, drill_stack, "pg-outage", fault)
+    verify(ready, drill_stack, client, batch, happened, "pg-outage", write_path=False)
+
+
+def test_broker_stop_and_start_on_its_data_mid_batch(
+    ready: Services, drill_stack: stack.StackInfo
+) -> None:
+    def fault(_batch_id: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        asyncio.run(stack.stop_kafka(drill_stack.run_dir))
+        t1 = time.monotonic()
+        time.sleep(OUTAGE_S)  # the outage itself
+        t2 = time.monotonic()
+        asyncio.run(stack.start_kafka(drill_stack.run_dir))
+        return {"stop_s": round(t1 - t0, 1), "start_s": round(time.monotonic() - t2, 1)}
+
+    client, batch, happened = drill_batch(ready, drill_stack, "kafka", fault)
+    verify(ready, drill_stack, client, batch, happened, "kafka", write_path=True)
+    # Every process rode the outage out by itself: none had to be restarted.
+    assert not happened.detail["restarted"], happened.detail
+
+
+# -- poison ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Poison:
+    topic: topics.Topic
+    key: str
+    value: bytes
+    reason: str  # a fragment every dead letter of it must contain
+    readers: tuple[str, ...] = ("agent",)  # who dead-letters it: "agent" and/or "projector"
+
+
+_SECRET = "user-secret-" + uuid.uuid4().hex
+
+
+def _event(kind: str, **fields: Any) -> bytes:
+    head = {"type": kind, "event_id": str(uuid.uuid4()), "occurred_at": now().isoformat()}
+    return msgspec.json.encode(head | fields)
+
+
+def poisons(batch_id: str) -> list[Poison]:
+    tag = uuid.uuid4().hex[:8]
+    request = ids.request_id(batch_id, 0)  # a real row of the running batch
+    file_id, key_id = str(uuid.uuid4()), str(uuid.uuid4())
+    return [
+        Poison(topics.COMMANDS, f"poison-{tag}", b"\x00not json", "invalid message"),
+        Poison(
+            topics.COMMANDS,
+            file_id,
+            msgspec.json.encode(
+                {
+                    "type": "CreateBatch",
+                    "command_id": str(uuid.uuid4()),
+                    "issued_at": now().isoformat(),
+                    "batch_id": str(uuid.uuid4()),
+                    "owner": "mallory\x00",
+                    "input_file_id": file_id,
+                    "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h",
+                }
+            ),
+            "invalid message",
+        ),
+        Poison(
+            topics.FILES,
+            str(uuid.uuid4()),
+            _event(
+                "FileUploaded",
+                file_id=file_id,
+                owner="mallory",
+                filename="evil\x00.jsonl",
+                purpose="batch",
+                bytes=1,
+                created_at=now().isoformat(),
+                expires_at=None,
+                template_count=1,
+            ),
+            "invalid message",
+            ("projector",),
+        ),
+        Poison(topics.BATCHES, f"poison-{tag}", b"{not json", "invalid message", ("projector",)),
+        Poison(
+            topics.REQUESTS,
+            "drill-poison",
+            _event(
+                "RequestTransitions",
+                model="drill-poison",
+                events=[
+                    msgspec.json.decode(
+                        _event(
+                            "RequestStarted",
+                            request_id=request,
+                            batch_id=batch_id,
+                            model="drill-poison",
+                            from_state="completed",
+                            claim_id=str(uuid.uuid4()),
+                            worker_id="mallory",
+                        )
+                    )
+                ],
+            ),
+            "does not apply",
+            ("projector",),
+        ),
+        Poison(topics.GATE, "drill-poison", b'{"type": "GateTick"}', "invalid message"),
+        Poison(topics.DISPATCH, request, b"\xff\xfe not json", "invalid message"),
+        Poison(
+            topics.BODIES,
+            f"bogus:{tag}",
+            f'{{"content": "{_SECRET}"}}'.encode(),
+            "unknown body key",
+            ("projector",),
+        ),
+        Poison(
+            topics.MODEL_FILTERS,
+            f"poison-model-{tag}",
+            _event("ModelFilterAppended", model=f"poison-model-{tag}", state="exploded"),
+            "invalid message",
+            ("agent", "projector"),
+        ),
+        Poison(
+            topics.WORKERS,
+            f"poison-{tag}",
+            _event("WorkerHeartbeat", worker_id=f"mallory\x00{tag}", role="executor"),
+            "refused",
+            ("projector",),
+        ),
+        Poison(
+            topics.KEYS,
+            key_id,
+            _event(
+                "ApiKey",
+                key_id=key_id,
+                user="mallory",
+                key_hash="not hex",
+                created_at=now().isoformat(),
+            ),
+            "key_hash must be hex",
+            ("projector",),
+        ),
+    ]
+
+
+async def produce(bootstrap: str, records: list[Poison]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for p in records:
+            await producer.send_and_wait(p.topic.name, p.value, key=p.key.encode())
+    finally:
+        await producer.stop()
+
+
+def dead_letters(bootstrap: str, wanted: list[Poison], timeout_s: float = 60) -> list[Any]:
+    """Every dead letter, once each poison has as many as it has readers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        letters = [
+            msgspec.json.decode(r.value)
+            for r in asyncio.run(read_topic(bootstrap, topics.DEADLETTER))
+        ]
+        found = Counter((x["source_topic"], x["key"]) for x in letters)
+        if all(found[(p.topic.name, p.key)] >= len(p.readers) for p in wanted):
+            return letters
+        missing = [p.topic.name for p in wanted if found[(p.topic.name, p.key)] < len(p.readers)]
+        assert time.monotonic() < deadline, f"no dead letter for poison on {missing}"
+        time.sleep(0.5)
+
+
+def test_poison_on_every_topic_is_dead_lettered_and_the_batch_finishes(
+    ready: Services, drill_stack: stack.StackInfo
+) -> None:
+    bootstrap = drill_stack.kafka_bootstrap
+    produced: list[Poison] = []
+
+    def fault(batch_id: str) -> dict[str, Any]:
+        produced.extend(poisons(batch_id))
+        asyncio.run(produce(bootstrap, produced))
+        return {}
+
+    client, batch, happened = drill_batch(ready, drill_stack, "poison", fault)
+    verify(ready, drill_stack, client, batch, happened, "poison", write_path=False)
+
+    # Every topic that the projector or an agent reads was poisoned.
+    read = [
+        topics.COMMANDS, topics.FILES, topics.BATCHES, topics.REQUESTS, topics.GATE,
+        topics.DISPATCH, topics.BODIES, topics.MODEL_FILTERS, topics.WORKERS, topics.KEYS,
+    ]  # fmt: skip
+    assert {p.topic.name for p in produced} == {t.name for t in read}
+    letters = dead_letters(bootstrap, produced)
+    for p in produced:
+        mine = [x for x in letters if (x["source_topic"], x["key"]) == (p.topic.name, p.key)]
+        by_projector = [x for x in mine if x["reason"].startswith("projector:")]
+        assert len(by_projector) == ("projector" in p.readers), (p.topic.name, mine)
+        assert len(mine) - len(by_projector) == ("agent" in p.readers), (p.topic.name, mine)
+        for letter in mine:
+            assert p.reason in letter["reason"], (p.topic.name, letter["reason"])
+            if p.topic is topics.BODIES:
+                assert letter["payload"] == "", "user content reached the dead-letter topic"
+    assert not [x for x in letters if _SECRET in msgspec.json.encode(x).decode()]
