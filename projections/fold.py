@@ -22,9 +22,11 @@ from schemas.events import (
     RequestClaimed,
     RequestCompleted,
     RequestCreated,
+    RequestErased,
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
+    RequestRetried,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
@@ -108,6 +110,7 @@ class Fold:
         self.errors: dict[str, str] = {}  # request id -> engine-made error envelope
         # Outcomes of rows never claimed, applied with responses §5 (insert if absent).
         self.realtime: dict[str, tuple[RealtimeCompletionReported, int]] = {}
+        self.erased: set[str] = set()
         self.rejected: list[tuple[RequestEvent, str]] = []  # events that do not apply
 
     def apply(self, event: RequestEvent, offset: int) -> None:
@@ -137,6 +140,15 @@ class Fold:
             return
         if isinstance(event, RealtimeCompletionReported):
             self.realtime.setdefault(event.request_id, (event, offset))
+            return
+        if isinstance(event, RequestErased):
+            # Erasure wins over anything else the poll said of the row.
+            self.erased.add(event.request_id)
+            self.writes.pop(event.request_id, None)
+            self.new_rows.pop(event.request_id, None)
+            self.realtime.pop(event.request_id, None)
+            return
+        if event.request_id in self.erased:
             return
         state = next_state(event.from_state, event)
         write = self.writes.get(event.request_id)
@@ -188,4 +200,6 @@ def _fields(event: RequestEvent) -> dict[str, Any]:
             }  # fmt: skip
         case RequestCanceled():
             return {"canceled_at": at}
+        case RequestRetried():
+            return dict.fromkeys(COLUMNS) | {"retry_attempt": 0, "response_size": 0}
     return {}

@@ -22,9 +22,11 @@ from schemas.events import (
     ApiKey,
     BatchCancelRequested,
     BatchCreated,
+    BatchDeleted,
     BatchPopulated,
     BatchPopulationFailed,
     BatchRejected,
+    BatchRetried,
     ChainStarted,
     FileDeleted,
     FileUploaded,
@@ -151,15 +153,43 @@ WHERE requests.state = 'processing' AND requests.batch_id IS NULL
 # batch whose rows are all terminal gets its terminal stamps once.
 _FINALIZE = """
 UPDATE batches b SET
-    finalizing_at = c.last_terminal_at,
-    completed_at = CASE WHEN c.completed > 0 THEN c.last_terminal_at END,
-    failed_at = CASE WHEN c.completed = 0 THEN c.last_terminal_at END
+    finalizing_at = CASE WHEN b.cancelling_at IS NULL THEN c.last_terminal_at END,
+    completed_at = CASE WHEN b.cancelling_at IS NULL AND c.completed > 0 THEN c.last_terminal_at END,
+    failed_at = CASE WHEN b.cancelling_at IS NULL AND c.completed = 0 THEN c.last_terminal_at END,
+    completed_requests = c.completed, failed_requests = c.failed,
+    canceled_requests = c.canceled, counts_frozen_at = c.last_terminal_at
 FROM batch_counts c
 WHERE c.batch_id = b.id AND b.id = ANY($1::uuid[])
-  AND b.total_requests > 0 AND b.requests_started_at IS NOT NULL
+  AND b.requests_started_at IS NOT NULL AND b.counts_frozen_at IS NULL
   AND c.pending = 0 AND c.in_progress = 0
   AND c.completed + c.failed + c.canceled = b.total_requests
-  AND b.completed_at IS NULL AND b.failed_at IS NULL AND b.cancelling_at IS NULL
+  AND (b.total_requests > 0 OR b.cancelling_at IS NOT NULL)
+  AND b.completed_at IS NULL AND b.failed_at IS NULL
+"""
+# Erasure: the rows go, and leave their batches' counters and totals, so a batch can finish.
+_ERASE_ROWS = """
+WITH gone AS (
+    DELETE FROM requests WHERE id = ANY($1::uuid[])
+    RETURNING batch_id, state, response_size
+), per AS (
+    SELECT batch_id, count(*) AS n,
+        sum((state = 'pending')::int) AS p,
+        sum((state IN ('claimed', 'processing'))::int) AS i,
+        sum((state = 'completed')::int) AS c,
+        sum((state = 'failed')::int) AS f,
+        sum((state = 'canceled')::int) AS x,
+        sum(CASE WHEN state = 'completed' THEN response_size ELSE 0 END) AS rb,
+        sum(CASE WHEN state = 'failed' THEN response_size ELSE 0 END) AS eb
+    FROM gone WHERE batch_id IS NOT NULL GROUP BY batch_id
+), counted AS (
+    UPDATE batch_counts k SET pending = k.pending - per.p, in_progress = k.in_progress - per.i,
+        completed = k.completed - per.c, failed = k.failed - per.f, canceled = k.canceled - per.x,
+        response_bytes = k.response_bytes - per.rb, error_bytes = k.error_bytes - per.eb
+    FROM per WHERE k.batch_id = per.batch_id
+)
+UPDATE batches b SET total_requests = b.total_requests - per.n
+FROM per WHERE b.id = per.batch_id
+RETURNING b.id
 """
 
 
@@ -382,6 +412,23 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING",
                 event.batch_id, event.owner, event.status, event.message, event.code, event.param,
             )  # fmt: skip
+        elif isinstance(event, BatchRetried):
+            # Un-terminalise: stamps and the freeze go, the version moves on (core §2.3).
+            await conn.execute(
+                "UPDATE batches SET retry_version = $2, expires_at = $3, completed_at = NULL,"
+                " failed_at = NULL, finalizing_at = NULL, cancelling_at = NULL,"
+                " cancelled_at = NULL, notification_sent_at = NULL, completed_requests = NULL,"
+                " failed_requests = NULL, canceled_requests = NULL, counts_frozen_at = NULL"
+                " WHERE id = $1 AND retry_version < $2",
+                event.batch_id, event.retry_version, event.expires_at,
+            )  # fmt: skip
+        elif isinstance(event, BatchDeleted):
+            await conn.execute(
+                "INSERT INTO batches (id, deleted_at) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE"
+                " SET deleted_at = COALESCE(batches.deleted_at, $2),"
+                " metadata = CASE WHEN $3 THEN NULL ELSE batches.metadata END",
+                event.batch_id, event.occurred_at, event.erase,
+            )  # fmt: skip
     return touched
 
 
@@ -468,6 +515,10 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rej
             " ON CONFLICT (ref, kind) DO UPDATE SET body = EXCLUDED.body",
             [(ref, text.encode()) for ref, text in fold.errors.items()],
         )
+    if fold.erased:
+        erased = list(fold.erased)
+        touched |= {str(r["id"]) for r in await conn.fetch(_ERASE_ROWS, erased)}
+        await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", erased)
     return touched
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.bodies import BodyRef
-from schemas.events import SCHEMA_VERSION, ChunkRef
+from schemas.events import SCHEMA_VERSION, ChunkRef, LineRange
 from schemas.types import Name, NonNegative, Text, Timestamp, Uuid, Window
 
 Purpose = Literal["batch"]
@@ -130,6 +130,44 @@ class SubmitRequest(Command, tag=True, frozen=True):
     api_key_id: Uuid | None = None
 
 
+class RowRanges(msgspec.Struct, frozen=True, array_like=True):
+    """Lines of a batch on one model: [model, [[start, end], ...]] (end exclusive)."""
+
+    model: Name
+    ranges: list[LineRange]
+
+
+class RetryBatch(Command, tag=True, frozen=True):
+    """Run a batch's failed rows again — and its canceled rows for a whole-batch retry (core
+    §2.3 later rule). The caller names the rows as it saw them at ``retry_version``; a retry
+    made against another version is refused, so two retries of one view never run twice."""
+
+    batch_id: Uuid
+    retry_version: Annotated[int, msgspec.Meta(ge=0)]
+    scope: Literal["batch", "requests"]
+    failed: list[RowRanges]
+    canceled: list[RowRanges] = []
+
+
+class DeleteBatch(Command, tag=True, frozen=True):
+    batch_id: Uuid
+    erase: bool = False  # a user's erasure: the metadata goes too
+
+
+class CancelRequest(Command, tag=True, frozen=True):
+    request_id: Uuid
+
+
+class RetryRequest(Command, tag=True, frozen=True):
+    request_id: Uuid
+
+
+class DeleteRequest(Command, tag=True, frozen=True):
+    """Right to erasure of a batchless request: the row and its bodies go."""
+
+    request_id: Uuid
+
+
 AnyCommand = (
     AppendFileLines
     | CreateFile
@@ -138,6 +176,11 @@ AnyCommand = (
     | PopulateBatch
     | CancelBatch
     | SubmitRequest
+    | RetryBatch
+    | DeleteBatch
+    | CancelRequest
+    | RetryRequest
+    | DeleteRequest
 )
 
 
@@ -147,6 +190,6 @@ def aggregate_id(command: AnyCommand) -> str:
         return command.file_id
     if isinstance(command, CreateBatch):
         return command.input_file_id
-    if isinstance(command, SubmitRequest):
+    if isinstance(command, SubmitRequest | CancelRequest | RetryRequest | DeleteRequest):
         return command.request_id
     return command.batch_id

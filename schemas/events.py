@@ -123,8 +123,35 @@ class BatchCancelRequested(Event, tag=True, frozen=True):
     batch_id: Uuid
 
 
+class BatchRetried(Event, tag=True, frozen=True):
+    """The batch's failed (and, for a whole-batch retry, canceled) rows go back to pending:
+    its terminal stamps and frozen counts are cleared, ``retry_version`` moves on, and an
+    expired batch gets a new deadline (core §2.3, README decisions)."""
+
+    batch_id: Uuid
+    retry_version: int
+    scope: Literal["batch", "requests"]
+    rows: int
+    expires_at: Timestamp
+
+
+class BatchDeleted(Event, tag=True, frozen=True):
+    """Soft delete (core §2.3): the batch and its output and error files vanish from reads at
+    once; a running batch is cancelled too. With ``erase`` (a user's erasure) its metadata is
+    cleared as well."""
+
+    batch_id: Uuid
+    erase: bool = False
+
+
 BatchEvent = (
-    BatchCreated | BatchRejected | BatchPopulated | BatchPopulationFailed | BatchCancelRequested
+    BatchCreated
+    | BatchRejected
+    | BatchPopulated
+    | BatchPopulationFailed
+    | BatchCancelRequested
+    | BatchRetried
+    | BatchDeleted
 )
 
 
@@ -203,6 +230,22 @@ class RequestCanceled(_Transition, tag=True, frozen=True):
     pass
 
 
+class RequestRetried(_Transition, tag=True, frozen=True):
+    """An explicit retry (core §2.3, §2.4): a failed or canceled row back to pending at
+    attempt 0, every result and claim field cleared."""
+
+    retry_version: int = 0
+
+
+class RequestErased(Event, tag=True, frozen=True):
+    """Right to erasure (core §2.4 delete_request): the row is gone, from any state, its bodies
+    were tombstoned, and a batch row leaves its batch's totals; a replay deletes it again."""
+
+    request_id: Uuid
+    batch_id: Uuid | None
+    model: Name
+
+
 class BatchlessFacts(msgspec.Struct, frozen=True, kw_only=True):
     """What a request without a batch knows of itself (flex, realtime, step sub-requests)."""
 
@@ -257,6 +300,8 @@ RequestEvent = (
     RequestsPending
     | RequestCreated
     | RealtimeCompletionReported
+    | RequestRetried
+    | RequestErased
     | RequestClaimed
     | RequestStarted
     | RequestCompleted
@@ -311,6 +356,7 @@ class ChunkRef(msgspec.Struct, frozen=True, array_like=True):
 class BatchFacts(msgspec.Struct, frozen=True, kw_only=True):
     """What the gate and the executor need to know of a batch."""
 
+    retry_version: int = 0
     batch_id: Uuid
     file_id: Uuid
     owner: Name
@@ -342,6 +388,31 @@ class RequestSubmitted(Event, tag=True, frozen=True):
     model: Name
     facts: BatchlessFacts
     body: BodyRef
+
+
+class RetryRows(Event, tag=True, frozen=True):
+    """A batch's rows of ``model`` to run again (from the commands agent): the gate makes them
+    pending unless they are live, under the batch's new ``retry_version`` and deadline."""
+
+    source: SourceMark
+    batch: BatchFacts
+    model: Name
+    failed: list[LineRange]
+    canceled: list[LineRange]
+    chunks: list[ChunkRef]
+
+
+class RequestControl(Event, tag=True, frozen=True):
+    """A batchless request cancelled, retried or erased by its owner (from the commands agent).
+    A retry carries the request's facts and body again: the gate forgot the row when it
+    ended."""
+
+    source: SourceMark
+    request_id: Uuid
+    model: Name
+    action: Literal["cancel", "retry", "erase"]
+    facts: BatchlessFacts | None = None
+    body: BodyRef | None = None
 
 
 class StartedItem(msgspec.Struct, frozen=True, array_like=True):
@@ -432,6 +503,8 @@ WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
 GateInput = (
     PendingRequests
     | RequestSubmitted
+    | RetryRows
+    | RequestControl
     | ExecutionReport
     | CancelBatchRequests
     | GateTick

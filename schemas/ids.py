@@ -26,7 +26,11 @@ def request_id(batch_id: str, line_number: int) -> str:
     return derived("request", batch_id, line_number)
 
 
-def claim_id(request_id: str, claims: int) -> str:
+def claim_id(request_id: str, claims: int, retry_version: int = 0) -> str:
+    """A claim's id: after an explicit retry the claims count starts again, under a new
+    version, so no claim ever gets an earlier claim's id."""
+    if retry_version:
+        return derived("claim", request_id, f"v{retry_version}", claims)
     return derived("claim", request_id, claims)
 
 

@@ -17,6 +17,7 @@ from schemas.events import (
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
+    RequestRetried,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
@@ -31,7 +32,8 @@ ACTIVE: frozenset[str] = frozenset({"pending", "claimed", "processing"})
 
 
 def next_state(current: State | None, event: RequestEvent) -> State | None:
-    """The state after ``event``, or ``None`` when the event does not apply."""
+    """The state after ``event``, or ``None`` when the event does not apply. (An erased row
+    has no state: erasure applies from any state and removes the row.)"""
     match event:
         case RequestsPending():
             return "pending" if current is None else None
@@ -57,4 +59,7 @@ def next_state(current: State | None, event: RequestEvent) -> State | None:
             return "failed" if current in ACTIVE or current == "canceled" else None
         case RequestCanceled():
             return "canceled" if current in ACTIVE else None
+        case RequestRetried():
+            # Only an explicit retry moves failed (and canceled) rows back (core §6 inv. 4).
+            return "pending" if current in ("failed", "canceled") else None
     return None

@@ -11,35 +11,45 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from schemas import ids
+from schemas import bodies, ids, topics
+from schemas.bodies import BodyRef
 from schemas.commands import (
     AppendFileLines,
     CancelBatch,
+    CancelRequest,
     CreateBatch,
     CreateFile,
+    DeleteBatch,
+    DeleteRequest,
     ModelRun,
     PopulateBatch,
+    RetryBatch,
+    RetryRequest,
     SubmitRequest,
 )
 from schemas.errors import ApiError, invalid_request, not_found
 from schemas.events import (
     BatchCancelRequested,
     BatchCreated,
+    BatchDeleted,
     BatchFacts,
     BatchlessFacts,
     BatchPopulated,
     BatchRejected,
+    BatchRetried,
     CancelBatchRequests,
     ChunkRef,
     FileDeleted,
     FileUploaded,
     LineRange,
     PendingRequests,
+    RequestControl,
     RequestSubmitted,
+    RetryRows,
     SourceMark,
     TemplateMeta,
     TemplatesAppended,
@@ -75,11 +85,16 @@ class FileRecord(msgspec.Struct):
 
 
 class BatchRecord(msgspec.Struct):
-    """The commands agent's view of a batch (table ``batches``, keyed by batch id)."""
+    """The commands agent's view of a batch (table ``batches``, keyed by batch id): what a
+    retry needs to run rows again after the gate has forgotten them."""
 
     populated: bool = False
     cancelled: bool = False
+    deleted: bool = False
     models: list[str] = []
+    facts: BatchFacts | None = None
+    chunks: list[ChunkRef] = []
+    retry_version: int = 0
 
 
 class BatchRules(msgspec.Struct, frozen=True):
@@ -299,19 +314,19 @@ def populate(
     for run in cmd.models:
         by_model.setdefault(run.model, []).append(LineRange(run.start, run.end))
     out: list[Out] = []
+    facts = BatchFacts(
+        batch_id=cmd.batch_id,
+        file_id=cmd.input_file_id,
+        owner=cmd.owner,
+        created_at=cmd.created_at,
+        deadline=cmd.expires_at,
+        window_class=cmd.completion_window,
+        window_s=window_s,
+        path=cmd.endpoint,
+        service_tier=service_tier(cmd.completion_window),
+        headers=cmd.headers,
+    )
     for seq, (model, ranges) in enumerate(sorted(by_model.items())):
-        facts = BatchFacts(
-            batch_id=cmd.batch_id,
-            file_id=cmd.input_file_id,
-            owner=cmd.owner,
-            created_at=cmd.created_at,
-            deadline=cmd.expires_at,
-            window_class=cmd.completion_window,
-            window_s=window_s,
-            path=cmd.endpoint,
-            service_tier=service_tier(cmd.completion_window),
-            headers=cmd.headers,
-        )
         pending = PendingRequests(
             event_id=ids.event_id("pending", cmd.batch_id, model),
             occurred_at=now,
@@ -338,17 +353,95 @@ def populate(
         )
     )
     record.populated, record.models = True, sorted(by_model)
+    record.facts, record.chunks = facts, cmd.chunks
     return out
+
+
+def retry(
+    record: BatchRecord, cmd: RetryBatch, source: tuple[int, int], now: datetime
+) -> list[Out]:
+    """Run rows again (core §2.3/§2.4 retry): the batch un-terminalises under a new retry
+    version, and an expired batch gets a new deadline (README decisions)."""
+    if record.deleted or record.facts is None:
+        raise not_found("Batch", cmd.batch_id)
+    if cmd.retry_version != record.retry_version:
+        raise ApiError(
+            409,
+            f"Batch {cmd.batch_id} changed since it was read (retry version "
+            f"{record.retry_version}, not {cmd.retry_version}); read it again",
+            code="invalid_state",
+        )
+    version = record.retry_version + 1
+    facts = record.facts
+    window = timedelta(seconds=facts.window_s)
+    deadline = facts.deadline if facts.deadline > now else now + window
+    facts = msgspec.structs.replace(facts, retry_version=version, deadline=deadline)
+    failed = {r.model: r.ranges for r in cmd.failed}
+    canceled = {r.model: r.ranges for r in cmd.canceled}
+    rows = sum(r.end - r.start for ranges in (*failed.values(), *canceled.values()) for r in ranges)
+    out = [
+        Out(
+            "batches",
+            cmd.batch_id,
+            BatchRetried(
+                event_id=ids.event_id("batch-retried", cmd.batch_id, version),
+                occurred_at=now,
+                batch_id=cmd.batch_id,
+                retry_version=version,
+                scope=cmd.scope,
+                rows=rows,
+                expires_at=deadline,
+            ),
+        )
+    ]
+    for seq, model in enumerate(sorted(set(failed) | set(canceled))):
+        out.append(
+            Out(
+                "gate",
+                model,
+                RetryRows(
+                    event_id=ids.event_id("retry-rows", cmd.batch_id, version, model),
+                    occurred_at=now,
+                    source=SourceMark(source[0], source[1], seq),
+                    batch=facts,
+                    model=model,
+                    failed=failed.get(model, []),
+                    canceled=canceled.get(model, []),
+                    chunks=record.chunks,
+                ),
+            )
+        )
+    record.retry_version, record.facts, record.cancelled = version, facts, False
+    record.models = sorted(set(record.models) | set(failed) | set(canceled))
+    return out
+
+
+def delete_batch(record: BatchRecord, cmd: DeleteBatch, now: datetime) -> list[Out]:
+    """Soft delete, and a cancel of whatever still runs (core §2.3 delete_batch)."""
+    if record.deleted:
+        return []
+    record.deleted = True
+    deleted = BatchDeleted(
+        event_id=ids.event_id("batch-deleted", cmd.batch_id),
+        occurred_at=now,
+        batch_id=cmd.batch_id,
+        erase=cmd.erase,
+    )
+    return [*cancel_requested(record, cmd.batch_id, now), Out("batches", cmd.batch_id, deleted)]
 
 
 # -- requests without a batch -----------------------------------------------------------------
 
 
 class RequestRecord(msgspec.Struct):
-    """The commands agent's view of a batchless request (table ``requests``)."""
+    """The commands agent's view of a batchless request (table ``requests``): enough to route
+    its owner's controls to the gate partition of its model, and to run it again."""
 
     model: str
     owner: str
+    facts: BatchlessFacts | None = None
+    body: BodyRef | None = None
+    erased: bool = False
 
 
 class RequestRules(msgspec.Struct, frozen=True):
@@ -398,7 +491,43 @@ def submit(
         facts=facts,
         body=cmd.body,
     )
-    return RequestRecord(cmd.model, cmd.owner), [Out("gate", cmd.model, submitted)]
+    record = RequestRecord(cmd.model, cmd.owner, facts, cmd.body)
+    return record, [Out("gate", cmd.model, submitted)]
+
+
+def control(
+    record: RequestRecord | None,
+    cmd: CancelRequest | RetryRequest | DeleteRequest,
+    source: tuple[int, int],
+    now: datetime,
+) -> list[Out]:
+    """A batchless request's owner cancels, retries or erases it (core §2.4). Erasure also
+    tombstones its bodies, so its content leaves the bodies topic at the next compaction."""
+    if record is None or record.erased:
+        raise not_found("Request", cmd.request_id)
+    action: Literal["cancel", "retry", "erase"] = (
+        "cancel" if isinstance(cmd, CancelRequest)
+        else "retry" if isinstance(cmd, RetryRequest) else "erase"
+    )  # fmt: skip
+    event = RequestControl(
+        event_id=ids.event_id("request-control", cmd.request_id, action, source[1]),
+        occurred_at=now,
+        source=SourceMark(source[0], source[1], 0),
+        request_id=cmd.request_id,
+        model=record.model,
+        action=action,
+        facts=record.facts if action == "retry" else None,
+        body=record.body if action == "retry" else None,
+    )
+    out = [Out("gate", record.model, event)]
+    if action == "erase":
+        record.erased = True
+        partition = bodies.partition_for(cmd.request_id, topics.BODIES.partitions)
+        out += [
+            Out("bodies", bodies.key(kind, cmd.request_id), None, partition=partition)
+            for kind in (bodies.TEMPLATE, bodies.RESULT, bodies.ERROR)
+        ]
+    return out
 
 
 def cancel_requested(record: BatchRecord, batch_id: str, now: datetime) -> list[Out]:

@@ -23,10 +23,15 @@ from schemas.commands import (
     AnyCommand,
     AppendFileLines,
     CancelBatch,
+    CancelRequest,
     CreateBatch,
     CreateFile,
+    DeleteBatch,
     DeleteFile,
+    DeleteRequest,
     PopulateBatch,
+    RetryBatch,
+    RetryRequest,
     SubmitRequest,
     aggregate_id,
 )
@@ -97,11 +102,23 @@ def register(streams: Streams) -> None:
                 record_, outs = population.submit(seen, cmd, source, request_rules, now)
                 await streams.publish(outs, wait=True)
                 requests[cmd.request_id] = msgspec.msgpack.encode(record_)
-            case PopulateBatch() | CancelBatch():
+            case CancelRequest() | RetryRequest() | DeleteRequest():
+                raw = requests.get(cmd.request_id)
+                seen = None if raw is None else _requests_decoder.decode(raw)
+                source = (event.message.partition, event.message.offset)
+                outs = population.control(seen, cmd, source, now)
+                await streams.publish(outs, wait=True)
+                if seen is not None:
+                    requests[cmd.request_id] = msgspec.msgpack.encode(seen)
+            case PopulateBatch() | CancelBatch() | RetryBatch() | DeleteBatch():
                 state = batch(cmd.batch_id)
+                source = (event.message.partition, event.message.offset)
                 if isinstance(cmd, PopulateBatch):
-                    source = (event.message.partition, event.message.offset)
                     outs = population.populate(state, cmd, source, now)
+                elif isinstance(cmd, RetryBatch):
+                    outs = population.retry(state, cmd, source, now)
+                elif isinstance(cmd, DeleteBatch):
+                    outs = population.delete_batch(state, cmd, now)
                 else:
                     outs = population.cancel_requested(state, cmd.batch_id, now)
                 await streams.publish(outs, wait=True)

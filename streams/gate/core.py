@@ -53,15 +53,19 @@ from schemas.events import (
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
+    RequestControl,
     RequestCreated,
+    RequestErased,
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
+    RequestRetried,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
     RequestSubmitted,
     RequestTransitions,
+    RetryRows,
     SourceMark,
     StartedItem,
     WorkerHeartbeat,
@@ -101,6 +105,8 @@ class GateRequest(msgspec.Struct, array_like=True):
     # A batchless row's own facts and body (a batch row finds both in its batch's record).
     facts: BatchlessFacts | None = None
     body: BodyRef | None = None
+    # Claims restart after an explicit retry; the version keeps their ids new (ids.claim_id).
+    version: int = 0
 
 
 class GateBatch(msgspec.Struct):
@@ -285,6 +291,14 @@ class Gate:
                 if self._fresh(message.source):
                     self._on_submitted(message, now)
                 model = message.model
+            case RetryRows():
+                if self._fresh(message.source):
+                    self._on_retry_rows(message, now)
+                model = message.model
+            case RequestControl():
+                if self._fresh(message.source):
+                    self._on_control(message, now)
+                model = message.model
             case ExecutionReport():
                 self.worker_seen[message.worker_id] = message.occurred_at
                 self._on_report(message, now)
@@ -384,6 +398,89 @@ class Gate:
         batch = _Batch(key, entry)
         self._model(model).batches[facts.batch_id] = batch
         self._put_batch(batch)
+
+    def _on_retry_rows(self, message: RetryRows, now: datetime) -> None:
+        """A batch's ended rows run again (core §2.3 retry): each one that is not live here
+        goes back to pending under the batch's new retry version; the batch reopens."""
+        facts, model = message.batch, message.model
+        index = self._model(model)
+        batch = index.batches.get(facts.batch_id)
+        unclaimed = set() if batch is None else _lines(batch.entry.unclaimed)
+        again: list[int] = []
+        ended: tuple[tuple[State, list[LineRange]], ...] = (
+            ("failed", message.failed),
+            ("canceled", message.canceled),
+        )
+        for from_state, ranges in ended:
+            for line in _lines(ranges):
+                request_id = ids.request_id(facts.batch_id, line)
+                if f"R:{request_id}" in self.state or line in unclaimed:
+                    continue  # live: it has not ended, there is nothing to run again
+                self._emit(RequestRetried(
+                    event_id=ids.event_id("retried", request_id, facts.retry_version),
+                    occurred_at=now, request_id=request_id, batch_id=facts.batch_id,
+                    model=model, from_state=from_state, retry_version=facts.retry_version,
+                ))  # fmt: skip
+                again.append(line)
+        if not again and batch is None:
+            return
+        if batch is None:
+            entry = GateBatch(facts, model, message.chunks, [])
+            batch = index.batches[facts.batch_id] = _Batch(f"B:{facts.batch_id}:{model}", entry)
+        batch.entry.facts, batch.entry.closed = facts, None
+        batch.entry.unclaimed = _ranges(sorted(unclaimed | set(again)))
+        if model not in self.limits:
+            reason = RequestBuilderError(error=f"model '{model}' is not configured")
+            for line in again:
+                self._end_unclaimed(facts, model, line, reason, now)
+            batch.entry.unclaimed = _ranges(sorted(unclaimed))
+        self._put_batch(batch)
+        self._retire(index, batch)
+
+    def _on_control(self, message: RequestControl, now: datetime) -> None:
+        """A batchless request's owner cancels, retries or erases it (core §2.4)."""
+        request_id, model = message.request_id, message.model
+        entry = self._request(request_id)
+        if entry is not None and entry.batch_id:
+            return  # batch rows are controlled through their batch
+        if message.action == "cancel" and entry is not None and entry.abort is None:
+            entry.abort = "cancel"
+            if entry.state == "pending":
+                self._abort_end(request_id, entry, now)
+            else:  # in flight: abort the call; its report ends the row
+                self._put_request(request_id, entry)
+                assert entry.claim_id is not None
+                self._abort(request_id, entry.claim_id, entry.partition, now)
+        elif message.action == "retry" and entry is None and message.facts and message.body:
+            self._emit(RequestRetried(
+                event_id=ids.event_id("retried", request_id, message.source.offset),
+                occurred_at=now, request_id=request_id, batch_id=None, model=model,
+                from_state="failed", retry_version=message.source.offset + 1,
+            ))  # fmt: skip
+            retried = GateRequest(
+                model=model, state="pending", batch_id="", line=0, facts=message.facts,
+                body=message.body, version=message.source.offset + 1,
+            )  # fmt: skip
+            self._put_request(request_id, retried)
+            self._queue(request_id, retried)
+        elif message.action == "erase":
+            if entry is not None:
+                self._forget(request_id, entry, now)
+            self._emit(RequestErased(
+                event_id=ids.event_id("erased", request_id), occurred_at=now,
+                request_id=request_id, batch_id=None, model=model,
+            ))  # fmt: skip
+
+    def _forget(self, request_id: str, entry: GateRequest, now: datetime) -> None:
+        """Drop a live batchless row at once (erasure), aborting its call if one runs."""
+        index = self._model(entry.model)
+        if entry.state in IN_FLIGHT:
+            index.in_flight.discard(request_id)
+            self._owner(self._owner_of(entry), -1)
+            if entry.claim_id is not None:
+                self._abort(request_id, entry.claim_id, entry.partition, now)
+        index.loose.discard(request_id)
+        self.state.pop(f"R:{request_id}", None)
 
     def _on_submitted(self, message: RequestSubmitted, now: datetime) -> None:
         """A flex request: a live batchless row of its own."""
@@ -843,7 +940,10 @@ class Gate:
         request_id = ids.request_id(facts.batch_id, line)
         entry = self._request(request_id)
         if entry is None:
-            entry = GateRequest(model=batch.entry.model, state="pending", batch_id=facts.batch_id, line=line)  # fmt: skip
+            entry = GateRequest(
+                model=batch.entry.model, state="pending", batch_id=facts.batch_id, line=line,
+                version=facts.retry_version,
+            )  # fmt: skip
             batch.live += 1
         claim_id = self._new_claim(request_id, entry, now)
         item = DispatchItem(
@@ -858,7 +958,7 @@ class Gate:
     def _new_claim(self, request_id: str, entry: GateRequest, now: datetime) -> str:
         """Make a pending row claimed by a new claim; returns the claim id."""
         entry.claims += 1
-        claim_id = ids.claim_id(request_id, entry.claims)
+        claim_id = ids.claim_id(request_id, entry.claims, entry.version)
         entry.claim_id, entry.claimed_at = claim_id, now
         entry.partition = self._next_partition
         self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
@@ -868,6 +968,21 @@ class Gate:
             claim_id=claim_id, worker_id=self.worker_id, attempt=entry.attempt,
         ))  # fmt: skip
         return claim_id
+
+
+def _lines(ranges: list[LineRange]) -> set[int]:
+    return {line for r in ranges for line in range(r.start, r.end)}
+
+
+def _ranges(lines: list[int]) -> list[LineRange]:
+    """Sorted lines as ranges of consecutive lines."""
+    out: list[LineRange] = []
+    for line in lines:
+        if out and out[-1].end == line:
+            out[-1] = LineRange(out[-1].start, line + 1)
+        else:
+            out.append(LineRange(line, line + 1))
+    return out
 
 
 def _bucket_key(owner: str, window_class: str, model: str) -> str:
