@@ -1,0 +1,217 @@
+"""Explicit retries and per-request control through the claim gate (core §2.3, §2.4)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from schemas import ids
+from schemas.bodies import BodyRef
+from schemas.events import (
+    BatchFacts,
+    BatchlessFacts,
+    CancelBatchRequests,
+    ChunkRef,
+    DispatchBatch,
+    DispatchItem,
+    ExecutionReport,
+    FinishedItem,
+    GateTick,
+    LineRange,
+    PendingRequests,
+    RequestControl,
+    RequestErased,
+    RequestEvent,
+    RequestRetried,
+    RequestSubmitted,
+    RequestTransitions,
+    RetryRows,
+    SourceMark,
+)
+from streams.emit import Out
+from streams.gate.core import Gate
+from streams.lifecycle import next_state
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+BATCH = ids.derived("test", "retry-batch")
+marks = iter(range(1, 10_000))
+
+
+def mark() -> SourceMark:
+    return SourceMark(0, next(marks), 0)
+
+
+def facts(version: int = 0, deadline: datetime = T0 + 24 * HOUR) -> BatchFacts:
+    return BatchFacts(
+        batch_id=BATCH, file_id=ids.derived("test", "file"), owner="alice", created_at=T0,
+        deadline=deadline, window_class="24h", window_s=86400, path="/v1/chat/completions",
+        retry_version=version,
+    )  # fmt: skip
+
+
+def events(outs: list[Out]) -> list[RequestEvent]:
+    return [e for o in outs if isinstance(o.value, RequestTransitions) for e in o.value.events]
+
+
+def dispatched(outs: list[Out]) -> list[DispatchItem]:
+    return [i for o in outs if isinstance(o.value, DispatchBatch) for i in o.value.items]
+
+
+def report(items: list[DispatchItem], result: str) -> ExecutionReport:
+    return ExecutionReport(
+        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model="m",
+        finished=[FinishedItem(request_id=i.request_id, claim_id=i.claim_id, result=result, size=3)  # type: ignore[arg-type]
+                  for i in items],
+    )  # fmt: skip
+
+
+class Lifecycle:
+    """Folds what the gate publishes the way the projector does."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str | None] = {}
+
+    def fold(self, outs: list[Out]) -> list[Out]:
+        for event in events(outs):
+            if isinstance(event, RequestErased):
+                self.states.pop(event.request_id, None)
+                continue
+            rows = getattr(event, "items", None)
+            targets = [i.request_id for i in rows] if rows else [event.request_id]  # type: ignore[attr-defined]
+            for target in targets:
+                after = next_state(self.states.get(target), event)  # type: ignore[arg-type]
+                assert after is not None, (type(event).__name__, self.states.get(target))
+                self.states[target] = after
+        return outs
+
+
+def run_batch_to_failure(gate: Gate, life: Lifecycle, n: int = 3) -> list[DispatchItem]:
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
+        ranges=[LineRange(0, n)], chunks=[ChunkRef(0, n, 1, 7)],
+    )  # fmt: skip
+    claims = dispatched(life.fold(gate.handle(population, T0)))
+    life.fold(gate.handle(report(claims, "failed"), T0))
+    return claims
+
+
+def test_a_retry_runs_ended_rows_again_under_new_claim_ids() -> None:
+    state: dict[str, bytes] = {}
+    gate, life = Gate(state, {"m": 5}, "gate"), Lifecycle()
+    first = run_batch_to_failure(gate, life)
+    assert set(life.states.values()) == {"failed"}
+    assert [k for k in state if k[0] in "BR"] == []  # the gate forgot the batch
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
+        model="m", failed=[LineRange(0, 3)], canceled=[], chunks=[ChunkRef(0, 3, 1, 7)],
+    )  # fmt: skip
+    outs = life.fold(gate.handle(retry, T0))
+    retried = [e for e in events(outs) if isinstance(e, RequestRetried)]
+    assert [e.from_state for e in retried] == ["failed"] * 3
+    again = dispatched(outs)
+    assert sorted(i.request_id for i in again) == sorted(i.request_id for i in first)
+    assert {i.claim_id for i in again}.isdisjoint({i.claim_id for i in first})
+    assert {i.attempt for i in again} == {0}
+    assert again[0].body == BodyRef(1, 7, 0)
+    life.fold(gate.handle(report(again, "completed"), T0))
+    assert set(life.states.values()) == {"completed"}
+
+
+def test_a_retry_skips_rows_that_are_still_live() -> None:
+    gate, life = Gate({}, {"m": 1}, "gate"), Lifecycle()
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
+        ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
+    )  # fmt: skip
+    [claim] = dispatched(life.fold(gate.handle(population, T0)))  # capacity 1: line 1 waits
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
+        model="m", failed=[LineRange(0, 2)], canceled=[], chunks=[ChunkRef(0, 2, 1, 7)],
+    )  # fmt: skip
+    assert [e for e in events(gate.handle(retry, T0)) if isinstance(e, RequestRetried)] == []
+    assert claim.request_id == ids.request_id(BATCH, 0)
+
+
+def test_cancel_then_retry_is_pause_and_resume() -> None:
+    gate, life = Gate({}, {"m": 1}, "gate"), Lifecycle()
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
+        ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    [claim] = dispatched(life.fold(gate.handle(population, T0)))
+    cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
+    life.fold(gate.handle(cancel, T0))
+    life.fold(gate.handle(report([claim], "canceled"), T0))
+    assert set(life.states.values()) == {"canceled"}
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
+        model="m", failed=[], canceled=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    outs = life.fold(gate.handle(retry, T0))
+    assert len(dispatched(outs)) == 1  # the reopened batch claims again, in line order
+    assert dispatched(outs)[0].request_id == ids.request_id(BATCH, 0)
+
+
+def test_a_retried_expired_batch_runs_under_its_new_deadline() -> None:
+    gate, life = Gate({}, {"m": 2}, "gate"), Lifecycle()
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(deadline=T0 + HOUR),
+        model="m", ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    life.fold(gate.handle(population, T0))
+    later = T0 + 2 * HOUR
+    renewed = facts(version=1, deadline=later + 24 * HOUR)
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=later, source=mark(), batch=renewed, model="m",
+        failed=[LineRange(0, 4)], canceled=[], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    life.fold(gate.handle(GateTick(event_id=ids.new_id(), occurred_at=later, model="m"), later))
+    # Two hours on, the silent claims were taken back and every row expired BatchTerminated.
+    assert set(life.states.values()) == {"failed"}
+    outs = life.fold(gate.handle(retry, later))
+    assert {i.deadline for i in dispatched(outs)} == {renewed.deadline}
+
+
+def flex(request_id: str) -> RequestSubmitted:
+    return RequestSubmitted(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), request_id=request_id, model="m",
+        body=BodyRef(0, 1),
+        facts=BatchlessFacts(owner="a", path="/v1/chat/completions", service_tier="flex", created_at=T0, deadline=T0 + HOUR),
+    )  # fmt: skip
+
+
+def control(request_id: str, action: str, submitted: RequestSubmitted | None = None) -> RequestControl:  # fmt: skip
+    return RequestControl(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), request_id=request_id, model="m",
+        action=action,  # type: ignore[arg-type]
+        facts=None if submitted is None else submitted.facts,
+        body=None if submitted is None else submitted.body,
+    )  # fmt: skip
+
+
+def test_a_flex_request_is_cancelled_in_flight_then_retried() -> None:
+    gate, life = Gate({}, {"m": 1}, "gate"), Lifecycle()
+    request_id = ids.new_id()
+    submitted = flex(request_id)
+    [claim] = dispatched(life.fold(gate.handle(submitted, T0)))
+    outs = life.fold(gate.handle(control(request_id, "cancel"), T0))
+    assert any(getattr(o.value, "claim_id", None) == claim.claim_id for o in outs)  # abort
+    life.fold(gate.handle(report([claim], "canceled"), T0))
+    assert life.states[request_id] == "canceled"
+    # Only failed rows are retried one by one; make it fail first.
+    life.states[request_id] = "failed"
+    outs = life.fold(gate.handle(control(request_id, "retry", submitted), T0))
+    [again] = dispatched(outs)
+    assert again.request_id == request_id and again.claim_id != claim.claim_id
+
+
+def test_erasing_a_live_flex_request_aborts_it_and_forgets_it() -> None:
+    state: dict[str, bytes] = {}
+    gate, life = Gate(state, {"m": 1}, "gate"), Lifecycle()
+    request_id = ids.new_id()
+    [claim] = dispatched(life.fold(gate.handle(flex(request_id), T0)))
+    outs = life.fold(gate.handle(control(request_id, "erase"), T0))
+    assert any(isinstance(e, RequestErased) for e in events(outs))
+    assert request_id not in life.states and f"R:{request_id}" not in state
+    assert gate.in_flight("m") == 0
+    assert events(gate.handle(report([claim], "completed"), T0)) == []  # fenced out
