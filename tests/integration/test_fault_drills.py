@@ -298,7 +298,10 @@ def _json(value: bytes | None) -> Any:
         return None
 
 
-def lifecycle(bootstrap: str, model: str, batch_id: str) -> Lifecycle:
+def lifecycle(
+    bootstrap: str, model: str, batch_id: str, ignore: frozenset[tuple[int, int]] = frozenset()
+) -> Lifecycle:
+    """``ignore``: (partition, offset) of lifecycle records the test wrote itself."""
     records = asyncio.run(read_topic(bootstrap, topics.REQUESTS))
     dispatches = asyncio.run(read_topic(bootstrap, topics.DISPATCH))
     terminal: dict[str, set[str]] = defaultdict(set)
@@ -308,8 +311,10 @@ def lifecycle(bootstrap: str, model: str, batch_id: str) -> Lifecycle:
     dispatched: dict[str, Counter[str]] = defaultdict(Counter)
     reclaims: dict[str, dict[str, str]] = defaultdict(dict)
     for record in records:
-        if record.key != model.encode() or (message := _json(record.value)) is None:
-            continue  # another model's, or a poison record
+        if record.key != model.encode() or (record.partition, record.offset) in ignore:
+            continue  # another model's, or the test's own
+        if (message := _json(record.value)) is None:
+            continue  # a poison record
         partitions.add(record.partition)
         for event in message.get("events", []):
             if event.get("batch_id") != batch_id or "request_id" not in event:
@@ -355,9 +360,11 @@ def verify(
     name: str,
     *,
     write_path: bool,
+    written: frozenset[tuple[int, int]] = frozenset(),
 ) -> Outcome:
     """Everything every drill asserts (see the module docstring). ``write_path``: whether the
-    fault may cost a call already sent (else no request may reach upstream twice)."""
+    fault may cost a call already sent (else no request may reach upstream twice);
+    ``written``: (partition, offset) of lifecycle records the test wrote itself."""
     model = f"drill-{name}"
     counts = batch.request_counts
     errors = download(client, batch.error_file_id)
@@ -386,7 +393,7 @@ def verify(
             first_call[call["request_id"]] = datetime.fromtimestamp(call["at"], UTC)
     assert set(calls) == request_ids, f"{len(request_ids - set(calls))} requests never sent"
 
-    story = lifecycle(info.kafka_bootstrap, model, batch.id)
+    story = lifecycle(info.kafka_bootstrap, model, batch.id, written)
     assert len(story.terminal_ids) == LINES
     two = {r: e for r, e in story.terminal_ids.items() if len(e) > 1}
     assert not two, f"requests with two different terminal events: {list(two.items())[:3]}"
@@ -538,109 +545,97 @@ class Poison:
     topic: topics.Topic
     key: str
     value: bytes
-    reason: str  # a fragment every dead letter of it must contain
+    reason: str  # a fragment each of its dead letters must contain
     readers: tuple[str, ...] = ("agent",)  # who dead-letters it: "agent" and/or "projector"
 
 
 _SECRET = "user-secret-" + uuid.uuid4().hex
+_MODEL = "drill-poison"
 
 
-def _event(kind: str, **fields: Any) -> bytes:
+def _event(kind: str, **fields: Any) -> dict[str, Any]:
     head = {"type": kind, "event_id": str(uuid.uuid4()), "occurred_at": now().isoformat()}
-    return msgspec.json.encode(head | fields)
+    return head | fields
+
+
+def _encoded(kind: str, **fields: Any) -> bytes:
+    return msgspec.json.encode(_event(kind, **fields))
+
+
+def _transition(kind: str, request: str, batch_id: str, from_state: str, **fields: Any) -> bytes:
+    """A lifecycle record holding one transition of ``request``."""
+    event = _event(
+        kind, request_id=request, batch_id=batch_id, model=_MODEL, from_state=from_state, **fields
+    )
+    return _encoded("RequestTransitions", model=_MODEL, events=[event])
 
 
 def poisons(batch_id: str) -> list[Poison]:
+    """A bad record for every topic that the projector or an agent reads."""
     tag = uuid.uuid4().hex[:8]
     request = ids.request_id(batch_id, 0)  # a real row of the running batch
-    file_id, key_id = str(uuid.uuid4()), str(uuid.uuid4())
+    file_id, key_id, claim = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    create_batch = {
+        "type": "CreateBatch", "command_id": str(uuid.uuid4()), "issued_at": now().isoformat(),
+        "batch_id": str(uuid.uuid4()), "owner": "mallory\x00", "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions", "completion_window": "24h",
+    }  # fmt: skip
+    uploaded = _encoded(
+        "FileUploaded", file_id=file_id, owner="mallory", filename="evil\x00.jsonl",
+        purpose="batch", bytes=1, created_at=now().isoformat(), expires_at=None,
+        template_count=1,
+    )  # fmt: skip
+    projector, both = ("projector",), ("agent", "projector")
     return [
         Poison(topics.COMMANDS, f"poison-{tag}", b"\x00not json", "invalid message"),
-        Poison(
-            topics.COMMANDS,
-            file_id,
-            msgspec.json.encode(
-                {
-                    "type": "CreateBatch",
-                    "command_id": str(uuid.uuid4()),
-                    "issued_at": now().isoformat(),
-                    "batch_id": str(uuid.uuid4()),
-                    "owner": "mallory\x00",
-                    "input_file_id": file_id,
-                    "endpoint": "/v1/chat/completions",
-                    "completion_window": "24h",
-                }
-            ),
-            "invalid message",
-        ),
-        Poison(
-            topics.FILES,
-            str(uuid.uuid4()),
-            _event(
-                "FileUploaded",
-                file_id=file_id,
-                owner="mallory",
-                filename="evil\x00.jsonl",
-                purpose="batch",
-                bytes=1,
-                created_at=now().isoformat(),
-                expires_at=None,
-                template_count=1,
-            ),
-            "invalid message",
-            ("projector",),
-        ),
-        Poison(topics.BATCHES, f"poison-{tag}", b"{not json", "invalid message", ("projector",)),
+        # NUL in a string field: refused when decoding (Text fields) ...
+        Poison(topics.COMMANDS, file_id, msgspec.json.encode(create_batch), "invalid message"),
+        Poison(topics.FILES, file_id, uploaded, "invalid message", projector),
+        Poison(topics.BATCHES, f"poison-{tag}", b"{not json", "invalid message", projector),
+        # An illegal transition (processing is not reached from completed) of a real row.
         Poison(
             topics.REQUESTS,
-            "drill-poison",
-            _event(
-                "RequestTransitions",
-                model="drill-poison",
-                events=[
-                    msgspec.json.decode(
-                        _event(
-                            "RequestStarted",
-                            request_id=request,
-                            batch_id=batch_id,
-                            model="drill-poison",
-                            from_state="completed",
-                            claim_id=str(uuid.uuid4()),
-                            worker_id="mallory",
-                        )
-                    )
-                ],
+            _MODEL,
+            _transition(
+                "RequestStarted",
+                request,
+                batch_id,
+                "completed",
+                claim_id=claim,
+                worker_id="mallory",
             ),
             "does not apply",
-            ("projector",),
+            projector,
         ),
-        Poison(topics.GATE, "drill-poison", b'{"type": "GateTick"}', "invalid message"),
+        Poison(topics.GATE, _MODEL, b'{"type": "GateTick"}', "invalid message"),
         Poison(topics.DISPATCH, request, b"\xff\xfe not json", "invalid message"),
+        # User content under a key that means nothing: named by its key alone.
         Poison(
             topics.BODIES,
             f"bogus:{tag}",
             f'{{"content": "{_SECRET}"}}'.encode(),
             "unknown body key",
-            ("projector",),
+            projector,
         ),
         Poison(
             topics.MODEL_FILTERS,
             f"poison-model-{tag}",
-            _event("ModelFilterAppended", model=f"poison-model-{tag}", state="exploded"),
+            _encoded("ModelFilterAppended", model=f"poison-model-{tag}", state="exploded"),
             "invalid message",
-            ("agent", "projector"),
+            both,
         ),
+        # ... or by PostgreSQL (a plain str field): the projector isolates the record.
         Poison(
             topics.WORKERS,
             f"poison-{tag}",
-            _event("WorkerHeartbeat", worker_id=f"mallory\x00{tag}", role="executor"),
+            _encoded("WorkerHeartbeat", worker_id=f"mallory\x00{tag}", role="executor"),
             "refused",
-            ("projector",),
+            projector,
         ),
         Poison(
             topics.KEYS,
             key_id,
-            _event(
+            _encoded(
                 "ApiKey",
                 key_id=key_id,
                 user="mallory",
@@ -648,33 +643,58 @@ def poisons(batch_id: str) -> list[Poison]:
                 created_at=now().isoformat(),
             ),
             "key_hash must be hex",
-            ("projector",),
+            projector,
         ),
     ]
 
 
-async def produce(bootstrap: str, records: list[Poison]) -> None:
+def forged(batch_id: str) -> list[tuple[str, bytes]]:
+    """Transitions legal by their own ``from_state`` but false of the rows they name (already
+    completed): they must change nothing. (They look like a decision the gate publishes again
+    after a crash, so they are not necessarily dead-lettered; the drill's exact outcome is
+    the assertion.)"""
+    claim = str(uuid.uuid4())
+    completed = _transition(
+        "RequestCompleted", ids.request_id(batch_id, 1), batch_id, "pending", claim_id=claim,
+        status=200, size=1, routed_model=_MODEL, attempt=0,
+    )  # fmt: skip
+    reopened = _transition(
+        "RequestStarted", ids.request_id(batch_id, 2), batch_id, "claimed", claim_id=claim,
+        worker_id="mallory",
+    )  # fmt: skip
+    return [(_MODEL, completed), (_MODEL, reopened)]
+
+
+Position = tuple[str, int, int]  # topic, partition, offset
+
+
+async def produce(bootstrap: str, records: list[tuple[str, str, bytes]]) -> list[Position]:
+    """Send (topic, key, value) records in order; where each landed."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
-        for p in records:
-            await producer.send_and_wait(p.topic.name, p.value, key=p.key.encode())
+        landed = []
+        for topic, key, value in records:
+            meta = await producer.send_and_wait(topic, value, key=key.encode())
+            landed.append((topic, meta.partition, meta.offset))
+        return landed
     finally:
         await producer.stop()
 
 
-def dead_letters(bootstrap: str, wanted: list[Poison], timeout_s: float = 60) -> list[Any]:
-    """Every dead letter, once each poison has as many as it has readers."""
+def dead_letters(
+    bootstrap: str, wanted: dict[Position, Poison], timeout_s: float = 60
+) -> dict[Position, list[Any]]:
+    """The dead letters of each poison, once each has one from every reader."""
     deadline = time.monotonic() + timeout_s
     while True:
-        letters = [
-            msgspec.json.decode(r.value)
-            for r in asyncio.run(read_topic(bootstrap, topics.DEADLETTER))
-        ]
-        found = Counter((x["source_topic"], x["key"]) for x in letters)
-        if all(found[(p.topic.name, p.key)] >= len(p.readers) for p in wanted):
-            return letters
-        missing = [p.topic.name for p in wanted if found[(p.topic.name, p.key)] < len(p.readers)]
+        found: dict[Position, list[Any]] = defaultdict(list)
+        for record in asyncio.run(read_topic(bootstrap, topics.DEADLETTER)):
+            letter = msgspec.json.decode(record.value)
+            found[(letter["source_topic"], letter["partition"], letter["offset"])].append(letter)
+        missing = [at[0] for at, p in wanted.items() if len(found[at]) < len(p.readers)]
+        if not missing:
+            return found
         assert time.monotonic() < deadline, f"no dead letter for poison on {missing}"
         time.sleep(0.5)
 
@@ -683,30 +703,37 @@ def test_poison_on_every_topic_is_dead_lettered_and_the_batch_finishes(
     ready: Services, drill_stack: stack.StackInfo
 ) -> None:
     bootstrap = drill_stack.kafka_bootstrap
-    produced: list[Poison] = []
+    produced: dict[Position, Poison] = {}
+    landed: list[Position] = []
 
-    def fault(batch_id: str) -> dict[str, Any]:
-        produced.extend(poisons(batch_id))
-        asyncio.run(produce(bootstrap, produced))
-        return {}
+    def fault(batch_id: str) -> None:
+        bad = poisons(batch_id)
+        records = [(p.topic.name, p.key, p.value) for p in bad]
+        records += [(topics.REQUESTS.name, key, value) for key, value in forged(batch_id)]
+        landed.extend(asyncio.run(produce(bootstrap, records)))
+        produced.update(zip(landed, bad, strict=False))
 
     client, batch, happened = drill_batch(ready, drill_stack, "poison", fault)
-    verify(ready, drill_stack, client, batch, happened, "poison", write_path=False)
+    # Nothing poisoned changed the batch: exact counts, every line once, nothing sent twice.
+    written = frozenset((p, o) for topic, p, o in landed if topic == topics.REQUESTS.name)
+    verify(ready, drill_stack, client, batch, happened, "poison", write_path=False, written=written)
 
-    # Every topic that the projector or an agent reads was poisoned.
+    # Every topic that the projector or an agent reads was poisoned ...
     read = [
         topics.COMMANDS, topics.FILES, topics.BATCHES, topics.REQUESTS, topics.GATE,
         topics.DISPATCH, topics.BODIES, topics.MODEL_FILTERS, topics.WORKERS, topics.KEYS,
     ]  # fmt: skip
-    assert {p.topic.name for p in produced} == {t.name for t in read}
+    assert {p.topic.name for p in produced.values()} == {t.name for t in read}
+    # ... and each poison is on the dead-letter topic with a reason, once per reader.
     letters = dead_letters(bootstrap, produced)
-    for p in produced:
-        mine = [x for x in letters if (x["source_topic"], x["key"]) == (p.topic.name, p.key)]
+    for at, p in produced.items():
+        mine = letters[at]
         by_projector = [x for x in mine if x["reason"].startswith("projector:")]
-        assert len(by_projector) == ("projector" in p.readers), (p.topic.name, mine)
-        assert len(mine) - len(by_projector) == ("agent" in p.readers), (p.topic.name, mine)
+        assert len(by_projector) == ("projector" in p.readers), (at, mine)
+        assert len(mine) - len(by_projector) == ("agent" in p.readers), (at, mine)
         for letter in mine:
-            assert p.reason in letter["reason"], (p.topic.name, letter["reason"])
+            assert letter["key"] == p.key and p.reason in letter["reason"], (at, letter)
             if p.topic is topics.BODIES:
                 assert letter["payload"] == "", "user content reached the dead-letter topic"
-    assert not [x for x in letters if _SECRET in msgspec.json.encode(x).decode()]
+    everything = [x for found in letters.values() for x in found]
+    assert not [x for x in everything if _SECRET in msgspec.json.encode(x).decode()]
