@@ -70,6 +70,8 @@ CHAT_PATH = "/v1/chat/completions"
 log = logging.getLogger(__name__)
 
 _REMEMBERED_ABORTS = 10_000
+# Enough for every claim of the last minutes at full speed: a re-dispatch comes soon after.
+_REMEMBERED_OUTCOMES = 100_000
 
 
 class Executor:
@@ -93,6 +95,7 @@ class Executor:
         self.slots = asyncio.Semaphore(config.executor.max_in_flight)
         self.running: dict[str, asyncio.Task[None]] = {}  # claim id -> execution
         self.aborted: OrderedDict[str, None] = OrderedDict()  # aborts that beat their claim
+        self.outcomes: OrderedDict[str, FinishedItem] = OrderedDict()  # recent claims' ends
         self.cancelled: set[str] = set()  # claims whose abort reached their task
         self.processed = 0
         self.failed = 0
@@ -111,6 +114,12 @@ class Executor:
         for item in batch.items:
             if item.claim_id in self.running:
                 continue  # the same claim re-read while it runs here
+            done = self.outcomes.get(item.claim_id)
+            if done is not None:
+                # Dispatched again (a gate re-made the decision after a crash): say again how
+                # it ended rather than call the upstream twice.
+                self.reporter.finished(item.model, done)
+                continue
             if item.claim_id in self.aborted:
                 del self.aborted[item.claim_id]
                 self._report(item, FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="canceled"))  # fmt: skip
@@ -141,6 +150,9 @@ class Executor:
             log.error("execution task failed", exc_info=task.exception())
 
     def _report(self, item: DispatchItem, finished: FinishedItem, outs: list[Out] | None = None) -> None:  # fmt: skip
+        self.outcomes[item.claim_id] = finished
+        while len(self.outcomes) > _REMEMBERED_OUTCOMES:
+            self.outcomes.popitem(last=False)
         self.processed += 1
         self.failed += finished.result == "failed"
         self.reporter.finished(item.model, finished, outs or [])
