@@ -235,6 +235,133 @@ def workers() -> None:
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="Run one purge round now and exit.")
+def purge(once: bool) -> None:
+    """Run the purge worker: reap rows under deleted batches and files, trim model filters."""
+    import signal
+
+    import asyncpg
+
+    from projections import tombstones
+    from projections.api.publisher import Publisher
+    from projections.purge import Purger, run_forever, run_once
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = config_module.load()
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        pool = await asyncpg.create_pool(cfg.database_url, min_size=1, max_size=2)
+        publisher = Publisher(cfg.kafka)
+        purger = Purger(pool, lambda keys: tombstones.send(publisher, keys))
+        try:
+            if once:
+                rows, events = await run_once(purger, cfg.purge, stop)
+                click.echo(
+                    f"purged {rows} rows, templates and chunks; {events} model-filter events"
+                )
+            else:
+                await run_forever(purger, cfg.purge, stop)
+        finally:
+            await publisher.stop()
+            await pool.close()
+
+    asyncio.run(go())
+
+
+@main.group()
+def users() -> None:
+    """Users: right to erasure."""
+
+
+@users.command("erase")
+@click.argument("user")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds to wait for the read model.")  # fmt: skip
+def users_erase(user: str, timeout_s: float) -> None:
+    """Erase USER's prompt and completion text from the read model and every topic.
+
+    Deletes their batches (cancelling what runs, clearing metadata), their files and their
+    requests without a batch, tombstones every body record of their content, and waits until
+    the read model shows it. Repeat until it reports 0; the purge reaps what remains."""
+    from projections.erasure import ErasureError, erase
+
+    cfg = config_module.load()
+
+    async def go(publisher: Any, conn: Any) -> Any:
+        return await erase(conn, publisher, cfg.kafka, user, timeout_s=timeout_s)
+
+    try:
+        report = asyncio.run(_with_keys(go))
+    except ErasureError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(report.summary(user))
+
+
+@main.group()
+def webhooks() -> None:
+    """Webhook endpoints notified when a user's batch ends."""
+
+
+@webhooks.command("create")
+@click.option("--user", required=True)
+@click.option("--url", required=True, help="Where to POST the signed notifications.")
+@click.option("--name", default=None)
+@click.option("--event-type", "event_types", multiple=True, help="batch.completed, batch.failed, batch.cancelled, batch.expired (default: all).")  # fmt: skip
+@click.option("--secret", default=None, help="A whsec_ signing secret to use (default: generated).")  # fmt: skip
+def webhooks_create(
+    user: str, url: str, name: str | None, event_types: tuple[str, ...], secret: str | None
+) -> None:
+    """Register an endpoint; prints its id and signing secret (shown once)."""
+    from projections import webhooks as registry
+    from projections.webhook_signing import SecretBox
+    from schemas.errors import ApiError
+
+    cfg = config_module.load()
+    reg = registry.Registration(url=url, name=name, event_types=list(event_types) or None, signing_secret=secret)  # fmt: skip
+
+    async def go(publisher: Any, conn: Any) -> Any:
+        return await registry.register(publisher, conn, SecretBox(cfg.webhooks.secret_keys), user, reg)  # fmt: skip
+
+    try:
+        endpoint = asyncio.run(_with_keys(go))
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"{endpoint['id']}  {endpoint['url']}")
+    click.echo(f"signing secret: {endpoint['signing_secret']}")
+
+
+@webhooks.command("list")
+@click.option("--user", required=True)
+def webhooks_list(user: str) -> None:
+    """List a user's endpoints (never their secrets)."""
+    from projections import webhooks as registry
+
+    async def go(_: Any, conn: Any) -> Any:
+        return await registry.list_endpoints(conn, user)
+
+    for e in asyncio.run(_with_keys(go)):
+        click.echo(f"{e['id']}  {e['url']}  {','.join(e['event_types'])}  {e['signing_secret_hint']}")  # fmt: skip
+
+
+@webhooks.command("delete")
+@click.argument("webhook_id")
+@click.option("--user", required=True)
+def webhooks_delete(webhook_id: str, user: str) -> None:
+    """Delete one of a user's endpoints; its pending deliveries stop."""
+    from projections import webhooks as registry
+
+    async def go(publisher: Any, conn: Any) -> Any:
+        return await registry.delete(publisher, conn, user, webhook_id)
+
+    if not asyncio.run(_with_keys(go)):
+        raise click.ClickException(f"{user} has no webhook endpoint {webhook_id}")
+    click.echo(f"deleted {webhook_id}")
+
+
+@main.command()
 @click.option("--requests", "count", default=300, show_default=True)
 def demo(count: int) -> None:
     """Bring up the local stack and run a demo batch against the fake upstream."""

@@ -4,7 +4,8 @@ Sources, later wins:
 1. the defaults below;
 2. the TOML file named by ``CANNONADE_CONFIG`` (if set);
 3. environment variables: ``CANNONADE_KAFKA``, ``CANNONADE_DATABASE_URL``, ``CANNONADE_MODELS``
-   (a JSON object shaped like the ``[models]`` table), ``CANNONADE_API_PORT``.
+   (a JSON object shaped like the ``[models]`` table), ``CANNONADE_API_PORT``,
+   ``CANNONADE_WEBHOOK_SECRET_KEYS``.
 
 Example file::
 
@@ -110,6 +111,34 @@ class ResponsesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_timeout_s: float = 3600.0
 
 
+class PurgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The purge worker (core §1.7, §2.9, §4.9): reaps rows under soft-deleted batches and
+    files, and trims the model-filters log."""
+
+    interval_ms: int = 600_000  # between purge runs; 0 disables the worker
+    batch_size: int = 1000  # rows per pass
+    throttle_ms: int = 100  # pause after each pass that reaped something
+    model_filters_keep_per_model: int = 50
+    model_filters_retention_ms: int = 604_800_000  # 7 days
+
+
+class WebhooksConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Batch notifications to users' webhook endpoints, delivered by every API process."""
+
+    # AES-256-GCM keys (base64 of 32 bytes) sealing the endpoints' signing secrets on Kafka
+    # and in the read model: the first seals new secrets, every one opens. Empty: webhooks
+    # are off (endpoints cannot be registered and nothing is delivered). Also settable as
+    # CANNONADE_WEBHOOK_SECRET_KEYS (comma-separated), which keeps keys out of the file.
+    secret_keys: list[str] = []
+    poll_interval_ms: int = 1000
+    timeout_ms: int = 10_000  # one delivery's HTTP call
+    max_attempts: int = 12
+    backoff_ms: int = 5000  # before the 2nd attempt; then x backoff_factor, up to the max
+    backoff_factor: float = 2.0
+    max_backoff_ms: int = 3_600_000
+    batch_size: int = 50  # notifications and deliveries taken per cycle
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kafka: str = "127.0.0.1:9092"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/cannonade"
@@ -124,6 +153,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
     # Server-side tools, `[tools.<name>]` (responses-and-api §2.2).
     tools: dict[str, ToolConfig] = {}
+    purge: PurgeConfig = msgspec.field(default_factory=PurgeConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
     def model(self, name: str) -> ModelConfig | None:
         return self.models.get(name)
@@ -143,6 +174,12 @@ def load(environ: dict[str, str] | None = None) -> Config:
         raw["data_dir"] = env["CANNONADE_DATA_DIR"]
     if "CANNONADE_MODELS" in env:
         raw["models"] = msgspec.json.decode(env["CANNONADE_MODELS"])
+    if env.get("CANNONADE_WEBHOOK_SECRET_KEYS"):
+        webhooks = dict(raw.get("webhooks", {}))  # type: ignore[call-overload]
+        webhooks["secret_keys"] = [
+            k.strip() for k in env["CANNONADE_WEBHOOK_SECRET_KEYS"].split(",") if k.strip()
+        ]
+        raw["webhooks"] = webhooks
     if "CANNONADE_API_PORT" in env:
         api = dict(raw.get("api", {}))  # type: ignore[call-overload]
         api["port"] = int(env["CANNONADE_API_PORT"])

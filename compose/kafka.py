@@ -187,6 +187,9 @@ def write_config(kafka_dir: Path, port: int, controller_port: int) -> Path:
         # Request bodies up to 10 MiB plus framing; topics carry the same limit.
         "message.max.bytes": "16777216",
         "replica.fetch.max.bytes": "16777216",
+        # The log cleaner looks for compactable logs every second (default 15 s), so erasure
+        # tombstones and changelog cleanup take effect soon after a segment rolls.
+        "log.cleaner.backoff.ms": "1000",
     }
     path = kafka_dir / "server.properties"
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))

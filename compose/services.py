@@ -155,6 +155,7 @@ class Services:
         extra_config: str = "",
         windows: Sequence[str] = ("24h", "1h"),
         chains: int = 1,
+        apis: int = 1,
     ) -> None:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
@@ -164,6 +165,10 @@ class Services:
         self.tools_port = free_port()
         self.upstream_url = f"http://127.0.0.1:{self.upstream_port}"
         self.api_url = f"http://127.0.0.1:{self.api_port}"
+        # Every API process by service name (`api`, `api-1`, ...), each on its own port; they
+        # share the read model, and each runs the webhook notifier.
+        self.apis = apis
+        self.api_urls: dict[str, str] = {}
         # The fake tool server (cannonade.testing.fake_tools): `[tools.<name>]` tables in
         # ``extra_config`` reach it through the ``{tools_url}`` placeholder.
         self.tools_url = f"http://127.0.0.1:{self.tools_port}"
@@ -205,13 +210,13 @@ class Services:
         if role == "upstream":
             return http_probe(f"{self.upstream_url}/_stats")
         if role == "api":
-            return http_probe(f"{self.api_url}/healthz")
+            return http_probe(f"{self.api_urls.get(name, self.api_url)}/healthz")
         if role == "tools":
             return http_probe(f"{self.tools_url}/_stats")
         if role in WORKER_ROLES:
             # A Faust worker logs "Ready" once it has joined its group and recovered tables.
             return log_probe(b"Ready")
-        return running_probe  # the projector announces nothing yet
+        return running_probe  # the projector and the purge worker announce nothing yet
 
     def start_service(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> str:
         """Start ``python <args>`` as service ``name`` under supervision, logging to
@@ -243,7 +248,9 @@ class Services:
         for role in WORKER_ROLES:
             for n in range(self.counts[role]):
                 self.start_worker(role, n)
-        self.start_service("api", "-m", "cannonade.cli", "api")
+        self.start_service("purge", "-m", "cannonade.cli", "purge")
+        for n in range(self.apis):
+            self.start_api(n)
         deadline = time.monotonic() + timeout_s
         for name in list(self._services):
             self.wait_ready(name, max(0.0, deadline - time.monotonic()))
@@ -263,6 +270,18 @@ class Services:
         name = f"{role}-{n}"
         env = {**self.env, "CANNONADE_DATA_DIR": str(self.run_dir / "data" / name)}
         return self.start_service(name, "-m", "cannonade.cli", "worker", role, env=env)
+
+    def start_api(self, n: int = 0, env: Mapping[str, str] | None = None) -> str:
+        """Start API process ``n`` (0 is ``api`` on :attr:`api_url`; others ``api-<n>``, each
+        on a port of its own, in :attr:`api_urls`), with ``env`` over the services' own (another
+        ``CANNONADE_CONFIG``, say). A no-op for one already supervised."""
+        name = "api" if n == 0 else f"api-{n}"
+        port = self.api_port if n == 0 else free_port()
+        if name in self.api_urls:
+            return name
+        self.api_urls[name] = f"http://127.0.0.1:{port}"
+        run_env = {**self.env, **(env or {}), "CANNONADE_API_PORT": str(port)}
+        return self.start_service(name, "-m", "cannonade.cli", "api", env=run_env)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(_POLL_S):

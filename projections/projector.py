@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 CONSUMER = "projector"
 TOPICS = (
     topics.FILES, topics.BODIES, topics.BATCHES, topics.REQUESTS, topics.MODEL_FILTERS,
-    topics.WORKERS, topics.KEYS, topics.RESPONSES,
+    topics.WORKERS, topics.KEYS, topics.RESPONSES, topics.WEBHOOKS, topics.WEBHOOK_DELIVERIES,
 )  # fmt: skip
 MAX_RECORDS = 5000
 _PAYLOAD_HEAD = 64 * 1024

@@ -23,6 +23,7 @@ from schemas.events import (
     BatchCancelRequested,
     BatchCreated,
     BatchDeleted,
+    BatchNotified,
     BatchPopulated,
     BatchPopulationFailed,
     BatchRejected,
@@ -206,6 +207,8 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     await _workers(conn, by_topic[topics.WORKERS.name], rejected)
     await _keys(conn, by_topic[topics.KEYS.name], rejected)
     await _responses(conn, by_topic[topics.RESPONSES.name], by_topic[topics.BODIES.name], rejected)
+    await _webhooks(conn, by_topic[topics.WEBHOOKS.name], rejected)
+    await _webhook_attempts(conn, by_topic[topics.WEBHOOK_DELIVERIES.name], rejected)
     if touched:
         await conn.execute(_FINALIZE, list(touched))
     return rejected
@@ -429,6 +432,8 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 " metadata = CASE WHEN $3 THEN NULL ELSE batches.metadata END",
                 event.batch_id, event.occurred_at, event.erase,
             )  # fmt: skip
+        elif isinstance(event, BatchNotified):
+            await _batch_notified(conn, event)
     return touched
 
 
@@ -755,4 +760,110 @@ async def _step_bodies(conn: asyncpg.Connection, records: list[ConsumerRecord]) 
             [bodies.STEP_RESULT in k for k in kinds],
             _ERROR_UNKNOWN,
             [bodies.STEP_ERROR in k for k in kinds],
+        )
+
+
+# -- webhooks (batch notifications, core §4.9) ----------------------------------------------
+
+# A delivery is open until an attempt delivers it or gives up; an attempt projected before its
+# notification (the topics are read independently) is taken into account when it arrives.
+_OPEN_DELIVERIES = """
+INSERT INTO webhook_open (delivery_id, attempts, due_at)
+SELECT u.id, COALESCE(a.attempt, 0), COALESCE(a.next_attempt_at, $2)
+FROM unnest($1::uuid[]) AS u(id)
+LEFT JOIN LATERAL (
+    SELECT attempt, outcome, next_attempt_at FROM webhook_attempts w
+    WHERE w.delivery_id = u.id ORDER BY attempt DESC LIMIT 1
+) a ON true
+WHERE a.outcome IS NULL OR a.outcome = 'retry'
+ON CONFLICT (delivery_id) DO NOTHING
+"""
+
+
+async def _batch_notified(conn: asyncpg.Connection, event: BatchNotified) -> None:
+    """The first notification of a batch's ``retry_version`` stamps it and opens its
+    deliveries; a later one (a replica that raced, a replay) changes nothing."""
+    hit = await conn.fetchval(
+        "UPDATE batches SET notification_sent_at = $2 WHERE id = $1"
+        " AND notification_sent_at IS NULL AND retry_version = $3 RETURNING true",
+        event.batch_id, event.occurred_at, event.retry_version,
+    )  # fmt: skip
+    if not hit or not event.deliveries:
+        return
+    await conn.executemany(
+        "INSERT INTO webhook_deliveries (id, webhook_id, batch_id, owner, event_type,"
+        " notification_id, terminal_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT (id) DO NOTHING",
+        [
+            (d.delivery_id, d.webhook_id, event.batch_id, event.owner, event.event_type,
+             event.notification_id, event.terminal_at, event.occurred_at)
+            for d in event.deliveries
+        ],
+    )  # fmt: skip
+    await conn.execute(
+        _OPEN_DELIVERIES, [d.delivery_id for d in event.deliveries], event.occurred_at
+    )
+
+
+async def _webhooks(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    """Endpoint registrations; a deleted endpoint stays deleted and loses its secret."""
+    for record in records:
+        if record.value is None:
+            continue  # compaction tombstone: endpoints are deleted by a record, not this way
+        event = _decode(codec.webhooks, record, rejected)
+        if event is None:
+            continue
+        secret = event.secret
+        await conn.execute(
+            "INSERT INTO webhooks (id, owner, url, name, event_types, secret_key_id,"
+            " secret_sealed, secret_hint, created_at, deleted_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO UPDATE SET"
+            " deleted_at = COALESCE(webhooks.deleted_at, EXCLUDED.deleted_at),"
+            " secret_key_id = CASE WHEN EXCLUDED.deleted_at IS NULL AND webhooks.deleted_at IS NULL"
+            "   THEN EXCLUDED.secret_key_id END,"
+            " secret_sealed = CASE WHEN EXCLUDED.deleted_at IS NULL AND webhooks.deleted_at IS NULL"
+            "   THEN EXCLUDED.secret_sealed END",
+            event.webhook_id, event.owner, event.url, event.name, event.event_types,
+            None if secret is None else secret.key_id, None if secret is None else secret.sealed,
+            event.secret_hint, event.created_at, event.deleted_at,
+        )  # fmt: skip
+        if event.deleted_at is not None:
+            await conn.execute(
+                "DELETE FROM webhook_open o USING webhook_deliveries d"
+                " WHERE d.id = o.delivery_id AND d.webhook_id = $1",
+                event.webhook_id,
+            )
+
+
+async def _webhook_attempts(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+    attempts = [e for e in (_decode(codec.webhook_attempts, r, rejected) for r in records) if e]
+    if not attempts:
+        return
+    await conn.executemany(
+        "INSERT INTO webhook_attempts (delivery_id, attempt, webhook_id, attempted_at, outcome,"
+        " status_code, error, duration_ms, next_attempt_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+        [
+            (e.delivery_id, e.attempt, e.webhook_id, e.attempted_at, e.outcome, e.status_code,
+             e.error, e.duration_ms, e.next_attempt_at)
+            for e in attempts
+        ],
+    )  # fmt: skip
+    # The latest attempt of each delivery decides: closed, or due again at its next time.
+    latest: dict[str, Any] = {}
+    for e in attempts:
+        if e.delivery_id not in latest or e.attempt > latest[e.delivery_id].attempt:
+            latest[e.delivery_id] = e
+    ended = [e.delivery_id for e in latest.values() if e.outcome != "retry"]
+    again = [e for e in latest.values() if e.outcome == "retry"]
+    if ended:
+        await conn.execute("DELETE FROM webhook_open WHERE delivery_id = ANY($1::uuid[])", ended)
+    if again:
+        await conn.execute(
+            "UPDATE webhook_open o SET attempts = u.attempt, due_at = u.due"
+            " FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS u(id, attempt, due)"
+            " WHERE o.delivery_id = u.id AND o.attempts < u.attempt",
+            [e.delivery_id for e in again],
+            [e.attempt for e in again],
+            [e.next_attempt_at or e.attempted_at for e in again],
         )

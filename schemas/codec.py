@@ -21,6 +21,8 @@ from schemas.events import (
     ModelFilterAppended,
     RequestTransitions,
     StepWork,
+    WebhookAttempted,
+    WebhookEndpoint,
     WorkerEvent,
 )
 
@@ -37,6 +39,8 @@ worker_events = msgspec.json.Decoder(WorkerEvent)
 api_keys = msgspec.json.Decoder(ApiKey)
 chain_events = msgspec.json.Decoder(ChainEvent)
 step_work = msgspec.json.Decoder(StepWork)
+webhooks = msgspec.json.Decoder(WebhookEndpoint)
+webhook_attempts = msgspec.json.Decoder(WebhookAttempted)
 
 DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
 

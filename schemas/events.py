@@ -144,6 +144,29 @@ class BatchDeleted(Event, tag=True, frozen=True):
     erase: bool = False
 
 
+class NotifiedDelivery(msgspec.Struct, frozen=True, array_like=True):
+    """One webhook endpoint a batch notification goes to: [delivery_id, webhook_id]."""
+
+    delivery_id: Uuid
+    webhook_id: Uuid
+
+
+class BatchNotified(Event, tag=True, frozen=True):
+    """The batch reached a terminal state and its owner's webhook endpoints are to hear of it
+    (core §4.9 ``notification_sent_at``), once per ``retry_version``: the first of these for a
+    version wins, later ones (a replica that raced) change nothing. ``event_type`` is the
+    OpenAI event (``batch.completed``…) and ``notification_id`` its ``evt_`` id; each delivery
+    is one endpoint's copy, retried until delivered (``WebhookAttempted``)."""
+
+    batch_id: Uuid
+    owner: Name
+    retry_version: int
+    event_type: str
+    notification_id: str
+    terminal_at: Timestamp  # the event's created_at: when the batch ended
+    deliveries: list[NotifiedDelivery] = []
+
+
 BatchEvent = (
     BatchCreated
     | BatchRejected
@@ -152,6 +175,7 @@ BatchEvent = (
     | BatchCancelRequested
     | BatchRetried
     | BatchDeleted
+    | BatchNotified
 )
 
 
@@ -678,3 +702,46 @@ AnyEvent = (
     | ChainEvent
     | StepWork
 )
+
+
+# --- webhooks.v1 (compacted; key: webhook_id) and webhook-deliveries.v1 (key: delivery_id) --
+
+
+class EncryptedSecret(msgspec.Struct, frozen=True):
+    """A webhook signing secret sealed with AES-256-GCM under the configured key ``key_id``
+    (base64 of nonce + ciphertext; the webhook id is the associated data, so a sealed secret
+    cannot be moved to another endpoint). Only processes holding the key can sign."""
+
+    key_id: str
+    sealed: str
+
+
+class WebhookEndpoint(Event, tag=True, frozen=True):
+    """A webhook endpoint's current state (compaction keeps the latest). A deleted endpoint's
+    record drops its secret, so the sealed secret leaves the topic at the next compaction."""
+
+    webhook_id: Uuid
+    owner: Name
+    url: Text
+    name: Text
+    event_types: list[str]
+    created_at: Timestamp
+    secret: EncryptedSecret | None
+    secret_hint: str
+    deleted_at: Timestamp | None = None
+
+
+class WebhookAttempted(Event, tag=True, frozen=True):
+    """One attempt to deliver a batch notification to one endpoint: its HTTP outcome and what
+    follows (``delivered``; ``retry`` at ``next_attempt_at``; ``failed``: no more tries)."""
+
+    delivery_id: Uuid
+    webhook_id: Uuid
+    batch_id: Uuid
+    attempt: int  # 1, 2, ...
+    attempted_at: Timestamp
+    outcome: Literal["delivered", "retry", "failed"]
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int = 0
+    next_attempt_at: Timestamp | None = None

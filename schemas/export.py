@@ -25,6 +25,8 @@ from schemas.events import (
     ModelFilterAppended,
     RequestTransitions,
     StepWork,
+    WebhookAttempted,
+    WebhookEndpoint,
     WorkerEvent,
 )
 from schemas.topics import ALL as TOPICS
@@ -47,6 +49,8 @@ CONTRACTS: dict[str, object] = {
     # The value of a `tplc:` record on the bodies topic (other body records are raw bytes).
     "bodies-template-chunk": TemplateChunk,
     "dead-letters": DeadLetter,
+    "webhooks": WebhookEndpoint,
+    "webhook-deliveries": WebhookAttempted,
     **{f"api-{t.__name__}": t for t in api.API_OBJECTS},
 }
 

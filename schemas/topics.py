@@ -49,7 +49,7 @@ BATCHES = Topic(
     key="batch_id",
     partitions=4,
     carries="BatchCreated, BatchRejected, BatchPopulated, BatchPopulationFailed, "
-    "BatchCancelRequested",
+    "BatchCancelRequested, BatchRetried, BatchDeleted, BatchNotified",
 )
 REQUESTS = Topic(
     "cannonade.requests.v1",
@@ -163,7 +163,27 @@ CHANGELOGS: tuple[Topic, ...] = (
     changelog("cannonade-gate", GATE_TABLE, GATE_PARTITIONS),
 )
 
+# Webhooks (batch notifications, core §4.9): registrations and delivery attempts, so a read
+# model rebuilt from the log knows every endpoint and never notifies twice.
+WEBHOOKS = Topic(
+    "cannonade.webhooks.v1",
+    key="webhook_id",
+    partitions=1,
+    compacted=True,
+    carries="WebhookEndpoint: each webhook endpoint's owner, URL, event types and signing "
+    "secret sealed with a configured key (never in clear); a deleted endpoint's record has no "
+    "secret",
+)
+WEBHOOK_DELIVERIES = Topic(
+    "cannonade.webhook-deliveries.v1",
+    key="delivery_id",
+    partitions=4,
+    carries="WebhookAttempted: each attempt to deliver a batch notification to an endpoint "
+    "(HTTP status or error, outcome, next attempt); the notifications themselves are "
+    "BatchNotified on the batches topic",
+)
+
 ALL: tuple[Topic, ...] = (
     COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, MODEL_FILTERS, WORKERS, KEYS,
-    RESPONSES, STEP_WORK, DEADLETTER, *CHANGELOGS,
+    RESPONSES, STEP_WORK, DEADLETTER, *CHANGELOGS, WEBHOOKS, WEBHOOK_DELIVERIES,
 )  # fmt: skip

@@ -148,6 +148,9 @@ def create_app(config: Config) -> web.Application:
     proxy.setup(app)
     chat.routes(app.router)
     responses.routes(app.router)
+    from projections.api import webhooks
+
+    webhooks.setup(app)
     return app
 
 

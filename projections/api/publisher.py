@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -106,3 +107,7 @@ class Publisher:
 
     async def key(self, key: ApiKey) -> None:
         await self._send([(topics.KEYS.name, codec.encode(key), key.key_id.encode(), None)])
+
+    async def events(self, topic: topics.Topic, records: Sequence[tuple[str, msgspec.Struct]]) -> None:  # fmt: skip
+        """(key, event) records for one catalog topic, in order, every ack awaited."""
+        await self._send([(topic.name, codec.encode(e), key.encode(), None) for key, e in records])

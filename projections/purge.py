@@ -1,0 +1,193 @@
+"""The purge (core §2.9, §4.9): reaps read-model rows under soft-deleted batches and files in
+bounded chunks, tombstones the content they held on the bodies topic, and trims the
+model-filters log.
+
+- :meth:`Purger.orphaned_rows` takes at most ``n`` rows of deleted batches (with the chains
+  they headed and their result bodies), then at most ``n`` templates of deleted files, then
+  at most ``n`` of those files' chunk records no template refers to any more. Rows without a
+  batch are never purged here.
+- :meth:`Purger.model_filter_events` deletes at most ``n`` events, oldest ids first, that are
+  both outside the newest ``max(keep, 1)`` of their model and older than the retention: the
+  latest event of each model always survives (core §6 inv. 10).
+
+Each pass runs in one transaction that locks what it takes with ``FOR UPDATE SKIP LOCKED``,
+so concurrent purgers take disjoint rows, and sends the tombstones (acknowledged) before it
+commits the deletes: a crash in between leaves rows the next pass tombstones again, never
+content the read model has forgotten. Only rows under deleted parents are touched (core §6
+inv. 11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+
+from cannonade.config import PurgeConfig
+
+log = logging.getLogger(__name__)
+
+#: Tombstones the given body keys and returns once the broker has them.
+Tombstoner = Callable[[Sequence[str]], Awaitable[None]]
+
+_DELETED_ROWS = """
+SELECT r.id FROM requests r JOIN batches b ON b.id = r.batch_id
+WHERE b.deleted_at IS NOT NULL
+LIMIT $1
+FOR UPDATE OF r SKIP LOCKED
+"""
+# Body keys of the taken rows and of the chains they headed (a batch line with tools).
+_ROW_KEYS = """
+WITH steps AS (
+    SELECT s.id, s.request_payload IS NOT NULL AS req, s.response_payload IS NOT NULL AS res
+    FROM response_steps s WHERE s.id = ANY($1::uuid[]) OR s.parent_step_id = ANY($1::uuid[])
+)
+SELECT b.kind || ':' || b.ref::text AS key FROM bodies b
+WHERE b.ref = ANY($1::uuid[]) OR b.ref IN (SELECT id FROM steps)
+UNION SELECT 'sreq:' || id::text FROM steps WHERE req
+UNION SELECT 'sres:' || id::text FROM steps WHERE res
+"""
+_DELETED_TEMPLATES = """
+SELECT t.file_id, t.line_number FROM request_templates t JOIN files f ON f.id = t.file_id
+WHERE f.deleted_at IS NOT NULL
+LIMIT $1
+FOR UPDATE OF t SKIP LOCKED
+"""
+_DELETED_CHUNKS = """
+SELECT c.body_key FROM template_chunks c JOIN files f ON f.id::text = split_part(c.body_key, ':', 2)
+WHERE f.deleted_at IS NOT NULL AND c.body_key LIKE 'tplc:%'
+  AND NOT EXISTS (SELECT 1 FROM request_templates t WHERE t.body_key = c.body_key)
+LIMIT $1
+FOR UPDATE OF c SKIP LOCKED
+"""
+_MODEL_FILTER_EVENTS = """
+DELETE FROM model_filters WHERE id IN (
+    SELECT m.id FROM model_filters m
+    JOIN (SELECT id, row_number() OVER (PARTITION BY model ORDER BY created_at DESC, id DESC) AS rank
+          FROM model_filters) r ON r.id = m.id
+    WHERE r.rank > $2 AND m.created_at < $3
+    ORDER BY m.id
+    LIMIT $1
+    FOR UPDATE OF m SKIP LOCKED
+)
+RETURNING id
+"""
+
+
+class Reaped(msgspec.Struct):
+    rows: int = 0
+    templates: int = 0
+    chunks: int = 0
+    tombstones: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.rows + self.templates + self.chunks
+
+
+class Purger:
+    def __init__(self, pool: asyncpg.Pool, tombstone: Tombstoner) -> None:
+        self.pool = pool
+        self.tombstone = tombstone
+
+    async def orphaned_rows(self, n: int) -> Reaped:
+        """One bounded pass over what lies under deleted parents (see the module docstring)."""
+        reaped = Reaped()
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = [r["id"] for r in await conn.fetch(_DELETED_ROWS, n)]
+            if ids:
+                keys = [r["key"] for r in await conn.fetch(_ROW_KEYS, ids)]
+                await self.tombstone(keys)
+                await conn.execute(
+                    "DELETE FROM bodies WHERE ref = ANY($1::uuid[]) OR ref IN (SELECT id FROM"
+                    " response_steps WHERE id = ANY($1::uuid[]) OR parent_step_id = ANY($1::uuid[]))",
+                    ids,
+                )
+                await conn.execute(
+                    "DELETE FROM response_steps WHERE id = ANY($1::uuid[])"
+                    " OR parent_step_id = ANY($1::uuid[])",
+                    ids,
+                )
+                await conn.execute("DELETE FROM response_chains WHERE id = ANY($1::uuid[])", ids)
+                await conn.execute("DELETE FROM requests WHERE id = ANY($1::uuid[])", ids)
+                reaped.rows, reaped.tombstones = len(ids), len(keys)
+        async with self.pool.acquire() as conn, conn.transaction():
+            lines = await conn.fetch(_DELETED_TEMPLATES, n)
+            if lines:
+                await conn.execute(
+                    "DELETE FROM request_templates t USING unnest($1::uuid[], $2::int[])"
+                    " AS u(file_id, line) WHERE t.file_id = u.file_id AND t.line_number = u.line",
+                    [r["file_id"] for r in lines],
+                    [r["line_number"] for r in lines],
+                )
+                reaped.templates = len(lines)
+        async with self.pool.acquire() as conn, conn.transaction():
+            chunks = [r["body_key"] for r in await conn.fetch(_DELETED_CHUNKS, n)]
+            if chunks:
+                await self.tombstone(chunks)
+                await conn.execute(
+                    "DELETE FROM template_chunks WHERE body_key = ANY($1::text[])", chunks
+                )
+                reaped.chunks = len(chunks)
+                reaped.tombstones += len(chunks)
+        return reaped
+
+    async def model_filter_events(self, n: int, keep: int, retention: timedelta) -> int:
+        cutoff = datetime.now(UTC) - retention
+        async with self.pool.acquire() as conn, conn.transaction():
+            return len(await conn.fetch(_MODEL_FILTER_EVENTS, n, max(keep, 1), cutoff))
+
+
+async def run_once(purger: Purger, config: PurgeConfig, stop: asyncio.Event | None = None) -> tuple[int, int]:  # fmt: skip
+    """One purge round (core §4.9): passes until one reaps nothing, pausing ``throttle_ms``
+    after each pass that reaped something; then the same for model-filter events. Returns
+    (rows, templates and chunks reaped; model-filter events deleted)."""
+    stop = stop or asyncio.Event()
+    pause = config.throttle_ms / 1000
+    rows = 0
+    while not stop.is_set():
+        reaped = await purger.orphaned_rows(config.batch_size)
+        rows += reaped.total
+        if not reaped.total or await _stopped(stop, pause):
+            break
+    events = 0
+    retention = timedelta(milliseconds=config.model_filters_retention_ms)
+    while not stop.is_set():
+        found = await purger.model_filter_events(
+            config.batch_size, config.model_filters_keep_per_model, retention
+        )
+        events += found
+        if not found or await _stopped(stop, pause):
+            break
+    return rows, events
+
+
+async def run_forever(purger: Purger, config: PurgeConfig, stop: asyncio.Event) -> None:
+    """The purge worker: a round after every interval until ``stop``; 0 disables it."""
+    if config.interval_ms <= 0:
+        log.info("purge disabled (purge.interval_ms = 0)")
+        await stop.wait()
+        return
+    log.info("purge every %d ms", config.interval_ms)
+    while not await _stopped(stop, config.interval_ms / 1000):
+        try:
+            rows, events = await run_once(purger, config, stop)
+            if rows or events:
+                log.info("purged %d rows, templates and chunks, %d model-filter events", rows, events)  # fmt: skip
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("purge round failed (%r); next round after the interval", exc)
+        except Exception:
+            log.exception("purge round failed; next round after the interval")
+
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Pause ``seconds``; True as soon as ``stop`` is set (shutdown interrupts any pause)."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True

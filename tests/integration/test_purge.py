@@ -1,0 +1,192 @@
+"""The purge (core §2.9, §4.9) against a real PostgreSQL, on a database of its own with rows
+written by hand: it reaps only under soft-deleted parents, in bounded chunks, tombstones what
+those rows held, two purgers take disjoint rows, and the latest model-filter event of each
+model survives."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from cannonade.config import PurgeConfig
+from compose import postgres, stack
+from projections.purge import Purger, run_once
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+async def pool(stack_info: stack.StackInfo) -> AsyncIterator[asyncpg.Pool]:
+    name = f"purge_{uuid.uuid4().hex[:8]}"
+    dsn = await postgres.create_database(stack_info.admin_database_url, name)
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=6)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        await postgres.drop_database(stack_info.admin_database_url, name)
+
+
+class Tombstones:
+    """Collects what a purger tombstones; optionally waits on a barrier while it holds its
+    locks (so two purgers are provably inside their passes at the same time)."""
+
+    def __init__(self, barrier: asyncio.Barrier | None = None) -> None:
+        self.keys: list[str] = []
+        self.barrier = barrier
+
+    async def __call__(self, keys: Sequence[str]) -> None:
+        if self.barrier is not None:
+            await asyncio.wait_for(self.barrier.wait(), 30)
+            self.barrier = None
+        self.keys += keys
+
+
+async def _batch(conn: asyncpg.Connection, *, deleted: bool, rows: int) -> list[str]:
+    batch_id = str(uuid.uuid4())
+    await conn.execute(
+        "INSERT INTO batches (id, owner, created_at, expires_at, deleted_at)"
+        " VALUES ($1, 'u', $2, $2, $3)",
+        batch_id, NOW, NOW if deleted else None,
+    )  # fmt: skip
+    ids = [str(uuid.uuid4()) for _ in range(rows)]
+    await conn.executemany(
+        "INSERT INTO requests (id, batch_id, model, owner, state, deadline, created_at, last_offset,"
+        " response_size) VALUES ($1, $2, 'm', 'u', 'completed', $3, $3, 0, 2)",
+        [(i, batch_id, NOW) for i in ids],
+    )
+    await conn.executemany(
+        "INSERT INTO bodies (ref, kind, body) VALUES ($1, 'res', 'ok')", [(i,) for i in ids]
+    )
+    return ids
+
+
+async def _file(conn: asyncpg.Connection, *, deleted: bool, lines: int) -> tuple[str, str]:
+    file_id = str(uuid.uuid4())
+    chunk = f"tplc:{file_id}:{uuid.uuid4()}:0"
+    await conn.execute(
+        "INSERT INTO files (id, owner, filename, purpose, created_at, deleted_at)"
+        " VALUES ($1, 'u', 'f', 'batch', $2, $3)",
+        file_id, NOW, NOW if deleted else None,
+    )  # fmt: skip
+    await conn.executemany(
+        "INSERT INTO request_templates (file_id, line_number, method, path, model, body_size,"
+        " body_key) VALUES ($1, $2, 'POST', '/v1/chat/completions', 'm', 2, $3)",
+        [(file_id, n, chunk) for n in range(lines)],
+    )
+    await conn.execute("INSERT INTO template_chunks (body_key, body) VALUES ($1, 'x')", chunk)
+    return file_id, chunk
+
+
+async def _count(conn: asyncpg.Connection, query: str, *args: object) -> int:
+    return int(await conn.fetchval(query, *args))
+
+
+async def test_purge_reaps_only_under_deleted_parents_in_bounded_chunks(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        dead_rows = await _batch(conn, deleted=True, rows=5)
+        live_rows = await _batch(conn, deleted=False, rows=3)
+        await conn.execute(  # a row without a batch is never purged here
+            "INSERT INTO requests (id, model, owner, state, deadline, created_at, last_offset)"
+            " VALUES ($1, 'm', 'u', 'completed', $2, $2, 0)",
+            str(uuid.uuid4()), NOW,
+        )  # fmt: skip
+        dead_file, dead_chunk = await _file(conn, deleted=True, lines=5)
+        live_file, live_chunk = await _file(conn, deleted=False, lines=2)
+
+    sink = Tombstones()
+    purger = Purger(pool, sink)
+    passes = []
+    while (reaped := await purger.orphaned_rows(2)).total:
+        assert reaped.rows <= 2 and reaped.templates <= 2 and reaped.chunks <= 2
+        passes.append(reaped)
+    assert len(passes) == 3  # 5 rows and 5 templates by 2, then the freed chunk
+    assert sum(p.rows for p in passes) == 5 and sum(p.templates for p in passes) == 5
+    assert sum(p.chunks for p in passes) == 1
+
+    async with pool.acquire() as conn:
+        assert await _count(conn, "SELECT count(*) FROM requests WHERE id = ANY($1::uuid[])", dead_rows) == 0  # fmt: skip
+        assert await _count(conn, "SELECT count(*) FROM requests WHERE id = ANY($1::uuid[])", live_rows) == 3  # fmt: skip
+        assert await _count(conn, "SELECT count(*) FROM requests WHERE batch_id IS NULL") == 1
+        assert await _count(conn, "SELECT count(*) FROM bodies WHERE ref = ANY($1::uuid[])", live_rows) == 3  # fmt: skip
+        assert await _count(conn, "SELECT count(*) FROM bodies WHERE ref = ANY($1::uuid[])", dead_rows) == 0  # fmt: skip
+        assert await _count(conn, "SELECT count(*) FROM request_templates WHERE file_id = $1", dead_file) == 0  # fmt: skip
+        assert await _count(conn, "SELECT count(*) FROM request_templates WHERE file_id = $1", live_file) == 2  # fmt: skip
+        assert await _count(conn, "SELECT count(*) FROM template_chunks WHERE body_key = $1", live_chunk) == 1  # fmt: skip
+        # The parents themselves stay (soft-deleted), as core §2.9 has it.
+        assert await _count(conn, "SELECT count(*) FROM files WHERE id = $1", dead_file) == 1
+    assert sorted(sink.keys) == sorted([f"res:{r}" for r in dead_rows] + [dead_chunk])
+
+
+async def test_two_purgers_take_disjoint_rows(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        rows = await _batch(conn, deleted=True, rows=120)
+    # Both hold their first pass's locks at the barrier: neither waits for the other's rows.
+    barrier = asyncio.Barrier(2)
+    sinks = [Tombstones(barrier), Tombstones(barrier)]
+    purgers = [Purger(pool, sink) for sink in sinks]
+
+    async def drain(purger: Purger) -> int:
+        total = 0
+        while reaped := (await purger.orphaned_rows(40)).rows:
+            total += reaped
+        return total
+
+    counts = await asyncio.wait_for(asyncio.gather(*map(drain, purgers)), 60)
+    first, second = ({k.removeprefix("res:") for k in sink.keys} for sink in sinks)
+    assert first and second and not first & second
+    assert first | second == set(rows) and sum(counts) == 120
+
+
+async def _filter(conn: asyncpg.Connection, model: str, state: str, at: datetime) -> int:
+    return int(
+        await conn.fetchval(
+            "INSERT INTO model_filters (event_id, model, state, created_at)"
+            " VALUES ($1, $2, $3, $4) RETURNING id",
+            str(uuid.uuid4()),
+            model,
+            state,
+            at,
+        )  # fmt: skip
+    )
+
+
+async def test_model_filter_retention_keeps_the_newest_and_always_the_latest(pool: asyncpg.Pool) -> None:  # fmt: skip
+    old = NOW - timedelta(days=10)
+    async with pool.acquire() as conn:
+        a = [await _filter(conn, "a", s, old + timedelta(minutes=i)) for i, s in enumerate(["live", "coming", "live", "absent", "live"])]  # fmt: skip
+        b = [await _filter(conn, "b", "live", old)]
+        recent = [await _filter(conn, "c", s, NOW - timedelta(minutes=5 - i)) for i, s in enumerate(["live", "coming", "live"])]  # fmt: skip
+    purger = Purger(pool, Tombstones())
+    retention = timedelta(days=7)
+    # keep 2: model a loses its three oldest, two per pass, oldest ids first.
+    assert await purger.model_filter_events(2, 2, retention) == 2
+    assert await purger.model_filter_events(2, 2, retention) == 1
+    assert await purger.model_filter_events(2, 2, retention) == 0
+    async with pool.acquire() as conn:
+        left = [r["id"] for r in await conn.fetch("SELECT id FROM model_filters ORDER BY id")]
+    assert left == a[3:] + b + recent
+    # keep 0 still keeps the latest event of every model; recent events stay whatever keep.
+    assert await purger.model_filter_events(100, 0, retention) == 1
+    async with pool.acquire() as conn:
+        left = [r["id"] for r in await conn.fetch("SELECT id FROM model_filters ORDER BY id")]
+    assert left == a[4:] + b + recent
+
+
+async def test_a_purge_round_drains_everything_and_stops_on_request(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await _batch(conn, deleted=True, rows=7)
+        await _file(conn, deleted=True, lines=3)
+    config = PurgeConfig(batch_size=3, throttle_ms=1)
+    rows, events = await run_once(Purger(pool, Tombstones()), config)
+    assert (rows, events) == (7 + 3 + 1, 0)
+    stop = asyncio.Event()
+    stop.set()
+    assert await run_once(Purger(pool, Tombstones()), config, stop) == (0, 0)
