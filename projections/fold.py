@@ -32,7 +32,7 @@ from schemas.events import (
     RequestStarted,
     State,
 )
-from streams.lifecycle import next_state
+from streams.lifecycle import TERMINAL, next_state
 
 #: Columns a transition may set, in bit order of :attr:`RowWrite.mask`.
 COLUMNS: tuple[str, ...] = (
@@ -95,6 +95,7 @@ class RowWrite(msgspec.Struct):
     from_state: State
     state: State
     values: dict[str, Any]
+    batchless: bool = False
 
     @property
     def mask(self) -> int:
@@ -158,12 +159,19 @@ class Fold:
             return
         if write is None:
             write = self.writes[event.request_id] = RowWrite(
-                event.request_id, offset, offset, event.from_state, state, {}
-            )
+                event.request_id, offset, offset, event.from_state, state, {},
+                batchless=event.batch_id is None,
+            )  # fmt: skip
         write.state, write.last_offset = state, offset
         write.values.update(_fields(event))
         if isinstance(event, RequestFailed) and event.error is not None:
             self.errors[event.request_id] = event.error
+
+
+def settled(fold: Fold) -> set[str]:
+    """Requests without a batch that ended in this poll: blocking API calls wait for them."""
+    ended = {w.id for w in fold.writes.values() if w.batchless and w.state in TERMINAL}
+    return ended | set(fold.realtime)
 
 
 def _fields(event: RequestEvent) -> dict[str, Any]:

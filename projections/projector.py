@@ -135,9 +135,10 @@ class Projector:
         records = [r for rs in batch.values() for r in rs]
         try:
             async with conn.transaction():
-                rejected = await writers.apply(conn, records)
-                await self._dead_letter(producer, rejected)
+                applied = await writers.apply(conn, records)
+                await self._dead_letter(producer, applied.rejected)
                 await self._save_offsets(conn, batch)
+                await _notify_settled(conn, applied.settled)
             return
         except _CONNECTION_ERRORS:
             raise
@@ -147,17 +148,21 @@ class Projector:
             )
         # Record by record, each in a savepoint: the good ones apply, the bad one is named.
         async with conn.transaction():
-            rejected = []
+            rejected: writers.Rejected = []
+            settled: set[str] = set()
             for record in records:
                 try:
                     async with conn.transaction():
-                        rejected += await writers.apply(conn, [record])
+                        applied = await writers.apply(conn, [record])
+                        rejected += applied.rejected
+                        settled |= applied.settled
                 except _CONNECTION_ERRORS:
                     raise
                 except asyncpg.PostgresError as exc:
                     rejected.append((record, f"the read model refused it: {exc}"))
             await self._dead_letter(producer, rejected)
             await self._save_offsets(conn, batch)
+            await _notify_settled(conn, settled)
 
     async def _save_offsets(
         self, conn: asyncpg.Connection, batch: dict[TopicPartition, list[ConsumerRecord]]
@@ -194,6 +199,18 @@ class Projector:
         if futures:
             await asyncio.gather(*futures)
             self.dead_letters += len(futures)
+
+
+# Requests that ended, told to the API's waiters; delivered when the transaction commits.
+SETTLED_CHANNEL = "cannonade_settled"
+_IDS_PER_NOTIFY = 200  # a notification's payload must stay under 8000 bytes
+
+
+async def _notify_settled(conn: asyncpg.Connection, ids: set[str]) -> None:
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), _IDS_PER_NOTIFY):
+        payload = ",".join(ordered[start : start + _IDS_PER_NOTIFY])
+        await conn.execute("SELECT pg_notify($1, $2)", SETTLED_CHANNEL, payload)
 
 
 async def _quietly(aw: object) -> None:

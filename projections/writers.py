@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 from aiokafka import ConsumerRecord
 
-from projections.fold import COLUMN_TYPES, COLUMNS, Fold
+from projections.fold import COLUMN_TYPES, COLUMNS, Fold, settled
 from schemas import bodies, codec, ids, topics
 from schemas.events import (
     ApiKey,
@@ -43,6 +43,14 @@ from schemas.events import (
 from streams.lifecycle import next_state
 
 Rejected = list[tuple[ConsumerRecord, str]]
+
+
+class Applied(msgspec.Struct):
+    """What one poll's records did: those refused (to dead-letter) and the requests without a
+    batch that ended (to wake the API calls waiting for them)."""
+
+    rejected: Rejected = msgspec.field(default_factory=list)
+    settled: set[str] = msgspec.field(default_factory=set)
 
 
 def position(offset: int, index: int) -> int:
@@ -194,15 +202,16 @@ RETURNING b.id
 """
 
 
-async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> Rejected:
+async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> Applied:
     by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
     for record in records:
         by_topic[record.topic].append(record)
-    rejected: Rejected = []
+    applied = Applied()
+    rejected = applied.rejected
     await _files(conn, by_topic[topics.FILES.name], rejected)
     await _bodies(conn, by_topic[topics.BODIES.name], rejected)
     touched = await _batches(conn, by_topic[topics.BATCHES.name], rejected)
-    touched |= await _requests(conn, by_topic[topics.REQUESTS.name], rejected)
+    touched |= await _requests(conn, by_topic[topics.REQUESTS.name], applied)
     await _model_filters(conn, by_topic[topics.MODEL_FILTERS.name], rejected)
     await _workers(conn, by_topic[topics.WORKERS.name], rejected)
     await _keys(conn, by_topic[topics.KEYS.name], rejected)
@@ -211,7 +220,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     await _webhook_attempts(conn, by_topic[topics.WEBHOOK_DELIVERIES.name], rejected)
     if touched:
         await conn.execute(_FINALIZE, list(touched))
-    return rejected
+    return applied
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], record: ConsumerRecord, rejected: Rejected) -> Any:
@@ -469,7 +478,8 @@ async def _batch_created(conn: asyncpg.Connection, event: BatchCreated) -> None:
 # -- requests ------------------------------------------------------------------------------
 
 
-async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> set[str]:  # fmt: skip
+async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], applied: Applied) -> set[str]:  # fmt: skip
+    rejected = applied.rejected
     fold = Fold()
     origin: dict[int, ConsumerRecord] = {}
     for record in records:
@@ -524,6 +534,7 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], rej
         erased = list(fold.erased)
         touched |= {str(r["id"]) for r in await conn.fetch(_ERASE_ROWS, erased)}
         await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", erased)
+    applied.settled |= settled(fold)
     return touched
 
 

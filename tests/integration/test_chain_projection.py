@@ -101,7 +101,7 @@ async def _apply(dsn: str, *polls: list[ConsumerRecord]) -> None:
     try:
         for records in polls:
             async with conn.transaction():
-                assert await writers.apply(conn, records) == []
+                assert (await writers.apply(conn, records)).rejected == []
     finally:
         await conn.close()
 
