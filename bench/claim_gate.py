@@ -14,10 +14,14 @@ until all read ``completed``. It prints:
 - end-to-end requests/s: N / (first batch create -> last batch reads ``completed``);
 - fairness: each user's completion time (seconds after the first create: when the SDK saw the
   batch ``completed``, and the event time of the user's last completed row), min/median/max;
-- claim latency, capacity freeing -> next claim: for each ``ExecutionFinished`` (gate topic,
-  ``occurred_at`` = when the executor finished) whose model still had pending work, i.e. some
-  ``RequestClaimed`` of that model (requests topic) follows it, the time to the first such
-  claim at or after it; p50/p99/max. Both topics are read back from the broker after the run;
+- claim latency, capacity freeing -> next claim (target: p99 <= 50 ms): for each call an
+  ``ExecutionReport`` ends (gate topic; ``occurred_at`` = when the executor's reporter sent
+  it) whose model still had pending work, the first ``RequestClaimed`` of that model decided
+  at or after it (inside the gate's ``RequestTransitions``, requests topic; ``occurred_at`` =
+  the start of the gate's cycle), and the time until the ``DispatchBatch`` carrying that
+  claim was sent (dispatch topic, joined by claim id, the record's Kafka timestamp); the time
+  to the decision is shown too. p50/p99/max. The three topics are read back from the broker
+  after the run (see the comment above ``read_topic``);
 - claim -> complete and projection lag percentiles over every row, as the baseline does;
 - peak RSS (VmHWM) and CPU seconds of each process; a check of every output file.
 
@@ -31,11 +35,13 @@ import argparse
 import asyncio
 import bisect
 import json
+import math
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,6 +94,7 @@ def shares(total: int, users: int) -> list[int]:
 class Drive(msgspec.Struct):
     upload_s: float = 0.0
     create_span_s: float = 0.0  # first create call -> last create answered
+    creates_done_epoch: float = 0.0  # wall clock when the last create was answered
     first_create_to_all_completed_s: float = 0.0
     batch_ids: list[str] = msgspec.field(default_factory=list)
     output_file_ids: list[str | None] = msgspec.field(default_factory=list)
@@ -122,6 +129,7 @@ async def drive(
             )
         )
     d.create_span_s = time.monotonic() - t0
+    d.creates_done_epoch = time.time()
     d.batch_ids = [b.id for b in batches]
     log(f"{len(batches)} batches created in {d.create_span_s:.2f}s")
 
@@ -167,27 +175,66 @@ async def drive(
 
 
 # --- claim latency, read back from the broker ------------------------------------------------
+#
+# Capacity frees when an executor reports calls finished: every item of ``finished`` in an
+# ``ExecutionReport`` (gate topic) ends a claim, whatever its result, and the report's
+# ``occurred_at`` is when the executor's reporter sent it (its calls ended within its
+# coalescing delay, ~2 ms, before). The next claim of that model is the first ``RequestClaimed``
+# (inside the gate's ``RequestTransitions`` records, requests topic) whose ``occurred_at`` -- the
+# time the gate began the cycle that decided it -- is at or after the report was sent: no
+# earlier cycle can have used the freed slot. That claim reaches an executor in a
+# ``DispatchBatch`` (dispatch topic), joined by claim id; its record's Kafka timestamp (set
+# when the gate sent it, whole milliseconds) ends the figure.
 
 
-class _Stamp(msgspec.Struct):
-    """The fields of a gate or lifecycle event the latency needs (others are ignored)."""
+class _Finished(msgspec.Struct):
+    result: str
+
+
+class _Report(msgspec.Struct):
+    """The fields of a gate input the latency needs (others are ignored)."""
 
     type: str
     occurred_at: datetime
     model: str = ""
+    finished: list[_Finished] = []
 
 
-_stamp = msgspec.json.Decoder(_Stamp)
+class _Event(msgspec.Struct):
+    type: str
+    occurred_at: datetime
+    claim_id: str | None = None
 
 
-async def read_stamps(
-    bootstrap: str, topic: topics.Topic, kind: str, start: Offsets, end: Offsets
-) -> dict[str, list[float]]:
-    """``occurred_at`` (epoch seconds) of every ``kind`` event per model in [start, end)."""
-    wanted = f'"type":"{kind}"'.encode()
-    out: dict[str, list[float]] = {}
+class _Transitions(msgspec.Struct):
+    type: str
+    model: str = ""
+    events: list[_Event] = []
+
+
+class _Item(msgspec.Struct):
+    claim_id: str
+
+
+class _Dispatch(msgspec.Struct):
+    type: str
+    items: list[_Item] = []
+
+
+_report = msgspec.json.Decoder(_Report)
+_transitions = msgspec.json.Decoder(_Transitions)
+_dispatch = msgspec.json.Decoder(_Dispatch)
+
+Visit = Callable[[bytes, int], None]  # (value, Kafka timestamp in ms)
+
+
+async def read_topic(
+    bootstrap: str, topic: topics.Topic, marker: bytes, start: Offsets, end: Offsets, visit: Visit
+) -> None:
+    """Call ``visit`` on every record of ``topic`` in [start, end) whose value holds
+    ``marker``."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=16 << 20
     )
     await consumer.start()
     try:
@@ -211,17 +258,53 @@ async def read_stamps(
                 for record in records:
                     if record.offset >= stop:
                         break
-                    if record.value is None or wanted not in record.value:
-                        continue
-                    stamp = _stamp.decode(record.value)
-                    if stamp.type == kind:
-                        out.setdefault(stamp.model, []).append(stamp.occurred_at.timestamp())
+                    if record.value is not None and marker in record.value:
+                        visit(record.value, record.timestamp)
                 if records and records[-1].offset >= stop - 1:
                     remaining.discard(tp)
                     consumer.pause(tp)
     finally:
         await consumer.stop()
-    return out
+
+
+class ClaimStamps(msgspec.Struct):
+    # model -> (report sent, report record appended), one per finished call
+    freed: dict[str, list[tuple[float, float]]] = msgspec.field(default_factory=dict)
+    decided: dict[str, list[tuple[float, str]]] = msgspec.field(default_factory=dict)
+    sent: dict[str, float] = msgspec.field(default_factory=dict)  # claim id -> dispatch sent
+    reports: int = 0
+
+
+async def read_claim_stamps(bootstrap: str, start: Offsets, end: Offsets) -> ClaimStamps:
+    """Epoch seconds of every freed slot and every claim (decided, sent) in [start, end)."""
+    found = ClaimStamps()
+
+    def on_report(value: bytes, ts: int) -> None:
+        report = _report.decode(value)
+        if report.type == "ExecutionReport" and report.finished:
+            found.reports += 1
+            at = (report.occurred_at.timestamp(), ts / 1000)
+            found.freed.setdefault(report.model, []).extend([at] * len(report.finished))
+
+    def on_transitions(value: bytes, _ts: int) -> None:
+        record = _transitions.decode(value)
+        if record.type == "RequestTransitions":
+            found.decided.setdefault(record.model, []).extend(
+                (e.occurred_at.timestamp(), e.claim_id or "")
+                for e in record.events
+                if e.type == "RequestClaimed"
+            )
+
+    def on_dispatch(value: bytes, ts: int) -> None:
+        record = _dispatch.decode(value)
+        if record.type == "DispatchBatch":
+            for item in record.items:
+                found.sent.setdefault(item.claim_id, ts / 1000)
+
+    await read_topic(bootstrap, topics.GATE, b'"ExecutionReport"', start, end, on_report)
+    await read_topic(bootstrap, topics.REQUESTS, b'"RequestClaimed"', start, end, on_transitions)
+    await read_topic(bootstrap, topics.DISPATCH, b'"DispatchBatch"', start, end, on_dispatch)
+    return found
 
 
 def pct(values: list[float], q: float) -> float:
@@ -229,40 +312,67 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
 
 
-def claim_latency(
-    finished: dict[str, list[float]], claimed: dict[str, list[float]]
-) -> dict[str, Any]:
-    """For each finish whose model had pending work (a claim of that model follows it): the
-    time from the finish to the first claim of that model at or after it."""
-    latencies: list[float] = []
+def _spread(values: list[float]) -> dict[str, Any]:
+    values = sorted(values)
+    if not values:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "p50_ms": round(pct(values, 0.5), 1),
+        "p99_ms": round(pct(values, 0.99), 1),
+        "max_ms": round(values[-1], 1),
+    }
+
+
+def claim_latency(stamps: ClaimStamps, since: float = 0.0) -> dict[str, Any]:
+    """For each slot freed at or after ``since`` whose model had pending work (a claim of that
+    model is decided at or after the report that freed it): the time to that claim's dispatch
+    being sent (the freeing time truncated to its millisecond, as Kafka timestamps are), and
+    its parts: report built -> its record appended by the executor's producer (``executor``),
+    -> the gate's cycle began (``to_gate``: the broker hop and the gate's queue), -> the
+    dispatch record appended (``gate``: the cycle and its publishing). ``decided`` is the time
+    to the cycle's start."""
+    parts: dict[str, list[float]] = {"sent": [], "decided": [], "executor": [], "to_gate": [],
+                                     "gate": []}  # fmt: skip
     per_model: dict[str, dict[str, Any]] = {}
-    finishes = 0
-    for model, ends in sorted(finished.items()):
-        claims = sorted(claimed.get(model, []))
-        mine: list[float] = []
-        for at in ends:
+    finishes = unsent = 0
+    for model, ends in sorted(stamps.freed.items()):
+        claims = sorted(stamps.decided.get(model, []))
+        times = [at for at, _ in claims]
+        mine: dict[str, list[float]] = {"sent": [], "decided": []}
+        for at, appended in ends:
+            if at < since:
+                continue
             finishes += 1
-            i = bisect.bisect_left(claims, at)
-            if i < len(claims):
-                mine.append((claims[i] - at) * 1000)
-        mine.sort()
-        latencies.extend(mine)
+            i = bisect.bisect_left(times, at)
+            if i == len(times):
+                continue  # nothing left to claim
+            decided_at = times[i]
+            mine["decided"].append((decided_at - at) * 1000)
+            sent_at = stamps.sent.get(claims[i][1])
+            if sent_at is None:
+                unsent += 1  # its dispatch is past the end offsets read
+                continue
+            at_ms = math.floor(at * 1000) / 1000
+            mine["sent"].append((sent_at - at_ms) * 1000)
+            parts["executor"].append((appended - at_ms) * 1000)
+            parts["to_gate"].append((decided_at - appended) * 1000)
+            parts["gate"].append((sent_at - decided_at) * 1000)
+        parts["sent"].extend(mine["sent"])
+        parts["decided"].extend(mine["decided"])
         per_model[model] = {
-            "finishes": len(ends),
-            "with_pending": len(mine),
-            "p50_ms": round(pct(mine, 0.5), 1) if mine else None,
-            "p99_ms": round(pct(mine, 0.99), 1) if mine else None,
+            "finishes": sum(1 for at, _ in ends if at >= since),
+            "with_pending": len(mine["decided"]),
+            **_spread(mine["sent"]),
+            "decided": _spread(mine["decided"]),
         }
-    latencies.sort()
-    figures: dict[str, Any] = {"finishes": finishes, "with_pending": len(latencies)}
-    if latencies:
-        figures.update(
-            p50_ms=round(pct(latencies, 0.5), 1),
-            p99_ms=round(pct(latencies, 0.99), 1),
-            max_ms=round(latencies[-1], 1),
-        )
-    figures["per_model"] = per_model
-    return figures
+    return {
+        "finishes": finishes,
+        "with_pending": len(parts["decided"]),
+        "claims_without_dispatch": unsent,
+        **_spread(parts["sent"]),
+        **{name: _spread(parts[name]) for name in ("decided", "executor", "to_gate", "gate")},
+        "per_model": per_model,
+    }
 
 
 # --- database figures ------------------------------------------------------------------------
@@ -380,14 +490,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         upstream = await asyncio.to_thread(upstream_stats, services.upstream_url)
         offsets_after = await end_offsets(backend.kafka, _COUNTED_TOPICS)
         records = records_between(offsets_before, offsets_after)
-        log("reading ExecutionFinished and RequestClaimed back from the broker")
-        finished = await read_stamps(
-            backend.kafka, topics.GATE, "ExecutionFinished", offsets_before, offsets_after
-        )
-        claimed = await read_stamps(
-            backend.kafka, topics.REQUESTS, "RequestClaimed", offsets_before, offsets_after
-        )
-        latency = claim_latency(finished, claimed)
+        log("reading ExecutionReport, RequestTransitions and DispatchBatch back from the broker")
+        stamps = await read_claim_stamps(backend.kafka, offsets_before, offsets_after)
+        latency = claim_latency(stamps)
+        decided = latency["decided"]
+        steady = claim_latency(stamps, since=d.creates_done_epoch)
     finally:
         if services is not None:
             if not rss:
@@ -428,7 +535,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "claim_latency_p99_ms": latency.get("p99_ms"),
             "claim_latency_max_ms": latency.get("max_ms"),
             "claim_latency_samples": latency["with_pending"],
+            "claims_without_dispatch": latency["claims_without_dispatch"],
             "execution_finished": latency["finishes"],
+            "execution_reports": stamps.reports,
+            "claim_decided_p50_ms": decided.get("p50_ms"),
+            "claim_decided_p99_ms": decided.get("p99_ms"),
+            "claim_decided_max_ms": decided.get("max_ms"),
+            # where the time goes: report built -> appended (executor), -> cycle start
+            # (broker hop and the gate's queue), -> dispatch appended (the gate's cycle)
+            "claim_latency_parts": {k: latency[k] for k in ("executor", "to_gate", "gate")},
+            # the same over the slots freed once every batch was created
+            "claim_latency_after_creates": {
+                "samples": steady["with_pending"],
+                "p50_ms": steady["p50_ms"],
+                "p99_ms": steady["p99_ms"],
+                "max_ms": steady["max_ms"],
+                "decided": steady["decided"],
+            },
             "claim_to_complete_p50_ms": stats["claim_to_complete_p50_ms"],
             "claim_to_complete_p99_ms": stats["claim_to_complete_p99_ms"],
             "projection_lag_p50_ms": stats["projection_lag_p50_ms"],
@@ -475,8 +598,26 @@ def report(result: dict[str, Any]) -> str:
         ("per-user first claim min/med/max", s("user_first_claim_s")),
         ("claim latency p50 / p99 / max",
          f"{f['claim_latency_p50_ms']} / {f['claim_latency_p99_ms']} / "
-         f"{f['claim_latency_max_ms']} ms  ({f['claim_latency_samples']} of "
-         f"{f['execution_finished']} finishes had pending work)"),
+         f"{f['claim_latency_max_ms']} ms to the dispatch sent ({f['claim_latency_samples']} "
+         f"of {f['execution_finished']} finished calls had pending work; "
+         f"{f['execution_reports']} reports)"),
+        ("  to the claim decided",
+         f"{f['claim_decided_p50_ms']} / {f['claim_decided_p99_ms']} / "
+         f"{f['claim_decided_max_ms']} ms (gate's clock at the start of the cycle)"),
+        ("  parts p50 / p99",
+         " + ".join(
+             f"{name} {f['claim_latency_parts'][key]['p50_ms']} / "
+             f"{f['claim_latency_parts'][key]['p99_ms']}"
+             for key, name in (("executor", "executor (report built -> appended)"),
+                               ("to_gate", "hop + gate queue"),
+                               ("gate", "gate cycle + publish"))) + " ms"),
+        ("  after the last create",
+         f"{f['claim_latency_after_creates']['p50_ms']} / "
+         f"{f['claim_latency_after_creates']['p99_ms']} / "
+         f"{f['claim_latency_after_creates']['max_ms']} ms to the dispatch sent "
+         f"({f['claim_latency_after_creates']['samples']} samples; decided p50/p99 "
+         f"{f['claim_latency_after_creates']['decided']['p50_ms']} / "
+         f"{f['claim_latency_after_creates']['decided']['p99_ms']} ms)"),
         ("claim -> complete p50 / p99",
          f"{f['claim_to_complete_p50_ms']} / {f['claim_to_complete_p99_ms']} ms"),
         ("projection lag p50 / p99",
