@@ -82,8 +82,12 @@ from streams.gate import scoring
 from streams.lifecycle import IN_FLIGHT, State, next_state
 
 Abort = Literal["cancel", "expire"]
-#: Lifecycle events per published record: keeps records far below the message size limit.
+#: Rows per published lifecycle record (a population event counts each of its rows): keeps
+#: records far below the message size limit.
 EVENTS_PER_RECORD = 1000
+#: Claims of one decision per dispatch record: a decision's claims reach one executor, and a
+#: large one is spread over the dispatch partitions so that executors share it.
+DISPATCH_CHUNK = 16
 
 
 class GateRequest(msgspec.Struct, array_like=True):
@@ -194,6 +198,7 @@ class Gate:
         self.clock: datetime | None = None
         self.buckets: dict[str, datetime] = {}  # mirror of the K: records
         self._next_partition = 0
+        self._partition_fill = 0  # claims sent to the current dispatch partition
         self._events: dict[str, list[RequestEvent]] = {}
         self._dispatch: dict[int, list[DispatchItem]] = {}
         self._headers: dict[int, dict[str, dict[str, str]]] = {}
@@ -329,8 +334,7 @@ class Gate:
     def _flush(self, now: datetime) -> list[Out]:
         out = self._out
         for model, events in self._events.items():
-            for start in range(0, len(events), EVENTS_PER_RECORD):
-                chunk = events[start : start + EVENTS_PER_RECORD]
+            for chunk in _records(events):
                 record = RequestTransitions(
                     event_id=ids.event_id("transitions", chunk[0].event_id, len(chunk)),
                     occurred_at=now,
@@ -347,6 +351,9 @@ class Gate:
             )
             out.append(Out("dispatch", items[0].request_id, record_, partition=partition))
         self._events, self._dispatch, self._headers, self._out = {}, {}, {}, []
+        if self._partition_fill:  # the next decision's claims go to the next executor
+            self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
+            self._partition_fill = 0
         return out
 
     def _emit(self, event: RequestEvent) -> None:
@@ -960,14 +967,32 @@ class Gate:
         entry.claims += 1
         claim_id = ids.claim_id(request_id, entry.claims, entry.version)
         entry.claim_id, entry.claimed_at = claim_id, now
+        if self._partition_fill >= DISPATCH_CHUNK:
+            self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
+            self._partition_fill = 0
         entry.partition = self._next_partition
-        self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
+        self._partition_fill += 1
         self._transition(request_id, entry, RequestClaimed(
             event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,
             batch_id=entry.batch_id or None, model=entry.model, from_state="pending",
             claim_id=claim_id, worker_id=self.worker_id, attempt=entry.attempt,
         ))  # fmt: skip
         return claim_id
+
+
+def _records(events: list[RequestEvent]) -> Iterator[list[RequestEvent]]:
+    """Events cut into records of at most ``EVENTS_PER_RECORD`` rows each."""
+    chunk: list[RequestEvent] = []
+    rows = 0
+    for event in events:
+        weight = len(event.items) if isinstance(event, RequestsPending) else 1
+        if chunk and rows + weight > EVENTS_PER_RECORD:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(event)
+        rows += weight
+    if chunk:
+        yield chunk
 
 
 def _lines(ranges: list[LineRange]) -> set[int]:

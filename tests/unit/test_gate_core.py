@@ -529,22 +529,37 @@ def test_cancel_cancels_unsent_rows_and_aborts_in_flight_ones() -> None:
     assert run.cancel().outs == []  # re-cancel is a no-op
 
 
-def test_claims_spread_round_robin_and_aborts_follow_them() -> None:
-    run = Run({"m": 5}, partitions=3)
-    step = run.populate(n=5)
-    where = {
+def _partitions(step: Step) -> dict[str, int | None]:
+    return {
         item.claim_id: out.partition
         for out in step.outs
         if isinstance(out.value, DispatchBatch)
         for item in out.value.items
     }
-    assert [where[d.claim_id] for d in step.dispatched] == [0, 1, 2, 0, 1]
+
+
+def test_a_decision_goes_to_one_executor_and_the_next_one_to_the_next() -> None:
+    run = Run({"m": 5}, partitions=3)
+    first = run.populate(n=40)
+    where = _partitions(first)
+    assert [where[d.claim_id] for d in first.dispatched] == [0] * 5
+    second = run.finish(*first.dispatched[:2])
+    assert set(_partitions(second).values()) == {1}
     aborts = {
         out.value.claim_id: (out.topic, out.key, out.partition)
         for out in run.cancel().outs
         if isinstance(out.value, AbortDispatch)
     }
-    assert aborts == {d.claim_id: ("dispatch", d.request_id, where[d.claim_id]) for d in step.dispatched}  # fmt: skip
+    where |= _partitions(second)
+    live = first.dispatched[2:] + second.dispatched
+    assert aborts == {d.claim_id: ("dispatch", d.request_id, where[d.claim_id]) for d in live}  # fmt: skip
+
+
+def test_a_large_decision_is_spread_over_the_executors() -> None:
+    run = Run({"m": 40}, partitions=3)
+    step = run.populate(n=40)
+    where = _partitions(step)
+    assert [where[d.claim_id] for d in step.dispatched] == [0] * 16 + [1] * 16 + [2] * 8
 
 
 @pytest.mark.parametrize(
@@ -755,7 +770,7 @@ def test_dispatch_carries_body_refs_and_batch_headers() -> None:
     ]
     assert {d.path for d in step.dispatched} == {"/v1/chat/completions"}
     assert {d.deadline for d in step.dispatched} == {T0 + 24 * HOUR}
-    assert len(step.records) == 2
+    assert len(step.records) == 1  # one decision, one executor
     for record in step.records:
         assert record.batch_headers == {bid("b"): headers}
     # a batch without header values sends none
