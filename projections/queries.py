@@ -11,6 +11,9 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
+
+from projections.rules.requests import ListFilter
 
 # Virtual output/error files are sized from their batch's counters (core §1.3.4).
 _FILE_COLUMNS = """
@@ -24,6 +27,12 @@ _FILE_COLUMNS = """
         ELSE f.bytes END AS bytes
 """
 _FILE_FROM = "FROM files f LEFT JOIN batch_counts c ON c.batch_id = f.batch_id"
+# A file is visible until deleted; a batch's output and error files also vanish with their
+# batch (README decisions: deleting a batch hides its files at once).
+_VISIBLE = (
+    "f.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM batches vb WHERE vb.id = f.batch_id"
+    " AND vb.deleted_at IS NOT NULL)"
+)
 
 
 def like_pattern(text: str) -> str:
@@ -34,8 +43,7 @@ def like_pattern(text: str) -> str:
 
 async def get_file(pool: asyncpg.Pool, file_id: str, owner: str) -> asyncpg.Record | None:
     return await pool.fetchrow(
-        f"SELECT {_FILE_COLUMNS} {_FILE_FROM}"
-        " WHERE f.id = $1 AND f.owner = $2 AND f.deleted_at IS NULL",
+        f"SELECT {_FILE_COLUMNS} {_FILE_FROM} WHERE f.id = $1 AND f.owner = $2 AND {_VISIBLE}",
         file_id,
         owner,
     )
@@ -64,7 +72,7 @@ async def list_files(
 ) -> list[asyncpg.Record]:
     op, direction = (">", "ASC") if ascending else ("<", "DESC")
     args: list[Any] = [owner, limit]
-    where = "f.owner = $1 AND f.deleted_at IS NULL"
+    where = f"f.owner = $1 AND {_VISIBLE}"
     if purpose is not None:
         args.append(purpose)
         where += f" AND f.purpose = ${len(args)}"
@@ -73,7 +81,7 @@ async def list_files(
         where += f" AND f.filename ILIKE ${len(args)}"
     if after is not None:
         cursor = await pool.fetchrow(
-            "SELECT created_at, id FROM files WHERE id = $1 AND owner = $2 AND deleted_at IS NULL",
+            f"SELECT f.created_at, f.id FROM files f WHERE f.id = $1 AND f.owner = $2 AND {_VISIBLE}",
             after,
             owner,
         )
@@ -177,7 +185,8 @@ _BATCH_COLUMNS = """
     b.failed_at, b.errors_message, b.total_requests AS total,
     COALESCE(c.pending, 0) AS pending, COALESCE(c.in_progress, 0) AS in_progress,
     COALESCE(c.completed, 0) AS completed, COALESCE(c.failed, 0) AS failed,
-    COALESCE(c.canceled, 0) AS canceled
+    COALESCE(c.canceled, 0) AS canceled, b.retry_version, b.counts_frozen_at,
+    b.completed_requests, b.failed_requests, b.canceled_requests
 """
 _BATCH_FROM = "FROM batches b LEFT JOIN batch_counts c ON c.batch_id = b.id"
 
@@ -214,6 +223,14 @@ async def batch_by_result_file(pool: asyncpg.Pool, file_id: str) -> asyncpg.Reco
     )
 
 
+# list_batches' groups with `active_first` (core §2.3): active batches (no terminal or cancel
+# stamp) before the rest.
+_GROUP = (
+    "(CASE WHEN b.completed_at IS NULL AND b.failed_at IS NULL AND b.cancelled_at IS NULL"
+    " AND b.cancelling_at IS NULL THEN 0 ELSE 1 END)"
+)
+
+
 async def list_batches(
     pool: asyncpg.Pool,
     owner: str,
@@ -224,6 +241,7 @@ async def list_batches(
     windows: list[str] | None,
     created_after: datetime | None,
     created_before: datetime | None,
+    active_first: bool = False,
 ) -> list[asyncpg.Record]:
     args: list[Any] = [owner, limit]
     where = ["b.owner = $1", "b.deleted_at IS NULL"]
@@ -238,16 +256,25 @@ async def list_batches(
     if created_before is not None:
         args.append(created_before)
         where.append(f"b.created_at <= ${len(args)}")
+    order = f"{_GROUP}, " if active_first else ""
     if after is not None:
         cursor = await pool.fetchrow(
-            "SELECT created_at, id FROM batches WHERE id = $1 AND owner = $2", after, owner
+            f"SELECT {_GROUP} AS grp, b.created_at, b.id FROM batches b"
+            " WHERE b.id = $1 AND b.owner = $2 AND b.deleted_at IS NULL",
+            after,
+            owner,
         )
-        if cursor is not None:  # an unknown cursor gives the first page (core §2.3)
-            args += [cursor["created_at"], cursor["id"]]
-            where.append(f"(b.created_at, b.id) < (${len(args) - 1}, ${len(args)})")
+        if cursor is None:
+            return []  # an unknown or foreign cursor gives an empty page (§8.3, as files)
+        args += [cursor["created_at"], cursor["id"]]
+        beyond = f"(b.created_at, b.id) < (${len(args) - 1}, ${len(args)})"
+        if active_first:  # strictly after the cursor's (group, created_at, id)
+            args.append(cursor["grp"])
+            beyond = f"({_GROUP} > ${len(args)} OR ({_GROUP} = ${len(args)} AND {beyond}))"
+        where.append(beyond)
     return await pool.fetch(
         f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE {' AND '.join(where)}"
-        " ORDER BY b.created_at DESC, b.id DESC LIMIT $2",
+        f" ORDER BY {order}b.created_at DESC, b.id DESC LIMIT $2",
         *args,
     )
 
@@ -297,7 +324,8 @@ async def batchless_request(
     (`response_body`) and the error envelope (`error`). Batch rows are never visible here."""
     return await pool.fetchrow(
         "SELECT r.id::text AS id, r.state, r.model, r.owner, r.created_at, r.completed_at,"
-        " r.failed_at, r.response_status, r.background,"
+        " r.failed_at, r.response_status, r.background, r.started_at, r.service_tier,"
+        " r.last_offset,"
         f" {_BODY.format(kind='tpl')} AS body, {_BODY.format(kind='res')} AS response_body,"
         f" {_BODY.format(kind='err')} AS error"
         " FROM requests r WHERE r.id = $1 AND r.owner = $2 AND r.batch_id IS NULL",
@@ -332,3 +360,165 @@ async def response_step(pool: asyncpg.Pool, step_id: str) -> asyncpg.Record | No
         " created_at, updated_at FROM response_steps WHERE id = $1",
         step_id,
     )
+
+
+# -- retry, deletion and results of a batch (core §2.3) ------------------------------------
+
+_ROW = "id::text AS id, model, line_number, state, last_offset"
+
+
+async def batch_rows_in(pool: asyncpg.Pool, batch_id: str, states: list[str]) -> list[asyncpg.Record]:  # fmt: skip
+    """A batch's rows in ``states``, with where each one's last applied event was."""
+    return await pool.fetch(
+        f"SELECT {_ROW} FROM requests WHERE batch_id = $1 AND state = ANY($2::text[])",
+        batch_id,
+        states,
+    )
+
+
+async def batch_rows_by_id(pool: asyncpg.Pool, batch_id: str, request_ids: list[str]) -> list[asyncpg.Record]:  # fmt: skip
+    return await pool.fetch(
+        f"SELECT {_ROW} FROM requests WHERE batch_id = $1 AND id = ANY($2::uuid[])",
+        batch_id,
+        request_ids,
+    )
+
+
+async def batch_retry_version(pool: asyncpg.Pool, batch_id: str) -> int | None:
+    version = await pool.fetchval("SELECT retry_version FROM batches WHERE id = $1", batch_id)
+    return None if version is None else int(version)
+
+
+async def rows_not_moved(pool: asyncpg.Pool, request_ids: list[str], offsets: list[int]) -> int:
+    """How many of these rows still have no event applied past the given positions (rows
+    that are gone have moved)."""
+    return int(
+        await pool.fetchval(
+            "SELECT count(*) FROM requests r JOIN unnest($1::uuid[], $2::bigint[]) AS u(id, off)"
+            " ON r.id = u.id WHERE r.last_offset <= u.off",
+            request_ids,
+            offsets,
+        )
+    )
+
+
+async def batch_deleted_and_quiet(pool: asyncpg.Pool, batch_id: str) -> bool:
+    """Deleted, and every row it was populated with is known and terminal: nothing of it can
+    be claimed or sent any more."""
+    return bool(
+        await pool.fetchval(
+            "SELECT b.deleted_at IS NOT NULL AND (b.requests_started_at IS NULL OR"
+            " (COALESCE(c.pending, 0) = 0 AND COALESCE(c.in_progress, 0) = 0 AND"
+            " COALESCE(c.completed + c.failed + c.canceled, 0) >= b.total_requests))"
+            f" {_BATCH_FROM} WHERE b.id = $1",
+            batch_id,
+        )
+    )
+
+
+async def results_page(
+    pool: asyncpg.Pool,
+    batch_id: str,
+    *,
+    states: list[str] | None,
+    search: str | None,
+    after_line: int | None,
+    skip: int,
+    limit: int,
+) -> tuple[list[asyncpg.Record], dict[str, bytes]]:
+    """A page of a batch's rows in line order with their custom ids, results and errors, and
+    the chunk records holding their input bodies."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT r.id::text AS id, r.line_number, r.model, r.state, t.custom_id, t.body_key,"
+            " CASE WHEN r.state = 'completed' THEN (SELECT b.body FROM bodies b"
+            "   WHERE b.ref = r.id AND b.kind = 'res') END AS response_body,"
+            " CASE WHEN r.state = 'failed' THEN (SELECT b.body FROM bodies b"
+            "   WHERE b.ref = r.id AND b.kind = 'err') END AS error"
+            " FROM requests r JOIN request_templates t"
+            "   ON t.file_id = r.file_id AND t.line_number = r.line_number"
+            " WHERE r.batch_id = $1 AND ($2::text[] IS NULL OR r.state = ANY($2::text[]))"
+            " AND ($3::text IS NULL OR t.custom_id ILIKE $3)"
+            " AND ($4::int IS NULL OR r.line_number > $4)"
+            " ORDER BY r.line_number OFFSET $5 LIMIT $6",
+            batch_id,
+            states,
+            None if search is None else like_pattern(search),
+            after_line,
+            skip,
+            limit,
+        )
+        keys = sorted({r["body_key"] for r in rows})
+        chunks = await conn.fetch(
+            "SELECT body_key, body FROM template_chunks WHERE body_key = ANY($1)", keys
+        )
+    return rows, {r["body_key"]: bytes(r["body"]) for r in chunks}
+
+
+# -- requests without a batch: listing (core §2.4) -----------------------------------------
+
+# active_first: processing, claimed, pending, then the rest.
+_ACTIVE_RANK = (
+    "CASE r.state WHEN 'processing' THEN 0 WHEN 'claimed' THEN 1 WHEN 'pending' THEN 2 ELSE 3 END"
+)
+# total_count is exact when it is cheap (the reference's budget), else the planner's estimate.
+COUNT_BUDGET_MS = 100
+
+
+def _requests_where(owner: str, f: ListFilter) -> tuple[str, list[Any]]:
+    args: list[Any] = [owner]
+    where = ["r.owner = $1", "r.batch_id IS NULL"]
+    if f.status is not None:
+        args.append(f.status)
+        where.append(f"r.state = ${len(args)}")
+    if f.models is not None:
+        args.append(f.models)
+        where.append(f"r.model = ANY(${len(args)}::text[])")
+    if f.service_tiers is not None:
+        args.append(f.service_tiers)
+        where.append(f"r.service_tier = ANY(${len(args)}::text[])")
+    if f.created_after is not None:
+        args.append(f.created_after)
+        where.append(f"r.created_at >= ${len(args)}")
+    if f.created_before is not None:
+        args.append(f.created_before)
+        where.append(f"r.created_at <= ${len(args)}")
+    return " AND ".join(where), args
+
+
+async def list_requests(pool: asyncpg.Pool, owner: str, f: ListFilter) -> list[asyncpg.Record]:
+    """One page (``limit`` + 1 rows, so the caller knows whether more follow)."""
+    where, args = _requests_where(owner, f)
+    order = f"{_ACTIVE_RANK}, " if f.active_first else ""
+    args += [f.skip, f.limit + 1]
+    return await pool.fetch(
+        "SELECT r.id::text AS id, r.model, r.state, r.created_at, r.completed_at, r.failed_at,"
+        " r.started_at, r.response_status, r.service_tier FROM requests r"
+        f" WHERE {where} ORDER BY {order}r.created_at DESC, r.id DESC"
+        f" OFFSET ${len(args) - 1} LIMIT ${len(args)}",
+        *args,
+    )
+
+
+async def count_requests(pool: asyncpg.Pool, owner: str, f: ListFilter) -> int:
+    where, args = _requests_where(owner, f)
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL statement_timeout = {COUNT_BUDGET_MS}")
+                return int(
+                    await conn.fetchval(f"SELECT count(*) FROM requests r WHERE {where}", *args)
+                )
+        except asyncpg.QueryCanceledError:
+            plan = await conn.fetchval(
+                f"EXPLAIN (FORMAT JSON) SELECT 1 FROM requests r WHERE {where}", *args
+            )
+    return int(msgspec.json.decode(plan)[0]["Plan"]["Plan Rows"])
+
+
+async def request_moved(pool: asyncpg.Pool, request_id: str, offset: int) -> bool:
+    """Whether an event past ``offset`` has been applied to the row (or the row is gone)."""
+    moved = await pool.fetchval(
+        "SELECT last_offset > $2 FROM requests WHERE id = $1", request_id, offset
+    )
+    return moved is None or bool(moved)

@@ -35,30 +35,39 @@ class Context:
         self.publisher = publisher
         self.downloads: dict[str, int] = {}  # user -> downloads in progress
 
-    async def wait_for(self, check: Callable[[], Awaitable[bool]], what: str) -> None:
+    async def wait_for(
+        self, check: Callable[[], Awaitable[bool]], what: str, *, within: float | None = None
+    ) -> bool:
         """Read-your-writes: wait until the projection shows an accepted write.
 
         The wait is bounded by progress rather than a guess at how long a write takes: it
         lasts as long as the projector keeps advancing, and gives up (503) once it has not
-        advanced for ``projection_stall_s`` — or after ``projection_wait_s`` in any case."""
+        advanced for ``projection_stall_s`` — or after ``projection_wait_s`` in any case.
+
+        With ``within``, a write that may have been refused downstream (the commands agent
+        dead-letters what breaks its rules) is waited for that long at most while the
+        projector advances: False then means "not shown", for the caller to decide."""
         api = self.config.api
         start = time.monotonic()
         position, moved_at = await queries.projector_position(self.pool), start
         delay = 0.005
         while not await check():
             now = time.monotonic()
-            if now - start > api.projection_wait_s or now - moved_at > api.projection_stall_s:
+            if now - moved_at > api.projection_stall_s or now - start > api.projection_wait_s:
                 raise ApiError(
                     503,
                     f"Timed out waiting for {what} to be recorded (the projection is not "
                     "advancing); it was accepted and will appear, retry the read",
                     code="projection_lag",
                 )
+            if within is not None and now - start > within:
+                return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
             latest = await queries.projector_position(self.pool)
             if latest != position:
                 position, moved_at = latest, time.monotonic()
+        return True
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("context", Context)
@@ -125,7 +134,16 @@ def check_limits(config: Config) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    from projections.api import batches, chat, files, proxy, responses
+    from projections.api import (
+        batch_control,
+        batches,
+        chat,
+        files,
+        proxy,
+        requests,
+        responses,
+        results,
+    )
 
     check_limits(config)
     app = web.Application(
@@ -145,6 +163,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     files.routes(app.router)
     batches.routes(app.router)
+    batch_control.routes(app.router)
+    results.routes(app.router)
+    requests.routes(app.router)
     proxy.setup(app)
     chat.routes(app.router)
     responses.routes(app.router)

@@ -14,11 +14,14 @@ from projections.api.app import context, json_response, principal
 from projections.api.files import list_limit, list_page, optional_uuid, parse_uuid, query_text
 from projections.rules.batches import (
     BatchFacts,
+    Counts,
     batch_object,
     check_status_filter,
     derive_status,
+    shown_counts,
     validate_create_batch,
 )
+from projections.rules.requests import parse_bool
 from schemas import ids
 from schemas.commands import CancelBatch, CreateBatch
 from schemas.errors import ApiError, not_found
@@ -32,14 +35,22 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/batches/{id}/cancel", cancel)
 
 
-_PROJECTED = [f for f in BatchFacts.__struct_fields__ if f not in ("metadata", "expired_at")]
+_COUNTS = Counts._fields
+_PROJECTED = [
+    f for f in BatchFacts.__struct_fields__ if f not in ("metadata", "expired_at", *_COUNTS)
+]
 
 
 def facts(row: Any) -> BatchFacts:
     """The rules' view of a batch row (the query names its columns after the fields)."""
     metadata = row["metadata"]
+    frozen = None
+    if row["counts_frozen_at"] is not None:
+        frozen = (row["completed_requests"], row["failed_requests"], row["canceled_requests"])
+    counts = shown_counts(Counts(*(row[f] for f in _COUNTS)), frozen)
     return BatchFacts(
         **{f: row[f] for f in _PROJECTED},
+        **counts._asdict(),
         metadata=None if metadata is None else msgspec.json.decode(metadata),
         expired_at=expired_at(row, datetime.now(UTC)),
     )
@@ -130,13 +141,14 @@ async def list_batches(request: web.Request) -> web.Response:
         limit=limit + 1,
         status=status,
         windows=None if windows is None else [w.strip() for w in windows.split(",") if w.strip()],
-        created_after=_time(query_text(q, "created_after"), "created_after"),
-        created_before=_time(query_text(q, "created_before"), "created_before"),
+        created_after=parse_time(query_text(q, "created_after"), "created_after"),
+        created_before=parse_time(query_text(q, "created_before"), "created_before"),
+        active_first=parse_bool(query_text(q, "active_first"), "active_first"),
     )
     return json_response(list_page([batch_object(facts(r)) for r in rows], limit))
 
 
-def _time(raw: str | None, name: str) -> datetime | None:
+def parse_time(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
     try:

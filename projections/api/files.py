@@ -290,9 +290,8 @@ async def delete_file(request: web.Request) -> web.Response:
 
 async def content(request: web.Request) -> web.StreamResponse:
     """JSONL lines. With ``limit`` one page, whose headers say whether more lines exist;
-    without, the whole file, streamed page by page. A failure after the first byte resets the
-    connection, so a truncated download can never pass for a whole one."""
-    ctx, q, who = context(request), request.query, principal(request)
+    without, the whole file, streamed page by page."""
+    ctx, q = context(request), request.query
     row = await _owned_file(request)
     skip = query_int(q, "skip", 0)
     limit = None if q.get("limit") is None else query_int(q, "limit", 0)
@@ -307,6 +306,23 @@ async def content(request: web.Request) -> web.StreamResponse:
         lines = _result_lines(ctx, row["batch_id"], state, skip, limit, search)
     else:
         lines = _input_lines(ctx, row["id"], skip, limit, search)
+    return await serve_jsonl(request, lines, skip=skip, limit=limit, incomplete=incomplete)
+
+
+async def serve_jsonl(
+    request: web.Request,
+    lines: AsyncIterator[bytes],
+    *,
+    skip: int,
+    limit: int | None,
+    incomplete: bool,
+) -> web.StreamResponse:
+    """Answer JSONL lines read page by page (no database connection is held while the client
+    reads), within the caller's download slots. With ``limit`` one page, whose headers say
+    whether more lines exist (``X-Incomplete``) and where it ended (``X-Last-Line``); without,
+    every line, streamed. A failure after the first byte resets the connection, so a truncated
+    download can never pass for a whole one."""
+    ctx, who = context(request), principal(request)
     if ctx.downloads.get(who.user, 0) >= ctx.config.api.downloads_per_user:
         raise ApiError(
             429,
@@ -344,6 +360,18 @@ async def content(request: web.Request) -> web.StreamResponse:
             del ctx.downloads[who.user]
 
 
+def chunk_line_body(
+    decoded: dict[str, bodies.TemplateChunk], body_key: str, line_number: int
+) -> bytes | None:
+    """A line's body from its decoded chunk record (``…:<first line>`` names the chunk's first
+    line); None when the chunk is gone (erased)."""
+    chunk = decoded.get(body_key)
+    if chunk is None:
+        return None
+    first = int(body_key.rsplit(":", 1)[1])
+    return bytes(chunk.lines[line_number - first].body)
+
+
 async def _take(lines: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:
     if count <= 0:
         return
@@ -367,9 +395,10 @@ async def _input_lines(
         )  # fmt: skip
         decoded = {k: bodies.chunk_decoder.decode(v) for k, v in chunk_bodies.items()}
         for r in rows:
-            first = int(r["body_key"].rsplit(":", 1)[1])
-            body = decoded[r["body_key"]].lines[r["line_number"] - first].body
-            yield input_line(r["custom_id"], r["method"], r["path"], bytes(body))
+            body = chunk_line_body(decoded, r["body_key"], r["line_number"])
+            if body is None:
+                raise LookupError(f"the body of line {r['line_number']} is gone")
+            yield input_line(r["custom_id"], r["method"], r["path"], body)
         if len(rows) < size:
             return
         after = rows[-1]["line_number"]

@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -99,6 +99,22 @@ class BatchFacts(msgspec.Struct, frozen=True, kw_only=True):
     completed: int = 0
     failed: int = 0
     canceled: int = 0
+
+
+class Counts(NamedTuple):
+    pending: int
+    in_progress: int
+    completed: int
+    failed: int
+    canceled: int
+
+
+def shown_counts(live: Counts, frozen: tuple[int, int, int] | None) -> Counts:
+    """Core §1.3.1: once a batch's counts are frozen (§5.2.5) it reports the stored
+    (completed, failed, canceled), with nothing pending or in progress; before, its rows'."""
+    if frozen is None:
+        return live
+    return Counts(0, 0, *frozen)
 
 
 def derive_status(f: BatchFacts) -> str:

@@ -25,7 +25,7 @@ def unix_seconds(at: datetime) -> int:
     return calendar.timegm(at.utctimetuple())
 
 
-def _json_or_text(text: str | None) -> Any:
+def json_or_text(text: str | None) -> Any:
     if text is None:
         return None
     try:
@@ -51,7 +51,7 @@ def output_line(
             "response": {
                 "status_code": 200 if status_code is None else status_code,
                 "request_id": None,
-                "body": _json_or_text(body_text),
+                "body": json_or_text(body_text),
             },
             "error": None,
         }
