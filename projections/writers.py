@@ -160,11 +160,22 @@ WHERE requests.state = 'processing' AND requests.batch_id IS NULL
 
 # Lazy finalisation (core §5.2.5), done here deterministically from event times: a populated
 # batch whose rows are all terminal gets its terminal stamps once.
-_FINALIZE = """
+#
+# A cancel that reached the batch after every one of its rows had ended (a deletion of a
+# finished batch, or of its input file, cancels it too) does not make it cancelled: live, the
+# projector sees the batch finished first and ignores the cancel; in a replay it may project
+# the cancel before the rows' ends, and this rule, on event times, gives the same outcome.
+_ENDED_BEFORE_CANCEL = (
+    "(b.cancelling_at IS NOT NULL AND c.canceled = 0 AND c.last_terminal_at < b.cancelling_at)"
+)
+_CANCELLED = f"(b.cancelling_at IS NOT NULL AND NOT {_ENDED_BEFORE_CANCEL})"
+_FINALIZE = f"""
 UPDATE batches b SET
-    finalizing_at = CASE WHEN b.cancelling_at IS NULL THEN c.last_terminal_at END,
-    completed_at = CASE WHEN b.cancelling_at IS NULL AND c.completed > 0 THEN c.last_terminal_at END,
-    failed_at = CASE WHEN b.cancelling_at IS NULL AND c.completed = 0 THEN c.last_terminal_at END,
+    cancelling_at = CASE WHEN {_ENDED_BEFORE_CANCEL} THEN NULL ELSE b.cancelling_at END,
+    cancelled_at = CASE WHEN {_ENDED_BEFORE_CANCEL} THEN NULL ELSE b.cancelled_at END,
+    finalizing_at = CASE WHEN NOT {_CANCELLED} THEN c.last_terminal_at END,
+    completed_at = CASE WHEN NOT {_CANCELLED} AND c.completed > 0 THEN c.last_terminal_at END,
+    failed_at = CASE WHEN NOT {_CANCELLED} AND c.completed = 0 THEN c.last_terminal_at END,
     completed_requests = c.completed, failed_requests = c.failed,
     canceled_requests = c.canceled, counts_frozen_at = c.last_terminal_at
 FROM batch_counts c

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,11 +22,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from openai import OpenAI
 
+from cannonade.config import PurgeConfig
 from cannonade.testing.fake_tools import FakeToolsControl
 from cannonade.testing.fake_upstream import FakeUpstreamControl
 from compose import postgres, stack
 from compose.kafka import _topic_config
 from compose.services import Services
+from projections.purge import Purger, run_once
 from schemas import bodies, topics
 from tests.integration.conftest import TOOL_USERS, jsonl, run, wait_for_batch
 from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
@@ -199,15 +201,6 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     assert user.batches.list().data == [] and user.files.list().data == []
     assert [b.id for b in other.batches.list().data][:1] == [kept.id]
 
-    # The purge reaps the rows left under the deleted batches and files.
-    purged = subprocess.run(
-        [sys.executable, "-m", "cannonade.cli", "purge", "--once"],
-        env=services.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert purged.returncode == 0, purged.stderr
-    owned = run(_rows_owned(dsn, ERASED))
-    assert owned == {"batch rows": 0, "templates": 0}, owned
-
     # After compaction no topic holds it (changelogs included), and a replay of the whole log
     # into a fresh database does not bring it back.
     with _eager_compaction(bootstrap):
@@ -215,18 +208,35 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
         _wait_until(lambda: not _topics_holding(bootstrap, mark), "the erased records to be compacted away")  # fmt: skip
     assert topics.BODIES.name in _topics_holding(bootstrap, keep)
 
-    async def replay() -> tuple[dict[str, int], dict[str, int]]:
+    async def replay() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
         name = f"erasure_replay_{uuid.uuid4().hex[:8]}"
         rebuilt = await postgres.create_database(stack_info.admin_database_url, name)
         try:
             await _project_to_end(rebuilt, bootstrap)
-            return await _tables_holding(rebuilt, mark), await _tables_holding(rebuilt, keep)
+            erased, survived = await _tables_holding(rebuilt, mark), await _tables_holding(rebuilt, keep)  # fmt: skip
+            # The purge reaps the rows left under the deleted batches and files (run on the
+            # rebuilt copy: the session's read model must keep matching a replay of the log).
+            pool = await asyncpg.create_pool(rebuilt, min_size=1, max_size=2)
+            try:
+                held: list[str] = []
+
+                async def tombstone(keys: Sequence[str]) -> None:
+                    held.extend(keys)
+
+                await run_once(Purger(pool, tombstone), PurgeConfig(throttle_ms=1))
+            finally:
+                await pool.close()
+            assert not [k for k in held if k.split(":")[1] in owned_ids], held
+            return erased, survived, await _rows_owned(rebuilt, ERASED)
         finally:
             await postgres.drop_database(stack_info.admin_database_url, name)
 
-    erased, survived = run(replay())
+    owned_ids = run(_ids_owned(dsn, ERASED))
+    assert owned_ids  # rows and files of the erased user are left for the purge
+    erased, survived, left = run(replay())
     assert erased == {}
     assert "bodies" in survived
+    assert left == {"batch rows": 0, "templates": 0}, left
 
 
 async def _rows_owned(dsn: str, user: str) -> dict[str, int]:
@@ -244,5 +254,19 @@ async def _rows_owned(dsn: str, user: str) -> dict[str, int]:
                 user,
             ),
         }
+    finally:
+        await conn.close()
+
+
+async def _ids_owned(dsn: str, user: str) -> set[str]:
+    """Ids of the user's rows under batches and of their files (the ids in their body keys)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT r.id::text AS id FROM requests r JOIN batches b ON b.id = r.batch_id"
+            " WHERE b.owner = $1 UNION SELECT id::text FROM files WHERE owner = $1",
+            user,
+        )
+        return {r["id"] for r in rows}
     finally:
         await conn.close()
