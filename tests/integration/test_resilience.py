@@ -11,16 +11,25 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from compose import postgres, stack
 from compose.services import Services
 from projections.projector import TOPICS, Projector
 from schemas import topics
-from tests.integration.conftest import chat_line, content_lines, jsonl, run, wait_for_batch
+from tests.integration.conftest import (
+    chat_line,
+    content_lines,
+    jsonl,
+    run,
+    wait_for_batch,
+)
+from tests.integration.known_defects import RETRY_REFINALISES
 
 pytestmark = pytest.mark.integration
 
@@ -164,27 +173,78 @@ def test_replaying_the_log_rebuilds_identical_read_models(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     wait_for_batch(client, batch.id)
+    _delete_and_erase(client)
+    run(_replay_matches(stack_info, batch.id))
 
-    async def scenario() -> None:
-        bootstrap = stack_info.kafka_bootstrap
-        await _caught_up(stack_info.database_url, bootstrap, "projector")
-        rebuilt = await postgres.create_database(stack_info.admin_database_url, "replay_check")
-        try:
-            await _project_to_end(rebuilt, bootstrap)
-            live, first = await _snapshot(stack_info.database_url), await _snapshot(rebuilt)
-            for table in _TABLES:
-                assert first[table] == live[table], f"{table} differs after a full replay"
-            assert any(r["id"] == uuid.UUID(batch.id) for r in first["batches"])
-            # Replaying the same topics again over the rebuilt tables changes nothing.
-            conn = await asyncpg.connect(rebuilt)
-            await conn.execute("UPDATE projection_offsets SET next_offset = 0")
-            await conn.close()
-            await _project_to_end(rebuilt, bootstrap)
-            assert await _snapshot(rebuilt) == first
-        finally:
-            await postgres.drop_database(stack_info.admin_database_url, "replay_check")
 
-    run(scenario())
+@RETRY_REFINALISES
+def test_replaying_retries_rebuilds_identical_read_models(
+    stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
+) -> None:
+    """A finished batch retried: its stamps, frozen counts and version replay identically."""
+    client = client_for("ivy-retry")
+    flaky = chat_line("again", model="chat-b", fail_times=1, fail_status=400)
+    batch = _batch(client, [flaky, chat_line("fine", model="chat-b")])
+    assert wait_for_batch(client, batch.id).request_counts.failed == 1  # type: ignore[union-attr]
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    with httpx.Client(base_url=str(client.base_url), headers=headers, timeout=120) as http:
+        assert http.post(f"batches/{batch.id}/retry").status_code == 200
+    done = wait_for_batch(client, batch.id)
+    assert (done.status, done.request_counts.completed) == ("completed", 2)  # type: ignore[union-attr]
+    run(_replay_matches(stack_info, batch.id))
+
+
+async def _replay_matches(stack_info: stack.StackInfo, batch_id: str) -> None:
+    """Replaying the whole log into an empty database rebuilds the live tables exactly, and
+    replaying it again over them changes nothing."""
+    bootstrap = stack_info.kafka_bootstrap
+    await _caught_up(stack_info.database_url, bootstrap, "projector")
+    rebuilt = await postgres.create_database(stack_info.admin_database_url, "replay_check")
+    try:
+        await _project_to_end(rebuilt, bootstrap)
+        live, first = await _snapshot(stack_info.database_url), await _snapshot(rebuilt)
+        for table in _TABLES:
+            assert first[table] == live[table], f"{table} differs after a full replay"
+        assert any(r["id"] == uuid.UUID(batch_id) for r in first["batches"])
+        # Replaying the same topics again over the rebuilt tables changes nothing.
+        conn = await asyncpg.connect(rebuilt)
+        await conn.execute("UPDATE projection_offsets SET next_offset = 0")
+        await conn.close()
+        await _project_to_end(rebuilt, bootstrap)
+        assert await _snapshot(rebuilt) == first
+    finally:
+        await postgres.drop_database(stack_info.admin_database_url, "replay_check")
+
+
+def _delete_and_erase(client: OpenAI) -> None:
+    """What deletions and erasures write must replay identically too: a batch deleted while it
+    runs, and a flex and a realtime request erased (rows and bodies gone)."""
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    with httpx.Client(base_url=str(client.base_url), headers=headers, timeout=120) as http:
+        doomed = _batch(client, [chat_line(f"gone{i}", latency_ms=500) for i in range(12)])
+        wait_for_batch(client, doomed.id, {"in_progress"})
+        assert http.delete(f"batches/{doomed.id}").status_code == 204
+
+        say: list[ChatCompletionMessageParam] = [{"role": "user", "content": "say erase me"}]
+        client.chat.completions.create(model="chat-b", messages=say, service_tier="flex")
+        client.chat.completions.create(model="chat-b", messages=say)
+        deadline = time.monotonic() + 60
+        while True:  # the realtime row's outcome is recorded in the background
+            listed = http.get("requests", params={"limit": 100}).json()["data"]
+            if len(listed) == 2 and all(r["status"] == "completed" for r in listed):
+                break
+            assert time.monotonic() < deadline, f"requests did not end: {listed}"
+            time.sleep(0.1)
+        assert {r["service_tier"] for r in listed} == {"flex", "priority"}
+        for row in listed:
+            assert http.delete(f"requests/{row['id']}").status_code == 204
+
+
+def _batch(client: OpenAI, lines: list[dict[str, Any]]) -> Any:
+    uploaded = client.files.create(file=("replay.jsonl", jsonl(lines)), purpose="batch")
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
 
 def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
