@@ -55,11 +55,12 @@ class Report(msgspec.Struct):
     files: int = 0  # uploaded files soft-deleted now
     requests: int = 0  # requests without a batch erased now
     bodies: int = 0  # body records with content tombstoned now
-    still_running: int = 0  # rows of the user's batches that had not ended when it looked
+    still_running: int = 0  # rows that had not ended when it looked: run it again
 
     @property
     def total(self) -> int:
-        return self.batches + self.files + self.requests + self.bodies
+        """What was done now plus what was found still running: 0 means nothing is left."""
+        return self.batches + self.files + self.requests + self.bodies + self.still_running
 
     def summary(self, user: str) -> str:
         text = (
@@ -94,10 +95,17 @@ async def _live_files(conn: asyncpg.Connection, user: str) -> list[str]:
 
 async def _batchless(conn: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT id::text AS id, model, service_tier FROM requests"
+        "SELECT id::text AS id, model, service_tier, state FROM requests"
         " WHERE owner = $1 AND batch_id IS NULL ORDER BY id",
         user,
     )
+
+
+def _erasable(row: asyncpg.Record) -> bool:
+    """Flex rows go whatever their state (the engine aborts a running one). A realtime row or
+    chain sub-request still running is left for the next run: its outcome, recorded by whoever
+    runs it, would create it again."""
+    return row["service_tier"] == "flex" or row["state"] not in _IN_FLIGHT
 
 
 async def content_keys(conn: asyncpg.Connection, user: str) -> list[str]:
@@ -181,9 +189,11 @@ async def erase(
 
     # 1. Delete what they own; batchless rows go with their bodies (the read model forgets a
     #    row's bodies with the row, so their keys are taken now).
-    batch_ids, file_ids, rows = (
+    batch_ids, file_ids, batchless = (
         await _live_batches(conn, user), await _live_files(conn, user), await _batchless(conn, user),
     )  # fmt: skip
+    rows = [r for r in batchless if _erasable(r)]
+    report.still_running = len(batchless) - len(rows)
     row_keys = [bodies.key(kind, r["id"]) for r in rows for kind in _REQUEST_KINDS]
     held = {
         r["key"]
@@ -253,7 +263,7 @@ async def erase(
     try:
         await _until(settled, "the user's running rows to end", min(deadline, time.monotonic() + timeout_s / 3))  # fmt: skip
     except ErasureError:
-        report.still_running = int(
+        report.still_running += int(
             await conn.fetchval(
                 "SELECT count(*) FROM requests r JOIN batches b ON b.id = r.batch_id"
                 " WHERE b.owner = $1 AND r.state = ANY($2::text[])",
