@@ -96,6 +96,7 @@ class RowWrite(msgspec.Struct):
     state: State
     values: dict[str, Any]
     batchless: bool = False
+    retried: bool = False  # an explicit retry re-pended it: its batch is live again
 
     @property
     def mask(self) -> int:
@@ -164,6 +165,7 @@ class Fold:
             )  # fmt: skip
         write.state, write.last_offset = state, offset
         write.values.update(_fields(event))
+        write.retried |= isinstance(event, RequestRetried)
         if isinstance(event, RequestFailed) and event.error is not None:
             self.errors[event.request_id] = event.error
 

@@ -103,8 +103,8 @@ _COUNTER_STATES = {
 _UPDATE_ROWS = f"""
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-        $6::int[], {", ".join(f"${i + 7}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
-    AS u(id, first_off, last_off, from_state, state, mask, {", ".join(COLUMNS)})
+        $6::int[], $7::bool[], {", ".join(f"${i + 8}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
+    AS u(id, first_off, last_off, from_state, state, mask, retried, {", ".join(COLUMNS)})
 ),
 upd AS (
     UPDATE requests r SET state = u.state, last_offset = u.last_off,
@@ -112,10 +112,10 @@ upd AS (
         {", ".join(f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END" for i, c in enumerate(COLUMNS))}
     FROM u, requests o
     WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off AND r.state = u.from_state
-    RETURNING r.batch_id, u.from_state, u.state, o.response_size AS old_size,
+    RETURNING r.batch_id, u.from_state, u.state, u.retried, o.response_size AS old_size,
               r.response_size AS new_size,
               COALESCE(r.completed_at, r.failed_at, r.canceled_at) AS ended_at
-)
+), counted AS (
 INSERT INTO batch_counts (batch_id, {", ".join(_COUNTERS)}, response_bytes, error_bytes,
                           last_terminal_at)
 SELECT batch_id,
@@ -130,7 +130,19 @@ ON CONFLICT (batch_id) DO UPDATE SET
     {", ".join(f"{c} = batch_counts.{c} + EXCLUDED.{c}" for c in (*_COUNTERS, "response_bytes", "error_bytes"))},
     last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at)
 RETURNING batch_id
+)
+SELECT batch_id, false AS reopened FROM counted
+UNION SELECT batch_id, true FROM upd WHERE batch_id IS NOT NULL AND retried
 """  # noqa: E501
+# A batch one of whose rows was retried is live again: its terminal stamps, frozen counts
+# and notification go, in the transaction that re-pends the row (finalisation, later in the
+# same poll, stamps it again if every row has ended again meanwhile).
+_REOPEN = """
+UPDATE batches SET completed_at = NULL, failed_at = NULL, finalizing_at = NULL,
+    notification_sent_at = NULL, completed_requests = NULL, failed_requests = NULL,
+    canceled_requests = NULL, counts_frozen_at = NULL
+WHERE id = ANY($1::uuid[])
+"""
 
 # Outcomes of rows never claimed (responses §5): a processing realtime row ends; an ended row
 # stays; a missing row is created in its final state from the create context.
@@ -436,13 +448,12 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 event.batch_id, event.owner, event.status, event.message, event.code, event.param,
             )  # fmt: skip
         elif isinstance(event, BatchRetried):
-            # Un-terminalise: stamps and the freeze go, the version moves on (core §2.3).
+            # The version moves on and a cancel is lifted (cancel then retry is pause and
+            # resume); the stamps go with the rows' own RequestRetried (see _REOPEN), so the
+            # outcome does not depend on which topic a poll read first.
             await conn.execute(
-                "UPDATE batches SET retry_version = $2, expires_at = $3, completed_at = NULL,"
-                " failed_at = NULL, finalizing_at = NULL, cancelling_at = NULL,"
-                " cancelled_at = NULL, notification_sent_at = NULL, completed_requests = NULL,"
-                " failed_requests = NULL, canceled_requests = NULL, counts_frozen_at = NULL"
-                " WHERE id = $1 AND retry_version < $2",
+                "UPDATE batches SET retry_version = $2, expires_at = $3, cancelling_at = NULL,"
+                " cancelled_at = NULL WHERE id = $1 AND retry_version < $2",
                 event.batch_id, event.retry_version, event.expires_at,
             )  # fmt: skip
         elif isinstance(event, BatchDeleted):
@@ -518,9 +529,13 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
             [w.from_state for w in writes],
             [w.state for w in writes],
             [w.mask for w in writes],
+            [w.retried for w in writes],
             *[[w.values.get(c) for w in writes] for c in COLUMNS],
         )
         touched |= {str(r["batch_id"]) for r in found}
+        reopened = [r["batch_id"] for r in found if r["reopened"]]
+        if reopened:
+            await conn.execute(_REOPEN, reopened)
     if fold.realtime:
         outcomes = [(e, off, next_state(None, e)) for e, off in fold.realtime.values()]
         await conn.execute(

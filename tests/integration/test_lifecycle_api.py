@@ -30,7 +30,6 @@ from tests.integration.conftest import (
     upstream_stats,
     wait_for_batch,
 )
-from tests.integration.known_defects import RETRY_REFINALISES
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +137,6 @@ def custom_ids(client: OpenAI, file_id: str | None) -> list[str]:
 # -- retry -----------------------------------------------------------------------------------
 
 
-@RETRY_REFINALISES
 def test_retry_runs_failed_and_cancelled_rows_again(
     caller_for: Callable[[str], Caller], services: Services
 ) -> None:
@@ -226,7 +224,6 @@ def test_retry_while_rows_are_in_flight(
     assert [calls[ids.request_id(batch.id, i)] for i in range(6)] == [2, 2, 1, 1, 1, 1]
 
 
-@RETRY_REFINALISES
 def test_retry_of_chosen_requests(caller_for: Callable[[str], Caller]) -> None:
     dan, eve = caller_for(user()), caller_for(user())
     lines = [chat_line(f"f{i}", model="chat-b", fail_times=1, fail_status=400) for i in range(3)]
@@ -269,7 +266,6 @@ def test_retry_of_chosen_requests(caller_for: Callable[[str], Caller]) -> None:
     assert custom_ids(dan.sdk, done.error_file_id) == ["f2"]
 
 
-@RETRY_REFINALISES
 def test_retry_of_an_expired_batch_gets_a_new_deadline(
     caller_for: Callable[[str], Caller], upstream: FakeUpstreamControl
 ) -> None:

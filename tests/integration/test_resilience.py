@@ -29,7 +29,6 @@ from tests.integration.conftest import (
     run,
     wait_for_batch,
 )
-from tests.integration.known_defects import RETRY_REFINALISES
 
 pytestmark = pytest.mark.integration
 
@@ -177,7 +176,6 @@ def test_replaying_the_log_rebuilds_identical_read_models(
     run(_replay_matches(stack_info, batch.id))
 
 
-@RETRY_REFINALISES
 def test_replaying_retries_rebuilds_identical_read_models(
     stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
 ) -> None:
