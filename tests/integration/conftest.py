@@ -9,7 +9,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from openai import OpenAI
@@ -17,6 +17,8 @@ from openai import OpenAI
 from compose import stack
 from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
+
+T = TypeVar("T")
 
 # chat-a is small on purpose so that capacity and cancellation are observable; chat-c is the
 # model whose liveness the tests change; chat-d carries the retry test.
@@ -149,6 +151,32 @@ def wait_for_batch(
         if time.monotonic() > deadline:
             raise TimeoutError(f"batch {batch_id} still {batch.status}: {batch.request_counts}")
         time.sleep(0.2)
+
+
+def eventually(
+    check: Callable[[], T | None], what: str, timeout_s: float = 120, every_s: float = 0.1
+) -> T:
+    """Poll ``check`` until it returns something truthy, and return that: tests wait on
+    conditions, never on guesses of how long something takes."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(every_s)
+    return found
+
+
+def barrier(client: OpenAI, model: str) -> None:
+    """Run a one-line batch on ``model`` to completion. The engine has then claimed, sent and
+    recorded work for the model after everything before it, so a check that nothing more
+    happened (no late sends) needs no guessed quiet period."""
+    uploaded = client.files.create(
+        file=("barrier.jsonl", jsonl([chat_line("barrier", model=model)])), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert wait_for_batch(client, batch.id).status == "completed"
 
 
 def upstream_stats(services: Services) -> dict[str, Any]:

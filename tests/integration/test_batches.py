@@ -3,7 +3,6 @@ unmodified ``openai`` SDK: HTTP → commands → Faust agents → fake upstream 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import msgspec
@@ -14,8 +13,10 @@ from openai import OpenAI
 from compose.services import Services
 from schemas import api, ids
 from tests.integration.conftest import (
+    barrier,
     chat_line,
     content_lines,
+    eventually,
     jsonl,
     upstream_stats,
     wait_for_batch,
@@ -112,14 +113,14 @@ def test_cancel_stops_unsent_requests(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     wait_for_batch(client, batch.id, {"in_progress"})
-    time.sleep(0.5)
+    eventually(lambda: _calls_for(services, batch.id, 60), "the first calls upstream")
 
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
     assert cancelled.cancelling_at is not None
     done = wait_for_batch(client, batch.id, {"cancelled"})
     calls_at_end = _calls_for(services, batch.id, 60)
-    time.sleep(1.5)
+    barrier(client, "chat-a")
     assert _calls_for(services, batch.id, 60) == calls_at_end, (
         "requests were sent after the batch ended"
     )

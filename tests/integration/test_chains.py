@@ -6,7 +6,6 @@ and chains headed by a claimed row (flex, batch lines)."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from compose.services import Services
 from schemas import codec, topics
 from schemas.bodies import BodyRef
 from schemas.events import StepRecorded
-from tests.integration.conftest import TOOL_USERS, jsonl, run, wait_for_batch
+from tests.integration.conftest import TOOL_USERS, eventually, jsonl, run, wait_for_batch
 from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
 
 pytestmark = pytest.mark.integration
@@ -79,25 +78,12 @@ def steps_of(services: Services, response: str) -> list[dict[str, Any]]:
     )
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 90) -> Any:
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-
-
 def wait_for_response(client: OpenAI, response_id: str, timeout_s: float = 120) -> Any:
     def ended() -> Any:
         found = client.responses.retrieve(response_id)
         return found if found.status in ("completed", "failed", "cancelled") else None
 
-    return wait_until(ended, f"{response_id} to end", timeout_s)
+    return eventually(ended, f"{response_id} to end", timeout_s)
 
 
 def error_type(response: Any) -> Any:
@@ -356,7 +342,7 @@ def test_killing_the_chain_worker_while_a_tool_runs_never_repeats_a_step(
     )
     tools.script({"result": {"ok": True}, "latency_ms": 6000}, tool="slow_tool", marker=mark)
     response = client.responses.create(model=MODEL, input=f"be slow {mark}", background=True)
-    wait_until(lambda: tools.received(marker=mark), "the slow tool to be called")
+    eventually(lambda: tools.received(marker=mark), "the slow tool to be called")
 
     restarts = services.kill("chains-0")
     services.wait_restarted("chains-0", restarts)
@@ -383,7 +369,7 @@ def test_killing_the_executors_while_a_tool_runs_abandons_the_step_instead_of_re
     )
     tools.script({"result": {"ok": True}, "latency_ms": 8000}, tool="slow_tool", marker=mark)
     response = client.responses.create(model=MODEL, input=f"be slow {mark}", background=True)
-    wait_until(lambda: tools.received(marker=mark), "the slow tool to be called")
+    eventually(lambda: tools.received(marker=mark), "the slow tool to be called")
 
     names = [n for n in services.procs if n.startswith("executor-")]
     restarts = {name: services.kill(name) for name in names}
@@ -480,7 +466,7 @@ def test_a_step_that_breaks_an_invariant_is_dead_lettered(
             for r in letters
         )
 
-    wait_until(lettered, "the dead letter")
+    eventually(lettered, "the dead letter")
     assert db_rows(services, "SELECT 1 FROM response_steps WHERE id = $1", uuid.UUID(bad.step_id)) == []  # fmt: skip
 
 

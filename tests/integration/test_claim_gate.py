@@ -10,17 +10,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import msgspec
 import openai
 import pytest
 from openai import OpenAI
 
+from compose import stack
 from compose.services import Services
 from schemas import ids
 from tests.integration.conftest import (
+    barrier,
     chat_line,
     content_lines,
+    eventually,
     jsonl,
+    run,
     upstream_stats,
     wait_for_batch,
 )
@@ -52,7 +57,7 @@ def test_small_user_is_not_starved_and_capacity_is_never_exceeded(
     alice, bob = client_for("alice-big"), client_for("bob-small")
     big = submit(alice, [chat_line(f"a{i}", latency_ms=20) for i in range(1000)])
     wait_for_batch(alice, big.id, {"in_progress"})
-    time.sleep(1)
+    eventually(lambda: counts(alice, big.id)[0] >= 20, "alice's batch to be well under way")
     small = submit(bob, [chat_line(f"b{i}", latency_ms=20) for i in range(10)])
     done = wait_for_batch(bob, small.id, timeout_s=60)
     alice_done, _ = counts(alice, big.id)
@@ -86,15 +91,31 @@ def set_state(services: Services, model: str, state: str) -> str:
     return result.stderr
 
 
+def model_state(stack_info: stack.StackInfo, model: str) -> str | None:
+    async def latest() -> str | None:
+        conn = await asyncpg.connect(stack_info.database_url)
+        try:
+            return await conn.fetchval(  # type: ignore[no-any-return]
+                "SELECT state FROM model_filters WHERE model = $1"
+                " ORDER BY created_at DESC, id DESC LIMIT 1",
+                model,
+            )
+        finally:
+            await conn.close()
+
+    return run(latest())  # type: ignore[no-any-return]
+
+
 def test_a_coming_model_trickles_then_live_releases(
-    client_for: Callable[[str], OpenAI], services: Services
+    client_for: Callable[[str], OpenAI], services: Services, stack_info: stack.StackInfo
 ) -> None:
     client = client_for("dana")
     set_state(services, "chat-c", "coming")
-    time.sleep(1)
+    eventually(lambda: model_state(stack_info, "chat-c") == "coming", "the model filter")
     batch = submit(client, [chat_line(f"c{i}", model="chat-c") for i in range(30)])
     wait_for_batch(client, batch.id, {"in_progress"})
-    time.sleep(4)
+    eventually(lambda: counts(client, batch.id) != (0, 0), "the bucket's one row")
+    barrier(client, "chat-a")  # the gate has decided again since: nothing more for chat-c
     # 24 h window: far from its ramp, so only the leaky bucket's one row per 24 min went out.
     assert counts(client, batch.id) == (1, 0)
     assert len(calls(services, batch.id, 30)) == 1
@@ -172,11 +193,11 @@ def test_killing_an_executor_mid_batch_ends_every_request_exactly_once(
     # chat-b runs 16 at a time: 300 lines of 300 ms take ~6 s, so the kill lands mid-batch.
     batch = submit(client, [chat_line(f"x{i}", model="chat-b", latency_ms=300) for i in range(300)])
     wait_for_batch(client, batch.id, {"in_progress"})
-    time.sleep(1)
-    services.kill("executor-1", signal.SIGKILL)
+    eventually(lambda: counts(client, batch.id)[0] >= 16, "the batch to be under way")
+    restarts = services.kill("executor-1", signal.SIGKILL)
     assert counts(client, batch.id)[0] < 250
     done = wait_for_batch(client, batch.id, timeout_s=180)
-    services.start_worker("executor", 1)
+    services.wait_restarted("executor-1", restarts)
 
     errors = [line["error"]["message"] for line in content_lines(client, done.error_file_id)]
     assert (done.status, done.request_counts.completed) == ("completed", 300), errors[:3]
@@ -210,9 +231,17 @@ def test_a_batch_past_its_deadline_shows_expired_and_keeps_its_results(
     done = wait_for_batch(client, batch.id, {"expired"}, timeout_s=60)
     deadline_passed = time.time()
     assert done.expired_at == done.expires_at and done.expires_at <= deadline_passed
+
     # The rows in flight at the deadline finish; nothing more is sent.
-    time.sleep(3)
-    final = client.batches.retrieve(batch.id)
+    def ended() -> Any:
+        found = client.batches.retrieve(batch.id)
+        c = found.request_counts
+        return found if c is not None and c.completed + c.failed == 40 else None
+
+    final = eventually(ended, "every row of the expired batch to end")
+    sent = len(calls(services, batch.id, 40))
+    barrier(client, "chat-a")
+    assert len(calls(services, batch.id, 40)) == sent
     c = final.request_counts
     assert final.status == "expired" and c.total == 40 and 0 < c.completed < 40
     assert c.completed + c.failed == 40

@@ -9,7 +9,6 @@ import asyncio
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from compose.kafka import _topic_config
 from compose.services import Services
 from projections.purge import Purger, run_once
 from schemas import bodies, topics
-from tests.integration.conftest import TOOL_USERS, jsonl, run, wait_for_batch
+from tests.integration.conftest import TOOL_USERS, eventually, jsonl, run, wait_for_batch
 from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
 
 pytestmark = pytest.mark.integration
@@ -150,13 +149,6 @@ async def _roll(bootstrap: str, topic: topics.Topic) -> None:
         await producer.stop()
 
 
-def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1.0)
-
-
 def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_topic(
     services: Services, stack_info: stack.StackInfo, client_for: Callable[[str], OpenAI]
 ) -> None:
@@ -205,7 +197,7 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     # into a fresh database does not bring it back.
     with _eager_compaction(bootstrap):
         run(_roll(bootstrap, topics.BODIES))
-        _wait_until(lambda: not _topics_holding(bootstrap, mark), "the erased records to be compacted away")  # fmt: skip
+        eventually(lambda: not _topics_holding(bootstrap, mark), "the erased records to be compacted away", 180, every_s=1.0)  # fmt: skip
     assert topics.BODIES.name in _topics_holding(bootstrap, keep)
 
     async def replay() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:

@@ -28,6 +28,7 @@ from schemas import bodies, ids, topics
 from tests.integration.conftest import (
     chat_line,
     content_lines,
+    eventually,
     jsonl,
     run,
     upstream_stats,
@@ -36,13 +37,6 @@ from tests.integration.conftest import (
 from tests.integration.test_resilience import _read_topic
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def submit(client: OpenAI, lines: list[dict[str, object]], window: str = "24h") -> object:
@@ -171,7 +165,7 @@ def test_a_cancel_ends_a_running_batch_promptly_whenever_it_lands(
     done = wait_for_batch(client, batch.id, {"cancelled"}, timeout_s=30)  # type: ignore[attr-defined]
     assert time.monotonic() - cancelled_at < 15, "a claim was left waiting for a report"
     assert done.request_counts.total == 120
-    wait_until(
+    eventually(
         lambda: upstream_stats(services)["models"]["chat-d"]["in_flight"] == 0,
         "aborted calls to stop",
     )
@@ -185,7 +179,7 @@ def test_expiry_ends_in_flight_requests_and_the_files_stop_changing(
     batch = submit(client, lines, window="15s")
     done = wait_for_batch(client, batch.id, {"expired", "failed", "completed"}, timeout_s=60)  # type: ignore[attr-defined]
     assert done.status == "expired"
-    wait_until(lambda: len(content_lines(client, done.error_file_id)) == 3, "in-flight rows to end")
+    eventually(lambda: len(content_lines(client, done.error_file_id)) == 3, "in-flight rows to end")
     errors = content_lines(client, done.error_file_id)
     assert {json.loads(e["error"]["message"])["type"] for e in errors} == {"BatchTerminated"}
     assert content_lines(client, done.output_file_id) == []
@@ -274,7 +268,7 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
     client = client_for(owner)
     file_id, batch_id = str(uuid.uuid4()), str(uuid.uuid4())
     run(_outside_producer(bootstrap, file_id, batch_id, owner))
-    wait_until(lambda: _exists(client, batch_id), "the outside producer's batch")
+    eventually(lambda: _exists(client, batch_id), "the outside producer's batch")
     done = wait_for_batch(client, batch_id)
     assert done.status == "completed"
     assert [line["custom_id"] for line in content_lines(client, done.output_file_id)] == ["k1"]

@@ -23,8 +23,10 @@ from compose import stack
 from compose.services import Services
 from schemas import ids
 from tests.integration.conftest import (
+    barrier,
     chat_line,
     content_lines,
+    eventually,
     jsonl,
     run,
     upstream_stats,
@@ -88,14 +90,6 @@ def user() -> str:
 
 def marker() -> str:
     return f"m{uuid.uuid4().hex[:16]}"
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout_s: float = 90) -> T:
-    deadline = time.monotonic() + timeout_s
-    while (value := check()) is None:
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def error_of(response: httpx.Response) -> Json:
@@ -329,8 +323,8 @@ def test_delete_during_a_run_stops_it_and_hides_it_with_its_files(
     assert batch.input_file_id in listed
     assert not listed & {batch.output_file_id, batch.error_file_id}
 
-    # Nothing starts upstream after the answer: the call count holds while the fake stays idle.
-    time.sleep(1.5)
+    # Nothing starts upstream after the answer: the call count holds past a later batch.
+    barrier(fay.sdk, "chat-a")
     assert sum(calls_per_request(services, batch.id, 40).values()) == calls
 
 

@@ -25,6 +25,7 @@ from schemas import topics
 from tests.integration.conftest import (
     chat_line,
     content_lines,
+    eventually,
     jsonl,
     run,
     wait_for_batch,
@@ -255,7 +256,10 @@ def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     wait_for_batch(client, batch.id, {"in_progress"})
-    time.sleep(0.5)
+    eventually(
+        lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4,  # type: ignore[union-attr]
+        "the batch to be under way",
+    )
     services.wait_restarted("gate-0", services.kill("gate-0", signal.SIGKILL))
     done = wait_for_batch(client, batch.id, timeout_s=180)
 

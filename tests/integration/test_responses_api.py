@@ -6,7 +6,6 @@ caller that disconnects, and retrieval with its ownership rules."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +25,14 @@ from compose.services import Services
 from projections.api.publisher import Publisher
 from schemas import ids
 from schemas.events import RequestCanceled, RequestTransitions
-from tests.integration.conftest import chat_line, content_lines, jsonl, run, wait_for_batch
+from tests.integration.conftest import (
+    chat_line,
+    content_lines,
+    eventually,
+    jsonl,
+    run,
+    wait_for_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,14 +64,6 @@ def marker() -> str:
 
 def say(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": f"say {text}"}]
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout_s: float = 60) -> T:
-    deadline = time.monotonic() + timeout_s
-    while (value := check()) is None:
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(_POLL_S)
-    return value
 
 
 def fetch(client: OpenAI, response_id: str) -> Row | None:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from projections.api.auth import create_key
 from projections.webhook_signing import new_key
 from schemas import codec, topics
 from schemas.events import BatchNotified
-from tests.integration.conftest import chat_line, jsonl, run, wait_for_batch
+from tests.integration.conftest import chat_line, eventually, jsonl, run, wait_for_batch
 from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
 
 pytestmark = pytest.mark.integration
@@ -142,14 +142,6 @@ class User:
         )
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return found
-
-
 def test_each_terminal_batch_is_delivered_once_signed_across_two_api_processes(
     services: Services, stack_info: stack.StackInfo, receiver: Receiver, api_urls: list[str]
 ) -> None:
@@ -180,7 +172,7 @@ def test_each_terminal_batch_is_delivered_once_signed_across_two_api_processes(
         ok = len(found) == len(expected) and all(d["status"] == "delivered" for d in found)
         return found if ok else None
 
-    deliveries = wait_until(all_delivered, "every notification to be delivered")
+    deliveries = eventually(all_delivered, "every notification to be delivered")
     assert all(len(d["attempts"]) == 1 for d in deliveries)
     got = receiver.at("/ok/alice")
     assert not [r for r in got if isinstance(r["event"], Exception)]
@@ -246,7 +238,7 @@ def test_a_failing_endpoint_gets_retries_with_backoff_visible_through_the_api(
         found = bob.deliveries(endpoint["id"])
         return found[0] if found and found[0]["status"] == "failed" else None
 
-    delivery = wait_until(given_up, "the delivery to be given up")
+    delivery = eventually(given_up, "the delivery to be given up")
     attempts = delivery["attempts"]
     assert [a["attempt"] for a in attempts] == list(range(1, MAX_ATTEMPTS + 1))
     assert all(a["status_code"] == 500 for a in attempts)
