@@ -16,6 +16,7 @@ from cannonade.config import Config
 from projections import queries
 from projections.api.auth import Principal, authenticate
 from projections.api.publisher import Publisher
+from projections.api.settlements import Settlements
 from schemas import topics
 from schemas.errors import ApiError
 
@@ -29,10 +30,13 @@ _RECORD_OVERHEAD = 64 * 1024
 class Context:
     """What every handler needs, stored once on the application."""
 
-    def __init__(self, config: Config, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    def __init__(
+        self, config: Config, pool: asyncpg.Pool, publisher: Publisher, settlements: Settlements
+    ) -> None:
         self.config = config
         self.pool = pool
         self.publisher = publisher
+        self.settlements = settlements
         self.downloads: dict[str, int] = {}  # user -> downloads in progress
 
     async def wait_for(
@@ -154,8 +158,11 @@ def create_app(config: Config) -> web.Application:
     async def resources(app: web.Application) -> Any:
         pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=20)
         publisher = Publisher(config.kafka)
-        app[CONTEXT] = Context(config, pool, publisher)
+        settlements = Settlements(config.database_url)
+        settlements.start()
+        app[CONTEXT] = Context(config, pool, publisher, settlements)
         yield
+        await settlements.stop()
         await publisher.stop()
         await pool.close()
 

@@ -4,6 +4,7 @@ and the waits on it: until it exists (read-your-writes) and until it has ended (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -14,8 +15,7 @@ from projections.api.app import Context
 from projections.rules.responses import RequestDetail, response_object
 from schemas.errors import ApiError, not_found
 
-# §6 polls every 500 ms; a quick first look answers fast calls sooner.
-_FIRST_POLL_S = 0.05
+# §6 polls every 500 ms: here only the fallback to the projector's notifications.
 _POLL_S = 0.5
 
 
@@ -60,22 +60,26 @@ async def until_recorded(ctx: Context, request_id: str) -> None:
 
 async def until_settled(ctx: Context, request_id: str, owner: str, code: int | None) -> Stored:
     """§6: wait until the request has ended (a row not projected yet is waited for too); 504
-    after `responses.poll_timeout_s`, with `code` in the envelope as the endpoint wants it."""
+    after `responses.poll_timeout_s`, with `code` in the envelope as the endpoint wants it.
+
+    The projector's notification wakes the wait as the row ends; the slow poll is only the
+    fallback for a notification lost with the listener's connection."""
     timeout = ctx.config.responses.poll_timeout_s
     deadline = time.monotonic() + timeout
-    delay = _FIRST_POLL_S
-    while not await queries.request_settled(ctx.pool, request_id):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ApiError(
-                504,
-                f"Request timed out: Timeout waiting for request {request_id} to complete "
-                f"after {timeout:g}s",
-                code=code,
-                type="server_error",
-            )
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, _POLL_S)
+    with ctx.settlements.watch(request_id) as ended:
+        while not await queries.request_settled(ctx.pool, request_id):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(
+                    504,
+                    f"Request timed out: Timeout waiting for request {request_id} to complete "
+                    f"after {timeout:g}s",
+                    code=code,
+                    type="server_error",
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), min(_POLL_S, left))
+            ended.clear()
     found = await load(ctx, request_id, owner)
     if found is None:  # only an erasure between the two reads can get here
         raise not_found("response", request_id)
