@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,14 +26,22 @@ def worker(role: str, loglevel: str) -> None:
     run(role, config_module.load(), loglevel)
 
 
+def _process(role: str) -> config_module.Config:
+    """The configuration, with this process's logs and metrics set up as ``role``."""
+    from cannonade import logs, metrics
+
+    cfg = config_module.load()
+    logs.configure(role, cfg.observability.log_format)
+    metrics.announce(role)
+    return cfg
+
+
 @main.command()
 def projector() -> None:
     """Run the projector: Kafka lifecycle topics into PostgreSQL read models."""
-    from projections.projector import Projector
+    from projections.projector import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    cfg = config_module.load()
-    asyncio.run(Projector(cfg.database_url, cfg.kafka).run())
+    asyncio.run(serve(_process("projector")))
 
 
 @main.command()
@@ -42,8 +49,7 @@ def api() -> None:
     """Run the HTTP API."""
     from projections.api.app import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    run(config_module.load())
+    run(_process("api"))
 
 
 @main.command()
@@ -244,10 +250,9 @@ def purge(once: bool) -> None:
 
     from projections import tombstones
     from projections.api.publisher import Publisher
-    from projections.purge import Purger, run_forever, run_once
+    from projections.purge import Purger, run_once, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    cfg = config_module.load()
+    cfg = _process("purge")
 
     async def go() -> None:
         stop = asyncio.Event()
@@ -264,7 +269,7 @@ def purge(once: bool) -> None:
                     f"purged {rows} rows, templates and chunks; {events} model-filter events"
                 )
             else:
-                await run_forever(purger, cfg.purge, stop)
+                await serve(purger, cfg, stop)
         finally:
             await publisher.stop()
             await pool.close()

@@ -5,7 +5,8 @@ Sources, later wins:
 2. the TOML file named by ``CANNONADE_CONFIG`` (if set);
 3. environment variables: ``CANNONADE_KAFKA``, ``CANNONADE_DATABASE_URL``, ``CANNONADE_MODELS``
    (a JSON object shaped like the ``[models]`` table), ``CANNONADE_API_PORT``,
-   ``CANNONADE_WEBHOOK_SECRET_KEYS``.
+   ``CANNONADE_WEBHOOK_SECRET_KEYS``, ``CANNONADE_METRICS_PORT``, ``CANNONADE_METRICS_HOST``,
+   ``CANNONADE_LOG_FORMAT``.
 
 Example file::
 
@@ -139,6 +140,26 @@ class WebhooksConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batch_size: int = 50  # notifications and deliveries taken per cycle
 
 
+class ObservabilityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Health, metrics and logs of every process."""
+
+    # Where a worker, the projector and the purge worker serve /livez, /readyz and /metrics
+    # (the API serves them on its own port); 0 disables the server. `metrics_ports` sets a
+    # port per role (commands, gate, executor, chains, projector, purge) over `metrics_port`,
+    # for one file shared by processes on one host. CANNONADE_METRICS_PORT wins over both.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    metrics_ports: dict[str, int] = {}
+    # json (one object per line), console (for a terminal), or auto: console on a terminal,
+    # json otherwise. CANNONADE_LOG_FORMAT wins.
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # The projector is ready while it trails its topics by at most this many records.
+    ready_max_lag: int = 10_000
+
+    def port_for(self, role: str) -> int:
+        return self.metrics_ports.get(role, self.metrics_port)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kafka: str = "127.0.0.1:9092"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/cannonade"
@@ -155,6 +176,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tools: dict[str, ToolConfig] = {}
     purge: PurgeConfig = msgspec.field(default_factory=PurgeConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    observability: ObservabilityConfig = msgspec.field(default_factory=ObservabilityConfig)
 
     def model(self, name: str) -> ModelConfig | None:
         return self.models.get(name)
@@ -184,4 +206,13 @@ def load(environ: dict[str, str] | None = None) -> Config:
         api = dict(raw.get("api", {}))  # type: ignore[call-overload]
         api["port"] = int(env["CANNONADE_API_PORT"])
         raw["api"] = api
+    observability = dict(raw.get("observability", {}))  # type: ignore[call-overload]
+    if "CANNONADE_METRICS_PORT" in env:
+        port = int(env["CANNONADE_METRICS_PORT"])
+        observability["metrics_port"], observability["metrics_ports"] = port, {}
+    if "CANNONADE_METRICS_HOST" in env:
+        observability["metrics_host"] = env["CANNONADE_METRICS_HOST"]
+    if env.get("CANNONADE_LOG_FORMAT"):
+        observability["log_format"] = env["CANNONADE_LOG_FORMAT"]
+    raw["observability"] = observability
     return msgspec.convert(raw, Config)

@@ -2,6 +2,9 @@
 
 Used by the demo, the integration tests and the benchmarks. Each service logs to
 ``<run_dir>/logs/<name>.log``; :meth:`Services.start` returns once all of them are ready.
+Every Cannonade process answers ``/livez``, ``/readyz`` and ``/metrics`` at
+:meth:`Services.health_url` (the API on its own port, the others on a port of their own), and
+is ready when its ``/readyz`` says so.
 
 A supervisor thread restarts any service that exits before :meth:`Services.stop` (a crash, a
 lost database, a test's :meth:`Services.kill`), after a backoff of 0.5 s doubling to 5 s, back
@@ -13,6 +16,7 @@ defines for every role in one place.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -66,29 +71,14 @@ def write_config(
     path.write_text("\n".join(lines))
 
 
-# Whether a service's current run is ready, given its log and where that run's output starts
-# in it (an earlier run's output must not count). Only ever asked about a live process.
-Probe = Callable[[Path, int], bool]
-
-
-def log_probe(marker: bytes) -> Probe:
-    """Ready once this run has written ``marker`` to its log."""
-
-    def probe(log: Path, offset: int) -> bool:
-        try:
-            with log.open("rb") as fh:
-                fh.seek(offset)
-                return marker in fh.read()
-        except OSError:
-            return False
-
-    return probe
+# Whether a service's current run is ready. Only ever asked about a live process.
+Probe = Callable[[], bool]
 
 
 def http_probe(url: str) -> Probe:
     """Ready once ``url`` answers 2xx."""
 
-    def probe(_log: Path, _offset: int) -> bool:
+    def probe() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return True
@@ -98,8 +88,8 @@ def http_probe(url: str) -> Probe:
     return probe
 
 
-def running_probe(_log: Path, _offset: int) -> bool:
-    """For a service that announces nothing: ready as soon as it runs."""
+def running_probe() -> bool:
+    """For a service without a readiness endpoint: ready as soon as it runs."""
     return True
 
 
@@ -114,7 +104,6 @@ class _Service:
     probe: Probe
     proc: subprocess.Popen[bytes]
     started_at: float
-    log_offset: int
     ready: bool = False  # this run's probe has passed
     restart_at: float | None = None  # set while the service waits out its backoff
     backoff_s: float = _BACKOFF_MIN_S
@@ -124,21 +113,23 @@ class _Service:
 
 def _launch(
     log: Path, argv: list[str], env: Mapping[str, str]
-) -> tuple[subprocess.Popen[bytes], float, int]:
-    """Spawn a run appending to ``log``: its process, start time and log offset."""
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Spawn a run appending to ``log``: its process and start time."""
     with log.open("ab") as out:
-        offset = out.tell()
         # Own session: kill() and stop() signal the whole group, and a Ctrl-C in the
         # launching terminal does not reach the services.
         proc = subprocess.Popen(
             argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return proc, time.monotonic(), offset
+    return proc, time.monotonic()
 
 
 def _log_line(path: Path, text: str) -> None:
+    """A line of the supervisor's own in the service's log, shaped like the service's lines."""
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    line = {"time": now, "level": "info", "role": "supervisor", "message": text}
     with path.open("a") as fh:
-        fh.write(f"{time.strftime('%H:%M:%S')} [supervisor] {text}\n")
+        fh.write(json.dumps(line) + "\n")
 
 
 class Services:
@@ -169,6 +160,8 @@ class Services:
         # share the read model, and each runs the webhook notifier.
         self.apis = apis
         self.api_urls: dict[str, str] = {}
+        # Where each other Cannonade process serves /livez, /readyz and /metrics.
+        self.health_ports: dict[str, int] = {}
         # The fake tool server (cannonade.testing.fake_tools): `[tools.<name>]` tables in
         # ``extra_config`` reach it through the ``{tools_url}`` placeholder.
         self.tools_url = f"http://127.0.0.1:{self.tools_port}"
@@ -203,20 +196,28 @@ class Services:
             text = text.replace("{" + name + "}", getattr(self, name))
         return text
 
+    def health_url(self, name: str) -> str:
+        """Where Cannonade process ``name`` serves ``/livez``, ``/readyz`` and ``/metrics``."""
+        if name in self.api_urls:
+            return self.api_urls[name]
+        return f"http://127.0.0.1:{self.health_ports[name]}"
+
+    def _with_health_port(self, name: str, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` with a port of its own for ``name``'s health and metrics server (kept
+        across its restarts)."""
+        port = self.health_ports.setdefault(name, free_port())
+        return {**env, "CANNONADE_METRICS_PORT": str(port)}
+
     def _probe(self, name: str) -> Probe:
-        """How to tell that ``name`` is ready: the one place to switch a role to an HTTP
-        health probe once it has one."""
+        """How to tell that ``name`` is ready, in one place for every role."""
         role = name.split("-", 1)[0]
         if role == "upstream":
             return http_probe(f"{self.upstream_url}/_stats")
-        if role == "api":
-            return http_probe(f"{self.api_urls.get(name, self.api_url)}/healthz")
         if role == "tools":
             return http_probe(f"{self.tools_url}/_stats")
-        if role in WORKER_ROLES:
-            # A Faust worker logs "Ready" once it has joined its group and recovered tables.
-            return log_probe(b"Ready")
-        return running_probe  # the projector and the purge worker announce nothing yet
+        if name in self.api_urls or name in self.health_ports:
+            return http_probe(f"{self.health_url(name)}/readyz")
+        return running_probe
 
     def start_service(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> str:
         """Start ``python <args>`` as service ``name`` under supervision, logging to
@@ -225,8 +226,8 @@ class Services:
             if name in self._services:
                 return name
             log, argv, env = self.logs / f"{name}.log", [sys.executable, *args], env or self.env
-            proc, started_at, log_offset = _launch(log, argv, env)
-            svc = _Service(name, argv, env, log, self._probe(name), proc, started_at, log_offset)
+            proc, started_at = _launch(log, argv, env)
+            svc = _Service(name, argv, env, log, self._probe(name), proc, started_at)
             self._services[name], self.procs[name], self.restarts[name] = svc, proc, 0
             if self._supervisor is None:
                 self._supervisor = threading.Thread(
@@ -244,17 +245,18 @@ class Services:
         self.start_service(
             "tools", "-m", "cannonade.testing.fake_tools", "--port", str(self.tools_port)
         )
-        self.start_service("projector", "-m", "cannonade.cli", "projector")
+        for name in ("projector", "purge"):
+            env = self._with_health_port(name, self.env)
+            self.start_service(name, "-m", "cannonade.cli", name, env=env)
         for role in WORKER_ROLES:
             for n in range(self.counts[role]):
                 self.start_worker(role, n)
-        self.start_service("purge", "-m", "cannonade.cli", "purge")
         for n in range(self.apis):
             self.start_api(n)
         deadline = time.monotonic() + timeout_s
         for name in list(self._services):
             self.wait_ready(name, max(0.0, deadline - time.monotonic()))
-        # A service that announces nothing (running_probe) counts as ready at once, so its
+        # A service without a probe of its own (running_probe) counts as ready at once, so its
         # crash at startup only shows as an exit; any exit while starting is a broken setup.
         with self._lock:
             crashed = next((svc for svc in self._services.values() if svc.exits), None)
@@ -269,6 +271,7 @@ class Services:
         supervised, which comes back by itself after an exit)."""
         name = f"{role}-{n}"
         env = {**self.env, "CANNONADE_DATA_DIR": str(self.run_dir / "data" / name)}
+        env = self._with_health_port(name, env)
         return self.start_service(name, "-m", "cannonade.cli", "worker", role, env=env)
 
     def start_api(self, n: int = 0, env: Mapping[str, str] | None = None) -> str:
@@ -292,7 +295,7 @@ class Services:
             # Probed outside the lock, which kill() and waits need meanwhile: an HTTP probe
             # may take a second. Only this thread replaces a run, so the result is this run's.
             for svc in services:
-                if not svc.ready and svc.proc.poll() is None and svc.probe(svc.log, svc.log_offset):
+                if not svc.ready and svc.proc.poll() is None and svc.probe():
                     with self._lock:
                         svc.ready = svc.ever_ready = True
 
@@ -316,7 +319,7 @@ class Services:
             svc.backoff_s = min(svc.backoff_s * 2, _BACKOFF_MAX_S)
         elif now >= svc.restart_at:
             try:
-                svc.proc, svc.started_at, svc.log_offset = _launch(svc.log, svc.argv, svc.env)
+                svc.proc, svc.started_at = _launch(svc.log, svc.argv, svc.env)
             except OSError as exc:  # out of pids or fds, say: try again after a backoff
                 svc.restart_at = now + svc.backoff_s
                 _log_line(svc.log, f"{svc.name} restart failed: {exc!r}")

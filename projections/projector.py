@@ -12,19 +12,27 @@ Nothing stops it for good:
   that fails is retried record by record, each in its own savepoint, to find the culprit;
 - when PostgreSQL or Kafka goes away it reconnects with backoff and resumes from the offsets
   stored with the data.
+
+It is ready (:meth:`Projector.check`) while its session runs, the broker has answered a fetch
+lately, and it trails its topics by at most ``observability.ready_max_lag`` records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from projections import writers
+from cannonade import health
+from cannonade import metrics as shared_metrics
+from cannonade.config import Config
+from projections import metrics, writers
 from schemas import codec, ids, topics
 from schemas.events import DeadLetter
 
@@ -36,6 +44,9 @@ TOPICS = (
     topics.WORKERS, topics.KEYS, topics.RESPONSES, topics.WEBHOOKS, topics.WEBHOOK_DELIVERIES,
 )  # fmt: skip
 MAX_RECORDS = 5000
+LAG_INTERVAL_S = 1.0  # between lag measurements
+# No fetch answered for this long: the broker is away (fetches return every 20 ms otherwise).
+FETCH_STALE_S = 10.0
 _PAYLOAD_HEAD = 64 * 1024
 # Errors that mean "the database is not there right now", as opposed to "this record is bad".
 _CONNECTION_ERRORS = (
@@ -50,12 +61,30 @@ _CONNECTION_ERRORS = (
 
 
 class Projector:
-    def __init__(self, dsn: str, bootstrap: str, consumer_name: str = CONSUMER) -> None:
+    def __init__(
+        self, dsn: str, bootstrap: str, consumer_name: str = CONSUMER, *, max_lag: int = 10_000
+    ) -> None:
         self.dsn = dsn
         self.bootstrap = bootstrap
         self.name = consumer_name
+        self.max_lag = max_lag
         self._stop = asyncio.Event()
         self.dead_letters = 0
+        # Records behind per topic, and when a fetch last answered (epoch s); None while no
+        # session runs or before its first measurement.
+        self.lag: dict[str, int] | None = None
+        self.fetched_at = 0.0
+
+    async def check(self) -> str | None:
+        """Readiness: None when caught up enough to serve, else why not."""
+        if self.lag is None:
+            return "not connected to Kafka and PostgreSQL yet"
+        if time.time() - self.fetched_at > FETCH_STALE_S:
+            return f"no answer from Kafka for {time.time() - self.fetched_at:.0f}s"
+        behind = sum(self.lag.values())
+        if behind > self.max_lag:
+            return f"{behind} records behind (ready at {self.max_lag} or fewer)"
+        return None
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,18 +126,25 @@ class Projector:
         try:
             await consumer.start()
             await producer.start()
-            await self._assign(consumer, conn)
+            partitions = await self._assign(consumer, conn)
             log.info("projector resumed")
+            measured = 0.0
             while not self._stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=MAX_RECORDS)
                 if batch:
                     await self._apply(conn, producer, batch)
+                if time.monotonic() - measured >= LAG_INTERVAL_S:
+                    await self._measure_lag(consumer, partitions)
+                    measured = time.monotonic()
         finally:
+            self.lag = None
             await _quietly(consumer.stop())
             await _quietly(producer.stop())
             await _quietly(conn.close())
 
-    async def _assign(self, consumer: AIOKafkaConsumer, conn: asyncpg.Connection) -> None:
+    async def _assign(
+        self, consumer: AIOKafkaConsumer, conn: asyncpg.Connection
+    ) -> list[TopicPartition]:
         """Own every partition; resume each from the offset stored with the data."""
         partitions = [TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)]
         consumer.assign(partitions)
@@ -125,6 +161,21 @@ class Projector:
                 await consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, offset)
+        return partitions
+
+    async def _measure_lag(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:  # fmt: skip
+        """Records behind per topic, from the high watermarks the fetches bring; unknown until
+        every partition has been fetched once."""
+        lag = dict.fromkeys((t.name for t in TOPICS), 0)
+        fetched_ms = 0
+        for tp in partitions:
+            high, at = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
+            if high is None or at is None:
+                return
+            lag[tp.topic] += max(0, high - await consumer.position(tp))
+            fetched_ms = max(fetched_ms, at)
+        self.lag, self.fetched_at = lag, fetched_ms / 1000
+        metrics.projector_lag(lag)
 
     async def _apply(
         self,
@@ -133,12 +184,17 @@ class Projector:
         batch: dict[TopicPartition, list[ConsumerRecord]],
     ) -> None:
         records = [r for rs in batch.values() for r in rs]
+        started = time.perf_counter()
+        counts = Counter[str]()
+        for tp, rs in batch.items():
+            counts[tp.topic] += len(rs)
         try:
             async with conn.transaction():
                 applied = await writers.apply(conn, records)
                 await self._dead_letter(producer, applied.rejected)
                 await self._save_offsets(conn, batch)
                 await _notify_settled(conn, applied.settled)
+            metrics.projector_applied(counts, time.perf_counter() - started)
             return
         except _CONNECTION_ERRORS:
             raise
@@ -163,6 +219,7 @@ class Projector:
             await self._dead_letter(producer, rejected)
             await self._save_offsets(conn, batch)
             await _notify_settled(conn, settled)
+        metrics.projector_applied(counts, time.perf_counter() - started)
 
     async def _save_offsets(
         self, conn: asyncpg.Connection, batch: dict[TopicPartition, list[ConsumerRecord]]
@@ -199,6 +256,8 @@ class Projector:
         if futures:
             await asyncio.gather(*futures)
             self.dead_letters += len(futures)
+            for record, reason in rejected:
+                shared_metrics.dead_letter(record.topic, reason)
 
 
 # Requests that ended, told to the API's waiters; delivered when the transaction commits.
@@ -220,5 +279,14 @@ async def _quietly(aw: object) -> None:
         log.debug("while closing: %r", exc)
 
 
-async def run_forever(dsn: str, bootstrap: str) -> None:
-    await Projector(dsn, bootstrap).run()
+async def serve(config: Config) -> None:
+    """The projector process: project until killed, with health and metrics on
+    ``observability.metrics_port`` (ready: see :meth:`Projector.check`)."""
+    obs = config.observability
+    projector = Projector(config.database_url, config.kafka, max_lag=obs.ready_max_lag)
+    readiness = health.Readiness()
+    postgres = health.PostgresCheck(config.database_url)
+    readiness.add("postgres", postgres, postgres.close)
+    readiness.add("projection", projector.check)
+    async with health.serving(obs.metrics_host, obs.port_for("projector"), readiness):
+        await projector.run()

@@ -27,7 +27,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import msgspec
 
-from cannonade.config import PurgeConfig
+from cannonade import health
+from cannonade.config import Config, PurgeConfig
+from projections import metrics
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +178,25 @@ async def run_forever(purger: Purger, config: PurgeConfig, stop: asyncio.Event) 
     while not await _stopped(stop, config.interval_ms / 1000):
         try:
             rows, events = await run_once(purger, config, stop)
+            metrics.purged(rows, events)
             if rows or events:
                 log.info("purged %d rows, templates and chunks, %d model-filter events", rows, events)  # fmt: skip
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("purge round failed (%r); next round after the interval", exc)
         except Exception:
             log.exception("purge round failed; next round after the interval")
+
+
+async def serve(purger: Purger, config: Config, stop: asyncio.Event) -> None:
+    """The purge worker process: :func:`run_forever` with health and metrics on
+    ``observability.metrics_port`` (ready: PostgreSQL and Kafka answer)."""
+    obs = config.observability
+    readiness = health.Readiness()
+    postgres, kafka = health.PostgresCheck(config.database_url), health.KafkaCheck(config.kafka)
+    readiness.add("postgres", postgres, postgres.close)
+    readiness.add("kafka", kafka, kafka.close)
+    async with health.serving(obs.metrics_host, obs.port_for("purge"), readiness):
+        await run_forever(purger, config.purge, stop)
 
 
 async def _stopped(stop: asyncio.Event, seconds: float) -> bool:

@@ -17,6 +17,7 @@ import faust
 import msgspec
 from faust.types import EventT
 
+from cannonade import metrics
 from cannonade.config import Config
 from schemas import codec, ids, topics
 from schemas.bodies import BodyRef
@@ -24,6 +25,7 @@ from schemas.events import DeadLetter
 from schemas.topics import Topic
 from streams import fetch_wait
 from streams.emit import Out, TopicRole
+from streams.metrics import Hooks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +79,7 @@ class Streams:
         )
         self.topics = {role_: self.bind(t) for role_, t in _ROLE_TOPICS.items()}
         self.deadletter = self.bind(topics.DEADLETTER)
+        self.metrics = Hooks(config.models)
 
     def bind(self, topic: Topic) -> faust.TopicT:
         return self.app.topic(
@@ -118,9 +121,10 @@ class Streams:
         landed = await asyncio.gather(*futures)
         return [BodyRef(m.partition, m.offset) for m in landed]
 
-    async def dead_letter(self, event: EventT, reason: str) -> None:
+    async def dead_letter(self, event: EventT, reason: str, kind: str | None = None) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content
-        stays off the dead-letter topic: a body record is named by its key only."""
+        stays off the dead-letter topic: a body record is named by its key only. ``kind``
+        classes the reason for metrics where its text cannot."""
         message = event.message
         key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else None
         value = message.value if isinstance(message.value, bytes) else b""
@@ -143,6 +147,7 @@ class Streams:
             reason,
         )
         await self.deadletter.send(key=message.key, value=codec.encode(letter), force=True)
+        metrics.dead_letter(message.topic, reason, kind)
 
 
 def decode_or_none(

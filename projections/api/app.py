@@ -12,11 +12,14 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from cannonade import health
 from cannonade.config import Config
 from projections import queries
+from projections.api import health as api_health
 from projections.api.auth import Principal, authenticate
 from projections.api.publisher import Publisher
 from projections.api.settlements import Settlements
+from projections.metrics import http_metrics
 from schemas import topics
 from schemas.errors import ApiError
 
@@ -116,6 +119,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def authentication(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == "/healthz":
         return await handler(request)
+    if request.path in health.PATHS:  # probes and Prometheus carry no key
+        return await handler(request)
     found = await authenticate(context(request).pool, request.headers.get("Authorization"))
     if found is None:
         raise ApiError(401, "Invalid API key", code="invalid_api_key")
@@ -151,7 +156,7 @@ def create_app(config: Config) -> web.Application:
 
     check_limits(config)
     app = web.Application(
-        middlewares=[errors, authentication],
+        middlewares=[http_metrics, errors, authentication],
         client_max_size=config.api.max_file_size + 10 * 1024,
     )
 
@@ -168,6 +173,7 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
+    api_health.setup(app, config)
     files.routes(app.router)
     batches.routes(app.router)
     batch_control.routes(app.router)

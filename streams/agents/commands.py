@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from faust.types import EventT, StreamT
 
+from cannonade import logs
 from schemas import codec, topics
 from schemas.commands import (
     AnyCommand,
@@ -139,9 +140,21 @@ def register(streams: Streams) -> None:
                     event, f"{type(cmd).__name__} must be keyed by '{aggregate_id(cmd)}'"
                 )
                 continue
-            try:
-                outs = await handle(cmd, event)
-            except ApiError as exc:
-                await streams.dead_letter(event, exc.message)
-                continue
-            log.info("%s %s: %d events", type(cmd).__name__, key, len(outs))
+            with logs.bound(**_ids(cmd)):
+                try:
+                    outs = await handle(cmd, event)
+                except ApiError as exc:
+                    await streams.dead_letter(event, exc.message, kind="refused")
+                    continue
+                streams.metrics.command(type(cmd).__name__)
+                log.info("%s %s: %d events", type(cmd).__name__, key, len(outs))
+
+
+def _ids(cmd: AnyCommand) -> dict[str, str]:
+    """The ids a command names, for its log lines."""
+    found = {
+        "file_id": getattr(cmd, "file_id", None) or getattr(cmd, "input_file_id", None),
+        "batch_id": getattr(cmd, "batch_id", None),
+        "request_id": getattr(cmd, "request_id", None),
+    }
+    return {name: value for name, value in found.items() if isinstance(value, str)}

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -30,7 +31,7 @@ from typing import Any
 import msgspec
 from faust.types import StreamT
 
-from cannonade import __version__
+from cannonade import __version__, logs
 from cannonade.config import Config
 from schemas import bodies, codec, ids, topics
 from schemas.bodies import BodyRef
@@ -60,6 +61,7 @@ from streams.execution.outcome import (
 )
 from streams.execution.reporter import Reporter
 from streams.execution.retry import BackoffPolicy, GiveUp, decide
+from streams.metrics import Hooks
 from streams.responses.inputs import decode_body
 from streams.responses.tools import inject_tools, resolve_tools
 from streams.responses.translate import chat_to_responses, responses_to_chat
@@ -84,8 +86,10 @@ class Executor:
         worker_id: str,
         publish: Callable[[Sequence[Out]], Awaitable[None]],
         write_bodies: Callable[[Sequence[tuple[str, bytes, int]]], Awaitable[list[BodyRef]]],
+        hooks: Hooks,
     ) -> None:
         self.reporter = reporter
+        self.hooks = hooks
         self.publish = publish
         self.write_bodies = write_bodies
         self.bodies = body_source
@@ -160,11 +164,15 @@ class Executor:
     async def _run(self, item: DispatchItem, headers: dict[str, str]) -> None:
         finished: FinishedItem | None = None
         outs: list[Out] = []
+        # This task's own context: every line it logs names the claim.
+        logs.bind(request_id=item.request_id, batch_id=item.batch_id, claim_id=item.claim_id)
         try:
-            if utcnow() - item.claimed_at > self.max_age:
+            waited = utcnow() - item.claimed_at
+            if waited > self.max_age:
                 log.info("handing back stale claim %s of %s", item.claim_id, item.request_id)
                 finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="not_sent")  # fmt: skip
                 return
+            self.hooks.claim_started(item.model, waited)
             self.reporter.started(item.model, StartedItem(item.request_id, item.claim_id))
             finished, outs = await self._execute(item, headers)
             if finished is None:
@@ -226,7 +234,9 @@ class Executor:
             stream=path in e.streamable_endpoints,
             batch_headers=headers,
         )
+        sent = time.perf_counter()
         outcome = await self.client.execute(call)
+        self.hooks.upstream_called(routed, outcome, time.perf_counter() - sent)
         if isinstance(outcome, Failure):
             return self._decide(item, outcome.reason)
         text = outcome.body
@@ -282,6 +292,10 @@ class Executor:
         decision = decide(reason, item.attempt, utcnow(), item.deadline, self.backoff)
         if isinstance(decision, GiveUp):
             return self._failed(item, reason)
+        log.info(
+            "attempt %d on %s failed (%s); retrying from %s",
+            item.attempt, item.model, type(reason).__name__, decision.not_before.isoformat(),
+        )  # fmt: skip
         retry = FinishedItem(
             request_id=item.request_id, claim_id=item.claim_id, result="retry",
             not_before=decision.not_before,
@@ -291,6 +305,7 @@ class Executor:
     def _failed(self, item: DispatchItem, reason: FailureReason) -> tuple[FinishedItem, list[Out]]:
         raw = reason.to_json().encode()
         status = getattr(reason, "status", None)
+        log.info("attempt %d on %s failed for good (%s)", item.attempt, item.model, type(reason).__name__)  # fmt: skip
         body_out = Out(
             "bodies",
             bodies.key(bodies.ERROR, item.request_id),
@@ -373,7 +388,11 @@ def register(streams: Streams) -> Executor:
         worker_id,
         lambda outs: streams.publish(outs, wait=True),
         streams.write_bodies,
+        streams.metrics,
     )
+    streams.metrics.running(lambda: len(executor.running))
+    # Bound before any task starts, so every line of this process names the worker.
+    logs.bind(worker=worker_id)
     app = streams.app
 
     @app.agent(streams.topics["dispatch"], name="executor")

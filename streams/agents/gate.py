@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +22,7 @@ from schemas.events import GateTick
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.gate.core import Gate, Liveness
+from streams.metrics import Backlog
 from streams.tables import Utf8Keys, WriteBehind
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ def register(streams: Streams) -> Gate:
         ),
     )
     rebuild = {"needed": True}
+    hooks = streams.metrics
+    Backlog(gate.backlog, hooks).register()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -75,6 +79,7 @@ def register(streams: Streams) -> Gate:
                 gate.rebuild()
                 rebuild["needed"] = False
             gate.partition = event.message.partition
+            started = time.perf_counter()
             try:
                 outs = gate.handle(message, utcnow())
             except Exception as exc:
@@ -84,8 +89,10 @@ def register(streams: Streams) -> Gate:
                 gate.rebuild()
                 await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
                 continue
+            decided = time.perf_counter() - started
             if outs:
                 await streams.publish(outs)
+            hooks.gate_published(outs, decided)
             state.flush()
 
     @app.timer(interval=TICK_INTERVAL_S, on_leader=True)

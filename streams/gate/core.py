@@ -226,6 +226,32 @@ class Gate:
         index = self.models.get(model)
         return 0 if index is None else len(index.in_flight)
 
+    def backlog(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(model, window) -> (pending, in flight) of the rows held here, read-only (for
+        metrics). A batch row counts under its batch's completion window, a batchless row
+        under its service tier (``batchless`` without one)."""
+        counts: dict[tuple[str, str], list[int]] = {}
+
+        def add(model: str, window: str, at: int, n: int = 1) -> None:
+            counts.setdefault((model, window), [0, 0])[at] += n
+
+        for model, index in self.models.items():
+            for batch in index.batches.values():
+                facts = batch.entry.facts
+                add(model, facts.window_class, 0, batch.unclaimed_count() + len(set(batch.returned)))  # fmt: skip
+            waiting = {*index.loose, *(request_id for _, request_id in index.delayed)}
+            for at, request_ids in ((0, waiting), (1, index.in_flight)):
+                for request_id in request_ids:
+                    entry = self._request(request_id)
+                    if entry is None or (at == 0 and entry.state != "pending"):
+                        continue  # ended since it was queued
+                    batch_ = index.batches.get(entry.batch_id)
+                    if batch_ is not None:
+                        add(model, batch_.entry.facts.window_class, at)
+                    elif entry.facts is not None:
+                        add(model, entry.facts.service_tier or "batchless", at)
+        return {key: (pending, in_flight) for key, (pending, in_flight) in counts.items()}
+
     def rebuild(self) -> None:
         """Derive every index from the state records (after a rebalance)."""
         self.models, self.owner_active, self.buckets = {}, {}, {}

@@ -23,6 +23,7 @@ own (module scope); each drill starts only once every service is ready again.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -444,14 +445,16 @@ _ROW = re.compile(r"^\|[^|]+\|\s*(\d+)\s*\|", re.MULTILINE)
 
 def active_partitions(services: Services, name: str) -> set[int]:
     """The gate table partitions ``name`` owns since its latest assignment, from its log
-    (Faust prints the active changelog partitions it recovers on every assignment)."""
-    text = log_path(services, name).read_text(errors="replace")
-    latest = text[max(text.rfind(_ASSIGNED), 0) :]
-    start = latest.find(_ACTIVE_TABLE)
-    if start < 0:
-        return set()
-    end = latest.find("\n[", start)  # the next log line ends the table
-    return {int(p) for p in _ROW.findall(latest[start : end if end >= 0 else None])}
+    (Faust logs the active changelog partitions it recovers, as a table, on every
+    assignment; each log line is a JSON object)."""
+    messages = [
+        str(json.loads(line).get("message", ""))
+        for line in log_path(services, name).read_text(errors="replace").splitlines()
+        if line.startswith("{")
+    ]
+    assigned = max((i for i, m in enumerate(messages) if _ASSIGNED in m), default=0)
+    table = next((m for m in messages[assigned:] if _ACTIVE_TABLE in m), "")
+    return {int(p) for p in _ROW.findall(table)}
 
 
 def gate_owning(services: Services, model: str) -> str:
