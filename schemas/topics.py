@@ -163,6 +163,24 @@ CHANGELOGS: tuple[Topic, ...] = (
     changelog("cannonade-gate", GATE_TABLE, GATE_PARTITIONS),
 )
 
+
+def leader(app_id: str) -> Topic:
+    """The topic Faust's leader assignor gives to one member of a worker group; that member
+    runs the group's ``on_leader`` timers (the gate's ticks, which drive retries, reclaims and
+    expiry). Created with the catalog: a group that forms before a worker has created it gets
+    no leader until its next rebalance, and then no tick is sent."""
+    return Topic(
+        f"{app_id}-__assignor-__leader",
+        key="none",
+        partitions=1,
+        carries="nothing: its one partition marks the group's leader",
+    )
+
+
+LEADERS: tuple[Topic, ...] = tuple(
+    leader(f"cannonade-{role}") for role in ("commands", "gate", "executor", "chains")
+)
+
 # Webhooks (batch notifications, core §4.9): registrations and delivery attempts, so a read
 # model rebuilt from the log knows every endpoint and never notifies twice.
 WEBHOOKS = Topic(
@@ -185,5 +203,5 @@ WEBHOOK_DELIVERIES = Topic(
 
 ALL: tuple[Topic, ...] = (
     COMMANDS, FILES, BATCHES, REQUESTS, GATE, DISPATCH, BODIES, MODEL_FILTERS, WORKERS, KEYS,
-    RESPONSES, STEP_WORK, DEADLETTER, *CHANGELOGS, WEBHOOKS, WEBHOOK_DELIVERIES,
+    RESPONSES, STEP_WORK, DEADLETTER, *CHANGELOGS, WEBHOOKS, WEBHOOK_DELIVERIES, *LEADERS,
 )  # fmt: skip
