@@ -69,6 +69,9 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Concurrent content downloads per user: one user's downloads cannot hold every
     # database connection.
     downloads_per_user: int = 4
+    # Users who also see the dashboard's operator views (the whole engine's throughput and
+    # latency); everyone else gets 403 there.
+    operators: list[str] = []
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

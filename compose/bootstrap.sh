@@ -34,10 +34,13 @@ command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15)
 command -v "$PYTHON" >/dev/null 2>&1 || missing+=(python3.11 python3.11-venv)
+# The dashboard's browser test drives Debian's Chromium through its chromedriver.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 else
-    say "java, mvn, postgresql 15, $PYTHON: present"
+    say "java, mvn, postgresql 15, $PYTHON, chromium: present"
 fi
 
 # --- virtualenv + editable install (skipped while pyproject.toml is unchanged) ------------

@@ -79,10 +79,11 @@ async def issue_key(
     return key_id, secret
 
 
-async def revoke_key(
-    publisher: Publisher, conn: asyncpg.Connection, key_id: str, timeout_s: float = 60.0
+async def publish_revocation(
+    publisher: Publisher, conn: asyncpg.Connection | asyncpg.Pool, key_id: str
 ) -> bool:
-    """Revoke a key; False when there is no such key."""
+    """Publish a key's revocation without waiting for its projection; False when there is
+    no such key."""
     row = await conn.fetchrow(
         "SELECT user_id, key_hash, created_at FROM api_keys WHERE id = $1", key_id
     )
@@ -100,6 +101,15 @@ async def revoke_key(
             revoked_at=now,
         )
     )
+    return True
+
+
+async def revoke_key(
+    publisher: Publisher, conn: asyncpg.Connection, key_id: str, timeout_s: float = 60.0
+) -> bool:
+    """Revoke a key and wait until it no longer authenticates; False when there is no such key."""
+    if not await publish_revocation(publisher, conn, key_id):
+        return False
     await _until(
         conn,
         "SELECT 1 FROM api_keys WHERE id = $1 AND revoked_at IS NOT NULL",
@@ -109,7 +119,9 @@ async def revoke_key(
     return True
 
 
-async def list_keys(conn: asyncpg.Connection, user: str | None = None) -> list[KeyInfo]:
+async def list_keys(
+    conn: asyncpg.Connection | asyncpg.Pool, user: str | None = None
+) -> list[KeyInfo]:
     rows = await conn.fetch(
         "SELECT id::text AS id, user_id AS user, created_at, revoked_at FROM api_keys"
         " WHERE $1::text IS NULL OR user_id = $1 ORDER BY created_at, id",

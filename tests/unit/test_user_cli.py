@@ -1,0 +1,77 @@
+"""The user CLI's pure parts (rate and ETA, arguments) and the dashboard's minute series."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import click
+import msgspec
+import pytest
+
+from cannonade.api_client import Batch, base_url
+from cannonade.cli_user import parse_metadata
+from cannonade.watch import Estimate, clock, line
+from projections.api.dashboard.stats import BUCKET_S, BUCKETS, first_minute, series
+from schemas.api_dashboard import Throughput
+
+
+def test_rate_and_eta_come_from_the_recent_samples_only() -> None:
+    estimate = Estimate(window_s=30)
+    assert estimate.rate() is None and estimate.eta_s(100) is None
+    estimate.add(0.0, 0)
+    estimate.add(10.0, 10)
+    assert estimate.rate() == pytest.approx(1.0)
+    assert estimate.eta_s(100) == pytest.approx(90.0)
+    # A faster pace later: samples older than the window stop counting.
+    estimate.add(40.0, 40)
+    estimate.add(50.0, 90)
+    assert estimate.rate() == pytest.approx(80 / 40)
+    assert estimate.eta_s(100) == pytest.approx(5.0)
+
+
+def test_a_stalled_batch_has_no_eta() -> None:
+    estimate = Estimate()
+    estimate.add(0.0, 5)
+    estimate.add(3.0, 5)
+    assert estimate.rate() == 0 and estimate.eta_s(10) is None
+    assert clock(None) == "-:--"
+    assert clock(65.4) == "1:05" and clock(3725) == "1:02:05"
+
+
+def test_the_plain_progress_line_names_every_count() -> None:
+    batch = msgspec.convert(
+        {"id": "b", "status": "in_progress", "endpoint": "/v1/chat/completions",
+         "completion_window": "24h", "created_at": 0, "unknown_later_field": 1,
+         "request_counts": {"total": 40, "completed": 9, "failed": 1}},
+        Batch,
+    )  # fmt: skip
+    estimate = Estimate()
+    estimate.add(0.0, 0)
+    estimate.add(2.0, 10)
+    assert line(batch, estimate) == "in_progress: 9/40 completed, 1 failed, 5.0 req/s, ETA 0:06"
+
+
+def test_api_urls_are_taken_with_or_without_v1_and_metadata_as_pairs() -> None:
+    assert base_url("http://h:8080/v1/") == base_url("http://h:8080") == "http://h:8080"
+    assert parse_metadata(("team=a", "note=x=y")) == {"team": "a", "note": "x=y"}
+    assert parse_metadata(()) is None
+    with pytest.raises(click.BadParameter):
+        parse_metadata(("novalue",))
+
+
+def test_the_throughput_series_has_every_minute_of_the_hour_oldest_first() -> None:
+    now = datetime(2026, 1, 1, 12, 30, 42, tzinfo=UTC)
+    start = first_minute(now)
+    assert start == int(datetime(2026, 1, 1, 11, 31, tzinfo=UTC).timestamp())
+    current = start + (BUCKETS - 1) * BUCKET_S
+    rows = [
+        {"minute": current, "completed": 7, "failed": 1, "p50": 0.123456, "p99": 0.9},
+        {"minute": start, "completed": 0, "failed": 2, "p50": None, "p99": None},
+    ]
+    points = series(rows, now)
+    assert [p.minute for p in points] == list(range(start, current + 1, BUCKET_S))
+    assert (points[0].failed, points[0].latency_p50_s) == (2, None)
+    assert (points[-1].completed, points[-1].latency_p50_s, points[-1].latency_p99_s) == (7, 0.1235, 0.9)  # fmt: skip
+    assert all(p.completed == p.failed == 0 for p in points[1:-1])
+    doc = msgspec.json.encode(Throughput(object="dashboard.throughput", bucket_s=60, data=points))
+    assert msgspec.json.decode(doc, type=Throughput).data == points
