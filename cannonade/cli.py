@@ -334,8 +334,8 @@ def webhooks_create(
         endpoint = asyncio.run(_with_keys(go))
     except ApiError as exc:
         raise click.ClickException(exc.message) from None
-    click.echo(f"{endpoint['id']}  {endpoint['url']}")
-    click.echo(f"signing secret: {endpoint['signing_secret']}")
+    click.echo(f"{endpoint.id}  {endpoint.url}")
+    click.echo(f"signing secret: {endpoint.signing_secret}")
 
 
 @webhooks.command("list")
@@ -348,7 +348,7 @@ def webhooks_list(user: str) -> None:
         return await registry.list_endpoints(conn, user)
 
     for e in asyncio.run(_with_keys(go)):
-        click.echo(f"{e['id']}  {e['url']}  {','.join(e['event_types'])}  {e['signing_secret_hint']}")  # fmt: skip
+        click.echo(f"{e.id}  {e.url}  {','.join(e.event_types)}  {e.signing_secret_hint}")  # fmt: skip
 
 
 @webhooks.command("delete")

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -25,20 +25,19 @@ from projections.webhook_signing import (
     secret_hint,
 )
 from schemas import ids, topics
+from schemas.api_webhooks import (
+    BATCH_EVENTS,
+    CreatedWebhookEndpoint,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpointObject,
+)
+from schemas.api_webhooks import WebhookRegistration as Registration
 from schemas.errors import ApiError, invalid_request
 from schemas.events import WebhookEndpoint
 
-#: The batch events an endpoint may subscribe to (OpenAI's names); all of them by default.
-BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.cancelled", "batch.expired")
 MAX_URL = 2048
 MAX_NAME = 256
-
-
-class Registration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    url: str
-    name: str | None = None
-    event_types: list[str] | None = None
-    signing_secret: str | None = None  # bring your own; generated when absent
 
 
 def check_registration(reg: Registration) -> Registration:
@@ -66,9 +65,13 @@ def _unix(at: datetime) -> int:
     return int(at.timestamp())
 
 
-def endpoint_object(row: Any, secret: str | None = None) -> dict[str, Any]:
-    """An endpoint as OpenAI shows one (``webhook_endpoint``); the secret only at creation."""
-    out: dict[str, Any] = {
+def endpoint_object(row: Any) -> WebhookEndpointObject:
+    """An endpoint as OpenAI shows one (``webhook_endpoint``), without its secret."""
+    return WebhookEndpointObject(**_endpoint_fields(row))
+
+
+def _endpoint_fields(row: Any) -> dict[str, Any]:
+    return {
         "id": row["id"],
         "object": "webhook_endpoint",
         "url": row["url"],
@@ -77,9 +80,6 @@ def endpoint_object(row: Any, secret: str | None = None) -> dict[str, Any]:
         "created_at": _unix(row["created_at"]),
         "signing_secret_hint": row["secret_hint"],
     }
-    if secret is not None:
-        out["signing_secret"] = secret
-    return out
 
 
 _ENDPOINT = (
@@ -111,15 +111,16 @@ async def register(
     reg: Registration,
     *,
     timeout_s: float = 60.0,
-) -> dict[str, Any]:
-    """Register an endpoint for ``owner``; returns it with its signing secret (shown once)."""
+) -> CreatedWebhookEndpoint:
+    """Register an endpoint for ``owner``; returns it with its signing secret (shown once).
+    An invalid registration is a 400 whether or not webhooks are enabled."""
+    reg = check_registration(reg)
     if not box.enabled:
         raise ApiError(
             501,
             "Webhooks are not enabled on this server (no webhooks.secret_keys configured)",
             code="webhooks_disabled",
         )
-    reg = check_registration(reg)
     secret = reg.signing_secret or generate_secret()
     webhook_id = str(uuid.uuid4())
     now = datetime.now(UTC)
@@ -142,15 +143,15 @@ async def register(
 
     await _until(shown, "the webhook endpoint", timeout_s)
     row = await pool.fetchrow(_ENDPOINT + " AND id = $1", webhook_id)
-    return endpoint_object(row, secret)
+    return CreatedWebhookEndpoint(**_endpoint_fields(row), signing_secret=secret)
 
 
-async def list_endpoints(pool: asyncpg.Pool | asyncpg.Connection, owner: str) -> list[dict[str, Any]]:  # fmt: skip
+async def list_endpoints(pool: asyncpg.Pool | asyncpg.Connection, owner: str) -> list[WebhookEndpointObject]:  # fmt: skip
     rows = await pool.fetch(_ENDPOINT + " AND owner = $1 ORDER BY created_at DESC, id DESC", owner)
     return [endpoint_object(r) for r in rows]
 
 
-async def get_endpoint(pool: asyncpg.Pool | asyncpg.Connection, owner: str, webhook_id: str) -> dict[str, Any] | None:  # fmt: skip
+async def get_endpoint(pool: asyncpg.Pool | asyncpg.Connection, owner: str, webhook_id: str) -> WebhookEndpointObject | None:  # fmt: skip
     row = await pool.fetchrow(_ENDPOINT + " AND owner = $1 AND id = $2", owner, webhook_id)
     return None if row is None else endpoint_object(row)
 
@@ -225,26 +226,27 @@ def message_id(delivery_id: str) -> str:
     return "wh_" + uuid.UUID(delivery_id).hex
 
 
-def delivery_object(row: Any) -> dict[str, Any]:
-    attempts = msgspec.json.decode(row["attempts"]) if isinstance(row["attempts"], str) else []
-    last = attempts[-1] if attempts else None
-    if last is not None and last["outcome"] == "delivered":
-        status = "delivered"
-    elif last is not None and last["outcome"] == "failed":
-        status = "failed"
-    else:
-        status = "pending"
-    return {
-        "id": message_id(row["id"]),
-        "object": "webhook_endpoint.delivery",
-        "event_id": row["notification_id"],
-        "event_type": row["event_type"],
-        "batch_id": row["batch_id"],
-        "created_at": _unix(row["created_at"]),
-        "status": status,
-        "next_attempt_at": None if row["due_at"] is None else _unix(row["due_at"]),
-        "attempts": attempts,
-    }
+_decode_attempts = msgspec.json.Decoder(list[WebhookAttempt]).decode
+
+
+def delivery_object(row: Any) -> WebhookDelivery:
+    raw = row["attempts"]
+    attempts = _decode_attempts(raw) if isinstance(raw, str) else []
+    last = attempts[-1].outcome if attempts else None
+    status: Literal["pending", "delivered", "failed"] = "pending"
+    if last in ("delivered", "failed"):
+        status = "delivered" if last == "delivered" else "failed"
+    return WebhookDelivery(
+        id=message_id(row["id"]),
+        object="webhook_endpoint.delivery",
+        event_id=row["notification_id"],
+        event_type=row["event_type"],
+        batch_id=row["batch_id"],
+        created_at=_unix(row["created_at"]),
+        status=status,
+        next_attempt_at=None if row["due_at"] is None else _unix(row["due_at"]),
+        attempts=attempts,
+    )
 
 
 async def deliveries(
@@ -254,7 +256,7 @@ async def deliveries(
     *,
     limit: int,
     after: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[WebhookDelivery]:
     """An endpoint's deliveries, newest first, each with its attempts (``after``: the last
     delivery id of the previous page)."""
     cursor: tuple[Any, Any] = (None, None)

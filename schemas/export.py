@@ -1,4 +1,5 @@
-"""Exports the JSON Schemas of every contract into ``schemas/json/`` for outside consumers.
+"""Exports the JSON Schemas of every contract into ``schemas/json/`` for outside consumers,
+and the HTTP API's OpenAPI document into ``schemas/openapi.json``.
 
 Run ``python -m schemas.export`` after changing a contract; a test fails while the checked-in
 files differ from what this produces.
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from schemas import api
+from schemas import api, openapi
 from schemas.bodies import TemplateChunk
 from schemas.commands import AnyCommand
 from schemas.events import (
@@ -32,6 +33,7 @@ from schemas.events import (
 from schemas.topics import ALL as TOPICS
 
 OUT = Path(__file__).parent / "json"
+OPENAPI = Path(__file__).parent / "openapi.json"
 
 # One document per topic payload, plus the HTTP API objects.
 CONTRACTS: dict[str, object] = {
@@ -74,7 +76,8 @@ def main() -> int:
         old.unlink()
     for name, content in render().items():
         (OUT / name).write_bytes(content)
-    print(f"wrote {len(CONTRACTS) + 1} files to {OUT}", file=sys.stderr)
+    OPENAPI.write_bytes(openapi.render())
+    print(f"wrote {len(CONTRACTS) + 1} files to {OUT} and {OPENAPI}", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ from cannonade.config import Config
 from projections import queries
 from projections.api import health as api_health
 from projections.api.auth import Principal, authenticate
+from projections.api.openapi import PATH as OPENAPI_PATH
 from projections.api.publisher import Publisher
 from projections.api.settlements import Settlements
 from projections.metrics import http_metrics
@@ -117,6 +118,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def authentication(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == OPENAPI_PATH:  # the document holds no user's data
+        return await handler(request)
     if request.path == "/healthz":
         return await handler(request)
     if request.path in health.PATHS:  # probes and Prometheus carry no key
@@ -148,6 +151,7 @@ def create_app(config: Config) -> web.Application:
         batches,
         chat,
         files,
+        openapi,
         proxy,
         requests,
         responses,
@@ -182,6 +186,7 @@ def create_app(config: Config) -> web.Application:
     proxy.setup(app)
     chat.routes(app.router)
     responses.routes(app.router)
+    openapi.routes(app.router)
     from projections.api import webhooks
 
     webhooks.setup(app)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import asyncpg
 import msgspec
@@ -25,6 +25,7 @@ from projections.api.files import parse_uuid
 from projections.rules.batches import batch_object
 from projections.rules.retry import parse_request_ids, row_ranges
 from schemas import ids
+from schemas.api import BatchObject
 from schemas.commands import DeleteBatch, RetryBatch
 from schemas.errors import ApiError, invalid_request, not_found
 
@@ -81,7 +82,7 @@ async def retry_requests(request: web.Request) -> web.Response:
     return json_response(await _retry(request, batch_id, "requests", pick))
 
 
-async def _retry(request: web.Request, batch_id: str, scope: Scope, pick: Picker) -> dict[str, Any]:  # fmt: skip
+async def _retry(request: web.Request, batch_id: str, scope: Scope, pick: Picker) -> BatchObject:  # fmt: skip
     ctx, owner = context(request), principal(request).user
     for attempt in range(_ATTEMPTS):
         batch = await queries.get_batch(ctx.pool, batch_id, owner)
@@ -130,7 +131,7 @@ async def _retried(ctx: Context, batch_id: str, seen: int, rows: Sequence[asyncp
     return left == 0
 
 
-async def _batch_json(ctx: Context, batch_id: str, owner: str) -> dict[str, Any]:
+async def _batch_json(ctx: Context, batch_id: str, owner: str) -> BatchObject:
     row = await queries.get_batch(ctx.pool, batch_id, owner)
     if row is None:  # deleted meanwhile
         raise not_found("Batch", batch_id)

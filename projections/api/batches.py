@@ -23,6 +23,7 @@ from projections.rules.batches import (
 )
 from projections.rules.requests import parse_bool
 from schemas import ids
+from schemas.api import BatchList, BatchObject
 from schemas.commands import CancelBatch, CreateBatch
 from schemas.errors import ApiError, not_found
 from streams.validation import check_lines_match_endpoint
@@ -115,7 +116,7 @@ async def _decided(ctx: Any, batch_id: str) -> bool:
     )
 
 
-async def _batch_json(request: web.Request, batch_id: str) -> dict[str, Any]:
+async def _batch_json(request: web.Request, batch_id: str) -> BatchObject:
     row = await queries.get_batch(context(request).pool, batch_id, principal(request).user)
     if row is None:
         raise not_found("Batch", batch_id)
@@ -145,7 +146,7 @@ async def list_batches(request: web.Request) -> web.Response:
         created_before=parse_time(query_text(q, "created_before"), "created_before"),
         active_first=parse_bool(query_text(q, "active_first"), "active_first"),
     )
-    return json_response(list_page([batch_object(facts(r)) for r in rows], limit))
+    return json_response(list_page(BatchList, [batch_object(facts(r)) for r in rows], limit))
 
 
 def parse_time(raw: str | None, name: str) -> datetime | None:

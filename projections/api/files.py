@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -30,6 +30,16 @@ from projections.rules.upload import (
     validate_purpose,
 )
 from schemas import bodies, ids, topics
+from schemas.api import (
+    MAX_PAGE,
+    MAX_QUERY_INT,
+    BatchList,
+    DeletedFile,
+    FileList,
+    FileObject,
+    FileOrder,
+)
+from schemas.api_webhooks import WebhookDeliveryList, WebhookEndpointList
 from schemas.bodies import BodyRef
 from schemas.commands import AnyCommand, AppendFileLines, CreateFile, DeleteFile, FileLine
 from schemas.errors import ApiError, invalid_request, not_found
@@ -38,8 +48,7 @@ from streams import validation
 # Chunk records stay well under the message limit; a larger line travels alone.
 CHUNK_BYTES = 512 * 1024
 PAGE = 500
-# Numbers a query parameter may hold: anything larger is a mistake, not a request.
-MAX_QUERY_INT = 2**62
+Page = TypeVar("Page", FileList, BatchList, WebhookEndpointList, WebhookDeliveryList)
 
 
 def routes(router: web.UrlDispatcher) -> None:
@@ -57,7 +66,7 @@ def parse_uuid(value: str, message: str) -> str:
         raise ApiError(400, message, code="invalid_request") from None
 
 
-def file_json(row: Any) -> dict[str, Any]:
+def file_json(row: Any) -> FileObject:
     return file_object(
         file_id=row["id"],
         bytes_=row["bytes"],
@@ -200,7 +209,7 @@ def _chunks(lines: list[ParsedLine]) -> list[list[ParsedLine]]:
 async def list_files(request: web.Request) -> web.Response:
     ctx, who, q = context(request), principal(request), request.query
     order = query_text(q, "order") or "desc"
-    if order not in ("asc", "desc"):
+    if order not in get_args(FileOrder):
         raise invalid_request("Order must be 'asc' or 'desc'", param="order")
     limit = list_limit(q, default=20)
     rows = await queries.list_files(
@@ -212,7 +221,7 @@ async def list_files(request: web.Request) -> web.Response:
         purpose=query_text(q, "purpose"),
         search=query_text(q, "search"),
     )
-    return json_response(list_page([file_json(r) for r in rows], limit))
+    return json_response(list_page(FileList, [file_json(r) for r in rows], limit))
 
 
 def query_text(q: Any, name: str) -> str | None:
@@ -237,12 +246,13 @@ def query_int(q: Any, name: str, default: int, *, low: int = 0, high: int = MAX_
 
 
 def list_limit(q: Any, default: int) -> int:
-    """Listing pages hold 1 to 100 items; out-of-range values are clamped, as OpenAI does."""
+    """Listing pages hold 1 to MAX_PAGE items; out-of-range values are clamped, as OpenAI
+    does."""
     raw = q.get("limit")
     if raw is None:
         return default
     try:
-        return max(1, min(int(raw), 100))
+        return max(1, min(int(raw), MAX_PAGE))
     except ValueError:
         raise invalid_request("limit must be an integer", param="limit") from None
 
@@ -257,12 +267,11 @@ def optional_uuid(raw: str | None) -> str | None:
         return None
 
 
-def list_page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    page: dict[str, Any] = {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
-    if page["data"]:
-        page["first_id"] = page["data"][0]["id"]
-        page["last_id"] = page["data"][-1]["id"]
-    return page
+def list_page(page: type[Page], items: list[Any], limit: int) -> Page:
+    """A cursor page of ``items`` read one past ``limit`` (which tells whether more exist)."""
+    data = items[:limit]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return page(object="list", data=data, has_more=len(items) > limit, first_id=first, last_id=last)
 
 
 async def _owned_file(request: web.Request) -> Any:
@@ -285,7 +294,7 @@ async def delete_file(request: web.Request) -> web.Response:
         [DeleteFile(command_id=ids.new_id(), issued_at=datetime.now(UTC), file_id=row["id"])]
     )
     await ctx.wait_for(lambda: queries.file_deleted(ctx.pool, row["id"]), "the deletion")
-    return json_response({"id": row["id"], "object": "file", "deleted": True})
+    return json_response(DeletedFile(id=row["id"], object="file", deleted=True))
 
 
 async def content(request: web.Request) -> web.StreamResponse:

@@ -20,7 +20,7 @@ from projections.api import stored
 from projections.api.app import CONTEXT, Context, context
 from projections.api.realtime import RealtimeRequest, Recorder, Recording
 from projections.api.upstream import Reply, Upstream
-from projections.rules.responses import RequestDetail, chat_completion_result, openai_message
+from projections.rules.responses import RequestDetail, chat_completion_result, openai_envelope
 from schemas.errors import ApiError
 from streams.execution.client import stream_outcome
 
@@ -175,10 +175,14 @@ async def _exchange(
 
 
 def upstream_error(job: Job, status: int, raw: bytes) -> web.Response:
-    """An upstream error passes through with its status: its own OpenAI envelope as it is
-    (type, param and code kept), anything else in the §4.6 envelope."""
+    """An upstream error passes through with its status: its own OpenAI envelope with its
+    message, type, param and code (a missing or malformed one filled in, anything else left
+    out, so every error reads as the envelope), anything else in the §4.6 envelope."""
     text = raw.decode("utf-8", "replace")
-    if openai_message(text) is None:
+    envelope = openai_envelope(text, status)
+    if envelope is not None:
+        raw = msgspec.json.encode(envelope)
+    else:
         detail = RequestDetail(
             id=job.request_id,
             state="completed",
@@ -187,8 +191,8 @@ def upstream_error(job: Job, status: int, raw: bytes) -> web.Response:
             response_status=status,
             response_body=text or None,
         )
-        status, envelope = chat_completion_result(detail)
-        raw = msgspec.json.encode(envelope)
+        status, wrapped = chat_completion_result(detail)
+        raw = msgspec.json.encode(wrapped)
     return web.Response(body=raw, status=status, content_type="application/json")
 
 

@@ -32,6 +32,7 @@ from projections.rules.requests import (
     summary,
 )
 from schemas import bodies, ids
+from schemas.api_requests import RequestDetails, RequestList
 from schemas.commands import CancelRequest, DeleteRequest, RetryRequest
 from schemas.errors import ApiError, invalid_request, not_found
 from schemas.events import RequestErased, RequestTransitions
@@ -69,12 +70,12 @@ async def list_requests(request: web.Request) -> web.Response:
         rows = await queries.list_requests(ctx.pool, owner, f)
         total = await queries.count_requests(ctx.pool, owner, f)
     return json_response(
-        {
-            "object": "list",
-            "data": [summary(r) for r in rows[: f.limit]],
-            "has_more": len(rows) > f.limit,
-            "total_count": total,
-        }
+        RequestList(
+            object="list",
+            data=[summary(r) for r in rows[: f.limit]],
+            has_more=len(rows) > f.limit,
+            total_count=total,
+        )
     )
 
 
@@ -101,7 +102,7 @@ async def _owned(ctx: Context, request: web.Request) -> asyncpg.Record:
     return row
 
 
-async def _detail(ctx: Context, request_id: str, owner: str) -> dict[str, Any]:
+async def _detail(ctx: Context, request_id: str, owner: str) -> RequestDetails:
     row = await queries.batchless_request(ctx.pool, request_id, owner)
     if row is None:  # erased meanwhile
         raise not_found("Request", request_id)

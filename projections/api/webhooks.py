@@ -23,6 +23,7 @@ from projections.api.app import CONTEXT, context, json_response, principal
 from projections.api.files import list_limit, list_page
 from projections.notifier import Notifier
 from projections.webhook_signing import SecretBox
+from schemas.api_webhooks import DeletedWebhookEndpoint, WebhookDeliveryList, WebhookEndpointList
 from schemas.errors import ApiError, invalid_request
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_endpoints(request: web.Request) -> web.Response:
     ctx, who = context(request), principal(request)
-    return json_response(list_page(await webhooks.list_endpoints(ctx.pool, who.user), 10**6))
+    endpoints = await webhooks.list_endpoints(ctx.pool, who.user)
+    return json_response(list_page(WebhookEndpointList, endpoints, len(endpoints)))
 
 
 async def get(request: web.Request) -> web.Response:
@@ -97,7 +99,9 @@ async def delete(request: web.Request) -> web.Response:
         ctx.publisher, ctx.pool, who.user, webhook_id, timeout_s=ctx.config.api.projection_wait_s
     ):
         raise ApiError(404, f"Webhook endpoint {webhook_id} not found", code="not_found")
-    return json_response({"id": webhook_id, "object": "webhook_endpoint.deleted", "deleted": True})
+    return json_response(
+        DeletedWebhookEndpoint(id=webhook_id, object="webhook_endpoint.deleted", deleted=True)
+    )
 
 
 async def deliveries(request: web.Request) -> web.Response:
@@ -111,4 +115,4 @@ async def deliveries(request: web.Request) -> web.Response:
         ctx.pool, who.user, webhook_id, limit=limit + 1,
         after=None if after is None else webhooks.delivery_id_of(after),
     )  # fmt: skip
-    return json_response(list_page(items, limit))
+    return json_response(list_page(WebhookDeliveryList, items, limit))

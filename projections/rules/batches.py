@@ -11,15 +11,24 @@ import re
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import msgspec
 
 from projections.rules.content import unix_seconds
+from schemas.api import (
+    BatchCreate,
+    BatchError,
+    BatchErrors,
+    BatchObject,
+    BatchStatus,
+    BatchStatusFilter,
+    RequestCounts,
+)
 from schemas.errors import ApiError, invalid_request
 from streams import validation
 
-STATUS_FILTERS = ("in_progress", "completed", "failed", "cancelled", "expired")
+STATUS_FILTERS: tuple[str, ...] = get_args(BatchStatusFilter)
 
 _UUID = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -34,15 +43,7 @@ class CreateBatchRequest(msgspec.Struct, frozen=True):
     metadata: dict[str, str] | None = None
 
 
-class _CreateBody(msgspec.Struct):
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    # Checked by hand so each violation gets its own message.
-    metadata: Any = None
-
-
-_decode_create = msgspec.json.Decoder(_CreateBody).decode
+_decode_create = msgspec.json.Decoder(BatchCreate).decode
 
 
 def validate_create_batch(
@@ -117,7 +118,7 @@ def shown_counts(live: Counts, frozen: tuple[int, int, int] | None) -> Counts:
     return Counts(0, 0, *frozen)
 
 
-def derive_status(f: BatchFacts) -> str:
+def derive_status(f: BatchFacts) -> BatchStatus:
     populated = f.requests_started_at is not None
     # Rows reach the read model after the batch says it is populated: until every row is
     # known, a batch with nothing pending yet is not finished.
@@ -145,49 +146,40 @@ def _ts(at: datetime | None) -> int | None:
     return None if at is None else unix_seconds(at)
 
 
-def batch_object(f: BatchFacts) -> dict[str, Any]:
+def batch_object(f: BatchFacts) -> BatchObject:
     status = derive_status(f)
     populated = f.requests_started_at is not None
     errors = None
     if f.errors_message is not None:
-        errors = {
-            "object": "list",
-            "data": [
-                {
-                    "code": "population_failed",
-                    "line": None,
-                    "message": f.errors_message,
-                    "param": None,
-                }
-            ],
-        }
+        error = BatchError(code="population_failed", line=None, message=f.errors_message, param=None)  # fmt: skip
+        errors = BatchErrors(object="list", data=[error])
     # Terminal stamps show only with their status, so a batch never reads as two outcomes.
-    return {
-        "id": f.id,
-        "object": "batch",
-        "endpoint": f.endpoint,
-        "errors": errors,
-        "input_file_id": f.input_file_id or "",
-        "completion_window": f.completion_window,
-        "status": status,
-        "output_file_id": f.output_file_id,
-        "error_file_id": f.error_file_id,
-        "created_at": unix_seconds(f.created_at),
-        "in_progress_at": None if status == "validating" else _ts(f.requests_started_at),
-        "expires_at": unix_seconds(f.expires_at),
-        "finalizing_at": _ts(f.finalizing_at) if status in ("finalizing", "completed") else None,
-        "completed_at": _ts(f.completed_at) if status == "completed" else None,
-        "failed_at": _ts(f.failed_at) if status == "failed" else None,
-        "expired_at": _ts(f.expired_at) if status == "expired" else None,
-        "cancelling_at": _ts(f.cancelling_at),
-        "cancelled_at": _ts(f.cancelled_at) if status == "cancelled" else None,
-        "request_counts": {
-            "total": f.total if populated else 0,
-            "completed": f.completed if populated else 0,
-            "failed": f.failed if populated else 0,
-        },
-        "metadata": f.metadata,
-    }
+    return BatchObject(
+        id=f.id,
+        object="batch",
+        endpoint=f.endpoint,
+        errors=errors,
+        input_file_id=f.input_file_id or "",
+        completion_window=f.completion_window,
+        status=status,
+        output_file_id=f.output_file_id,
+        error_file_id=f.error_file_id,
+        created_at=unix_seconds(f.created_at),
+        in_progress_at=None if status == "validating" else _ts(f.requests_started_at),
+        expires_at=unix_seconds(f.expires_at),
+        finalizing_at=_ts(f.finalizing_at) if status in ("finalizing", "completed") else None,
+        completed_at=_ts(f.completed_at) if status == "completed" else None,
+        failed_at=_ts(f.failed_at) if status == "failed" else None,
+        expired_at=_ts(f.expired_at) if status == "expired" else None,
+        cancelling_at=_ts(f.cancelling_at),
+        cancelled_at=_ts(f.cancelled_at) if status == "cancelled" else None,
+        request_counts=RequestCounts(
+            total=f.total if populated else 0,
+            completed=f.completed if populated else 0,
+            failed=f.failed if populated else 0,
+        ),
+        metadata=f.metadata,
+    )
 
 
 def check_status_filter(status: str) -> str:

@@ -12,6 +12,15 @@ from typing import Any, Literal
 
 import msgspec
 
+from schemas.api import (
+    FileObject,
+    FilePurpose,
+    InputLine,
+    OutputLine,
+    OutputLineError,
+    OutputLineResponse,
+)
+
 VirtualKind = Literal["output", "error"]
 
 # Per-row envelope overhead of the size estimate, as the reference computes it (core §1.3.4).
@@ -34,9 +43,9 @@ def json_or_text(text: str | None) -> Any:
         return text
 
 
-def _line(obj: dict[str, Any]) -> bytes:
+def jsonl(line: msgspec.Struct) -> bytes:
     buf = bytearray()
-    _encoder.encode_into(obj, buf)
+    _encoder.encode_into(line, buf)
     buf += b"\n"
     return bytes(buf)
 
@@ -44,37 +53,24 @@ def _line(obj: dict[str, Any]) -> bytes:
 def output_line(
     request_id: str, custom_id: str | None, status_code: int | None, body_text: str | None
 ) -> bytes:
-    return _line(
-        {
-            "id": f"batch_req_{request_id}",
-            "custom_id": custom_id,
-            "response": {
-                "status_code": 200 if status_code is None else status_code,
-                "request_id": None,
-                "body": json_or_text(body_text),
-            },
-            "error": None,
-        }
+    response = OutputLineResponse(
+        status_code=200 if status_code is None else status_code,
+        request_id=None,
+        body=json_or_text(body_text),
     )
+    return jsonl(OutputLine(f"batch_req_{request_id}", custom_id, response, None))
 
 
 def error_line(request_id: str, custom_id: str | None, error_text: str | None) -> bytes:
-    return _line(
-        {
-            "id": f"batch_req_{request_id}",
-            "custom_id": custom_id,
-            "response": None,
-            "error": {
-                "code": None,
-                "message": "Unknown error" if error_text is None else error_text,
-            },
-        }
+    message = "Unknown error" if error_text is None else error_text
+    return jsonl(
+        OutputLine(f"batch_req_{request_id}", custom_id, None, OutputLineError(None, message))
     )
 
 
 def input_line(custom_id: str | None, method: str, url: str, body: bytes) -> bytes:
     """An input file line; ``body`` is the stored compact JSON, embedded as it is."""
-    return _line({"custom_id": custom_id, "method": method, "url": url, "body": msgspec.Raw(body)})
+    return jsonl(InputLine(custom_id, method, url, msgspec.Raw(body)))
 
 
 def virtual_file_size(kind: VirtualKind, total_response_bytes: int, rows: int) -> int:
@@ -94,16 +90,16 @@ def file_object(
     bytes_: int,
     created_at: datetime,
     filename: str,
-    purpose: str,
+    purpose: FilePurpose,
     expires_at: datetime | None,
-) -> dict[str, Any]:
-    return {
-        "id": file_id,
-        "object": "file",
-        "bytes": bytes_,
-        "created_at": unix_seconds(created_at),
-        "filename": filename,
-        "purpose": purpose,
-        "status": "processed",
-        "expires_at": None if expires_at is None else unix_seconds(expires_at),
-    }
+) -> FileObject:
+    return FileObject(
+        id=file_id,
+        object="file",
+        bytes=bytes_,
+        created_at=unix_seconds(created_at),
+        filename=filename,
+        purpose=purpose,
+        status="processed",
+        expires_at=None if expires_at is None else unix_seconds(expires_at),
+    )

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
 from projections.rules.content import json_or_text, unix_seconds
+from schemas.api_requests import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    RequestDetails,
+    RequestState,
+    RequestSummary,
+    ServiceTier,
+)
 from schemas.errors import ApiError, invalid_request
 
-STATES = ("pending", "claimed", "processing", "completed", "failed", "canceled")
+STATES: tuple[str, ...] = get_args(RequestState)
 TERMINAL = frozenset({"completed", "failed", "canceled"})
-SERVICE_TIERS = ("flex", "priority", "auto", "default")
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 1000  # larger asks get this many, as listings clamp
+SERVICE_TIERS: tuple[str, ...] = get_args(ServiceTier)
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
@@ -111,8 +117,7 @@ def duration_ms(started_at: datetime | None, completed_at: datetime | None) -> i
     return int((completed_at - started_at).total_seconds() * 1000)
 
 
-def summary(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A listed request (core §2.4 list_requests rows); times in Unix seconds."""
+def _summary_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
         "object": "request",
@@ -127,17 +132,23 @@ def summary(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def detail(row: Mapping[str, Any]) -> dict[str, Any]:
+def summary(row: Mapping[str, Any]) -> RequestSummary:
+    """A listed request (core §2.4 list_requests rows); times in Unix seconds."""
+    return RequestSummary(**_summary_fields(row))
+
+
+def detail(row: Mapping[str, Any]) -> RequestDetails:
     """get_request_detail (core §2.4): the summary, the request body and the response body
     (each parsed as JSON, else kept as text; null when absent), and the raw error text. A
     result shows only with its state: a retried row's earlier outcome is not its own any more."""
     state = row["state"]
     response = _text(row["response_body"]) if state == "completed" else None
-    return summary(row) | {
-        "body": json_or_text(_text(row["body"])),
-        "response_body": json_or_text(response),
-        "error": _text(row["error"]) if state == "failed" else None,
-    }
+    return RequestDetails(
+        **_summary_fields(row),
+        body=json_or_text(_text(row["body"])),
+        response_body=json_or_text(response),
+        error=_text(row["error"]) if state == "failed" else None,
+    )
 
 
 def _text(value: bytes | str | None) -> str | None:

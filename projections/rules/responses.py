@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from projections.rules.content import unix_seconds
+from schemas.api import ErrorBody, ErrorEnvelope
 from streams.responses.steps import Step, response_id
 from streams.responses.translate import is_int, responses_usage, tool_fields
 
@@ -110,6 +111,25 @@ def openai_message(text: str) -> str | None:
     error = document.get("error") if isinstance(document, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     return message if isinstance(message, str) else None
+
+
+def openai_envelope(text: str, status: int) -> ErrorEnvelope | None:
+    """`text` as the complete OpenAI envelope, if it is one (it has `error.message`): its
+    type, param and code kept when they have the envelope's types, filled in otherwise."""
+    document = _decode(text)
+    error = document.get("error") if isinstance(document, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(error, dict) or not isinstance(message, str):
+        return None
+    kind, param, code = error.get("type"), error.get("param"), error.get("code")
+    return ErrorEnvelope(
+        ErrorBody(
+            message=message,
+            type=kind if isinstance(kind, str) else status_error_type(status),
+            param=param if isinstance(param, str) else None,
+            code=code if isinstance(code, str) or is_int(code) else None,
+        )
+    )
 
 
 def _failure_payload(text: str) -> tuple[str, str] | None:
@@ -221,7 +241,7 @@ def _apply_completion(response: dict[str, Any], detail: RequestDetail) -> None:
 
 
 def _error_body(message: str, type: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "code": code}}
+    return {"error": {"message": message, "type": type, "param": None, "code": code}}
 
 
 def chat_completion_result(detail: RequestDetail) -> tuple[int, dict[str, Any]]:

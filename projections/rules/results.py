@@ -3,15 +3,16 @@ per row in line order, `{id, custom_id, model, input_body, response_body, error,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import get_args
 
 import msgspec
 
-from projections.rules.content import json_or_text
+from projections.rules.content import json_or_text, jsonl
+from schemas.api import BatchResultLine, ResultStatus
 from schemas.errors import ApiError
 
 # Row states as the results show them (canceled rows show as canceled: core §2.3 deviation).
-_SHOWN = {
+_SHOWN: dict[str, ResultStatus] = {
     "pending": "pending",
     "claimed": "in_progress",
     "processing": "in_progress",
@@ -19,12 +20,10 @@ _SHOWN = {
     "failed": "failed",
     "canceled": "canceled",
 }
-STATUSES = ("pending", "in_progress", "completed", "failed", "canceled")
-
-_encoder = msgspec.json.Encoder()
+STATUSES: tuple[str, ...] = get_args(ResultStatus)
 
 
-def shown_status(state: str) -> str:
+def shown_status(state: str) -> ResultStatus:
     return _SHOWN[state]
 
 
@@ -55,16 +54,14 @@ def result_line(
     """One compact JSON line. The input body is the stored compact JSON, embedded as it is;
     the response body is parsed (kept as a JSON string when it is not JSON); the error is the
     raw error text (the failure envelope as stored)."""
-    line: dict[str, Any] = {
-        "id": request_id,
-        "custom_id": custom_id,
-        "model": model,
-        "input_body": None if input_body is None else msgspec.Raw(input_body),
-        "response_body": json_or_text(response_body),
-        "error": error,
-        "status": shown_status(state),
-    }
-    buf = bytearray()
-    _encoder.encode_into(line, buf)
-    buf += b"\n"
-    return bytes(buf)
+    return jsonl(
+        BatchResultLine(
+            id=request_id,
+            custom_id=custom_id,
+            model=model,
+            input_body=None if input_body is None else msgspec.Raw(input_body),
+            response_body=json_or_text(response_body),
+            error=error,
+            status=shown_status(state),
+        )
+    )

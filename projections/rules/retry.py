@@ -7,14 +7,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from schemas.api import MAX_REQUEST_IDS
 from schemas.commands import RowRanges
 from schemas.errors import invalid_request
 from schemas.events import LineRange
 
 # A batch row's id as the output and error files show it.
 _LINE_PREFIX = "batch_req_"
-# What one retry-requests call may name: one body, one command.
-MAX_REQUEST_IDS = 50_000
 
 
 def row_ranges(rows: Iterable[tuple[str, int]]) -> list[RowRanges]:

@@ -459,7 +459,7 @@ def test_flex_chat_failures_answer_like_the_upstream(alice: OpenAI) -> None:
             service_tier="flex",
             extra_body={"x_fake": {"status": 400, "message": f"bad {mark}"}},
         )
-    assert info.value.body == {"message": f"bad {mark}", "type": "invalid_request_error", "code": 400}  # fmt: skip
+    assert info.value.body == {"message": f"bad {mark}", "type": "invalid_request_error", "param": None, "code": 400}  # fmt: skip
 
 
 def test_a_cancelled_flex_chat_answers_499(
@@ -481,7 +481,7 @@ def test_a_cancelled_flex_chat_answers_499(
             call.result(timeout=60)
     assert info.value.status_code == 499
     assert error_body(info.value) == {
-        "message": "Request was canceled", "type": "request_canceled", "code": 499,
+        "message": "Request was canceled", "type": "request_canceled", "param": None, "code": 499,
     }  # fmt: skip
     assert retrieved(alice, request_id, status_is("cancelled"))["output"] == []
 

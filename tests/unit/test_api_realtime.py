@@ -46,11 +46,16 @@ def test_anything_else_is_wrapped_in_the_chat_error_envelope() -> None:
     answer = upstream_error(JOB, 502, b"<html>bad gateway</html>")
     assert answer.status == 502 and isinstance(answer.body, bytes)
     assert msgspec.json.decode(answer.body) == {
-        "error": {"message": "<html>bad gateway</html>", "type": "server_error", "code": 502}
+        "error": {
+            "message": "<html>bad gateway</html>",
+            "type": "server_error",
+            "param": None,
+            "code": 502,
+        }
     }
     empty = upstream_error(JOB, 429, b"")
     assert msgspec.json.decode(empty.body)["error"] == {  # type: ignore[arg-type]
-        "message": "Upstream returned 429", "type": "rate_limit_error", "code": 429,
+        "message": "Upstream returned 429", "type": "rate_limit_error", "param": None, "code": 429,
     }  # fmt: skip
 
 

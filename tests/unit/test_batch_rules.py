@@ -142,6 +142,11 @@ def facts(**changes: Any) -> BatchFacts:
     return msgspec.structs.replace(base, **changes)
 
 
+def shown(f: BatchFacts) -> dict[str, Any]:
+    """The batch object as its JSON reads."""
+    return msgspec.to_builtins(batch_object(f))  # type: ignore[no-any-return]
+
+
 def running(**changes: Any) -> BatchFacts:
     """A populated batch of 10 rows."""
     fields: dict[str, Any] = {"requests_started_at": at(1), "total": 10, "pending": 10}
@@ -151,14 +156,14 @@ def running(**changes: Any) -> BatchFacts:
 
 def test_unpopulated_batch_is_validating_without_in_progress_at() -> None:
     f = facts(total=5)
-    obj = batch_object(f)
+    obj = shown(f)
     assert obj["status"] == "validating"
     assert obj["in_progress_at"] is None
     assert obj["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
 def test_population_failure_shows_failed_with_errors() -> None:
-    obj = batch_object(facts(failed_at=at(2), errors_message="File was deleted"))
+    obj = shown(facts(failed_at=at(2), errors_message="File was deleted"))
     assert obj["status"] == "failed"
     assert obj["failed_at"] == ts(2)
     assert obj["in_progress_at"] is None
@@ -177,7 +182,7 @@ def test_population_failure_shows_failed_with_errors() -> None:
 
 def test_running_batch_object_is_exact() -> None:
     f = running(pending=4, in_progress=2, completed=3, failed=1, metadata={"k": "v"})
-    assert batch_object(f) == {
+    assert shown(f) == {
         "id": "b1",
         "object": "batch",
         "endpoint": "/v1/chat/completions",
@@ -202,19 +207,19 @@ def test_running_batch_object_is_exact() -> None:
 
 
 def test_unlinked_input_file_reads_as_empty_string() -> None:
-    assert batch_object(running(input_file_id=None))["input_file_id"] == ""
+    assert shown(running(input_file_id=None))["input_file_id"] == ""
 
 
 def test_cancelling_until_every_row_is_terminal_then_cancelled() -> None:
     cancelling = running(
         cancelling_at=at(5), cancelled_at=at(5), pending=6, in_progress=1, completed=3
     )
-    obj = batch_object(cancelling)
+    obj = shown(cancelling)
     assert obj["status"] == "cancelling"
     assert obj["cancelling_at"] == ts(5)
     assert obj["cancelled_at"] is None
     done = msgspec.structs.replace(cancelling, pending=0, in_progress=0, canceled=7)
-    obj = batch_object(done)
+    obj = shown(done)
     assert obj["status"] == "cancelled"
     assert obj["cancelled_at"] == ts(5)
     # Canceled rows count only in the total.
@@ -222,7 +227,7 @@ def test_cancelling_until_every_row_is_terminal_then_cancelled() -> None:
 
 
 def test_batch_cancelled_before_population_is_cancelled_with_total_zero() -> None:
-    obj = batch_object(facts(cancelling_at=at(1), cancelled_at=at(1), total=4))
+    obj = shown(facts(cancelling_at=at(1), cancelled_at=at(1), total=4))
     assert obj["status"] == "cancelled"
     assert obj["request_counts"]["total"] == 0
     assert obj["in_progress_at"] is None
@@ -230,8 +235,8 @@ def test_batch_cancelled_before_population_is_cancelled_with_total_zero() -> Non
 
 def test_expired_batch_shows_expired_at_only_then() -> None:
     f = running(pending=2, completed=8)
-    assert batch_object(f)["expired_at"] is None
-    obj = batch_object(msgspec.structs.replace(f, expired_at=at(24 * 60 + 1)))
+    assert shown(f)["expired_at"] is None
+    obj = shown(msgspec.structs.replace(f, expired_at=at(24 * 60 + 1)))
     assert obj["status"] == "expired"
     assert obj["expired_at"] == ts(24 * 60 + 1)
 
@@ -241,14 +246,14 @@ def test_finished_with_every_row_failed_is_failed_even_before_stamping() -> None
 
 
 def test_finished_without_a_stamp_is_finalizing_with_finalizing_at() -> None:
-    obj = batch_object(running(pending=0, completed=9, failed=1, finalizing_at=at(30)))
+    obj = shown(running(pending=0, completed=9, failed=1, finalizing_at=at(30)))
     assert obj["status"] == "finalizing"
     assert obj["finalizing_at"] == ts(30)
     assert obj["completed_at"] is None
 
 
 def test_completed_batch_shows_finalizing_and_completed_times() -> None:
-    obj = batch_object(
+    obj = shown(
         running(pending=0, completed=9, failed=1, finalizing_at=at(30), completed_at=at(30))
     )
     assert obj["status"] == "completed"
@@ -257,9 +262,7 @@ def test_completed_batch_shows_finalizing_and_completed_times() -> None:
 
 
 def test_finished_with_failed_stamp_is_failed_and_hides_finalizing_at() -> None:
-    obj = batch_object(
-        running(pending=0, failed=4, canceled=6, finalizing_at=at(9), failed_at=at(9))
-    )
+    obj = shown(running(pending=0, failed=4, canceled=6, finalizing_at=at(9), failed_at=at(9)))
     assert obj["status"] == "failed"
     assert obj["failed_at"] == ts(9)
     assert obj["finalizing_at"] is None

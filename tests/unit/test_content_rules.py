@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
+
 from projections.rules.content import (
     error_line,
     file_object,
@@ -74,13 +76,15 @@ def test_virtual_file_names() -> None:
 def test_file_object_uses_unix_seconds() -> None:
     created = datetime(2025, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
     expires = datetime(2025, 2, 1, 3, 4, 5, tzinfo=UTC)
-    assert file_object(
-        file_id="f1",
-        bytes_=42,
-        created_at=created,
-        filename="in.jsonl",
-        purpose="batch",
-        expires_at=expires,
+    assert msgspec.to_builtins(
+        file_object(
+            file_id="f1",
+            bytes_=42,
+            created_at=created,
+            filename="in.jsonl",
+            purpose="batch",
+            expires_at=expires,
+        )
     ) == {
         "id": "f1",
         "object": "file",
@@ -102,5 +106,5 @@ def test_virtual_file_object_has_no_expiry_and_naive_times_are_utc() -> None:
         purpose="batch_output",
         expires_at=None,
     )
-    assert obj["created_at"] == 1735787045
-    assert obj["expires_at"] is None
+    assert obj.created_at == 1735787045
+    assert obj.expires_at is None

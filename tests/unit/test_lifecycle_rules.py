@@ -183,20 +183,20 @@ def row(**fields: Any) -> dict[str, Any]:
 
 
 def test_summary_and_detail() -> None:
-    shown = summary(row())
+    shown = msgspec.to_builtins(summary(row()))
     assert shown == {
         "id": "r1", "object": "request", "model": "m", "status": "completed",
         "created_at": int(T0.timestamp()), "completed_at": int(T0.timestamp()) + 3,
         "failed_at": None, "duration_ms": 2500, "response_status": 200, "service_tier": "flex",
     }  # fmt: skip
     full = detail(row())
-    assert full["body"] == {"model": "m"} and full["response_body"] == {"ok": 1}
-    assert full["error"] is None
+    assert full.body == {"model": "m"} and full.response_body == {"ok": 1}
+    assert full.error is None
     failed = detail(row(state="failed", completed_at=None, failed_at=T0, error=b"boom"))
-    assert failed["error"] == "boom" and failed["duration_ms"] is None
+    assert failed.error == "boom" and failed.duration_ms is None
     # A retried row's earlier outcome is not shown with its new state.
     again = detail(row(state="pending", completed_at=None, error=b"old"))
-    assert again["response_body"] is None and again["error"] is None
+    assert again.response_body is None and again.error is None
 
 
 def test_duration_needs_both_times() -> None:

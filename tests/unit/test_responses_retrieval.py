@@ -409,6 +409,7 @@ def test_a_missing_or_garbled_success_body_is_a_500(body: str | None) -> None:
             "error": {
                 "message": "Empty or invalid response from upstream",
                 "type": "server_error",
+                "param": None,
                 "code": 500,
             }
         },
@@ -418,11 +419,18 @@ def test_a_missing_or_garbled_success_body_is_a_500(body: str | None) -> None:
 def test_a_stored_upstream_error_is_answered_with_its_status() -> None:
     assert chat_completion_result(completed(FORBIDDEN, status=403)) == (
         403,
-        {"error": {"message": "Forbidden", "type": "permission_error", "code": 403}},
+        {"error": {"message": "Forbidden", "type": "permission_error", "param": None, "code": 403}},
     )
     assert chat_completion_result(completed(None, status=429)) == (
         429,
-        {"error": {"message": "Upstream returned 429", "type": "rate_limit_error", "code": 429}},
+        {
+            "error": {
+                "message": "Upstream returned 429",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": 429,
+            }
+        },
     )
 
 
@@ -430,26 +438,47 @@ def test_failed_rows_answer_with_the_recovered_status() -> None:
     error = NonRetriableHttpStatus(status=400, body=FORBIDDEN).to_json()
     assert chat_completion_result(failed(error)) == (
         400,
-        {"error": {"message": "Forbidden", "type": "invalid_request_error", "code": 400}},
+        {
+            "error": {
+                "message": "Forbidden",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": 400,
+            }
+        },
     )
     assert chat_completion_result(failed(f"Upstream returned 500: {FORBIDDEN}")) == (
         500,
-        {"error": {"message": "Forbidden", "type": "server_error", "code": 500}},
+        {"error": {"message": "Forbidden", "type": "server_error", "param": None, "code": 500}},
     )
     assert chat_completion_result(failed("reset by peer")) == (
         500,
-        {"error": {"message": "reset by peer", "type": "server_error", "code": 500}},
+        {"error": {"message": "reset by peer", "type": "server_error", "param": None, "code": 500}},
     )
     assert chat_completion_result(failed(None)) == (
         500,
-        {"error": {"message": "Request failed", "type": "server_error", "code": 500}},
+        {
+            "error": {
+                "message": "Request failed",
+                "type": "server_error",
+                "param": None,
+                "code": 500,
+            }
+        },
     )
 
 
 def test_canceled_and_unexpected_states() -> None:
     assert chat_completion_result(detail("canceled")) == (
         499,
-        {"error": {"message": "Request was canceled", "type": "request_canceled", "code": 499}},
+        {
+            "error": {
+                "message": "Request was canceled",
+                "type": "request_canceled",
+                "param": None,
+                "code": 499,
+            }
+        },
     )
     assert chat_completion_result(detail("processing")) == (
         500,
@@ -457,6 +486,7 @@ def test_canceled_and_unexpected_states() -> None:
             "error": {
                 "message": "Unexpected request state: processing",
                 "type": "server_error",
+                "param": None,
                 "code": 500,
             }
         },
