@@ -1,4 +1,5 @@
-"""The ``cannonade`` command: run a worker role, the projector or the API; administer keys."""
+"""The ``cannonade`` command: run a worker role, the projector or the API; administer keys
+(``admin keys``); the user commands (``batch``, ``keys``) are in :mod:`cannonade.cli_user`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from cannonade import config as config_module
+from cannonade.cli_user import batch, keys
 
 
 @click.group()
@@ -61,9 +63,18 @@ def migrate() -> None:
     click.echo(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
 
 
+main.add_command(batch)
+main.add_command(keys)
+
+
 @main.group()
-def keys() -> None:
-    """API keys."""
+def admin() -> None:
+    """Operator commands, run where the broker and the database are reachable."""
+
+
+@admin.group("keys")
+def admin_keys() -> None:
+    """Any user's API keys, straight on the keys topic and the read model."""
 
 
 async def _with_keys(action: Any) -> Any:
@@ -82,7 +93,7 @@ async def _with_keys(action: Any) -> Any:
         await publisher.stop()
 
 
-@keys.command("create")
+@admin_keys.command("create")
 @click.option("--user", required=True, help="The user the key belongs to (created if new).")
 def keys_create(user: str) -> None:
     """Create an API key and print its secret (shown once; only its hash is stored)."""
@@ -92,10 +103,10 @@ def keys_create(user: str) -> None:
     click.echo(secret)
 
 
-@keys.command("revoke")
+@admin_keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
-    """Revoke an API key by id (see `cannonade keys list`); it stops working at once."""
+    """Revoke an API key by id (see `cannonade admin keys list`); it stops working at once."""
     from projections.api.auth import revoke_key
 
     if not asyncio.run(_with_keys(lambda p, c: revoke_key(p, c, key_id))):
@@ -103,7 +114,7 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-@keys.command("list")
+@admin_keys.command("list")
 @click.option("--user", default=None, help="Only this user's keys.")
 def keys_list(user: str | None) -> None:
     """List API keys (ids, owners, creation and revocation times; never secrets)."""

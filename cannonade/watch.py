@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cannonade.api_client import Batch, Client, ClientError, Counts
@@ -83,7 +84,7 @@ def poll(
             if not exc.transient or (failing_since and now - failing_since > PATIENCE_S):
                 raise
             failing_since = failing_since or now
-            console.print(f"[yellow]still trying: {exc}", highlight=False)
+            console.print(f"[yellow]still trying:[/] {escape(str(exc))}", highlight=False)
             time.sleep(min(interval_s * 5, 10.0))
             continue
         failing_since = None

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import api, api_requests, api_responses, api_webhooks
+from schemas import api, api_dashboard, api_keys, api_requests, api_responses, api_webhooks
 
 VERSION = "0.1.0"
 _REF = "#/components/schemas/{name}"
@@ -63,7 +63,7 @@ class Operation:
 _ERRORS: dict[int | str, str] = {
     400: "The request is invalid (a parameter, the body or an id's format)",
     401: "The API key is missing, unknown or revoked",
-    403: "The caller may not use this model",
+    403: "The caller may not use this model, or see this view",
     404: "Not found: missing, or another user's",
     409: "The object is not in a state that allows this",
     413: "The body is too large",
@@ -92,6 +92,7 @@ BATCH = "The batch's id"
 REQUEST = "The request's id (its uuid, or the `resp_…` id it answered with)"
 RESPONSE = "The response's id (`resp_…`)"
 WEBHOOK = "The endpoint's id"
+KEY = "The API key's id"
 
 _BATCH_LINKS = {
     "retrieve": Link("retrieveBatch", {"id": "$response.body#/id"}),
@@ -294,6 +295,30 @@ OPERATIONS: tuple[Operation, ...] = (
         "An endpoint's deliveries, newest first, with every attempt", "Webhooks",
         (Reply(200, "A page of deliveries", api_webhooks.WebhookDeliveryList),), (400, 404),
         query=api_webhooks.DeliveryListQuery, path_id=WEBHOOK,
+    ),
+    # -- the caller's API keys
+    Operation(
+        "get", "/v1/keys", "listKeys", "The caller's API keys (ids and times, never secrets)",
+        "Keys", (Reply(200, "Every key of the caller", api_keys.ApiKeyList),), (),
+    ),
+    Operation(
+        "delete", "/v1/keys/{id}", "revokeKey", "Revoke one of the caller's keys", "Keys",
+        (Reply(200, "The key, revoked", api_keys.ApiKeyObject),), (400, 404), path_id=KEY,
+    ),
+    # -- the dashboard's views
+    Operation(
+        "get", "/v1/dashboard/me", "dashboardUser", "Who the key belongs to", "Dashboard",
+        (Reply(200, "The caller", api_dashboard.DashboardUser),), (),
+    ),
+    Operation(
+        "get", "/v1/dashboard/queues", "dashboardQueues",
+        "The caller's unfinished requests per model", "Dashboard",
+        (Reply(200, "Queue depths", api_dashboard.QueueDepths),), (),
+    ),
+    Operation(
+        "get", "/v1/dashboard/throughput", "dashboardThroughput",
+        "The engine's throughput and latency over the last hour (operators)", "Dashboard",
+        (Reply(200, "One point per minute", api_dashboard.Throughput),), (403,),
     ),
     # -- this document
     Operation(

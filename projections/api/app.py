@@ -120,7 +120,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def authentication(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == OPENAPI_PATH:  # the document holds no user's data
         return await handler(request)
-    if request.path == "/healthz":
+    # The dashboard's page and files need no key: the page asks for one and sends it.
+    if request.path in ("/healthz", "/dashboard") or request.path.startswith("/dashboard/"):
         return await handler(request)
     if request.path in health.PATHS:  # probes and Prometheus carry no key
         return await handler(request)
@@ -187,9 +188,11 @@ def create_app(config: Config) -> web.Application:
     chat.routes(app.router)
     responses.routes(app.router)
     openapi.routes(app.router)
-    from projections.api import webhooks
+    from projections.api import dashboard, keys, webhooks
 
     webhooks.setup(app)
+    keys.routes(app.router)
+    dashboard.setup(app.router)
     return app
 
 
