@@ -360,7 +360,7 @@ def document() -> dict[str, Any]:
                 "apiKey": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API key (`cannonade keys create --user NAME`)",
+                    "description": "An API key (`cannonade admin keys create --user NAME`)",
                 }
             },
         },
