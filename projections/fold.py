@@ -96,7 +96,8 @@ class RowWrite(msgspec.Struct):
     state: State
     values: dict[str, Any]
     batchless: bool = False
-    retried: bool = False  # an explicit retry re-pended it: its batch is live again
+    # The batch version of an explicit retry that re-pended it: its batch is live again.
+    retried_version: int | None = None
 
     @property
     def mask(self) -> int:
@@ -165,7 +166,8 @@ class Fold:
             )  # fmt: skip
         write.state, write.last_offset = state, offset
         write.values.update(_fields(event))
-        write.retried |= isinstance(event, RequestRetried)
+        if isinstance(event, RequestRetried):
+            write.retried_version = max(write.retried_version or 0, event.retry_version)
         if isinstance(event, RequestFailed) and event.error is not None:
             self.errors[event.request_id] = event.error
 

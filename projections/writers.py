@@ -103,8 +103,8 @@ _COUNTER_STATES = {
 _UPDATE_ROWS = f"""
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-        $6::int[], $7::bool[], {", ".join(f"${i + 8}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
-    AS u(id, first_off, last_off, from_state, state, mask, retried, {", ".join(COLUMNS)})
+        $6::int[], $7::int[], {", ".join(f"${i + 8}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
+    AS u(id, first_off, last_off, from_state, state, mask, retried_version, {", ".join(COLUMNS)})
 ),
 upd AS (
     UPDATE requests r SET state = u.state, last_offset = u.last_off,
@@ -112,7 +112,7 @@ upd AS (
         {", ".join(f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END" for i, c in enumerate(COLUMNS))}
     FROM u, requests o
     WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off AND r.state = u.from_state
-    RETURNING r.batch_id, u.from_state, u.state, u.retried, o.response_size AS old_size,
+    RETURNING r.batch_id, u.from_state, u.state, u.retried_version, o.response_size AS old_size,
               r.response_size AS new_size,
               COALESCE(r.completed_at, r.failed_at, r.canceled_at) AS ended_at
 ), counted AS (
@@ -131,17 +131,23 @@ ON CONFLICT (batch_id) DO UPDATE SET
     last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at)
 RETURNING batch_id
 )
-SELECT batch_id, false AS reopened FROM counted
-UNION SELECT batch_id, true FROM upd WHERE batch_id IS NOT NULL AND retried
+SELECT batch_id, NULL::int AS reopened FROM counted
+UNION ALL SELECT batch_id, max(retried_version) FROM upd
+    WHERE batch_id IS NOT NULL AND retried_version IS NOT NULL GROUP BY batch_id
 """  # noqa: E501
-# A batch one of whose rows was retried is live again: its terminal stamps, frozen counts
-# and notification go, in the transaction that re-pends the row (finalisation, later in the
-# same poll, stamps it again if every row has ended again meanwhile).
+# A batch one of whose rows was retried is live again: its terminal stamps and frozen counts
+# go, in the transaction that re-pends the row (finalisation, later in the same poll, stamps it
+# again if every row has ended again meanwhile). Its notification goes unless it is already
+# that of the retry's version: replaying the log may meet the batches topic's notification of
+# the retried run before the requests topic's retry.
 _REOPEN = """
-UPDATE batches SET completed_at = NULL, failed_at = NULL, finalizing_at = NULL,
-    notification_sent_at = NULL, completed_requests = NULL, failed_requests = NULL,
-    canceled_requests = NULL, counts_frozen_at = NULL
-WHERE id = ANY($1::uuid[])
+UPDATE batches b SET completed_at = NULL, failed_at = NULL, finalizing_at = NULL,
+    completed_requests = NULL, failed_requests = NULL, canceled_requests = NULL,
+    counts_frozen_at = NULL,
+    notification_sent_at = CASE WHEN b.notified_version >= v.version
+                                THEN b.notification_sent_at END
+FROM unnest($1::uuid[], $2::int[]) AS v(id, version)
+WHERE b.id = v.id
 """
 
 # Outcomes of rows never claimed (responses §5): a processing realtime row ends; an ended row
@@ -529,13 +535,13 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
             [w.from_state for w in writes],
             [w.state for w in writes],
             [w.mask for w in writes],
-            [w.retried for w in writes],
+            [w.retried_version for w in writes],
             *[[w.values.get(c) for w in writes] for c in COLUMNS],
         )
         touched |= {str(r["batch_id"]) for r in found}
-        reopened = [r["batch_id"] for r in found if r["reopened"]]
+        reopened = [(r["batch_id"], r["reopened"]) for r in found if r["reopened"] is not None]
         if reopened:
-            await conn.execute(_REOPEN, reopened)
+            await conn.execute(_REOPEN, *zip(*reopened, strict=True))
     if fold.realtime:
         outcomes = [(e, off, next_state(None, e)) for e, off in fold.realtime.values()]
         await conn.execute(
@@ -819,10 +825,12 @@ ON CONFLICT (delivery_id) DO NOTHING
 
 async def _batch_notified(conn: asyncpg.Connection, event: BatchNotified) -> None:
     """The first notification of a batch's ``retry_version`` stamps it and opens its
-    deliveries; a later one (a replica that raced, a replay) changes nothing."""
+    deliveries; a later one (a replica that raced, a replay) changes nothing. A stamp of an
+    earlier version may still be there in a replay (see _REOPEN): it is replaced."""
     hit = await conn.fetchval(
-        "UPDATE batches SET notification_sent_at = $2 WHERE id = $1"
-        " AND notification_sent_at IS NULL AND retry_version = $3 RETURNING true",
+        "UPDATE batches SET notification_sent_at = $2, notified_version = $3 WHERE id = $1"
+        " AND retry_version = $3"
+        " AND (notification_sent_at IS NULL OR notified_version < $3) RETURNING true",
         event.batch_id, event.occurred_at, event.retry_version,
     )  # fmt: skip
     if not hit or not event.deliveries:

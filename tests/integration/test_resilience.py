@@ -193,6 +193,18 @@ def test_replaying_retries_rebuilds_identical_read_models(
     run(_replay_matches(stack_info, batch.id))
 
 
+def _diff(live: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> str:
+    """The fields that differ, row by row (live -> rebuilt), for a readable failure."""
+    found = []
+    for a, b in zip(live, rebuilt, strict=False):
+        fields = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+        if fields:
+            found.append(f"{a.get('id')}: {fields}")
+    if len(live) != len(rebuilt):
+        found.append(f"{len(live)} rows live, {len(rebuilt)} rebuilt")
+    return "; ".join(found)
+
+
 async def _replay_matches(stack_info: stack.StackInfo, batch_id: str) -> None:
     """Replaying the whole log into an empty database rebuilds the live tables exactly, and
     replaying it again over them changes nothing."""
@@ -203,7 +215,9 @@ async def _replay_matches(stack_info: stack.StackInfo, batch_id: str) -> None:
         await _project_to_end(rebuilt, bootstrap)
         live, first = await _snapshot(stack_info.database_url), await _snapshot(rebuilt)
         for table in _TABLES:
-            assert first[table] == live[table], f"{table} differs after a full replay"
+            assert first[table] == live[table], f"{table} differs after a full replay: " + _diff(
+                live[table], first[table]
+            )
         assert any(r["id"] == uuid.UUID(batch_id) for r in first["batches"])
         # Replaying the same topics again over the rebuilt tables changes nothing.
         conn = await asyncpg.connect(rebuilt)
