@@ -24,8 +24,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.stateful.state_machine import APIStateMachine
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
-    response_headers_conformance,
     ensure_resource_availability,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
     use_after_free,
@@ -106,7 +106,7 @@ def api(services: Services) -> Any:
 def owned(services: Services, keys: dict[str, str]) -> dict[str, dict[str, list[str]]]:
     """Objects of each user, by the kind of id a path names: a batch that ended with a failed
     row, its input, output and error files, a flex request (and the response it answered
-    with), a webhook endpoint if webhooks are on."""
+    with), a webhook endpoint if webhooks are on, the user's API key."""
     found: dict[str, dict[str, list[str]]] = {}
     for user, key in keys.items():
         client = OpenAI(base_url=f"{services.api_url}/v1", api_key=key, max_retries=0)
@@ -132,8 +132,11 @@ def owned(services: Services, keys: dict[str, str]) -> dict[str, dict[str, list[
                 json={"url": "http://127.0.0.1:9/hook"},
                 headers={"Authorization": f"Bearer {key}"},
             )
+            listed = http.get("/keys", headers={"Authorization": f"Bearer {key}"})
         if hook.status_code == 201:
             ids["webhook"] = [hook.json()["id"]]
+        if listed.status_code == 200:  # /v1/keys served
+            ids["key"] = [k["id"] for k in listed.json()["data"] if k["current"]]
         found[user] = ids
     return found
 
@@ -163,7 +166,8 @@ def _shape(case: Case, data: st.DataObject, ids: dict[str, list[str]]) -> None:
     """Steer a generated case where random data cannot reach: a real id of the caller's
     (sometimes), a model the stack serves (sometimes), a valid upload (sometimes)."""
     kind = _kind(case.operation.path)
-    if kind in ids and case.path_parameters and data.draw(st.booleans(), "real id"):
+    # Never the key the run is made with: revoking it would end the run.
+    if kind in ids and kind != "key" and case.path_parameters and data.draw(st.booleans(), "real id"):  # fmt: skip
         case.path_parameters["id"] = data.draw(st.sampled_from(ids[kind]), "id")
     body = case.body
     if isinstance(body, dict):
