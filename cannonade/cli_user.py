@@ -89,7 +89,10 @@ def download_results(client: Client, batch: Batch, output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     if not batch.ended:
         note(f"batch {batch.id} is {batch.status}: the files hold the results so far")
-    for file_id, name in ((batch.output_file_id, "output.jsonl"), (batch.error_file_id, "errors.jsonl")):  # fmt: skip
+    files = ((batch.output_file_id, "output.jsonl"), (batch.error_file_id, "errors.jsonl"))
+    if not any(file_id for file_id, _ in files):
+        note(f"batch {batch.id} has no output or error file yet")
+    for file_id, name in files:
         if file_id is None:
             continue
         dest = output / name

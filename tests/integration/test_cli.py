@@ -109,8 +109,8 @@ def test_submit_watch_on_a_terminal_shows_live_progress_then_downloads_the_resul
     services: Services, stack_info: stack.StackInfo, tmp_path: Path
 ) -> None:
     key = user_key(stack_info, f"cli-{uuid.uuid4().hex[:6]}")
-    # 48 calls of 0.5 s on chat-b (16 at once): at least 1.5 s of progress, polled every 0.2 s.
-    lines = [chat_line(f"cli-{n}", model="chat-b", latency_ms=500) for n in range(48)]
+    # 48 calls of 1 s on chat-b (16 at once): at least 3 s of progress, polled every 0.2 s.
+    lines = [chat_line(f"cli-{n}", model="chat-b", latency_ms=1000) for n in range(48)]
     (tmp_path / "in.jsonl").write_bytes(jsonl([*lines, chat_line("cli-bad", model="chat-b", status=400)]))  # fmt: skip
     code, shown = cli_on_terminal(
         services, key, "batch", "submit", "in.jsonl", "--endpoint", "/v1/chat/completions",

@@ -114,8 +114,8 @@ def test_a_user_follows_a_running_batch_and_their_queue(
     assert not me.operator
     assert browser.find_element(By.ID, "user").text == me.user
 
-    # 48 calls of 0.4 s on chat-a (4 at once): several seconds of progress, polled each second.
-    batch_id = submit(client, [chat_line(f"d-{n}", latency_ms=400) for n in range(48)])
+    # 48 calls of 0.5 s on chat-a (4 at once): 6 s of progress at least, polled each second.
+    batch_id = submit(client, [chat_line(f"d-{n}", latency_ms=500) for n in range(48)])
     seen: list[dict[str, Any]] = []
     queued: list[dict[str, Any]] = []
     screenshot = tmp_path / "dashboard-user.png"
