@@ -18,7 +18,6 @@ from schemas import api, api_dashboard, api_keys, api_requests, api_responses, a
 
 VERSION = "0.1.0"
 _REF = "#/components/schemas/{name}"
-_ERROR = "ErrorEnvelope"
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class Reply:
     status: int
     description: str
     body: type | None = None
+    schema: dict[str, Any] | None = None  # a JSON body no struct describes
     lines: tuple[type, ...] = ()  # JSON Lines, each line one of these
     events: bool = False  # server-sent events too (`stream: true`)
     links: dict[str, Link] = field(default_factory=dict)
@@ -323,7 +323,7 @@ OPERATIONS: tuple[Operation, ...] = (
     # -- this document
     Operation(
         "get", "/v1/openapi.json", "getOpenAPI", "This document", "Meta",
-        (Reply(200, "The OpenAPI document"),), (), public=True,
+        (Reply(200, "The OpenAPI document", schema={"type": "object"}),), (), public=True,
     ),
 )  # fmt: skip
 
@@ -486,8 +486,8 @@ def _reply(reply: Reply) -> dict[str, Any]:
     content: dict[str, Any] = {}
     if reply.body is not None:
         content["application/json"] = {"schema": _ref(reply.body)}
-    elif reply.status == 200 and not reply.lines:  # this document
-        content["application/json"] = {"schema": {"type": "object"}}
+    elif reply.schema is not None:
+        content["application/json"] = {"schema": reply.schema}
     if reply.lines:
         names = " or ".join(f"`{tp.__name__}`" for tp in reply.lines)
         items = [_ref(tp) for tp in reply.lines]

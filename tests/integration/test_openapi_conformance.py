@@ -173,10 +173,13 @@ def _shape(case: Case, data: st.DataObject, ids: dict[str, list[str]]) -> None:
     if isinstance(body, dict):
         for name in DROPPED:
             body.pop(name, None)
-        models = MODELS.get(case.operation.path)
+        path = case.operation.path
+        models = MODELS.get(path)
         if models and data.draw(st.booleans(), "served model"):
             body["model"] = data.draw(st.sampled_from(models), "model")
-        path = case.operation.path
+            if data.draw(st.booleans(), "plain prompt"):
+                prompt = "messages" if path == "/v1/chat/completions" else "input"
+                body[prompt] = [{"role": "user", "content": "hi"}] if prompt == "messages" else "hi"
         if path == "/v1/files" and data.draw(st.booleans(), "valid upload"):
             count = data.draw(st.integers(1, 3), "lines")
             body["file"] = jsonl([chat_line(f"s-{n}", "chat-b") for n in range(count)]).decode()
