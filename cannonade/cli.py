@@ -235,10 +235,12 @@ def workers() -> None:
     async def go() -> list[asyncpg.Record]:
         conn = await asyncpg.connect(config_module.load().database_url)
         try:
-            return await conn.fetch(
-                "SELECT id, status, requests_processed, requests_failed, requests_in_flight,"
-                " extract(epoch FROM now() - last_heartbeat) AS age FROM daemons"
-                " ORDER BY created_at DESC"
+            return list(
+                await conn.fetch(
+                    "SELECT id, status, requests_processed, requests_failed, requests_in_flight,"
+                    " extract(epoch FROM now() - last_heartbeat) AS age FROM daemons"
+                    " ORDER BY created_at DESC"
+                )
             )
         finally:
             await conn.close()
@@ -333,10 +335,11 @@ def webhooks_create(
     """Register an endpoint; prints its id and signing secret (shown once)."""
     from projections import webhooks as registry
     from projections.webhook_signing import SecretBox
+    from schemas.api_webhooks import WebhookRegistration
     from schemas.errors import ApiError
 
     cfg = config_module.load()
-    reg = registry.Registration(url=url, name=name, event_types=list(event_types) or None, signing_secret=secret)  # fmt: skip
+    reg = WebhookRegistration(url=url, name=name, event_types=list(event_types) or None, signing_secret=secret)  # fmt: skip
 
     async def go(publisher: Any, conn: Any) -> Any:
         return await registry.register(publisher, conn, SecretBox(cfg.webhooks.secret_keys), user, reg)  # fmt: skip

@@ -94,10 +94,12 @@ async def _live_files(conn: asyncpg.Connection, user: str) -> list[str]:
 
 
 async def _batchless(conn: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        "SELECT id::text AS id, model, service_tier, state FROM requests"
-        " WHERE owner = $1 AND batch_id IS NULL ORDER BY id",
-        user,
+    return list(
+        await conn.fetch(
+            "SELECT id::text AS id, model, service_tier, state FROM requests"
+            " WHERE owner = $1 AND batch_id IS NULL ORDER BY id",
+            user,
+        )
     )
 
 

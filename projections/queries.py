@@ -89,10 +89,12 @@ async def list_files(
             return []  # an unknown or foreign cursor gives an empty page
         args += [cursor["created_at"], cursor["id"]]
         where += f" AND (f.created_at, f.id) {op} (${len(args) - 1}, ${len(args)})"
-    return await pool.fetch(
-        f"SELECT {_FILE_COLUMNS} {_FILE_FROM} WHERE {where}"
-        f" ORDER BY f.created_at {direction}, f.id {direction} LIMIT $2",
-        *args,
+    return list(
+        await pool.fetch(
+            f"SELECT {_FILE_COLUMNS} {_FILE_FROM} WHERE {where}"
+            f" ORDER BY f.created_at {direction}, f.id {direction} LIMIT $2",
+            *args,
+        )
     )
 
 
@@ -153,14 +155,16 @@ async def result_page(
 ) -> list[asyncpg.Record]:
     """A page of a batch's output (completed) or error (failed) lines, in the order new ones
     only append to: (completed_at | failed_at, id)."""
-    return await pool.fetch(
-        _result_query(state),
-        batch_id,
-        None if search is None else like_pattern(search),
-        None if after is None else after[0],
-        None if after is None else after[1],
-        skip,
-        limit,
+    return list(
+        await pool.fetch(
+            _result_query(state),
+            batch_id,
+            None if search is None else like_pattern(search),
+            None if after is None else after[0],
+            None if after is None else after[1],
+            skip,
+            limit,
+        )
     )
 
 
@@ -272,10 +276,12 @@ async def list_batches(
             args.append(cursor["grp"])
             beyond = f"({_GROUP} > ${len(args)} OR ({_GROUP} = ${len(args)} AND {beyond}))"
         where.append(beyond)
-    return await pool.fetch(
-        f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE {' AND '.join(where)}"
-        f" ORDER BY {order}b.created_at DESC, b.id DESC LIMIT $2",
-        *args,
+    return list(
+        await pool.fetch(
+            f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE {' AND '.join(where)}"
+            f" ORDER BY {order}b.created_at DESC, b.id DESC LIMIT $2",
+            *args,
+        )
     )
 
 
@@ -369,18 +375,22 @@ _ROW = "id::text AS id, model, line_number, state, last_offset"
 
 async def batch_rows_in(pool: asyncpg.Pool, batch_id: str, states: list[str]) -> list[asyncpg.Record]:  # fmt: skip
     """A batch's rows in ``states``, with where each one's last applied event was."""
-    return await pool.fetch(
-        f"SELECT {_ROW} FROM requests WHERE batch_id = $1 AND state = ANY($2::text[])",
-        batch_id,
-        states,
+    return list(
+        await pool.fetch(
+            f"SELECT {_ROW} FROM requests WHERE batch_id = $1 AND state = ANY($2::text[])",
+            batch_id,
+            states,
+        )
     )
 
 
 async def batch_rows_by_id(pool: asyncpg.Pool, batch_id: str, request_ids: list[str]) -> list[asyncpg.Record]:  # fmt: skip
-    return await pool.fetch(
-        f"SELECT {_ROW} FROM requests WHERE batch_id = $1 AND id = ANY($2::uuid[])",
-        batch_id,
-        request_ids,
+    return list(
+        await pool.fetch(
+            f"SELECT {_ROW} FROM requests WHERE batch_id = $1 AND id = ANY($2::uuid[])",
+            batch_id,
+            request_ids,
+        )
     )
 
 
@@ -491,12 +501,14 @@ async def list_requests(pool: asyncpg.Pool, owner: str, f: ListFilter) -> list[a
     where, args = _requests_where(owner, f)
     order = f"{_ACTIVE_RANK}, " if f.active_first else ""
     args += [f.skip, f.limit + 1]
-    return await pool.fetch(
-        "SELECT r.id::text AS id, r.model, r.state, r.created_at, r.completed_at, r.failed_at,"
-        " r.started_at, r.response_status, r.service_tier FROM requests r"
-        f" WHERE {where} ORDER BY {order}r.created_at DESC, r.id DESC"
-        f" OFFSET ${len(args) - 1} LIMIT ${len(args)}",
-        *args,
+    return list(
+        await pool.fetch(
+            "SELECT r.id::text AS id, r.model, r.state, r.created_at, r.completed_at, r.failed_at,"
+            " r.started_at, r.response_status, r.service_tier FROM requests r"
+            f" WHERE {where} ORDER BY {order}r.created_at DESC, r.id DESC"
+            f" OFFSET ${len(args) - 1} LIMIT ${len(args)}",
+            *args,
+        )
     )
 
 

@@ -31,8 +31,8 @@ from schemas.api_webhooks import (
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpointObject,
+    WebhookRegistration,
 )
-from schemas.api_webhooks import WebhookRegistration as Registration
 from schemas.errors import ApiError, invalid_request
 from schemas.events import WebhookEndpoint
 
@@ -40,7 +40,7 @@ MAX_URL = 2048
 MAX_NAME = 256
 
 
-def check_registration(reg: Registration) -> Registration:
+def check_registration(reg: WebhookRegistration) -> WebhookRegistration:
     """The API's and the CLI's rules for a new endpoint (400 on a violation)."""
     parts = urlsplit(reg.url)
     if parts.scheme not in ("http", "https") or not parts.hostname or len(reg.url) > MAX_URL:
@@ -108,7 +108,7 @@ async def register(
     pool: asyncpg.Pool | asyncpg.Connection,
     box: SecretBox,
     owner: str,
-    reg: Registration,
+    reg: WebhookRegistration,
     *,
     timeout_s: float = 60.0,
 ) -> CreatedWebhookEndpoint:

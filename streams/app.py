@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import faust
 import msgspec
@@ -121,7 +121,7 @@ class Streams:
         landed = await asyncio.gather(*futures)
         return [BodyRef(m.partition, m.offset) for m in landed]
 
-    async def dead_letter(self, event: EventT, reason: str, kind: str | None = None) -> None:
+    async def dead_letter(self, event: EventT[Any], reason: str, kind: str | None = None) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content
         stays off the dead-letter topic: a body record is named by its key only. ``kind``
         classes the reason for metrics where its text cannot."""

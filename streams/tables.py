@@ -39,10 +39,10 @@ class Utf8Keys(MutableMapping[str, bytes]):
         value = self.table.get(key.encode())
         return default if value is None else value
 
-    def items(self) -> Any:  # type: ignore[override]
+    def items(self) -> Any:
         return ((k.decode(), v) for k, v in self.table.items() if v is not None)
 
-    def pop(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def pop(self, key: str, default: Any = None) -> Any:
         value = self.table.get(key.encode())
         if value is None:
             return default
@@ -87,7 +87,7 @@ class WriteBehind(MutableMapping[str, bytes]):
             raise KeyError(key)
         self.pending[key] = None
 
-    def pop(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def pop(self, key: str, default: Any = None) -> Any:
         value = self.get(key)
         if value is None:
             return default
@@ -100,7 +100,7 @@ class WriteBehind(MutableMapping[str, bytes]):
     def __len__(self) -> int:
         return sum(1 for _ in self.items())
 
-    def items(self) -> Any:  # type: ignore[override]
+    def items(self) -> Any:
         for key, value in self.inner.items():
             if key not in self.pending:
                 yield key, value

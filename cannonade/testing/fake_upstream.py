@@ -882,7 +882,8 @@ class ControlClient:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return response.read()
+            body: bytes = response.read()
+            return body
 
 
 class FakeUpstreamControl(ControlClient):

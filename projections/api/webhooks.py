@@ -23,13 +23,18 @@ from projections.api.app import CONTEXT, context, json_response, principal
 from projections.api.files import list_limit, list_page
 from projections.notifier import Notifier
 from projections.webhook_signing import SecretBox
-from schemas.api_webhooks import DeletedWebhookEndpoint, WebhookDeliveryList, WebhookEndpointList
+from schemas.api_webhooks import (
+    DeletedWebhookEndpoint,
+    WebhookDeliveryList,
+    WebhookEndpointList,
+    WebhookRegistration,
+)
 from schemas.errors import ApiError, invalid_request
 
 log = logging.getLogger(__name__)
 
 BOX: web.AppKey[SecretBox] = web.AppKey("webhook_box", SecretBox)
-_decode = msgspec.json.Decoder(webhooks.Registration).decode
+_decode = msgspec.json.Decoder(WebhookRegistration).decode
 
 
 def setup(app: web.Application) -> None:

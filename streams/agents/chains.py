@@ -111,7 +111,7 @@ def register(streams: Streams) -> ChainCore:
         core.forget()
 
     @app.agent(streams.topics["responses"], name="chains")
-    async def chains(stream: StreamT) -> None:
+    async def chains(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             message, reason = decode_or_none(codec.chain_events, event.value)
             if message is None:

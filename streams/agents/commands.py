@@ -76,7 +76,7 @@ def register(streams: Streams) -> None:
         raw = batches.get(batch_id)
         return BatchRecord() if raw is None else _batches_decoder.decode(raw)
 
-    async def handle(cmd: AnyCommand, event: EventT) -> list[Out]:
+    async def handle(cmd: AnyCommand, event: EventT[Any]) -> list[Out]:
         now = utcnow()
         outs: list[Out]
         match cmd:
@@ -127,7 +127,7 @@ def register(streams: Streams) -> None:
         return outs
 
     @app.agent(streams.topics["commands"], name="commands")
-    async def commands(stream: StreamT) -> None:
+    async def commands(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             cmd, reason = decode_or_none(codec.commands, event.value)
             if cmd is None:

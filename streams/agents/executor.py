@@ -396,7 +396,7 @@ def register(streams: Streams) -> Executor:
     app = streams.app
 
     @app.agent(streams.topics["dispatch"], name="executor")
-    async def execute(stream: StreamT) -> None:
+    async def execute(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             work, reason = decode_or_none(codec.dispatches, event.value)
             if work is None:

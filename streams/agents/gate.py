@@ -69,7 +69,7 @@ def register(streams: Streams) -> Gate:
     )
 
     @app.agent(source, name="gate")
-    async def gate_agent(stream: StreamT) -> None:
+    async def gate_agent(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             message, reason = decode_or_none(codec.gate_inputs, event.value)
             if message is None:

@@ -57,7 +57,7 @@ def register(streams: Streams) -> StepRunner:
     log.info("step executor %s", worker_id)
 
     @app.agent(streams.topics["step_work"], name="steps")
-    async def steps(stream: StreamT) -> None:
+    async def steps(stream: StreamT[Any]) -> None:
         # Acknowledged by hand (see the module docstring); StreamT does not declare noack.
         async for event in cast(Any, stream).noack().events():
             work, reason = decode_or_none(codec.step_work, event.value)

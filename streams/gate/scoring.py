@@ -84,7 +84,7 @@ def ramp_seconds(window_s: float, exponent: float) -> float:
     """
     if window_s <= 60.0:
         return math.inf
-    return 60.0 * (window_s / 60.0) ** exponent
+    return 60.0 * float((window_s / 60.0) ** exponent)
 
 
 def within_ramp(deadline: datetime, window_s: float, now: datetime, exponent: float) -> bool:

@@ -23,7 +23,8 @@ from projections.webhook_signing import (
     secret_bytes,
     secret_hint,
 )
-from projections.webhooks import Registration, check_registration
+from projections.webhooks import check_registration
+from schemas.api_webhooks import WebhookRegistration as Registration
 from schemas.errors import ApiError
 
 WEBHOOK = "6f1c4a53-3a0e-4d61-9d2e-0c2b8e7c4a11"
