@@ -438,13 +438,18 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
             )  # fmt: skip
         elif isinstance(event, BatchCancelRequested):
             # A batch that already ended keeps its outcome (a deleted input file cancels
-            # only the batches still running from it).
+            # only the batches still running from it) unless the cancel came first by event
+            # time: a replay may finalise the batch from the rows' cancellations before it
+            # meets this event, and must end where the live run did (the rule of _FINALIZE).
             await conn.execute(
                 "INSERT INTO batches (id, cancelling_at, cancelled_at) VALUES ($1, $2, $2)"
                 " ON CONFLICT (id) DO UPDATE SET"
                 " cancelling_at = COALESCE(batches.cancelling_at, $2),"
-                " cancelled_at = COALESCE(batches.cancelled_at, $2)"
-                " WHERE batches.completed_at IS NULL AND batches.failed_at IS NULL",
+                " cancelled_at = COALESCE(batches.cancelled_at, $2),"
+                " finalizing_at = NULL, completed_at = NULL, failed_at = NULL"
+                " WHERE (batches.completed_at IS NULL AND batches.failed_at IS NULL)"
+                " OR (batches.counts_frozen_at IS NOT NULL"
+                "     AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2))",
                 event.batch_id, event.occurred_at,
             )  # fmt: skip
         elif isinstance(event, BatchRejected):

@@ -1,0 +1,135 @@
+"""A batch's outcome on a database of its own, fed records by hand in the orders a live run and
+a replay may meet them: the batches topic and the requests topic are read independently, so a
+cancel and the rows' ends it caused can arrive either way round and must end the same."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from compose import postgres, stack
+from projections import writers
+from schemas import codec, topics
+from schemas.events import (
+    BatchCancelRequested,
+    BatchCreated,
+    BatchPopulated,
+    PendingItem,
+    RequestCanceled,
+    RequestCompleted,
+    RequestsPending,
+    RequestTransitions,
+)
+from tests.integration.conftest import run
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
+    url = run(postgres.create_database(stack_info.admin_database_url, "batch_projection"))
+    yield url
+    run(postgres.drop_database(stack_info.admin_database_url, "batch_projection"))
+
+
+class Batch:
+    """Two requests of one batch: the first completes at +2 s; the events a test orders."""
+
+    def __init__(self) -> None:
+        self.id = str(uuid.uuid4())
+        self.rows = [str(uuid.uuid4()), str(uuid.uuid4())]
+        self.offsets: dict[str, int] = {}
+
+    def _record(self, topic: topics.Topic, event: Any) -> ConsumerRecord:
+        if topic is topics.REQUESTS:  # the gate writes each decision's events as one record
+            event = RequestTransitions(event_id=event.event_id, occurred_at=event.occurred_at, model="m", events=[event])  # fmt: skip
+        offset = self.offsets.get(topic.name, 0)
+        self.offsets[topic.name] = offset + 1
+        value, key = codec.encode(event), self.id.encode()
+        return ConsumerRecord(topic.name, 0, offset, 0, 0, key, value, None, len(key), len(value), [])  # fmt: skip
+
+    def created(self) -> list[ConsumerRecord]:
+        file_id = str(uuid.uuid4())
+        made = BatchCreated(
+            event_id="c", occurred_at=T0, batch_id=self.id, owner="u", input_file_id=file_id,
+            endpoint="/v1/chat/completions", completion_window="24h", metadata=None,
+            created_at=T0, expires_at=T0 + timedelta(days=1), output_file_id=str(uuid.uuid4()),
+            error_file_id=str(uuid.uuid4()),
+        )  # fmt: skip
+        pending = RequestsPending(
+            event_id="p", occurred_at=T0, batch_id=self.id, file_id=file_id, model="m",
+            owner="u", created_at=T0, deadline=T0 + timedelta(days=1), window_class="24h",
+            service_tier=None, items=[PendingItem(r, i) for i, r in enumerate(self.rows)],
+        )  # fmt: skip
+        populated = BatchPopulated(event_id="n", occurred_at=T0, batch_id=self.id, total=2, models={"m": 2})  # fmt: skip
+        return [
+            self._record(topics.BATCHES, made),
+            self._record(topics.REQUESTS, pending),
+            self._record(topics.BATCHES, populated),
+        ]
+
+    def completed(self, index: int, seconds: int) -> ConsumerRecord:
+        done = RequestCompleted(
+            event_id=f"d{index}", occurred_at=T0 + timedelta(seconds=seconds),
+            request_id=self.rows[index], batch_id=self.id, model="m", from_state="pending",
+            claim_id=None, status=200, size=10, routed_model="m", attempt=1,
+        )  # fmt: skip
+        return self._record(topics.REQUESTS, done)
+
+    def cancel(self, seconds: int) -> ConsumerRecord:
+        at = T0 + timedelta(seconds=seconds)
+        return self._record(topics.BATCHES, BatchCancelRequested(event_id="x", occurred_at=at, batch_id=self.id))  # fmt: skip
+
+    def row_canceled(self, seconds: int) -> ConsumerRecord:
+        gone = RequestCanceled(
+            event_id="y", occurred_at=T0 + timedelta(seconds=seconds), request_id=self.rows[1],
+            batch_id=self.id, model="m", from_state="pending",
+        )  # fmt: skip
+        return self._record(topics.REQUESTS, gone)
+
+
+async def _outcome(dsn: str, batch: Batch, *polls: list[ConsumerRecord]) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for records in polls:
+            async with conn.transaction():
+                assert (await writers.apply(conn, records)).rejected == []
+        row = await conn.fetchrow(
+            "SELECT cancelling_at, cancelled_at, finalizing_at, completed_at, failed_at,"
+            " completed_requests, canceled_requests, counts_frozen_at FROM batches WHERE id = $1",
+            uuid.UUID(batch.id),
+        )
+        assert row is not None
+        return dict(row)
+    finally:
+        await conn.close()
+
+
+def test_a_cancel_met_after_the_rows_it_canceled_still_cancels_the_batch(dsn: str) -> None:
+    live, replay = Batch(), Batch()
+    in_order = run(_outcome(dsn, live, live.created(), [live.completed(0, 2)], [live.cancel(3)], [live.row_canceled(4)]))  # fmt: skip
+    # A replay reads the requests topic to its end first: the batch is finished before the
+    # cancel that finished it is met.
+    rows_first = run(_outcome(dsn, replay, replay.created(), [replay.completed(0, 2), replay.row_canceled(4)], [replay.cancel(3)]))  # fmt: skip
+    assert in_order["cancelled_at"] == T0 + timedelta(seconds=3)
+    assert (in_order["completed_at"], in_order["finalizing_at"]) == (None, None)
+    assert (in_order["completed_requests"], in_order["canceled_requests"]) == (1, 1)
+    assert rows_first == in_order
+
+
+def test_a_cancel_after_every_row_ended_leaves_the_batch_completed(dsn: str) -> None:
+    """Deleting a finished batch (or its input file) cancels nothing, met in either order."""
+    live, replay = Batch(), Batch()
+    in_order = run(_outcome(dsn, live, live.created(), [live.completed(0, 2), live.completed(1, 3)], [live.cancel(5)]))  # fmt: skip
+    cancel_first = run(_outcome(dsn, replay, replay.created(), [replay.cancel(5)], [replay.completed(0, 2), replay.completed(1, 3)]))  # fmt: skip
+    assert in_order["completed_at"] == T0 + timedelta(seconds=3)
+    assert (in_order["cancelling_at"], in_order["cancelled_at"]) == (None, None)
+    assert cancel_first == in_order
