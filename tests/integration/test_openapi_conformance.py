@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from openai import OpenAI
 from schemathesis import Case, CheckContext, GenerationMode, Response
@@ -290,8 +290,12 @@ class _Workflow:
 
 def test_linked_sequences_conform(api: Any, keys: dict[str, str]) -> None:
     workflow = _Workflow.build(api, keys[ALICE])
+    # Generation only: which links can fire depends on the live answers, so a replay (to
+    # shrink a failure) would draw differently and hide the failure behind
+    # FlakyStrategyDefinition; the failing sequence is reported as generated instead.
     workflow.run(
         settings=settings(
+            phases=[Phase.generate],
             max_examples=25,
             stateful_step_count=8,
             derandomize=True,
