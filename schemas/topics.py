@@ -69,7 +69,7 @@ GATE = Topic(
 )
 DISPATCH = Topic(
     "cannonade.dispatch.v1",
-    key="request_id (the partition is chosen by the gate, round robin per cycle)",
+    key="request_id (the gate picks the partition: one per run of 16 consecutive lines of a batch, per request otherwise; stable, so a re-made claim meets the executor that ran it)",
     partitions=4,
     carries="DispatchBatch work items from the gate to executors (claim ids, attempts, body "
     "refs; no bodies, no credentials) and AbortDispatch",

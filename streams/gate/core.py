@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas import ids, topics
+from schemas import bodies, ids, topics
 from schemas.bodies import BodyRef
 from schemas.events import (
     AbortDispatch,
@@ -85,8 +85,8 @@ Abort = Literal["cancel", "expire"]
 #: Rows per published lifecycle record (a population event counts each of its rows): keeps
 #: records far below the message size limit.
 EVENTS_PER_RECORD = 1000
-#: Claims of one decision per dispatch record: a decision's claims reach one executor, and a
-#: large one is spread over the dispatch partitions so that executors share it.
+#: Consecutive lines of a batch that share a dispatch partition: a decision's claims travel in
+#: few records, and a large batch is spread over the partitions so that executors share it.
 DISPATCH_CHUNK = 16
 
 
@@ -197,8 +197,6 @@ class Gate:
         # because that worker's newer heartbeats are still queued behind the backlog.
         self.clock: datetime | None = None
         self.buckets: dict[str, datetime] = {}  # mirror of the K: records
-        self._next_partition = 0
-        self._partition_fill = 0  # claims sent to the current dispatch partition
         self._events: dict[str, list[RequestEvent]] = {}
         self._dispatch: dict[int, list[DispatchItem]] = {}
         self._headers: dict[int, dict[str, dict[str, str]]] = {}
@@ -377,9 +375,6 @@ class Gate:
             )
             out.append(Out("dispatch", items[0].request_id, record_, partition=partition))
         self._events, self._dispatch, self._headers, self._out = {}, {}, {}, []
-        if self._partition_fill:  # the next decision's claims go to the next executor
-            self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
-            self._partition_fill = 0
         return out
 
     def _emit(self, event: RequestEvent) -> None:
@@ -993,17 +988,21 @@ class Gate:
         entry.claims += 1
         claim_id = ids.claim_id(request_id, entry.claims, entry.version)
         entry.claim_id, entry.claimed_at = claim_id, now
-        if self._partition_fill >= DISPATCH_CHUNK:
-            self._next_partition = (self._next_partition + 1) % self.dispatch_partitions
-            self._partition_fill = 0
-        entry.partition = self._next_partition
-        self._partition_fill += 1
+        entry.partition = self._dispatch_partition(request_id, entry)
         self._transition(request_id, entry, RequestClaimed(
             event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,
             batch_id=entry.batch_id or None, model=entry.model, from_state="pending",
             claim_id=claim_id, worker_id=self.worker_id, attempt=entry.attempt,
         ))  # fmt: skip
         return claim_id
+
+    def _dispatch_partition(self, request_id: str, entry: GateRequest) -> int:
+        """Every claim of a request goes to one dispatch partition, so a decision re-made
+        after a crash reaches the executor that may be running it still (which answers
+        rather than call twice); runs of consecutive lines share one, so a decision's claims
+        travel in few records."""
+        key = f"{entry.batch_id}:{entry.line // DISPATCH_CHUNK}" if entry.batch_id else request_id
+        return bodies.partition_for(key, self.dispatch_partitions)
 
 
 def _records(events: list[RequestEvent]) -> Iterator[list[RequestEvent]]:

@@ -538,28 +538,38 @@ def _partitions(step: Step) -> dict[str, int | None]:
     }
 
 
-def test_a_decision_goes_to_one_executor_and_the_next_one_to_the_next() -> None:
-    run = Run({"m": 5}, partitions=3)
-    first = run.populate(n=40)
-    where = _partitions(first)
-    assert [where[d.claim_id] for d in first.dispatched] == [0] * 5
-    second = run.finish(*first.dispatched[:2])
-    assert set(_partitions(second).values()) == {1}
+def test_a_decision_re_made_after_a_crash_reaches_the_same_executors() -> None:
+    """The gate publishes before its table is saved: a fresh gate re-makes a decision from the
+    older table, and each claim must reach the executor that may be running it already (which
+    answers instead of calling the upstream a second time)."""
+
+    def second_decision(crash: bool) -> dict[str, int | None]:
+        run = Run({"m": 20}, partitions=3)
+        first = run.populate(n=60)
+        if crash:
+            run.restart()
+        step = run.finish(*first.dispatched)
+        return {d.request_id: _partitions(step)[d.claim_id] for d in step.dispatched}
+
+    assert second_decision(crash=True) == second_decision(crash=False)
+
+
+def test_claims_and_aborts_travel_together_and_a_large_batch_is_spread() -> None:
+    run = Run({"m": 96}, partitions=3)
+    step = run.populate(n=96)  # a decision claims at most claim_batch_size (100) rows
+    where = _partitions(step)
+    by_line = [where[d.claim_id] for d in sorted(step.dispatched, key=lambda d: run.row_of[d.request_id])]  # fmt: skip
+    assert len(by_line) == 96
+    # Runs of 16 consecutive lines share a partition, so a decision travels in few records...
+    assert all(len(set(by_line[i : i + 16])) == 1 for i in range(0, 96, 16))
+    # ...and a large batch is shared by executors.
+    assert len(set(by_line)) > 1
     aborts = {
         out.value.claim_id: (out.topic, out.key, out.partition)
         for out in run.cancel().outs
         if isinstance(out.value, AbortDispatch)
     }
-    where |= _partitions(second)
-    live = first.dispatched[2:] + second.dispatched
-    assert aborts == {d.claim_id: ("dispatch", d.request_id, where[d.claim_id]) for d in live}  # fmt: skip
-
-
-def test_a_large_decision_is_spread_over_the_executors() -> None:
-    run = Run({"m": 40}, partitions=3)
-    step = run.populate(n=40)
-    where = _partitions(step)
-    assert [where[d.claim_id] for d in step.dispatched] == [0] * 16 + [1] * 16 + [2] * 8
+    assert aborts == {d.claim_id: ("dispatch", d.request_id, where[d.claim_id]) for d in step.dispatched}  # fmt: skip
 
 
 @pytest.mark.parametrize(
