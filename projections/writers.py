@@ -441,15 +441,18 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
             # only the batches still running from it) unless the cancel came first by event
             # time: a replay may finalise the batch from the rows' cancellations before it
             # meets this event, and must end where the live run did (the rule of _FINALIZE).
+            # A cancel from before the latest retry was the earlier run's (a replay over the
+            # tables meets it again).
             await conn.execute(
                 "INSERT INTO batches (id, cancelling_at, cancelled_at) VALUES ($1, $2, $2)"
                 " ON CONFLICT (id) DO UPDATE SET"
                 " cancelling_at = COALESCE(batches.cancelling_at, $2),"
                 " cancelled_at = COALESCE(batches.cancelled_at, $2),"
                 " finalizing_at = NULL, completed_at = NULL, failed_at = NULL"
-                " WHERE (batches.completed_at IS NULL AND batches.failed_at IS NULL)"
-                " OR (batches.counts_frozen_at IS NOT NULL"
-                "     AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2))",
+                " WHERE $2 >= COALESCE(batches.retried_at, '-infinity')"
+                " AND ((batches.completed_at IS NULL AND batches.failed_at IS NULL)"
+                "      OR (batches.counts_frozen_at IS NOT NULL"
+                "          AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2)))",
                 event.batch_id, event.occurred_at,
             )  # fmt: skip
         elif isinstance(event, BatchRejected):
@@ -464,8 +467,8 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
             # outcome does not depend on which topic a poll read first.
             await conn.execute(
                 "UPDATE batches SET retry_version = $2, expires_at = $3, cancelling_at = NULL,"
-                " cancelled_at = NULL WHERE id = $1 AND retry_version < $2",
-                event.batch_id, event.retry_version, event.expires_at,
+                " cancelled_at = NULL, retried_at = $4 WHERE id = $1 AND retry_version < $2",
+                event.batch_id, event.retry_version, event.expires_at, event.occurred_at,
             )  # fmt: skip
         elif isinstance(event, BatchDeleted):
             await conn.execute(

@@ -132,8 +132,8 @@ OPERATIONS: tuple[Operation, ...] = (
                 },
             ),
         ),
-        (400, 413), form=api.FileUpload,
-        headers={"Idempotency-Key": "A retried upload with the same key answers the file the first attempt created"},
+        (400, 409, 413), form=api.FileUpload,
+        headers={"Idempotency-Key": "A retried upload with the same key answers the file the first attempt created (409 once it is deleted or expired)"},
     ),
     Operation(
         "get", "/v1/files", "listFiles", "List the caller's files", "Files",

@@ -4,7 +4,8 @@ An upload is validated whole before anything is published. Its line bodies go to
 topic in chunks, then the commands naming those chunks; if publishing fails half-way the
 chunks already written are tombstoned, so a failed upload leaves nothing stored. With an
 ``Idempotency-Key`` header the file id is derived from the key, so a retried upload answers
-the file the first attempt created instead of creating a second one.
+the file the first attempt created instead of creating a second one (409 once that file is
+deleted or expired).
 """
 
 from __future__ import annotations
@@ -118,6 +119,15 @@ async def upload(request: web.Request) -> web.Response:
         existing = await queries.get_file(ctx.pool, file_id, who.user)
         if existing is not None:
             return json_response(file_json(existing), 201)
+        if await queries.file_exists(ctx.pool, file_id):
+            # The key's file is gone (deleted or expired): its outcome cannot be answered
+            # again, and a new file under the old id would resurrect it.
+            raise ApiError(
+                409,
+                f"The file created with this Idempotency-Key ({file_id}) has been deleted or"
+                " has expired; send a new key",
+                code="idempotency_key_reused",
+            )
     fields = await _read_multipart(request)
     now = datetime.now(UTC)
     validate_purpose(fields.get("purpose"))

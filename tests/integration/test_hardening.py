@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import asyncpg
 import httpx
 import msgspec
+import openai
 import pytest
 from aiokafka import AIOKafkaProducer
 from openai import OpenAI
@@ -97,6 +98,14 @@ def test_a_retried_upload_with_an_idempotency_key_names_the_same_file(
     )
     assert again.id == first.id
     assert [f.id for f in client.files.list().data] == [first.id]
+    # Once that file is deleted the key cannot name it again, nor bring it back.
+    client.files.delete(first.id)
+    with pytest.raises(openai.ConflictError) as refused:
+        client.files.create(
+            file=("a.jsonl", data), purpose="batch", extra_headers={"Idempotency-Key": key}
+        )
+    assert refused.value.code == "idempotency_key_reused"
+    assert client.files.list().data == []
 
 
 def test_a_body_near_the_limit_full_of_quotes_runs_and_comes_back_whole(
