@@ -145,7 +145,8 @@ UPDATE batches b SET completed_at = NULL, failed_at = NULL, finalizing_at = NULL
     completed_requests = NULL, failed_requests = NULL, canceled_requests = NULL,
     counts_frozen_at = NULL,
     notification_sent_at = CASE WHEN b.notified_version >= v.version
-                                THEN b.notification_sent_at END
+                                THEN b.notification_sent_at END,
+    reopened_version = GREATEST(b.reopened_version, v.version)
 FROM unnest($1::uuid[], $2::int[]) AS v(id, version)
 WHERE b.id = v.id
 """
@@ -442,7 +443,8 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
             # time: a replay may finalise the batch from the rows' cancellations before it
             # meets this event, and must end where the live run did (the rule of _FINALIZE).
             # A cancel from before the latest retry was the earlier run's (a replay over the
-            # tables meets it again).
+            # tables meets it again), and so is a finished run the rows reached by a retry
+            # this topic has not shown yet (a replay that read the requests topic ahead).
             await conn.execute(
                 "INSERT INTO batches (id, cancelling_at, cancelled_at) VALUES ($1, $2, $2)"
                 " ON CONFLICT (id) DO UPDATE SET"
@@ -452,6 +454,7 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 " WHERE $2 >= COALESCE(batches.retried_at, '-infinity')"
                 " AND ((batches.completed_at IS NULL AND batches.failed_at IS NULL)"
                 "      OR (batches.counts_frozen_at IS NOT NULL"
+                "          AND COALESCE(batches.reopened_version, 0) <= batches.retry_version"
                 "          AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2)))",
                 event.batch_id, event.occurred_at,
             )  # fmt: skip

@@ -1,3 +1,5 @@
--- When a batch's latest retry was asked for: a cancel from before it belongs to the earlier
--- run, so replaying the log over the tables (the cancel met again) leaves the retried run be.
+-- When a batch's latest retry was asked for (batches topic), and the latest retry version its
+-- rows were reopened under (requests topic): a cancel belongs to the run it was asked in, so
+-- replaying the log, in whatever order it reads the two topics, never cancels a later run.
 ALTER TABLE batches ADD COLUMN retried_at timestamptz;
+ALTER TABLE batches ADD COLUMN reopened_version int;

@@ -159,3 +159,23 @@ def test_replaying_a_cancelled_then_retried_batch_over_its_tables_changes_nothin
     assert (once["completed_at"], once["cancelled_at"]) == (T0 + timedelta(seconds=6), None)
     assert (once["completed_requests"], once["canceled_requests"]) == (2, 0)
     assert run(_outcome(dsn, batch, log)) == once
+
+
+def test_a_retried_run_finished_before_the_replay_meets_the_cancel_stays_completed(
+    dsn: str,
+) -> None:
+    """A replay that reads the requests topic to its end first finishes the retried run
+    before it meets the earlier run's cancel and the retry: the outcome is the live one."""
+    live, replay = Batch(), Batch()
+
+    def log(batch: Batch) -> list[ConsumerRecord]:
+        return [*batch.created(), batch.completed(0, 2), batch.cancel(3), batch.row_canceled(4), *batch.retried(5), batch.completed(1, 6)]  # fmt: skip
+
+    in_order = run(_outcome(dsn, live, *([record] for record in log(live))))
+    records = log(replay)
+    created, rest = records[:3], records[3:]
+    requests_first = [r for r in rest if r.topic == topics.REQUESTS.name]
+    batches_after = [r for r in rest if r.topic == topics.BATCHES.name]
+    rebuilt = run(_outcome(dsn, replay, created, requests_first, batches_after))
+    assert in_order["completed_at"] == T0 + timedelta(seconds=6)
+    assert rebuilt == in_order
