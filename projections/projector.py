@@ -74,6 +74,7 @@ class Projector:
         # session runs or before its first measurement.
         self.lag: dict[str, int] | None = None
         self.fetched_at = 0.0
+        self._stored: dict[TopicPartition, int] = {}  # next offsets saved with the data
 
     async def check(self) -> str | None:
         """Readiness: None when caught up enough to serve, else why not."""
@@ -134,6 +135,8 @@ class Projector:
                 if batch:
                     await self._apply(conn, producer, batch)
                 if time.monotonic() - measured >= LAG_INTERVAL_S:
+                    if not batch:
+                        await self._pass_gaps(consumer, conn, partitions)
                     await self._measure_lag(consumer, partitions)
                     measured = time.monotonic()
         finally:
@@ -155,13 +158,30 @@ class Projector:
                 self.name,
             )
         }
+        self._stored = {}
         for tp in partitions:
             offset = stored.get((tp.topic, tp.partition))
             if offset is None:
                 await consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, offset)
+                self._stored[tp] = offset
         return partitions
+
+    async def _pass_gaps(
+        self, consumer: AIOKafkaConsumer, conn: asyncpg.Connection, partitions: list[TopicPartition]
+    ) -> None:
+        """On an idle poll, store positions that moved past offsets with no record left
+        (compacted or expired away): nothing there is applied, so the stored offset would never
+        reach the end, and waits on the projection (erasure, the notifier) and the lag would
+        wait on records that do not exist."""
+        ahead = [
+            (tp, position)
+            for tp in partitions
+            if (position := await consumer.position(tp)) > self._stored.get(tp, 0)
+        ]
+        if ahead:
+            await self._store(conn, ahead)
 
     async def _measure_lag(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:  # fmt: skip
         """Records behind per topic, from the high watermarks the fetches bring; unknown until
@@ -224,12 +244,16 @@ class Projector:
     async def _save_offsets(
         self, conn: asyncpg.Connection, batch: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
+        await self._store(conn, [(tp, rs[-1].offset + 1) for tp, rs in batch.items()])
+
+    async def _store(self, conn: asyncpg.Connection, offsets: list[tuple[TopicPartition, int]]) -> None:  # fmt: skip
         await conn.executemany(
             "INSERT INTO projection_offsets (consumer, topic, partition, next_offset)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, topic, partition)"
             " DO UPDATE SET next_offset = EXCLUDED.next_offset",
-            [(self.name, tp.topic, tp.partition, rs[-1].offset + 1) for tp, rs in batch.items()],
+            [(self.name, tp.topic, tp.partition, offset) for tp, offset in offsets],
         )
+        self._stored.update(offsets)
 
     async def _dead_letter(
         self, producer: AIOKafkaProducer, rejected: Sequence[tuple[ConsumerRecord, str]]

@@ -117,18 +117,20 @@ upd AS (
               COALESCE(r.completed_at, r.failed_at, r.canceled_at) AS ended_at
 ), counted AS (
 INSERT INTO batch_counts (batch_id, {", ".join(_COUNTERS)}, response_bytes, error_bytes,
-                          last_terminal_at)
+                          last_terminal_at, reopened_version)
 SELECT batch_id,
     {", ".join(f"sum((state IN {_COUNTER_STATES[c]})::int - (from_state IN {_COUNTER_STATES[c]})::int)" for c in _COUNTERS)},
     sum(CASE WHEN state = 'completed' THEN new_size ELSE 0 END
         - CASE WHEN from_state = 'completed' THEN old_size ELSE 0 END),
     sum(CASE WHEN state = 'failed' THEN new_size ELSE 0 END
         - CASE WHEN from_state = 'failed' THEN old_size ELSE 0 END),
-    max(ended_at) FILTER (WHERE state IN ('completed', 'failed', 'canceled'))
+    max(ended_at) FILTER (WHERE state IN ('completed', 'failed', 'canceled')),
+    max(retried_version)
 FROM upd WHERE batch_id IS NOT NULL GROUP BY batch_id
 ON CONFLICT (batch_id) DO UPDATE SET
     {", ".join(f"{c} = batch_counts.{c} + EXCLUDED.{c}" for c in (*_COUNTERS, "response_bytes", "error_bytes"))},
-    last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at)
+    last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at),
+    reopened_version = GREATEST(batch_counts.reopened_version, EXCLUDED.reopened_version)
 RETURNING batch_id
 )
 SELECT batch_id, NULL::int AS reopened FROM counted
@@ -145,8 +147,7 @@ UPDATE batches b SET completed_at = NULL, failed_at = NULL, finalizing_at = NULL
     completed_requests = NULL, failed_requests = NULL, canceled_requests = NULL,
     counts_frozen_at = NULL,
     notification_sent_at = CASE WHEN b.notified_version >= v.version
-                                THEN b.notification_sent_at END,
-    reopened_version = GREATEST(b.reopened_version, v.version)
+                                THEN b.notification_sent_at END
 FROM unnest($1::uuid[], $2::int[]) AS v(id, version)
 WHERE b.id = v.id
 """
@@ -454,7 +455,8 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 " WHERE $2 >= COALESCE(batches.retried_at, '-infinity')"
                 " AND ((batches.completed_at IS NULL AND batches.failed_at IS NULL)"
                 "      OR (batches.counts_frozen_at IS NOT NULL"
-                "          AND COALESCE(batches.reopened_version, 0) <= batches.retry_version"
+                "          AND COALESCE((SELECT c.reopened_version FROM batch_counts c"
+                "                        WHERE c.batch_id = batches.id), 0) <= batches.retry_version"
                 "          AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2)))",
                 event.batch_id, event.occurred_at,
             )  # fmt: skip
