@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -143,14 +143,18 @@ TERMINAL = {"completed", "failed", "cancelled", "expired"}
 def wait_for_batch(
     client: OpenAI, batch_id: str, statuses: set[str] = TERMINAL, timeout_s: float = 120
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"batch {batch_id} still {batch.status}: {batch.request_counts}")
-        time.sleep(0.2)
+    seen: list[Any] = []
+
+    def reached() -> Any:
+        seen[:] = [client.batches.retrieve(batch_id)]
+        return seen[0] if seen[0].status in statuses else None
+
+    try:
+        return eventually(reached, f"batch {batch_id} to reach {sorted(statuses)}", timeout_s, 0.2)
+    except TimeoutError:
+        raise TimeoutError(
+            f"batch {batch_id} still {seen[0].status}: {seen[0].request_counts}"
+        ) from None
 
 
 def eventually(
@@ -163,6 +167,21 @@ def eventually(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(every_s)
+    return found
+
+
+async def until(
+    check: Callable[[], Awaitable[T | None]],
+    what: str,
+    timeout_s: float = 120,
+    every_s: float = 0.2,
+) -> T:
+    """`eventually` for a coroutine ``check``, inside a running event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := await check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(every_s)
     return found
 
 

@@ -5,7 +5,6 @@ bring it back; another user's content is untouched, and a second erasure reports
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
@@ -136,9 +135,8 @@ def _eager_compaction(bootstrap: str) -> Iterator[None]:
 
 
 async def _roll(bootstrap: str, topic: topics.Topic) -> None:
-    """Append to every partition once its active segment is older than ``segment.ms``: the
-    segment holding the erased records and their tombstones closes and becomes cleanable."""
-    await asyncio.sleep(0.5)
+    """Append to every partition: once its active segment is older than ``segment.ms`` the
+    append closes it, and the records and tombstones in it become cleanable."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
@@ -196,8 +194,12 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     # After compaction no topic holds it (changelogs included), and a replay of the whole log
     # into a fresh database does not bring it back.
     with _eager_compaction(bootstrap):
-        run(_roll(bootstrap, topics.BODIES))
-        eventually(lambda: not _topics_holding(bootstrap, mark), "the erased records to be compacted away", 180, every_s=1.0)  # fmt: skip
+
+        def compacted() -> bool:
+            run(_roll(bootstrap, topics.BODIES))  # rolls once the segment is old enough
+            return not _topics_holding(bootstrap, mark)
+
+        eventually(compacted, "the erased records to be compacted away", 180, every_s=1.0)
     assert topics.BODIES.name in _topics_holding(bootstrap, keep)
 
     async def replay() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:

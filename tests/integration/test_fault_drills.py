@@ -27,6 +27,8 @@ import json
 import re
 import signal
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -45,7 +47,14 @@ from compose import stack
 from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
 from schemas import ids, topics
-from tests.integration.conftest import TERMINAL, chat_line, jsonl, log_path, upstream_stats
+from tests.integration.conftest import (
+    TERMINAL,
+    chat_line,
+    eventually,
+    jsonl,
+    log_path,
+    upstream_stats,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
@@ -55,7 +64,6 @@ CONCURRENCY = 16
 # so a fault after the first tenth lands well inside it.
 LATENCY_MS = 40
 STARTED = LINES // 10
-OUTAGE_S = 5.0  # how long the longer outages last (a property of the fault, not a wait)
 FINISH_TIMEOUT_S = 300.0
 
 KILL_ROLES = ("commands", "gate", "executor", "projector", "api")
@@ -148,14 +156,17 @@ def now() -> datetime:
 
 def patiently(action: Callable[[], Any], timeout_s: float = 120) -> Any:
     """``action()``, retried while the API is away (killed, or its database is)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    done: list[Any] = []
+
+    def attempt() -> bool:
         try:
-            return action()
-        except (openai.APIConnectionError, openai.InternalServerError) as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API stayed unavailable: {exc!r}") from exc
-            time.sleep(0.25)
+            done.append(action())
+        except (openai.APIConnectionError, openai.InternalServerError):
+            return False
+        return True
+
+    eventually(attempt, "the API to come back", timeout_s, every_s=0.25)
+    return done[0]
 
 
 def submit(client: OpenAI, tag: str, model: str, lines: int = LINES) -> Any:
@@ -168,30 +179,25 @@ def submit(client: OpenAI, tag: str, model: str, lines: int = LINES) -> Any:
 
 def wait_until_running(client: OpenAI, batch_id: str, done: int = STARTED) -> None:
     """Until ``done`` requests of the batch have ended (it must not have finished)."""
-    deadline = time.monotonic() + 120
-    while True:
+
+    def going() -> bool:
         batch = client.batches.retrieve(batch_id)
         counts = batch.request_counts
         assert batch.status not in TERMINAL, f"the batch ended before the fault: {batch}"
-        if counts is not None and counts.completed + counts.failed >= done:
-            return
-        assert time.monotonic() < deadline, f"batch {batch_id} did not get going: {batch}"
-        time.sleep(0.05)
+        return counts is not None and counts.completed + counts.failed >= done
+
+    eventually(going, f"batch {batch_id} to get going", 120, every_s=0.05)
 
 
 def wait_terminal(client: OpenAI, batch_id: str, timeout_s: float = FINISH_TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    batch = None
-    while True:
+    def ended() -> Any:
         try:
             batch = client.batches.retrieve(batch_id)
-            if batch.status in TERMINAL:
-                return batch
         except (openai.APIConnectionError, openai.InternalServerError):
-            pass  # the API (or its database) is still coming back
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"batch {batch_id} not terminal after {timeout_s:.0f}s: {batch}")
-        time.sleep(0.25)
+            return None  # the API (or its database) is still coming back
+        return batch if batch.status in TERMINAL else None
+
+    return eventually(ended, f"batch {batch_id} to end", timeout_s, every_s=0.25)
 
 
 def model_calls(services: Services, model: str) -> int:
@@ -512,10 +518,24 @@ def test_postgres_restart_mid_batch(ready: Services, drill_stack: stack.StackInf
     verify(ready, drill_stack, client, batch, happened, "pg-restart", write_path=False)
 
 
+def outage_seen(services: Services) -> None:
+    """The outage lasts until the API's readiness reports it (and so every process had a
+    failing dependency for a while, not just a restart too quick to notice)."""
+
+    def not_ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{services.health_url('api')}/readyz", timeout=10):
+                return False
+        except urllib.error.HTTPError as exc:
+            return exc.code == 503
+
+    eventually(not_ready, "the API to report the outage", 60, every_s=0.25)
+
+
 def test_postgres_outage_mid_batch(ready: Services, drill_stack: stack.StackInfo) -> None:
     def fault(_batch_id: str) -> None:
         asyncio.run(stack.stop_postgres(drill_stack.run_dir))
-        time.sleep(OUTAGE_S)  # the outage itself
+        outage_seen(ready)
         asyncio.run(stack.start_postgres(drill_stack.run_dir))
 
     client, batch, happened = drill_batch(ready, drill_stack, "pg-outage", fault)
@@ -529,7 +549,7 @@ def test_broker_stop_and_start_on_its_data_mid_batch(
         t0 = time.monotonic()
         asyncio.run(stack.stop_kafka(drill_stack.run_dir))
         t1 = time.monotonic()
-        time.sleep(OUTAGE_S)  # the outage itself
+        outage_seen(ready)
         t2 = time.monotonic()
         asyncio.run(stack.start_kafka(drill_stack.run_dir))
         return {"stop_s": round(t1 - t0, 1), "start_s": round(time.monotonic() - t2, 1)}
@@ -689,17 +709,16 @@ def dead_letters(
     bootstrap: str, wanted: dict[Position, Poison], timeout_s: float = 60
 ) -> dict[Position, list[Any]]:
     """The dead letters of each poison, once each has one from every reader."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def all_found() -> dict[Position, list[Any]] | None:
         found: dict[Position, list[Any]] = defaultdict(list)
         for record in asyncio.run(read_topic(bootstrap, topics.DEADLETTER)):
             letter = msgspec.json.decode(record.value)
             found[(letter["source_topic"], letter["partition"], letter["offset"])].append(letter)
-        missing = [at[0] for at, p in wanted.items() if len(found[at]) < len(p.readers)]
-        if not missing:
-            return found
-        assert time.monotonic() < deadline, f"no dead letter for poison on {missing}"
-        time.sleep(0.5)
+        missing = any(len(found[at]) < len(p.readers) for at, p in wanted.items())
+        return None if missing else found
+
+    return eventually(all_found, "a dead letter for every poison", timeout_s, every_s=0.5)
 
 
 def test_poison_on_every_topic_is_dead_lettered_and_the_batch_finishes(

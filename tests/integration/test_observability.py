@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -32,11 +31,10 @@ from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
 from projections.projector import TOPICS as PROJECTED
 from schemas import topics
-from tests.integration.conftest import chat_line, jsonl, log_path, wait_for_batch
+from tests.integration.conftest import chat_line, eventually, jsonl, log_path, wait_for_batch
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 MODELS = {"obs-a": ModelSpec("chat", 4), "obs-b": ModelSpec("chat", 4)}
 CONFIG = """
 [executor]
@@ -99,15 +97,6 @@ def get(url: str) -> tuple[int, bytes, str]:
             return response.status, response.read(), response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), exc.headers.get("Content-Type", "")
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout_s: float = 90) -> T:
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-    return found
 
 
 def scrape(services: Services, name: str) -> list[Sample]:

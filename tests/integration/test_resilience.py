@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     eventually,
     jsonl,
     run,
+    until,
     wait_for_batch,
 )
 
@@ -135,11 +136,11 @@ async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
         end = await consumer.end_offsets(
             [TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)]
         )
-        # Generous: the whole session's log is replayed, on a 2-core box shared with Kafka.
-        deadline = time.monotonic() + 300
         seen: dict[TopicPartition, int] = {}
         since = time.monotonic()
-        while True:
+
+        async def done() -> bool:
+            nonlocal seen, since
             stored = {
                 (r["topic"], r["partition"]): r["next_offset"]
                 for r in await conn.fetch(
@@ -152,13 +153,14 @@ async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
                 if (at := stored.get((tp.topic, tp.partition), 0)) < off
             }
             if not lagging:
-                return
+                return True
             if lagging != seen:
                 seen, since = lagging, time.monotonic()
-            elif time.monotonic() - since > 5 and not await _records_past(consumer, lagging):
-                return
-            assert time.monotonic() < deadline, f"projector {name} did not catch up: {lagging}"
-            await asyncio.sleep(0.2)
+                return False
+            return time.monotonic() - since > 5 and not await _records_past(consumer, lagging)
+
+        # Generous: the whole session's log is replayed, on a 2-core box shared with Kafka.
+        await until(done, f"projector {name} to catch up", 300)
     finally:
         await conn.close()
         await consumer.stop()
@@ -262,13 +264,14 @@ def _delete_and_erase(client: OpenAI) -> None:
         say: list[ChatCompletionMessageParam] = [{"role": "user", "content": "say erase me"}]
         client.chat.completions.create(model="chat-b", messages=say, service_tier="flex")
         client.chat.completions.create(model="chat-b", messages=say)
-        deadline = time.monotonic() + 60
-        while True:  # the realtime row's outcome is recorded in the background
-            listed = http.get("requests", params={"limit": 100}).json()["data"]
-            if len(listed) == 2 and all(r["status"] == "completed" for r in listed):
-                break
-            assert time.monotonic() < deadline, f"requests did not end: {listed}"
-            time.sleep(0.1)
+
+        def ended() -> list[dict[str, Any]] | None:  # a realtime outcome is recorded later
+            rows: list[dict[str, Any]] = http.get("requests", params={"limit": 100}).json()["data"]
+            return (
+                rows if len(rows) == 2 and all(r["status"] == "completed" for r in rows) else None
+            )
+
+        listed = eventually(ended, "both requests to end", 60)
         assert {r["service_tier"] for r in listed} == {"flex", "priority"}
         for row in listed:
             assert http.delete(f"requests/{row['id']}").status_code == 204

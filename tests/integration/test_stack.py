@@ -20,6 +20,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from compose import kafka, postgres, stack
 from compose.services import ModelSpec, Services
 from schemas.topics import ALL, COMMANDS, Topic
+from tests.integration.conftest import until
 
 pytestmark = pytest.mark.integration
 
@@ -192,12 +193,12 @@ async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int:
     )
     await consumer.start()
     try:
-        async with asyncio.timeout(30):
-            while True:
-                offset = await consumer.committed(tp)
-                if offset is not None:
-                    return int(offset)
-                await asyncio.sleep(0.2)
+
+        async def known() -> tuple[int] | None:  # a tuple: offset 0 is an answer too
+            offset = await consumer.committed(tp)
+            return None if offset is None else (int(offset),)
+
+        return (await until(known, f"{group}'s committed offset", 30))[0]
     finally:
         await consumer.stop()
 
