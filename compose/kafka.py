@@ -117,18 +117,34 @@ def fetch_jars(lib_dir: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (bind to port 0; all held open until all are chosen)."""
-    socks: list[socket.socket] = []
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports for servers started later. They are taken below the
+    kernel's ephemeral range: a port bound to 0 comes from that range, and an outgoing
+    connection could take it before its server binds it. None is handed out twice."""
+    floor = _ephemeral_floor()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = secrets.choice(range(max(1024, floor - 12000), floor))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        chosen.append(port)
+    return chosen
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+
+from compose.kafka import free_ports
 
 WORKER_ROLES = ("commands", "gate", "executor", "chains")
 _BACKOFF_MIN_S = 0.5
@@ -45,9 +46,7 @@ class ModelSpec(msgspec.Struct, frozen=True):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def write_config(

@@ -98,6 +98,15 @@ async def list_files(
     )
 
 
+async def _chunks_of(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> dict[str, bytes]:
+    """The template chunks holding the bodies of ``rows`` (each row names its ``body_key``)."""
+    keys = sorted({r["body_key"] for r in rows})
+    chunks = await conn.fetch(
+        "SELECT body_key, body FROM template_chunks WHERE body_key = ANY($1)", keys
+    )
+    return {r["body_key"]: bytes(r["body"]) for r in chunks}
+
+
 async def input_page(
     pool: asyncpg.Pool,
     file_id: str,
@@ -121,11 +130,7 @@ async def input_page(
             skip,
             limit,
         )
-        keys = sorted({r["body_key"] for r in rows})
-        chunks = await conn.fetch(
-            "SELECT body_key, body FROM template_chunks WHERE body_key = ANY($1)", keys
-        )
-    return rows, {r["body_key"]: bytes(r["body"]) for r in chunks}
+        return rows, await _chunks_of(conn, rows)
 
 
 def _result_query(state: str) -> str:
@@ -458,11 +463,7 @@ async def results_page(
             skip,
             limit,
         )
-        keys = sorted({r["body_key"] for r in rows})
-        chunks = await conn.fetch(
-            "SELECT body_key, body FROM template_chunks WHERE body_key = ANY($1)", keys
-        )
-    return rows, {r["body_key"]: bytes(r["body"]) for r in chunks}
+        return rows, await _chunks_of(conn, rows)
 
 
 # -- requests without a batch: listing (core §2.4) -----------------------------------------

@@ -206,6 +206,25 @@ WHERE c.batch_id = b.id AND b.id = ANY($1::uuid[])
   AND (b.total_requests > 0 OR b.cancelling_at IS NOT NULL)
   AND b.completed_at IS NULL AND b.failed_at IS NULL
 """
+# A cancel. A batch that already ended keeps its outcome (a deleted input file cancels only
+# the batches still running from it) unless the cancel came first by event time: a replay may
+# finalise the batch from the rows' cancellations before it meets the cancel, and must end
+# where the live run did (the rule of _FINALIZE). A cancel from before the latest retry was
+# the earlier run's (a replay over the tables meets it again), and so is a finished run the
+# rows reached by a retry the batches topic has not shown yet (the requests topic read ahead).
+_CANCEL = """
+INSERT INTO batches (id, cancelling_at, cancelled_at) VALUES ($1, $2, $2)
+ON CONFLICT (id) DO UPDATE SET
+    cancelling_at = COALESCE(batches.cancelling_at, $2),
+    cancelled_at = COALESCE(batches.cancelled_at, $2),
+    finalizing_at = NULL, completed_at = NULL, failed_at = NULL
+WHERE $2 >= COALESCE(batches.retried_at, '-infinity')
+  AND ((batches.completed_at IS NULL AND batches.failed_at IS NULL)
+       OR (batches.counts_frozen_at IS NOT NULL
+           AND COALESCE((SELECT c.reopened_version FROM batch_counts c
+                         WHERE c.batch_id = batches.id), 0) <= batches.retry_version
+           AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2)))
+"""
 # Erasure: the rows go, and leave their batches' counters and totals, so a batch can finish.
 _ERASE_ROWS = """
 WITH gone AS (
@@ -439,27 +458,7 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 event.batch_id, event.occurred_at, event.message,
             )  # fmt: skip
         elif isinstance(event, BatchCancelRequested):
-            # A batch that already ended keeps its outcome (a deleted input file cancels
-            # only the batches still running from it) unless the cancel came first by event
-            # time: a replay may finalise the batch from the rows' cancellations before it
-            # meets this event, and must end where the live run did (the rule of _FINALIZE).
-            # A cancel from before the latest retry was the earlier run's (a replay over the
-            # tables meets it again), and so is a finished run the rows reached by a retry
-            # this topic has not shown yet (a replay that read the requests topic ahead).
-            await conn.execute(
-                "INSERT INTO batches (id, cancelling_at, cancelled_at) VALUES ($1, $2, $2)"
-                " ON CONFLICT (id) DO UPDATE SET"
-                " cancelling_at = COALESCE(batches.cancelling_at, $2),"
-                " cancelled_at = COALESCE(batches.cancelled_at, $2),"
-                " finalizing_at = NULL, completed_at = NULL, failed_at = NULL"
-                " WHERE $2 >= COALESCE(batches.retried_at, '-infinity')"
-                " AND ((batches.completed_at IS NULL AND batches.failed_at IS NULL)"
-                "      OR (batches.counts_frozen_at IS NOT NULL"
-                "          AND COALESCE((SELECT c.reopened_version FROM batch_counts c"
-                "                        WHERE c.batch_id = batches.id), 0) <= batches.retry_version"
-                "          AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2)))",
-                event.batch_id, event.occurred_at,
-            )  # fmt: skip
+            await conn.execute(_CANCEL, event.batch_id, event.occurred_at)
         elif isinstance(event, BatchRejected):
             await conn.execute(
                 "INSERT INTO batch_rejections (batch_id, owner, status, message, code, param)"

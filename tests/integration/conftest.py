@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 from openai import OpenAI
 
 from compose import stack
@@ -77,35 +78,45 @@ users = ["nobody"]
 """
 
 
-@pytest.fixture(scope="session")
-def stack_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
-    run_dir = tmp_path_factory.mktemp("stack")
+def own_stack(run_dir: Path) -> Iterator[stack.StackInfo]:
+    """Kafka and PostgreSQL in ``run_dir`` for a fixture's lifetime (``yield from``)."""
     info = asyncio.run(stack.up(run_dir))
     yield info
     stack.down(run_dir)
+
+
+def own_services(
+    run_dir: Path, info: stack.StackInfo, models: dict[str, ModelSpec], **options: Any
+) -> Iterator[Services]:
+    """Every Cannonade process on ``info``, with two gate and two executor processes: tests
+    also check that capacity and exactly-once hold across workers sharing partitions."""
+    svc = Services(run_dir, info.kafka_bootstrap, info.database_url, models, gates=2, executors=2, **options)  # fmt: skip
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
+    yield from own_stack(tmp_path_factory.mktemp("stack"))
 
 
 @pytest.fixture(scope="session")
 def services(
     stack_info: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Services]:
-    # Two gate and two executor processes: every test also checks that capacity and
-    # exactly-once hold across workers sharing partitions.
-    svc = Services(
-        tmp_path_factory.mktemp("services"),
-        stack_info.kafka_bootstrap,
-        stack_info.database_url,
-        MODELS,
-        gates=2,
-        executors=2,
+    yield from own_services(
+        tmp_path_factory.mktemp("services"), stack_info, MODELS,
         extra_config=TEST_CONFIG + TOOLS_CONFIG,
         windows=("24h", "1h", "15s"),  # 15s: a batch that expires within a test
-    )
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop()
+    )  # fmt: skip
+
+
+def consumer_record(topic: str, offset: int, key: bytes, value: bytes | None) -> ConsumerRecord:
+    """A record as a consumer hands it over (partition 0): the projector fed by hand."""
+    return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value or b""), [])  # fmt: skip
 
 
 def run(coro: Any) -> Any:

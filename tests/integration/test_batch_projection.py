@@ -28,7 +28,7 @@ from schemas.events import (
     RequestsPending,
     RequestTransitions,
 )
-from tests.integration.conftest import run
+from tests.integration.conftest import consumer_record, run
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ class Batch:
         offset = self.offsets.get(topic.name, 0)
         self.offsets[topic.name] = offset + 1
         value, key = codec.encode(event), self.id.encode()
-        return ConsumerRecord(topic.name, 0, offset, 0, 0, key, value, None, len(key), len(value), [])  # fmt: skip
+        return consumer_record(topic.name, offset, key, value)
 
     def created(self) -> list[ConsumerRecord]:
         file_id = str(uuid.uuid4())

@@ -29,7 +29,7 @@ from schemas.events import (
     StepStarted,
 )
 from streams.responses.steps import step_id
-from tests.integration.conftest import run
+from tests.integration.conftest import consumer_record, run
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ class Log:
     def _record(self, topic: str, key: bytes, value: bytes | None) -> ConsumerRecord:
         offset = self.offsets.get(topic, 0)
         self.offsets[topic] = offset + 1
-        return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value or b""), [])  # fmt: skip
+        return consumer_record(topic, offset, key, value)
 
 
 class Chain:

@@ -53,6 +53,8 @@ from tests.integration.conftest import (
     eventually,
     jsonl,
     log_path,
+    own_services,
+    own_stack,
     upstream_stats,
 )
 
@@ -91,10 +93,7 @@ stale_daemon_threshold_ms = 6000
 
 @pytest.fixture(scope="module")
 def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
-    run_dir = tmp_path_factory.mktemp("fault-drills") / "stack"
-    info = asyncio.run(stack.up(run_dir))
-    yield info
-    stack.down(run_dir)
+    yield from own_stack(tmp_path_factory.mktemp("fault-drills") / "stack")
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +102,8 @@ def drill_services(
 ) -> Iterator[Services]:
     # Two gate and two executor processes, like the suite: a killed one hands its partitions
     # to the other.
-    svc = Services(
-        tmp_path_factory.mktemp("fault-drill-services"),
-        drill_stack.kafka_bootstrap,
-        drill_stack.database_url,
-        MODELS,
-        gates=2,
-        executors=2,
-        extra_config=CONFIG,
-    )
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop()
+    dir_ = tmp_path_factory.mktemp("fault-drill-services")
+    yield from own_services(dir_, drill_stack, MODELS, extra_config=CONFIG)
 
 
 @pytest.fixture

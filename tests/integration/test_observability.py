@@ -31,7 +31,15 @@ from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
 from projections.projector import TOPICS as PROJECTED
 from schemas import topics
-from tests.integration.conftest import chat_line, eventually, jsonl, log_path, wait_for_batch
+from tests.integration.conftest import (
+    chat_line,
+    eventually,
+    jsonl,
+    log_path,
+    own_services,
+    own_stack,
+    wait_for_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,30 +62,15 @@ Sample = tuple[str, dict[str, str], float]
 
 @pytest.fixture(scope="module")
 def obs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
-    run_dir = tmp_path_factory.mktemp("observability") / "stack"
-    info = asyncio.run(stack.up(run_dir))
-    yield info
-    stack.down(run_dir)
+    yield from own_stack(tmp_path_factory.mktemp("observability") / "stack")
 
 
 @pytest.fixture(scope="module")
 def obs_services(
     obs_stack: stack.StackInfo, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Services]:
-    svc = Services(
-        tmp_path_factory.mktemp("observability-services"),
-        obs_stack.kafka_bootstrap,
-        obs_stack.database_url,
-        MODELS,
-        gates=2,
-        executors=2,
-        extra_config=CONFIG,
-    )
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop()
+    dir_ = tmp_path_factory.mktemp("observability-services")
+    yield from own_services(dir_, obs_stack, MODELS, extra_config=CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from compose import kafka, postgres, stack
 from compose.services import ModelSpec, Services
 from schemas.topics import ALL, COMMANDS, Topic
-from tests.integration.conftest import until
+from tests.integration.conftest import own_stack, until
 
 pytestmark = pytest.mark.integration
 
@@ -148,10 +148,7 @@ async def test_stack_up_use_down(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
     """A stack of its own for the restart drills, so the session stack is never disturbed."""
-    run_dir = tmp_path_factory.mktemp("drill") / "stack"
-    info = asyncio.run(stack.up(run_dir))
-    yield info
-    stack.down(run_dir)
+    yield from own_stack(tmp_path_factory.mktemp("drill") / "stack")
 
 
 async def _cluster_id(bootstrap: str) -> str:
