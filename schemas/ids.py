@@ -8,14 +8,22 @@ them too: every derived id is ``uuid5(NAMESPACE, "/".join(parts))``.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 # Fixed namespace for every name-based UUID Cannonade derives.
 NAMESPACE = uuid.UUID("6f1c4a53-3a0e-4d61-9d2e-0c2b8e7c4a11")
+_NAMESPACE_BYTES = NAMESPACE.bytes
 
 
 def derived(*parts: object) -> str:
-    return str(uuid.uuid5(NAMESPACE, "/".join(str(p) for p in parts)))
+    """``str(uuid.uuid5(NAMESPACE, "/".join(parts)))``, computed without building ``UUID``
+    objects: the gate derives several ids per claim, and ``uuid.UUID`` was a tenth of its CPU."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "/".join(map(str, parts)).encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def template_id(file_id: str, line_number: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import string
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -23,7 +23,9 @@ from streams.execution.outcome import DEFAULT_RETRY_POLICY, Failure, Outcome, Re
 
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE"})
 # RFC 9110 token characters: what header names and methods may contain.
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What reqwest accepts in a value: no control characters except tab (so no header injection).
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
 _KNOWN_BATCH_FIELDS = frozenset(
     {
         "id",
@@ -195,12 +197,11 @@ def _field_text(value: str | int | datetime | Mapping[str, Any] | None) -> str |
 
 
 def _is_token(text: str) -> bool:
-    return bool(text) and all(char in _TOKEN_CHARS for char in text)
+    return _TOKEN.fullmatch(text) is not None
 
 
 def _is_header_value(text: str) -> bool:
-    # What reqwest accepts: no control characters except tab (so no header injection).
-    return all(char == "\t" or (ord(char) >= 32 and ord(char) != 127) for char in text)
+    return _HEADER_VALUE.fullmatch(text) is not None
 
 
 class AiohttpTransport:

@@ -152,6 +152,7 @@ def test_batch_header_values_format_known_fields_and_fall_back_to_metadata() -> 
     "overrides",
     [
         {"custom_id": "line\r\nX-Injected: 1"},
+        {"custom_id": "delete\x7f"},
         {"batch_headers": {"bad field": "x"}},
         {"endpoint": "not a url"},
         {"endpoint": "ftp://upstream.example"},
@@ -169,6 +170,15 @@ async def test_unbuildable_request_fails_for_good_without_calling_upstream(
     assert isinstance(outcome.reason, RequestBuilderError)
     assert not outcome.reason.retriable
     assert transport.sent == []
+
+
+async def test_tabs_and_non_ascii_text_are_valid_header_values() -> None:
+    transport = ScriptedTransport()
+
+    await UpstreamClient(transport).execute(call(custom_id="caf\u00e9\tline 1"))
+
+    request, _ = transport.sent[0]
+    assert request.headers["X-Fusillade-Custom-Id"] == "caf\u00e9\tline 1"
 
 
 async def test_transport_timeout_becomes_timeout_envelope() -> None:
