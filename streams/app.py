@@ -26,6 +26,7 @@ from schemas.topics import Topic
 from streams import fetch_wait
 from streams.emit import Out, TopicRole
 from streams.metrics import Hooks
+from streams.tables import Change
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,6 +118,13 @@ class Streams:
         ]
         landed = await asyncio.gather(*futures)
         return [BodyRef(m.partition, m.offset) for m in landed]
+
+    async def send_changelog(self, topic: str, partition: int, changes: Sequence[Change]) -> None:
+        """Send a table's changelog records (see :class:`streams.tables.Utf8Keys`) to the
+        partition of the event that made them, as Faust's own path would."""
+        send = self.app.producer.send
+        for key, value in changes:
+            await send(topic, key, value, partition, None, None)
 
     async def dead_letter(self, event: EventT[Any], reason: str, kind: str | None = None) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content

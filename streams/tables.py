@@ -5,14 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+Change = tuple[bytes, bytes | None]  # a changelog record: key, value (None: deleted)
+
 
 class Utf8Keys(MutableMapping[str, bytes]):
     """A Faust table seen with ``str`` keys; the table stores raw bytes keys so that keys read
     back from the changelog on recovery compare equal to the ones written. A value of None is
-    a deleted key still in the changelog's compaction backlog."""
+    a deleted key still in the changelog's compaction backlog.
 
-    def __init__(self, table: Any) -> None:
+    With ``changes``, writes go to the table's store and are appended there as changelog
+    records for the caller to send (:meth:`streams.app.Streams.send_changelog`) instead of
+    through Faust's per-key changelog path, which cost the gate a fifth of its CPU."""
+
+    def __init__(self, table: Any, *, changes: list[Change] | None = None) -> None:
         self.table = table
+        self.changes = changes
 
     def __getitem__(self, key: str) -> bytes:
         value = self.table[key.encode()]
@@ -21,10 +28,20 @@ class Utf8Keys(MutableMapping[str, bytes]):
         return value  # type: ignore[no-any-return]
 
     def __setitem__(self, key: str, value: bytes) -> None:
-        self.table[key.encode()] = value
+        raw = key.encode()
+        if self.changes is None:
+            self.table[raw] = value
+        else:
+            self.table.data[raw] = value
+            self.changes.append((raw, value))
 
     def __delitem__(self, key: str) -> None:
-        del self.table[key.encode()]
+        raw = key.encode()
+        if self.changes is None:
+            del self.table[raw]
+        else:
+            del self.table.data[raw]
+            self.changes.append((raw, None))
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.table.get(key.encode()) is not None
@@ -46,7 +63,7 @@ class Utf8Keys(MutableMapping[str, bytes]):
         value = self.table.get(key.encode())
         if value is None:
             return default
-        del self.table[key.encode()]
+        del self[key]
         return value
 
 

@@ -3,7 +3,9 @@ table only after its events were published."""
 
 from __future__ import annotations
 
-from streams.tables import WriteBehind
+import faust
+
+from streams.tables import Change, Utf8Keys, WriteBehind
 
 
 def test_writes_wait_for_flush_and_reads_see_them_meanwhile() -> None:
@@ -26,3 +28,24 @@ def test_a_discarded_decision_leaves_the_table_as_it_was() -> None:
     assert state.pop("a") == b"2"
     state.discard()
     assert state["a"] == b"1" and table == {"a": b"1"}
+
+
+def test_with_changes_writes_reach_the_store_and_come_back_as_changelog_records() -> None:
+    app = faust.App("test-tables", store="memory://")
+    table = app.Table("gate", default=None, key_type=bytes, value_type=bytes)
+    changes: list[Change] = []
+    state = WriteBehind(Utf8Keys(table, changes=changes))
+    state["R:1"] = b"claimed"
+    state["R:2"] = b"pending"
+    state.flush()
+    del state["R:1"]
+    state["R:2"] = b"claimed"
+    state.flush()
+
+    assert dict(table.data.items()) == {b"R:2": b"claimed"}
+    assert changes == [
+        (b"R:1", b"claimed"),
+        (b"R:2", b"pending"),
+        (b"R:1", None),
+        (b"R:2", b"claimed"),
+    ]
