@@ -619,25 +619,31 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
 
 
+def stack_options(p: argparse.ArgumentParser, *, keep_db: bool = True) -> None:
+    """The options of every benchmark that runs the services on a stack."""
+    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
+    p.add_argument("--start-services-timeout", type=float, default=180.0,
+                   help="seconds allowed for the services to become ready (180)")  # fmt: skip
+    p.add_argument("--private-stack", action="store_true",
+                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
+    if keep_db:
+        p.add_argument("--keep-db", action="store_true",
+                       help="keep the bench_<random> database (external backend only)")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--requests", type=int, default=10_000, help="batch size (default 10000)")
     p.add_argument("--models", type=int, default=1, help="chat models, lines spread round-robin")
     p.add_argument("--concurrency", type=int, default=64, help="per-model concurrency (64)")
-    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--executors", type=int, default=1, help="executor workers (1)")
     p.add_argument("--gates", type=int, default=1, help="gate workers (1)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds allowed from in_progress to completed (1800)")  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds allowed from batch create to in_progress (600)")  # fmt: skip
-    p.add_argument("--start-services-timeout", type=float, default=180.0,
-                   help="seconds allowed for the services to become ready (180)")  # fmt: skip
-    p.add_argument("--private-stack", action="store_true",
-                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
-    p.add_argument("--keep-db", action="store_true",
-                   help="keep the bench_<random> database (external backend only)")  # fmt: skip
+    stack_options(p)
     args = p.parse_args(argv)
     if args.requests < 1 or args.models < 1 or args.concurrency < 1 or args.latency_ms < 0:
         p.error("--requests, --models and --concurrency must be >= 1, --latency-ms >= 0")

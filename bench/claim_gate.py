@@ -68,6 +68,7 @@ from bench.baseline import (
     open_backend,
     records_between,
     run_stack_bench,
+    stack_options,
     start_services,
     upstream_stats,
     watched_pids,
@@ -650,17 +651,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", type=int, default=4, help="chat models bench-m0.. (4)")
     p.add_argument("--users", type=int, default=20, help="users, one batch each (20)")
     p.add_argument("--concurrency", type=int, default=64, help="per-model concurrency (64)")
-    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--gates", type=int, default=2, help="gate workers (2)")
     p.add_argument("--executors", type=int, default=2, help="executor workers (2)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds allowed from the first create to all completed (1800)")  # fmt: skip
-    p.add_argument("--start-services-timeout", type=float, default=180.0,
-                   help="seconds allowed for the services to become ready (180)")  # fmt: skip
-    p.add_argument("--private-stack", action="store_true",
-                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
-    p.add_argument("--keep-db", action="store_true",
-                   help="keep the bench_<random> database (external backend only)")  # fmt: skip
+    stack_options(p)
     args = p.parse_args(argv)
     if min(args.models, args.users, args.concurrency, args.gates, args.executors) < 1:
         p.error("--models, --users, --concurrency, --gates and --executors must be >= 1")

@@ -60,6 +60,7 @@ from bench.baseline import (
     log,
     open_backend,
     save_and_report,
+    stack_options,
     start_services,
     with_database,
 )
@@ -741,7 +742,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--requests", type=int, default=10_000, help="batch size (10000)")
     p.add_argument("--concurrency", type=int, default=64, help="per-model limit, both sides (64)")
-    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--runs", type=int, default=2, help="rounds; each side runs once a round (2)")
     p.add_argument("--claim-interval-ms", default="1000,10",
                    help="fusillade claim intervals to run, comma-separated (1000,10)")  # fmt: skip
@@ -753,10 +753,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds allowed from in_progress to completed (1800)")  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds allowed from batch create to in_progress (600)")  # fmt: skip
-    p.add_argument("--start-services-timeout", type=float, default=180.0,
-                   help="seconds allowed for Cannonade's services to become ready (180)")  # fmt: skip
-    p.add_argument("--private-stack", action="store_true",
-                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
+    stack_options(p, keep_db=False)
     args = p.parse_args(argv)
     try:
         args.claim_intervals = [int(x) for x in args.claim_interval_ms.split(",") if x.strip()]

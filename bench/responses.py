@@ -62,6 +62,7 @@ from bench.baseline import (
     log,
     open_backend,
     run_stack_bench,
+    stack_options,
     start_services,
     wait_projector_caught_up,
 )
@@ -637,19 +638,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="calls per path in the concurrent phase (4 x --requests)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=4,
                    help="alternating rounds of the concurrent phase (4)")  # fmt: skip
-    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--model-concurrency", type=int, default=64,
                    help="the model's concurrency limit in the engine (64)")  # fmt: skip
     p.add_argument("--idle-s", type=float, default=10.0,
                    help="idle window measured for each process's idle CPU (10)")  # fmt: skip
     p.add_argument("--settle-s", type=float, default=2.0,
                    help="pause once the projector caught up, before a phase (2)")  # fmt: skip
-    p.add_argument("--start-services-timeout", type=float, default=180.0,
-                   help="seconds allowed for the services to become ready (180)")  # fmt: skip
-    p.add_argument("--private-stack", action="store_true",
-                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
-    p.add_argument("--keep-db", action="store_true",
-                   help="keep the bench_<random> database (external backend only)")  # fmt: skip
+    stack_options(p)
     args = p.parse_args(argv)
     if args.concurrent_requests is None:
         args.concurrent_requests = 4 * args.requests

@@ -53,6 +53,7 @@ from bench.baseline import (
     log,
     open_backend,
     run_stack_bench,
+    stack_options,
     start_services,
     watched_pids,
 )
@@ -330,19 +331,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lines", type=int, default=50_000, help="lines per upload (50000)")
     p.add_argument("--repeats", type=int, default=3, help="measurements of each side (3)")
     p.add_argument("--concurrency", type=int, default=64, help="the model's limit (64)")
-    p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
     p.add_argument("--pause", type=float, default=2.0,
                    help="seconds of quiet before each measurement (2)")  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds allowed from batch create to in_progress (600)")  # fmt: skip
     p.add_argument("--settle-timeout", type=float, default=600.0,
                    help="seconds allowed for a cancelled batch to settle (600)")  # fmt: skip
-    p.add_argument("--start-services-timeout", type=float, default=180.0,
-                   help="seconds allowed for the services to become ready (180)")  # fmt: skip
-    p.add_argument("--private-stack", action="store_true",
-                   help="bring up a private stack even if CANNONADE_KAFKA/... are set")  # fmt: skip
-    p.add_argument("--keep-db", action="store_true",
-                   help="keep the bench_<random> database (external backend only)")  # fmt: skip
+    stack_options(p)
     args = p.parse_args(argv)
     if args.lines < 1 or args.repeats < 1 or args.concurrency < 1 or args.latency_ms < 0:
         p.error("--lines, --repeats and --concurrency must be >= 1, --latency-ms >= 0")

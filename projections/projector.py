@@ -139,9 +139,10 @@ class Projector:
                 if batch:
                     await self._apply(conn, producer, batch)
                 if time.monotonic() - measured >= LAG_INTERVAL_S:
+                    positions = {tp: await consumer.position(tp) for tp in partitions}
                     if not batch:
-                        await self._pass_gaps(consumer, conn, partitions)
-                    await self._measure_lag(consumer, partitions)
+                        await self._pass_gaps(conn, positions)
+                    self._measure_lag(consumer, positions)
                     measured = time.monotonic()
         finally:
             self.lag = None
@@ -172,31 +173,25 @@ class Projector:
                 self._stored[tp] = offset
         return partitions
 
-    async def _pass_gaps(
-        self, consumer: AIOKafkaConsumer, conn: asyncpg.Connection, partitions: list[TopicPartition]
-    ) -> None:
+    async def _pass_gaps(self, conn: asyncpg.Connection, positions: dict[TopicPartition, int]) -> None:  # fmt: skip
         """On an idle poll, store positions that moved past offsets with no record left
         (compacted or expired away): nothing there is applied, so the stored offset would never
         reach the end, and waits on the projection (erasure, the notifier) and the lag would
         wait on records that do not exist."""
-        ahead = [
-            (tp, position)
-            for tp in partitions
-            if (position := await consumer.position(tp)) > self._stored.get(tp, 0)
-        ]
+        ahead = [(tp, at) for tp, at in positions.items() if at > self._stored.get(tp, 0)]
         if ahead:
             await self._store(conn, ahead)
 
-    async def _measure_lag(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:  # fmt: skip
+    def _measure_lag(self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:  # fmt: skip
         """Records behind per topic, from the high watermarks the fetches bring; unknown until
         every partition has been fetched once."""
         lag = dict.fromkeys((t.name for t in TOPICS), 0)
         fetched_ms = 0
-        for tp in partitions:
+        for tp, position in positions.items():
             high, at = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
             if high is None or at is None:
                 return
-            lag[tp.topic] += max(0, high - await consumer.position(tp))
+            lag[tp.topic] += max(0, high - position)
             fetched_ms = max(fetched_ms, at)
         self.lag, self.fetched_at = lag, fetched_ms / 1000
         metrics.projector_lag(lag)
