@@ -167,11 +167,20 @@ async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
 
 
 async def _records_past(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+    """Whether any partition holds a record at or past its offset. Fetches until every
+    partition has answered once (its high watermark is known): a fetch still under way on a
+    loaded box must not pass for an empty partition and end the wait early."""
     consumer.assign(list(offsets))
     for tp, offset in offsets.items():
         consumer.seek(tp, offset)
-    fetched = await consumer.getmany(timeout_ms=2000)
-    return any(fetched.values())
+    answered, give_up = False, time.monotonic() + 30
+    while not answered:
+        if time.monotonic() > give_up:
+            return True  # unknown counts as "not caught up": the caller's own timeout decides
+        answered = all(consumer.highwater(tp) is not None for tp in offsets)
+        if any((await consumer.getmany(timeout_ms=500)).values()):
+            return True
+    return False
 
 
 async def _project_to_end(dsn: str, bootstrap: str) -> None:
