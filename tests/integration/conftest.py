@@ -6,18 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from openai import OpenAI
 
 from compose import stack
 from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
+from projections.projector import TOPICS, Projector
+from schemas import topics
 
 T = TypeVar("T")
 
@@ -220,3 +225,108 @@ def content_lines(client: OpenAI, file_id: str) -> list[dict[str, Any]]:
 
 def log_path(services: Services, name: str) -> Path:
     return services.logs / f"{name}.log"
+
+
+# -- reading the log and waiting on the projection --------------------------------------
+
+
+async def read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
+    """Every record now on ``topic``."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=topics.MAX_MESSAGE_BYTES,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def caught_up(dsn: str, bootstrap: str, name: str) -> None:
+    """Wait until the projector ``name`` has applied everything now on its topics.
+
+    The projector stores the offset after the last record it applied. Compaction (the erasure
+    test forces it) can remove a partition's last records, so a partition whose stored offset
+    stays short of its end for a while is checked for records past it: none means done."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    conn = await asyncpg.connect(dsn)
+    try:
+        end = await consumer.end_offsets(
+            [TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)]
+        )
+        seen: dict[TopicPartition, int] = {}
+        since = time.monotonic()
+
+        async def done() -> bool:
+            nonlocal seen, since
+            stored = {
+                (r["topic"], r["partition"]): r["next_offset"]
+                for r in await conn.fetch(
+                    "SELECT * FROM projection_offsets WHERE consumer = $1", name
+                )
+            }
+            lagging = {
+                tp: at
+                for tp, off in end.items()
+                if (at := stored.get((tp.topic, tp.partition), 0)) < off
+            }
+            if not lagging:
+                return True
+            if lagging != seen:
+                seen, since = lagging, time.monotonic()
+                return False
+            return time.monotonic() - since > 5 and not await _records_past(consumer, lagging)
+
+        # Generous: the whole session's log is replayed, on a 2-core box shared with Kafka.
+        await until(done, f"projector {name} to catch up", 300)
+    finally:
+        await conn.close()
+        await consumer.stop()
+
+
+async def _records_past(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+    """Whether any partition holds a record at or past its offset. Fetches until every
+    partition has answered once (its high watermark is known): a fetch still under way on a
+    loaded box must not pass for an empty partition and end the wait early."""
+    consumer.assign(list(offsets))
+    for tp, offset in offsets.items():
+        consumer.seek(tp, offset)
+    answered, give_up = False, time.monotonic() + 30
+    while not answered:
+        if time.monotonic() > give_up:
+            return True  # unknown counts as "not caught up": the caller's own timeout decides
+        answered = all(consumer.highwater(tp) is not None for tp in offsets)
+        if any((await consumer.getmany(timeout_ms=500)).values()):
+            return True
+    return False
+
+
+async def project_to_end(dsn: str, bootstrap: str) -> None:
+    projector = Projector(dsn, bootstrap)
+    task = asyncio.create_task(projector.run())
+    try:
+        await caught_up(dsn, bootstrap, "projector")
+    finally:
+        projector.stop()
+        await task
+
+
+def http_get(url: str) -> tuple[int, bytes, str]:
+    """Status, body and content type of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")

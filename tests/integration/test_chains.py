@@ -24,8 +24,16 @@ from compose.services import Services
 from schemas import codec, topics
 from schemas.bodies import BodyRef
 from schemas.events import StepRecorded
-from tests.integration.conftest import TOOL_USERS, eventually, jsonl, run, wait_for_batch
-from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
+from tests.integration.conftest import (
+    TOOL_USERS,
+    caught_up,
+    eventually,
+    jsonl,
+    project_to_end,
+    read_topic,
+    run,
+    wait_for_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -312,7 +320,7 @@ def test_chain_content_never_lands_on_a_topic_that_is_not_compacted(
     for topic in topics.ALL:
         if topic.compacted:
             continue
-        records = run(_read_topic(stack_info.kafka_bootstrap, topic))
+        records = run(read_topic(stack_info.kafka_bootstrap, topic))
         assert not any(mark.encode() in (r.value or b"") for r in records), topic.name
 
 
@@ -322,7 +330,7 @@ def test_chain_content_never_lands_on_a_topic_that_is_not_compacted(
 def _recorded_steps(services: Services, response_id: str) -> dict[int, set[str]]:
     """Every StepRecorded on the chain log for the response: step ids per sequence."""
     head = response_id.removeprefix("resp_")
-    records = run(_read_topic(services.env["CANNONADE_KAFKA"], topics.RESPONSES))
+    records = run(read_topic(services.env["CANNONADE_KAFKA"], topics.RESPONSES))
     per_sequence: dict[int, set[str]] = {}
     for record in records:
         if record.key != head.encode():
@@ -418,10 +426,10 @@ def test_replaying_the_log_rebuilds_identical_response_steps(
 
     async def scenario() -> None:
         bootstrap = stack_info.kafka_bootstrap
-        await _caught_up(stack_info.database_url, bootstrap, "projector")
+        await caught_up(stack_info.database_url, bootstrap, "projector")
         rebuilt = await postgres.create_database(stack_info.admin_database_url, "replay_chains")
         try:
-            await _project_to_end(rebuilt, bootstrap)
+            await project_to_end(rebuilt, bootstrap)
             live, first = await _chain_snapshot(stack_info.database_url), await _chain_snapshot(rebuilt)  # fmt: skip
             for table in _CHAIN_TABLES:
                 assert first[table] == live[table], f"{table} differs after a full replay"
@@ -429,7 +437,7 @@ def test_replaying_the_log_rebuilds_identical_response_steps(
             conn = await asyncpg.connect(rebuilt)
             await conn.execute("UPDATE projection_offsets SET next_offset = 0")
             await conn.close()
-            await _project_to_end(rebuilt, bootstrap)
+            await project_to_end(rebuilt, bootstrap)
             assert await _chain_snapshot(rebuilt) == first
         finally:
             await postgres.drop_database(stack_info.admin_database_url, "replay_chains")
@@ -458,7 +466,7 @@ def test_a_step_that_breaks_an_invariant_is_dead_lettered(
     run(produce())
 
     def lettered() -> bool:
-        letters = run(_read_topic(stack_info.kafka_bootstrap, topics.DEADLETTER))
+        letters = run(read_topic(stack_info.kafka_bootstrap, topics.DEADLETTER))
         return any(
             json.loads(r.value)["source_topic"] == topics.RESPONSES.name
             and r.key == head.encode()

@@ -28,8 +28,16 @@ from compose.kafka import _topic_config
 from compose.services import Services
 from projections.purge import Purger, run_once
 from schemas import bodies, topics
-from tests.integration.conftest import TOOL_USERS, eventually, jsonl, run, wait_for_batch
-from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
+from tests.integration.conftest import (
+    TOOL_USERS,
+    caught_up,
+    eventually,
+    jsonl,
+    project_to_end,
+    read_topic,
+    run,
+    wait_for_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +93,7 @@ def _topics_holding(bootstrap: str, text: str) -> dict[str, int]:
     needle = text.encode()
     found = {}
     for topic in topics.ALL:
-        records = run(_read_topic(bootstrap, topic))
+        records = run(read_topic(bootstrap, topic))
         n = sum(1 for r in records if needle in (r.value or b"") or needle in (r.key or b""))
         if n:
             found[topic.name] = n
@@ -177,7 +185,7 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     kept = _batch(other, [_line("k0", f"say {keep}")])
     assert wait_for_batch(other, kept.id).status == "completed"
 
-    run(_caught_up(dsn, bootstrap, "projector"))
+    run(caught_up(dsn, bootstrap, "projector"))
     before = run(_tables_holding(dsn, mark))
     assert {"template_chunks", "bodies", "response_steps"} <= set(before), before
     assert topics.BODIES.name in _topics_holding(bootstrap, mark)
@@ -206,7 +214,7 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
         name = f"erasure_replay_{uuid.uuid4().hex[:8]}"
         rebuilt = await postgres.create_database(stack_info.admin_database_url, name)
         try:
-            await _project_to_end(rebuilt, bootstrap)
+            await project_to_end(rebuilt, bootstrap)
             erased, survived = await _tables_holding(rebuilt, mark), await _tables_holding(rebuilt, keep)  # fmt: skip
             # The purge reaps the rows left under the deleted batches and files (run on the
             # rebuilt copy: the session's read model must keep matching a replay of the log).

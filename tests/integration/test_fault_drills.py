@@ -27,8 +27,6 @@ import json
 import re
 import signal
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -39,7 +37,7 @@ from typing import Any
 import msgspec
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from openai import OpenAI
 
@@ -51,10 +49,12 @@ from tests.integration.conftest import (
     TERMINAL,
     chat_line,
     eventually,
+    http_get,
     jsonl,
     log_path,
     own_services,
     own_stack,
+    read_topic,
     upstream_stats,
 )
 
@@ -232,29 +232,6 @@ def drill_batch(
 
 
 # -- reading what happened ------------------------------------------------------------------
-
-
-async def read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
-    """Every record now on ``topic``."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=topics.MAX_MESSAGE_BYTES,
-        fetch_max_bytes=64 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        records: list[Any] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def at(text: str) -> datetime:
@@ -509,14 +486,8 @@ def outage_seen(services: Services) -> None:
     """The outage lasts until the API's readiness reports it (and so every process had a
     failing dependency for a while, not just a restart too quick to notice)."""
 
-    def not_ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{services.health_url('api')}/readyz", timeout=10):
-                return False
-        except urllib.error.HTTPError as exc:
-            return exc.code == 503
-
-    eventually(not_ready, "the API to report the outage", 60, every_s=0.25)
+    url = f"{services.health_url('api')}/readyz"
+    eventually(lambda: http_get(url)[0] == 503, "the API to report the outage", 60, every_s=0.25)
 
 
 def test_postgres_outage_mid_batch(ready: Services, drill_stack: stack.StackInfo) -> None:

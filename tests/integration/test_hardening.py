@@ -31,11 +31,11 @@ from tests.integration.conftest import (
     content_lines,
     eventually,
     jsonl,
+    read_topic,
     run,
     upstream_stats,
     wait_for_batch,
 )
-from tests.integration.test_resilience import _read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +156,7 @@ def test_user_content_never_lands_on_a_topic_that_is_not_compacted(
     for topic in topics.ALL:
         if topic.compacted:
             continue
-        records = run(_read_topic(stack_info.kafka_bootstrap, topic))
+        records = run(read_topic(stack_info.kafka_bootstrap, topic))
         assert not any(marker.encode() in (r.value or b"") for r in records), topic.name
 
 
@@ -307,7 +307,7 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
     other = client_for("after-outsider")
     assert wait_for_batch(other, submit(other, [chat_line("after", model="chat-b")]).id).status == "completed"  # type: ignore[attr-defined]  # fmt: skip
     assert time.monotonic() - started < 20
-    letters = [msgspec.json.decode(r.value) for r in run(_read_topic(bootstrap, topics.DEADLETTER))]
+    letters = [msgspec.json.decode(r.value) for r in run(read_topic(bootstrap, topics.DEADLETTER))]
     reasons = {x["key"]: x["reason"] for x in letters}
     assert "batch_id" in reasons["f"]
     assert "colour" in reasons[file_id]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -34,6 +32,7 @@ from schemas import topics
 from tests.integration.conftest import (
     chat_line,
     eventually,
+    http_get,
     jsonl,
     log_path,
     own_services,
@@ -84,16 +83,8 @@ def processes(services: Services) -> list[str]:
     return sorted(n for n in services.procs if n not in ("upstream", "tools"))
 
 
-def get(url: str) -> tuple[int, bytes, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read(), response.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
-
-
 def scrape(services: Services, name: str) -> list[Sample]:
-    status, body, content_type = get(f"{services.health_url(name)}/metrics")
+    status, body, content_type = http_get(f"{services.health_url(name)}/metrics")
     assert status == 200 and content_type.startswith("text/plain"), (name, status)
     return [
         (s.name, dict(s.labels), s.value)
@@ -117,7 +108,7 @@ def total(scraped: dict[str, list[Sample]], metric: str, **labels: str) -> float
 
 
 def ready(services: Services, name: str) -> tuple[int, dict[str, Any]]:
-    status, body, _ = get(f"{services.health_url(name)}/readyz")
+    status, body, _ = http_get(f"{services.health_url(name)}/readyz")
     return status, json.loads(body)
 
 
@@ -125,7 +116,7 @@ def test_every_process_is_live_ready_and_serves_metrics(obs_services: Services) 
     names = processes(obs_services)
     assert {"api", "projector", "purge", *ENGINE} <= set(names)
     for name in names:
-        status, body, _ = get(f"{obs_services.health_url(name)}/livez")
+        status, body, _ = http_get(f"{obs_services.health_url(name)}/livez")
         assert status == 200, (name, body)
         status, verdict = ready(obs_services, name)
         assert status == 200 and verdict["status"] == "ready", (name, verdict)
@@ -137,7 +128,7 @@ def test_every_process_is_live_ready_and_serves_metrics(obs_services: Services) 
     assert set(ready(obs_services, "projector")[1]["checks"]) == {"postgres", "projection"}
     assert set(ready(obs_services, "gate-0")[1]["checks"]) == {"kafka", "stream"}
     # The API's older probe still answers.
-    assert get(f"{obs_services.api_url}/healthz")[0] == 200
+    assert http_get(f"{obs_services.api_url}/healthz")[0] == 200
 
 
 def test_a_batch_moves_the_counters_by_model(obs_services: Services, client: OpenAI) -> None:
@@ -312,7 +303,7 @@ def test_readiness_follows_postgres(obs_services: Services, obs_stack: stack.Sta
             verdict = eventually(lambda name=name: not_ready(name), f"{name} not ready without PostgreSQL")  # type: ignore[misc]  # fmt: skip
             assert verdict["status"] == "not ready"
             assert verdict["checks"]["postgres"] != "ok", verdict
-            assert get(f"{obs_services.health_url(name)}/livez")[0] == 200
+            assert http_get(f"{obs_services.health_url(name)}/livez")[0] == 200
         for name in ENGINE:  # the write path never reads the read model
             assert ready(obs_services, name)[0] == 200, name
     finally:

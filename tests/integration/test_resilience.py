@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,43 +12,26 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from compose import postgres, stack
 from compose.services import Services
-from projections.projector import TOPICS, Projector
 from schemas import topics
 from tests.integration.conftest import (
+    caught_up,
     chat_line,
     content_lines,
     eventually,
     jsonl,
+    project_to_end,
+    read_topic,
     run,
-    until,
     wait_for_batch,
 )
 
 pytestmark = pytest.mark.integration
-
-
-async def _read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
-    """Every record currently on a topic."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        records: list[Any] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def _produce(bootstrap: str, name: str, key: bytes, value: bytes) -> None:
@@ -89,7 +70,7 @@ def test_bad_commands_are_dead_lettered_and_the_agent_keeps_going(
     )
     assert wait_for_batch(client, batch.id).status == "completed"
 
-    letters = [msgspec.json.decode(r.value) for r in run(_read_topic(bootstrap, topics.DEADLETTER))]
+    letters = [msgspec.json.decode(r.value) for r in run(read_topic(bootstrap, topics.DEADLETTER))]
     junk = [x for x in letters if x["key"] == "junk"]
     window = [x for x in letters if x["key"] == batch_id]
     assert (
@@ -121,76 +102,6 @@ async def _snapshot(dsn: str) -> dict[str, list[dict[str, Any]]]:
         return out
     finally:
         await conn.close()
-
-
-async def _caught_up(dsn: str, bootstrap: str, name: str) -> None:
-    """Wait until the projector ``name`` has applied everything now on its topics.
-
-    The projector stores the offset after the last record it applied. Compaction (the erasure
-    test forces it) can remove a partition's last records, so a partition whose stored offset
-    stays short of its end for a while is checked for records past it: none means done."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    conn = await asyncpg.connect(dsn)
-    try:
-        end = await consumer.end_offsets(
-            [TopicPartition(t.name, p) for t in TOPICS for p in range(t.partitions)]
-        )
-        seen: dict[TopicPartition, int] = {}
-        since = time.monotonic()
-
-        async def done() -> bool:
-            nonlocal seen, since
-            stored = {
-                (r["topic"], r["partition"]): r["next_offset"]
-                for r in await conn.fetch(
-                    "SELECT * FROM projection_offsets WHERE consumer = $1", name
-                )
-            }
-            lagging = {
-                tp: at
-                for tp, off in end.items()
-                if (at := stored.get((tp.topic, tp.partition), 0)) < off
-            }
-            if not lagging:
-                return True
-            if lagging != seen:
-                seen, since = lagging, time.monotonic()
-                return False
-            return time.monotonic() - since > 5 and not await _records_past(consumer, lagging)
-
-        # Generous: the whole session's log is replayed, on a 2-core box shared with Kafka.
-        await until(done, f"projector {name} to catch up", 300)
-    finally:
-        await conn.close()
-        await consumer.stop()
-
-
-async def _records_past(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
-    """Whether any partition holds a record at or past its offset. Fetches until every
-    partition has answered once (its high watermark is known): a fetch still under way on a
-    loaded box must not pass for an empty partition and end the wait early."""
-    consumer.assign(list(offsets))
-    for tp, offset in offsets.items():
-        consumer.seek(tp, offset)
-    answered, give_up = False, time.monotonic() + 30
-    while not answered:
-        if time.monotonic() > give_up:
-            return True  # unknown counts as "not caught up": the caller's own timeout decides
-        answered = all(consumer.highwater(tp) is not None for tp in offsets)
-        if any((await consumer.getmany(timeout_ms=500)).values()):
-            return True
-    return False
-
-
-async def _project_to_end(dsn: str, bootstrap: str) -> None:
-    projector = Projector(dsn, bootstrap)
-    task = asyncio.create_task(projector.run())
-    try:
-        await _caught_up(dsn, bootstrap, "projector")
-    finally:
-        projector.stop()
-        await task
 
 
 def test_replaying_the_log_rebuilds_identical_read_models(
@@ -241,10 +152,10 @@ async def _replay_matches(stack_info: stack.StackInfo, batch_id: str) -> None:
     """Replaying the whole log into an empty database rebuilds the live tables exactly, and
     replaying it again over them changes nothing."""
     bootstrap = stack_info.kafka_bootstrap
-    await _caught_up(stack_info.database_url, bootstrap, "projector")
+    await caught_up(stack_info.database_url, bootstrap, "projector")
     rebuilt = await postgres.create_database(stack_info.admin_database_url, "replay_check")
     try:
-        await _project_to_end(rebuilt, bootstrap)
+        await project_to_end(rebuilt, bootstrap)
         live, first = await _snapshot(stack_info.database_url), await _snapshot(rebuilt)
         for table in _TABLES:
             assert first[table] == live[table], f"{table} differs after a full replay: " + _diff(
@@ -255,7 +166,7 @@ async def _replay_matches(stack_info: stack.StackInfo, batch_id: str) -> None:
         conn = await asyncpg.connect(rebuilt)
         await conn.execute("UPDATE projection_offsets SET next_offset = 0")
         await conn.close()
-        await _project_to_end(rebuilt, bootstrap)
+        await project_to_end(rebuilt, bootstrap)
         assert await _snapshot(rebuilt) == first
     finally:
         await postgres.drop_database(stack_info.admin_database_url, "replay_check")
@@ -315,7 +226,7 @@ def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
     assert sorted(line["custom_id"] for line in output) == sorted(f"k{i}" for i in range(40))
 
     terminal: dict[str, set[str]] = defaultdict(set)
-    for record in run(_read_topic(stack_info.kafka_bootstrap, topics.REQUESTS)):
+    for record in run(read_topic(stack_info.kafka_bootstrap, topics.REQUESTS)):
         events = msgspec.json.decode(record.value)["events"]
         for event in events:
             if (

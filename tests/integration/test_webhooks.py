@@ -28,8 +28,16 @@ from projections.api.auth import create_key
 from projections.webhook_signing import new_key
 from schemas import codec, topics
 from schemas.events import BatchNotified
-from tests.integration.conftest import chat_line, eventually, jsonl, run, wait_for_batch
-from tests.integration.test_resilience import _caught_up, _project_to_end, _read_topic
+from tests.integration.conftest import (
+    caught_up,
+    chat_line,
+    eventually,
+    jsonl,
+    project_to_end,
+    read_topic,
+    run,
+    wait_for_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +191,7 @@ def test_each_terminal_batch_is_delivered_once_signed_across_two_api_processes(
     # One notification decided per batch, though two processes looked for terminal batches.
     notified = [
         e
-        for r in run(_read_topic(stack_info.kafka_bootstrap, topics.BATCHES))
+        for r in run(read_topic(stack_info.kafka_bootstrap, topics.BATCHES))
         if isinstance(e := codec.batch_events.decode(r.value), BatchNotified)
         and e.batch_id in expected
     ]
@@ -195,11 +203,11 @@ def test_each_terminal_batch_is_delivered_once_signed_across_two_api_processes(
 
     # A rebuilt read model knows every batch was notified and has nothing left to deliver.
     async def rebuilt() -> tuple[int, int]:
-        await _caught_up(stack_info.database_url, stack_info.kafka_bootstrap, "projector")
+        await caught_up(stack_info.database_url, stack_info.kafka_bootstrap, "projector")
         name = f"webhooks_replay_{uuid.uuid4().hex[:8]}"
         dsn = await postgres.create_database(stack_info.admin_database_url, name)
         try:
-            await _project_to_end(dsn, stack_info.kafka_bootstrap)
+            await project_to_end(dsn, stack_info.kafka_bootstrap)
             conn = await asyncpg.connect(dsn)
             try:
                 stamped = await conn.fetchval(
