@@ -26,7 +26,7 @@ from schemas.topics import Topic
 from streams import fetch_wait
 from streams.emit import Out, TopicRole
 from streams.metrics import Hooks
-from streams.tables import Change
+from streams.tables import Utf8Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,7 +53,7 @@ def utcnow() -> datetime:
 
 
 class Streams:
-    """A Faust app plus the catalog topics bound to it."""
+    """A Faust app, and how its agents bind catalog topics and publish."""
 
     def __init__(self, role: str, config: Config) -> None:
         fetch_wait.install()
@@ -78,8 +78,6 @@ class Streams:
             broker_session_timeout=10.0,
             broker_heartbeat_interval=1.0,
         )
-        self.topics = {role_: self.bind(t) for role_, t in _ROLE_TOPICS.items()}
-        self.deadletter = self.bind(topics.DEADLETTER)
         self.metrics = Hooks(config.models)
 
     def bind(self, topic: Topic) -> faust.TopicT:
@@ -119,12 +117,16 @@ class Streams:
         landed = await asyncio.gather(*futures)
         return [BodyRef(m.partition, m.offset) for m in landed]
 
-    async def send_changelog(self, topic: str, partition: int, changes: Sequence[Change]) -> None:
-        """Send a table's changelog records (see :class:`streams.tables.Utf8Keys`) to the
-        partition of the event that made them, as Faust's own path would."""
+    async def send_changelog(self, partition: int, *tables: Utf8Keys) -> None:
+        """Send the changelog records the tables' writes queued, to the partition of the event
+        that made them, as Faust's own path would; an agent calls it once per event."""
         send = self.app.producer.send
-        for key, value in changes:
-            await send(topic, key, value, partition, None, None)
+        for keys in tables:
+            if keys.changes:
+                topic = keys.table.changelog_topic.get_topic_name()
+                for key, value in keys.changes:
+                    await send(topic, key, value, partition, None, None)
+                keys.changes.clear()
 
     async def dead_letter(self, event: EventT[Any], reason: str, kind: str | None = None) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content
@@ -151,7 +153,7 @@ class Streams:
             message.offset,
             reason,
         )
-        await self.deadletter.send(key=message.key, value=codec.encode(letter), force=True)
+        await self.app.producer.send(topics.DEADLETTER.name, message.key, codec.encode(letter), None, None, None)  # fmt: skip
         metrics.dead_letter(message.topic, reason, kind)
 
 

@@ -97,7 +97,8 @@ def register(streams: Streams) -> ChainCore:
         value_type=bytes,
         partitions=topics.RESPONSES.partitions,
     )
-    state = WriteBehind(Utf8Keys(table))
+    keys = Utf8Keys(table)
+    state = WriteBehind(keys)
     reader = BodyReader(config.kafka)
     worker_id = f"{ROLE}:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
     core = ChainCore(state, KafkaBodies(streams, reader), worker_id, clock=utcnow)
@@ -110,7 +111,7 @@ def register(streams: Streams) -> ChainCore:
         assigned["adopt"] = True
         core.forget()
 
-    @app.agent(streams.topics["responses"], name="chains")
+    @app.agent(streams.bind(topics.RESPONSES), name="chains")
     async def chains(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             message, reason = decode_or_none(codec.chain_events, event.value)
@@ -133,6 +134,7 @@ def register(streams: Streams) -> ChainCore:
                     if outs:
                         await streams.publish(outs, wait=True)
                     state.flush()
+                    await streams.send_changelog(event.message.partition, keys)
                     assigned["adopt"] = False
                     break
                 except TRANSIENT as exc:

@@ -126,7 +126,7 @@ def register(streams: Streams) -> None:
                 batches[cmd.batch_id] = msgspec.msgpack.encode(state)
         return outs
 
-    @app.agent(streams.topics["commands"], name="commands")
+    @app.agent(streams.bind(topics.COMMANDS), name="commands")
     async def commands(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             cmd, reason = decode_or_none(codec.commands, event.value)
@@ -146,6 +146,8 @@ def register(streams: Streams) -> None:
                 except ApiError as exc:
                     await streams.dead_letter(event, exc.message, kind="refused")
                     continue
+                finally:
+                    await streams.send_changelog(event.message.partition, files, batches, requests)
                 streams.metrics.command(type(cmd).__name__)
                 log.info("%s %s: %d events", type(cmd).__name__, key, len(outs))
 

@@ -395,7 +395,7 @@ def register(streams: Streams) -> Executor:
     logs.bind(worker=worker_id)
     app = streams.app
 
-    @app.agent(streams.topics["dispatch"], name="executor")
+    @app.agent(streams.bind(topics.DISPATCH), name="executor")
     async def execute(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             work, reason = decode_or_none(codec.dispatches, event.value)

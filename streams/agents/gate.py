@@ -23,7 +23,7 @@ from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.gate.core import Gate, Liveness
 from streams.metrics import Backlog
-from streams.tables import Change, Utf8Keys, WriteBehind
+from streams.tables import Utf8Keys, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def register(streams: Streams) -> Gate:
     )
     limits = {name: model.concurrency for name, model in config.models.items()}
     live = config.liveness
-    changes: list[Change] = []
-    state = WriteBehind(Utf8Keys(table, changes=changes))
+    keys = Utf8Keys(table)
+    state = WriteBehind(keys)
     gate = Gate(
         state,
         limits,
@@ -95,10 +95,7 @@ def register(streams: Streams) -> Gate:
                 await streams.publish(outs)
             hooks.gate_published(outs, decided)
             state.flush()
-            if changes:
-                changelog = table.changelog_topic.get_topic_name()
-                await streams.send_changelog(changelog, event.message.partition, changes)
-                changes.clear()
+            await streams.send_changelog(event.message.partition, keys)
 
     @app.timer(interval=TICK_INTERVAL_S, on_leader=True)
     async def tick() -> None:

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from faust.types import StreamT
 
-from schemas import codec, ids
+from schemas import codec, ids, topics
 from streams.agents.chains import TRANSIENT, KafkaBodies
 from streams.app import Streams, decode_or_none
 from streams.chains.ledger import KafkaLedger
@@ -56,7 +56,7 @@ def register(streams: Streams) -> StepRunner:
     worker_id = f"steps:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
     log.info("step executor %s", worker_id)
 
-    @app.agent(streams.topics["step_work"], name="steps")
+    @app.agent(streams.bind(topics.STEP_WORK), name="steps")
     async def steps(stream: StreamT[Any]) -> None:
         # Acknowledged by hand (see the module docstring); StreamT does not declare noack.
         async for event in cast(Any, stream).noack().events():
