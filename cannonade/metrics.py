@@ -13,7 +13,7 @@ from collections.abc import Collection
 
 from prometheus_client import Counter, Gauge
 
-from cannonade import __version__
+from cannonade import __version__, heap
 
 OTHER = "other"
 
@@ -42,7 +42,9 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def announce(role: str) -> None:
+    """Say which role this process plays, and start timing its garbage collections."""
     PROCESS_INFO.labels(role, __version__).set(1)
+    heap.watch()
 
 
 def dead_letter_reason(reason: str) -> str:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from cannonade import health
+from cannonade import health, heap
 from cannonade import metrics as shared_metrics
 from cannonade.config import Config
 from projections import metrics, writers
@@ -312,4 +312,5 @@ async def serve(config: Config) -> None:
     readiness.add("postgres", postgres, postgres.close)
     readiness.add("projection", projector.check)
     async with health.serving(obs.metrics_host, obs.port_for("projector"), readiness):
+        heap.freeze_startup()
         await projector.run()

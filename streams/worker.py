@@ -9,7 +9,7 @@ import faust
 import mode
 from aiohttp import web
 
-from cannonade import health, logs, metrics
+from cannonade import health, heap, logs, metrics
 from cannonade.config import Config
 from streams.agents import chains, commands, executor, gate, steps
 from streams.app import Streams
@@ -47,6 +47,7 @@ class Worker(faust.Worker):
 
     async def on_startup_finished(self) -> None:
         await super().on_startup_finished()
+        heap.freeze_startup()
         self.started = True
 
 

@@ -12,7 +12,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from cannonade import health
+from cannonade import health, heap
 from cannonade.config import Config
 from projections import queries
 from projections.api import health as api_health
@@ -197,4 +197,10 @@ def create_app(config: Config) -> web.Application:
 
 
 def run(config: Config) -> None:
-    web.run_app(create_app(config), host=config.api.host, port=config.api.port, print=None)
+    app = create_app(config)
+
+    async def started(app: web.Application) -> None:
+        heap.freeze_startup()
+
+    app.on_startup.append(started)
+    web.run_app(app, host=config.api.host, port=config.api.port, print=None)
