@@ -286,6 +286,19 @@ def _decode(decoder: msgspec.json.Decoder[Any], record: ConsumerRecord, rejected
 # -- files ---------------------------------------------------------------------------------
 
 
+_TEMPLATE_COLUMNS = (
+    "file_id", "line_number", "custom_id", "method", "path", "model", "body_size", "body_key",
+)  # fmt: skip
+_UPSERT_TEMPLATES = (
+    "INSERT INTO request_templates (file_id, line_number, custom_id, method, path, model,"
+    " body_size, body_key) SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[],"
+    " $4::text[], $5::text[], $6::text[], $7::int[], $8::text[])"
+    " ON CONFLICT (file_id, line_number) DO UPDATE SET custom_id = EXCLUDED.custom_id,"
+    " method = EXCLUDED.method, path = EXCLUDED.path, model = EXCLUDED.model,"
+    " body_size = EXCLUDED.body_size, body_key = EXCLUDED.body_key"
+)
+
+
 async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
     templates: list[tuple[Any, ...]] = []
     for record in records:
@@ -326,16 +339,15 @@ async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], reject
 async def _flush_templates(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
-    columns = list(zip(*rows, strict=True))
-    await conn.execute(
-        "INSERT INTO request_templates (file_id, line_number, custom_id, method, path, model,"
-        " body_size, body_key) SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[],"
-        " $4::text[], $5::text[], $6::text[], $7::int[], $8::text[])"
-        " ON CONFLICT (file_id, line_number) DO UPDATE SET custom_id = EXCLUDED.custom_id,"
-        " method = EXCLUDED.method, path = EXCLUDED.path, model = EXCLUDED.model,"
-        " body_size = EXCLUDED.body_size, body_key = EXCLUDED.body_key",
-        *columns,
-    )
+    try:
+        # A new upload's lines are new rows, and COPY writes them in half the time of the
+        # upsert, which only a replay or a retried upload needs (and gets on a conflict).
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "request_templates", records=rows, columns=_TEMPLATE_COLUMNS
+            )
+    except asyncpg.UniqueViolationError:
+        await conn.execute(_UPSERT_TEMPLATES, *zip(*rows, strict=True))
     rows.clear()
 
 
