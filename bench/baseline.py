@@ -463,6 +463,12 @@ def upstream_stats(upstream_url: str) -> dict[str, Any]:
 # --- orchestration and report ----------------------------------------------------------------
 
 
+def gate_config(args: argparse.Namespace) -> str:
+    """The ``[gate]`` settings a benchmark asks for (``--prefetch``), as configuration text."""
+    prefetch = getattr(args, "prefetch", None)
+    return "" if prefetch is None else f"[gate]\nprefetch = {prefetch}\n"
+
+
 def bench_services(
     run_root: Path, backend: Backend, models: list[str], args: argparse.Namespace
 ) -> Services:
@@ -476,6 +482,7 @@ def bench_services(
         executors=args.executors,
         gates=args.gates,
         upstream_latency_ms=getattr(args, "latency_ms", 0),
+        extra_config=gate_config(args),
     )
 
 
@@ -622,6 +629,8 @@ def report(result: dict[str, Any]) -> str:
 def stack_options(p: argparse.ArgumentParser, *, keep_db: bool = True) -> None:
     """The options of every benchmark that runs the services on a stack."""
     p.add_argument("--latency-ms", type=int, default=0, help="fake upstream latency (0 ms)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="Cannonade's gate.prefetch (default: the configured default)")  # fmt: skip
     p.add_argument("--start-services-timeout", type=float, default=180.0,
                    help="seconds allowed for the services to become ready (180)")  # fmt: skip
     p.add_argument("--private-stack", action="store_true",

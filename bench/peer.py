@@ -57,6 +57,7 @@ from bench.baseline import (
     close_backend,
     db_stats,
     drive,
+    gate_config,
     log,
     open_backend,
     save_and_report,
@@ -160,11 +161,16 @@ class SharedUpstreamServices(Services):
     """Cannonade's services pointed at the shared fake upstream instead of one of their own."""
 
     def __init__(
-        self, run_dir: Path, backend: Backend, models: Mapping[str, ModelSpec], upstream_url: str
+        self,
+        run_dir: Path,
+        backend: Backend,
+        models: Mapping[str, ModelSpec],
+        upstream_url: str,
+        extra_config: str = "",
     ) -> None:
         super().__init__(run_dir, backend.kafka, backend.database_url, models)
         self.upstream_url = upstream_url  # start() waits on this one's /_stats
-        write_config(self.config_path, models, upstream_url, self.api_port)
+        write_config(self.config_path, models, upstream_url, self.api_port, extra_config)
 
     # The upstream is shared and already running, so it is not started here. Services starts
     # each service through start_service (supervised) or, in older versions, _spawn.
@@ -313,6 +319,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         backend,
         {MODEL: ModelSpec("chat", args.concurrency)},
         ctx.upstream.url,
+        gate_config(args),
     )
     client: AsyncOpenAI | None = None
     try:
@@ -555,6 +562,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "claim_intervals_ms": args.claim_intervals,
             "claim_batch_size": args.claim_batch_size,
             "pool_size": args.pool_size,
+            "cannonade_prefetch": args.prefetch,
             "backend": "private stack" if backend.stack_dir else "external",
             "cpus": os.cpu_count(),
         },
@@ -635,6 +643,7 @@ def report(result: dict[str, Any]) -> str:
         f"  {p['requests']} requests, model {p['model']} limit {p['concurrency']}, upstream "
         f"latency {p['upstream_latency_ms']} ms, {p['runs_per_side']} round(s) alternating "
         f"sides, {p['backend']}, {p['cpus']} CPUs. Cells: median (min-max) over rounds.",
+        f"  cannonade knobs: gate.prefetch {p.get('cannonade_prefetch') or 'as configured'}",
     ]
     knobs = result["fusillade_knobs"]
     if knobs:

@@ -555,6 +555,10 @@ class DispatchItem(msgspec.Struct, frozen=True, kw_only=True):
     claimed_at: Timestamp
     body: BodyRef
     owner: str = ""  # whose server-side tools a /v1/responses request may use
+    # With prefetch (gate.prefetch > 0): the model's lane (0 .. limit - 1) this claim runs in.
+    # An executor runs a lane's claims one at a time, in order, so a claim queued behind a
+    # running call starts the moment that call ends; -1 = no lane, start at once.
+    lane: int = -1
 
 
 class DispatchBatch(Event, tag=True, frozen=True):

@@ -111,6 +111,7 @@ class GateRequest(msgspec.Struct, array_like=True):
     body: BodyRef | None = None
     # Claims restart after an explicit retry; the version keeps their ids new (ids.claim_id).
     version: int = 0
+    lane: int = -1  # the lane of the current claim, with prefetch (DispatchItem.lane)
 
 
 class GateBatch(msgspec.Struct):
@@ -165,6 +166,23 @@ class _Model:
         self.loose: set[str] = set()  # batchless rows claimable now
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
+        self.lanes: list[int] = []  # claims in flight in each lane, with prefetch
+
+    def take_lane(self, limit: int) -> int:
+        """The lane with the fewest claims in it (the lowest of equals): an empty lane
+        starts its claim at once, a busy one queues it behind the fewest calls."""
+        if len(self.lanes) < limit:
+            self.lanes += [0] * (limit - len(self.lanes))
+        lane = min(range(limit), key=self.lanes.__getitem__)
+        self.lanes[lane] += 1
+        return lane
+
+    def leave(self, request_id: str, entry: GateRequest) -> None:
+        """The row is no longer in flight: its lane has room again."""
+        self.in_flight.discard(request_id)
+        if 0 <= entry.lane < len(self.lanes):
+            self.lanes[entry.lane] -= 1
+        entry.lane = -1
 
 
 class Gate:
@@ -271,7 +289,11 @@ class Gate:
                 if batch is not None:
                     batch.live += 1
                 if entry.state in IN_FLIGHT:
-                    self._model(entry.model).in_flight.add(request_id)
+                    index = self._model(entry.model)
+                    index.in_flight.add(request_id)
+                    if entry.lane >= 0:
+                        index.lanes += [0] * (entry.lane + 1 - len(index.lanes))
+                        index.lanes[entry.lane] += 1
                     self._owner(self._owner_of(entry), +1)
                 else:
                     self._queue(request_id, entry)
@@ -503,7 +525,7 @@ class Gate:
         """Drop a live batchless row at once (erasure), aborting its call if one runs."""
         index = self._model(entry.model)
         if entry.state in IN_FLIGHT:
-            index.in_flight.discard(request_id)
+            index.leave(request_id, entry)
             self._owner(self._owner_of(entry), -1)
             if entry.claim_id is not None:
                 self._abort(request_id, entry.claim_id, entry.partition, now)
@@ -643,7 +665,7 @@ class Gate:
         index = self._model(entry.model)
         owner = self._owner_of(entry)
         if was in IN_FLIGHT and state not in IN_FLIGHT:
-            index.in_flight.discard(request_id)
+            index.leave(request_id, entry)
             self._owner(owner, -1)
         elif was not in IN_FLIGHT and state in IN_FLIGHT:
             index.in_flight.add(request_id)
@@ -826,9 +848,8 @@ class Gate:
             return
         self._release_due(index, now)
         self._expire(index, model, now)
-        capacity = min(
-            self.limits.get(model, 0) - len(index.in_flight), self.config.claim_batch_size
-        )
+        limit = self.limits.get(model, 0) * (1 + self.config.prefetch)
+        capacity = min(limit - len(index.in_flight), self.config.claim_batch_size)
         if capacity <= 0:
             return
         units = [
@@ -914,6 +935,7 @@ class Gate:
                 claimed_at=now,
                 body=body,
                 owner=facts.owner,
+                lane=entry.lane,
             )  # fmt: skip
         )
         return True
@@ -977,7 +999,7 @@ class Gate:
         item = DispatchItem(
             request_id=request_id, claim_id=claim_id, batch_id=facts.batch_id,
             model=entry.model, path=facts.path, attempt=entry.attempt, deadline=facts.deadline,
-            claimed_at=now, body=batch.entry.body_ref(line), owner=facts.owner,
+            claimed_at=now, body=batch.entry.body_ref(line), owner=facts.owner, lane=entry.lane,
         )  # fmt: skip
         self._dispatch.setdefault(entry.partition, []).append(item)
         if facts.headers:
@@ -988,6 +1010,8 @@ class Gate:
         entry.claims += 1
         claim_id = ids.claim_id(request_id, entry.claims, entry.version)
         entry.claim_id, entry.claimed_at = claim_id, now
+        if self.config.prefetch > 0:
+            entry.lane = self._model(entry.model).take_lane(self.limits[entry.model])
         entry.partition = self._dispatch_partition(request_id, entry)
         self._transition(request_id, entry, RequestClaimed(
             event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,
@@ -997,11 +1021,18 @@ class Gate:
         return claim_id
 
     def _dispatch_partition(self, request_id: str, entry: GateRequest) -> int:
-        """Every claim of a request goes to one dispatch partition, so a decision re-made
-        after a crash reaches the executor that may be running it still (which answers
-        rather than call twice); runs of consecutive lines share one, so a decision's claims
-        travel in few records."""
-        key = f"{entry.batch_id}:{entry.line // DISPATCH_CHUNK}" if entry.batch_id else request_id
+        """A decision re-made after a crash must reach the executor that may be running its
+        claims still (which answers rather than call twice). Without lanes every claim of a
+        request goes to one partition, and runs of consecutive lines share one, so a
+        decision's claims travel in few records. With lanes, a lane's claims share one, so
+        that one executor runs them in turn; the re-made decision picks the same lanes from
+        the same table."""
+        if entry.lane >= 0:
+            key = f"{entry.model}:{entry.lane}"
+        elif entry.batch_id:
+            key = f"{entry.batch_id}:{entry.line // DISPATCH_CHUNK}"
+        else:
+            key = request_id
         return bodies.partition_for(key, self.dispatch_partitions)
 
 

@@ -49,6 +49,10 @@ class GateConfig(msgspec.Struct, kw_only=True):
     )
     default_completion_window_s: float = 86400.0
     claim_batch_size: int = 100
+    # Claims queued behind each running call of a model, in its lanes (DispatchItem.lane):
+    # a call that ends starts the next at once, without waiting for the gate to hear of it
+    # and claim again. 0 = claim only into free capacity (the reference's behaviour).
+    prefetch: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.urgency_weight <= 1.0:
@@ -63,6 +67,8 @@ class GateConfig(msgspec.Struct, kw_only=True):
             raise ValueError("completion windows must be >= 0")
         if self.claim_batch_size < 0:
             raise ValueError("claim_batch_size must be >= 0")
+        if self.prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
 
     def window_for_tier(self, tier: str | None) -> float:
         """W of a batchless row: its tier's window if the tier is mapped, else the default."""

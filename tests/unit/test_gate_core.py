@@ -123,7 +123,8 @@ class Run:
     ) -> None:
         self.limits = limits or {"m": 3}
         self.state: dict[str, bytes] = {}
-        self.batch_size = (config or GateConfig()).claim_batch_size
+        config = config or GateConfig(prefetch=0)  # the reference's rules, unless a test asks
+        self.batch_size = config.claim_batch_size
         self.args: dict[str, Any] = {
             "config": config,
             "liveness": liveness,
@@ -291,9 +292,10 @@ class Run:
     # -- what users see ---------------------------------------------------------------------
 
     def in_flight(self, model: str = "m") -> int:
-        return sum(
-            1 for r, s in self.states.items() if s in IN_FLIGHT and self.model_of[r] == model
-        )
+        return sum(1 for r in self.states if self._flying(r, model))
+
+    def _flying(self, request_id: str, model: str) -> bool:
+        return self.states[request_id] in IN_FLIGHT and self.model_of[request_id] == model
 
     def live_keys(self) -> list[str]:
         return sorted(k for k in self.state if k[:2] in ("R:", "B:"))
@@ -322,9 +324,13 @@ class Run:
         assert {d.request_id: d.claim_id for d in step.dispatched} == claimed
         for claim in step.dispatched:
             self.claims[claim.request_id] = claim
+        depth = 1 + self.gate.config.prefetch
         for model, limit in self.limits.items():
-            assert self.in_flight(model) <= limit
+            assert self.in_flight(model) <= limit * depth
             assert self.gate.in_flight(model) == self.in_flight(model)
+            if depth > 1:  # each claim in a lane of its model, none holding more than depth
+                lanes = Counter(self.claims[r].lane for r in self.states if self._flying(r, model))  # fmt: skip
+                assert set(lanes) <= set(range(limit)) and max(lanes.values(), default=0) <= depth  # fmt: skip
 
 
 def test_claims_fill_capacity_in_line_order_and_never_exceed_it() -> None:
@@ -570,6 +576,26 @@ def test_claims_and_aborts_travel_together_and_a_large_batch_is_spread() -> None
         if isinstance(out.value, AbortDispatch)
     }
     assert aborts == {d.claim_id: ("dispatch", d.request_id, where[d.claim_id]) for d in step.dispatched}  # fmt: skip
+
+
+def test_with_prefetch_claims_queue_in_the_models_lanes_beyond_its_limit() -> None:
+    run = Run({"m": 4}, config=GateConfig(prefetch=1), partitions=3)
+    step = run.populate(n=9)
+    assert step.lines() == list(range(8))  # one running and one queued in each of 4 lanes
+    assert [d.lane for d in step.dispatched] == [0, 1, 2, 3, 0, 1, 2, 3]
+    where = _partitions(step)
+    for lane in range(4):  # a lane's claims reach one executor, which runs them in turn
+        assert len({where[d.claim_id] for d in step.dispatched if d.lane == lane}) == 1
+    assert run.tick().dispatched == []  # full
+    # A call that ends makes room in its lane, and the next claim goes there.
+    assert [d.lane for d in run.report(step.dispatched[2]).dispatched] == [2]  # the last line
+    run.report(step.dispatched[5])  # lane 1 holds one call now, and nothing is pending
+    run.restart()  # a fresh gate counts the lanes from its table
+    assert [d.lane for d in run.populate("c", n=3).dispatched] == [1]
+
+
+def test_without_prefetch_claims_have_no_lane() -> None:
+    assert {d.lane for d in Run({"m": 4}).populate(n=10).dispatched} == {-1}
 
 
 @pytest.mark.parametrize(
@@ -842,10 +868,17 @@ def play(run: Run, actions: Iterable[tuple[Any, ...]]) -> None:
             run.restart()
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ACTIONS, max_size=60))
-def test_random_interleavings_keep_the_lifecycle_legal(actions: list[tuple[Any, ...]]) -> None:
-    run = Run({"m": 3, "n": 1}, liveness=Liveness(claim_timeout=60 * SEC, max_retries=3))
+def test_random_interleavings_keep_the_lifecycle_legal(
+    prefetch: int, actions: list[tuple[Any, ...]]
+) -> None:
+    run = Run(
+        {"m": 3, "n": 1},
+        liveness=Liveness(claim_timeout=60 * SEC, max_retries=3),
+        config=GateConfig(prefetch=prefetch),
+    )
     play(run, actions)  # Run checks legality, from_state, capacity and single endings
     # Past every deadline, whatever is still running is aborted; reports then end it.
     for model in ("m", "n"):

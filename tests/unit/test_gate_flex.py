@@ -29,11 +29,14 @@ from schemas.events import (
 )
 from streams.emit import Out
 from streams.gate.core import Gate, Liveness
+from streams.gate.scoring import GateConfig
 from streams.lifecycle import next_state
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 marks = iter(range(1, 10_000))
+
+REFERENCE = GateConfig(prefetch=0)  # claims only into free capacity, as the reference
 
 
 def submitted(request_id: str, owner: str = "alice", model: str = "m", at: datetime = T0) -> RequestSubmitted:  # fmt: skip
@@ -64,7 +67,7 @@ def finish(item: DispatchItem, at: datetime = T0) -> ExecutionReport:
 
 def test_a_flex_request_is_created_claimed_dispatched_and_forgotten_when_done() -> None:
     state: dict[str, bytes] = {}
-    gate = Gate(state, {"m": 2}, "gate")
+    gate = Gate(state, {"m": 2}, "gate", config=REFERENCE)
     request_id = ids.new_id()
     outs = gate.handle(submitted(request_id), T0)
     created, claimed = events(outs)
@@ -87,7 +90,7 @@ def test_a_flex_request_is_created_claimed_dispatched_and_forgotten_when_done() 
 
 
 def test_every_event_of_a_flex_request_is_a_legal_transition() -> None:
-    gate = Gate({}, {"m": 1}, "gate")
+    gate = Gate({}, {"m": 1}, "gate", config=REFERENCE)
     states: dict[str, str | None] = {}
     pending = [ids.new_id() for _ in range(3)]
     for request_id in pending:
@@ -107,7 +110,7 @@ def test_every_event_of_a_flex_request_is_a_legal_transition() -> None:
 
 
 def test_an_unknown_model_fails_the_request_with_a_clear_error() -> None:
-    gate = Gate({}, {"m": 1}, "gate")
+    gate = Gate({}, {"m": 1}, "gate", config=REFERENCE)
     outs = gate.handle(submitted(ids.new_id(), model="nope"), T0)
     created, failed = events(outs)
     assert isinstance(created, RequestCreated) and isinstance(failed, RequestFailed)
@@ -116,7 +119,7 @@ def test_an_unknown_model_fails_the_request_with_a_clear_error() -> None:
 
 
 def test_flex_rows_and_batch_rows_share_capacity_by_fairness() -> None:
-    gate = Gate({}, {"m": 2}, "gate")
+    gate = Gate({}, {"m": 2}, "gate", config=REFERENCE)
     batch = ids.new_id()
     facts = BatchFacts(
         batch_id=batch, file_id=ids.new_id(), owner="bob", created_at=T0, deadline=T0 + 24 * HOUR,
@@ -136,7 +139,7 @@ def test_flex_rows_and_batch_rows_share_capacity_by_fairness() -> None:
 
 
 def test_a_flex_row_on_a_model_that_is_not_live_trickles_through_the_bucket() -> None:
-    gate = Gate({}, {"m": 5}, "gate", liveness=Liveness(claim_timeout=10 * HOUR))
+    gate = Gate({}, {"m": 5}, "gate", config=REFERENCE, liveness=Liveness(claim_timeout=10 * HOUR))
     gate.handle(ModelFilterAppended(event_id=ids.new_id(), occurred_at=T0, model="m", state="coming"), T0)  # fmt: skip
     one, two = ids.new_id(), ids.new_id()
     got = dispatched(gate.handle(submitted(one), T0)) + dispatched(gate.handle(submitted(two), T0))
@@ -147,11 +150,11 @@ def test_a_flex_row_on_a_model_that_is_not_live_trickles_through_the_bucket() ->
 
 def test_rebuild_keeps_pending_and_in_flight_flex_rows() -> None:
     state: dict[str, bytes] = {}
-    gate = Gate(state, {"m": 1}, "gate")
+    gate = Gate(state, {"m": 1}, "gate", config=REFERENCE)
     first, second = ids.new_id(), ids.new_id()
     [item] = dispatched(gate.handle(submitted(first), T0))
     gate.handle(submitted(second), T0)
-    fresh = Gate(state, {"m": 1}, "gate")
+    fresh = Gate(state, {"m": 1}, "gate", config=REFERENCE)
     fresh.rebuild()
     assert fresh.in_flight("m") == 1
     outs = fresh.handle(finish(item), T0)

@@ -29,12 +29,15 @@ from schemas.events import (
 )
 from streams.emit import Out
 from streams.gate.core import Gate
+from streams.gate.scoring import GateConfig
 from streams.lifecycle import next_state
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 BATCH = ids.derived("test", "retry-batch")
 marks = iter(range(1, 10_000))
+
+REFERENCE = GateConfig(prefetch=0)  # claims only into free capacity, as the reference
 
 
 def mark() -> SourceMark:
@@ -97,7 +100,7 @@ def run_batch_to_failure(gate: Gate, life: Lifecycle, n: int = 3) -> list[Dispat
 
 def test_a_retry_runs_ended_rows_again_under_new_claim_ids() -> None:
     state: dict[str, bytes] = {}
-    gate, life = Gate(state, {"m": 5}, "gate"), Lifecycle()
+    gate, life = Gate(state, {"m": 5}, "gate", config=REFERENCE), Lifecycle()
     first = run_batch_to_failure(gate, life)
     assert set(life.states.values()) == {"failed"}
     assert [k for k in state if k[0] in "BR"] == []  # the gate forgot the batch
@@ -118,7 +121,7 @@ def test_a_retry_runs_ended_rows_again_under_new_claim_ids() -> None:
 
 
 def test_a_retry_skips_rows_that_are_still_live() -> None:
-    gate, life = Gate({}, {"m": 1}, "gate"), Lifecycle()
+    gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
     population = PendingRequests(
         event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
         ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
@@ -133,7 +136,7 @@ def test_a_retry_skips_rows_that_are_still_live() -> None:
 
 
 def test_cancel_then_retry_is_pause_and_resume() -> None:
-    gate, life = Gate({}, {"m": 1}, "gate"), Lifecycle()
+    gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
     population = PendingRequests(
         event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
         ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
@@ -153,7 +156,7 @@ def test_cancel_then_retry_is_pause_and_resume() -> None:
 
 
 def test_a_retried_expired_batch_runs_under_its_new_deadline() -> None:
-    gate, life = Gate({}, {"m": 2}, "gate"), Lifecycle()
+    gate, life = Gate({}, {"m": 2}, "gate", config=REFERENCE), Lifecycle()
     population = PendingRequests(
         event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(deadline=T0 + HOUR),
         model="m", ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
@@ -190,7 +193,7 @@ def control(request_id: str, action: str, submitted: RequestSubmitted | None = N
 
 
 def test_a_flex_request_is_cancelled_in_flight_then_retried() -> None:
-    gate, life = Gate({}, {"m": 1}, "gate"), Lifecycle()
+    gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
     request_id = ids.new_id()
     submitted = flex(request_id)
     [claim] = dispatched(life.fold(gate.handle(submitted, T0)))
@@ -207,7 +210,7 @@ def test_a_flex_request_is_cancelled_in_flight_then_retried() -> None:
 
 def test_erasing_a_live_flex_request_aborts_it_and_forgets_it() -> None:
     state: dict[str, bytes] = {}
-    gate, life = Gate(state, {"m": 1}, "gate"), Lifecycle()
+    gate, life = Gate(state, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
     request_id = ids.new_id()
     [claim] = dispatched(life.fold(gate.handle(flex(request_id), T0)))
     outs = life.fold(gate.handle(control(request_id, "erase"), T0))

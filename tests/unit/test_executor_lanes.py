@@ -1,0 +1,131 @@
+"""The executor's lanes (gate.prefetch): claims of one lane run one at a time, in the order
+they came, and a claim queued in its lane can be aborted without reaching the upstream. The
+upstream is a transport that holds each call until the test lets it answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from cannonade.config import Config, ModelConfig
+from schemas import ids
+from schemas.bodies import BodyRef
+from schemas.events import DispatchBatch, DispatchItem, ExecutionReport, FinishedItem
+from streams.agents.executor import Executor
+from streams.emit import Out
+from streams.execution.bodies import Template
+from streams.execution.client import Timeouts, UpstreamClient, UpstreamRequest, UpstreamResponse
+from streams.execution.reporter import Reporter
+from streams.metrics import Hooks
+
+CONFIG = Config(models={"m": ModelConfig(upstream="http://upstream.test", api_key="k")})
+
+
+class HeldUpstream:
+    """Each call waits for its own release; ``sent`` lists the calls in the order they came."""
+
+    def __init__(self, changed: asyncio.Condition) -> None:
+        self.sent: list[str] = []
+        self.release: dict[str, asyncio.Event] = {}
+        self.changed = changed
+
+    async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
+        assert request.body is not None
+        name = request.body.decode()
+        self.sent.append(name)
+        async with self.changed:
+            self.changed.notify_all()
+        await self.release.setdefault(name, asyncio.Event()).wait()
+        return UpstreamResponse(200, '{"id": "x", "object": "chat.completion", "choices": []}')
+
+    def answer(self, name: str) -> None:
+        self.release.setdefault(name, asyncio.Event()).set()
+
+
+class Bodies:
+    async def template(self, ref: BodyRef) -> Template:
+        return Template(custom_id=None, body=f"call-{ref.offset}".encode())
+
+
+def claim(n: int, lane: int) -> DispatchItem:
+    request_id = ids.derived("lane-test", str(n))
+    return DispatchItem(
+        request_id=request_id, claim_id=ids.claim_id(request_id, 1, 0), batch_id=None,
+        model="m", path="/v1/chat/completions", attempt=0,
+        deadline=datetime(2100, 1, 1, tzinfo=UTC), claimed_at=datetime.now(UTC),
+        body=BodyRef(0, n), lane=lane,
+    )  # fmt: skip
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.changed = asyncio.Condition()  # notified on every call sent and report published
+        self.upstream = HeldUpstream(self.changed)
+        self.reports: list[FinishedItem] = []
+
+        async def publish(outs: Sequence[Out]) -> None:
+            for out in outs:
+                if isinstance(out.value, ExecutionReport):
+                    self.reports += out.value.finished
+            async with self.changed:
+                self.changed.notify_all()
+
+        async def nothing(outs: Sequence[Out]) -> None:
+            return None
+
+        async def no_bodies(records: Sequence[tuple[str, bytes, int]]) -> list[BodyRef]:
+            raise AssertionError("no chain in these tests")
+
+        self.reporter = Reporter(publish, "ex-1", finished_delay_s=0.0)
+        self.executor = Executor(
+            self.reporter, Bodies(), UpstreamClient(self.upstream), CONFIG, "ex-1", nothing,
+            no_bodies, Hooks({"m"}),
+        )  # fmt: skip
+
+    def results(self) -> dict[str, str]:
+        return {r.claim_id: r.result for r in self.reports}
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(check)
+
+
+def test_a_lanes_claims_run_one_at_a_time_in_order_and_lanes_run_side_by_side() -> None:
+    async def scenario() -> None:
+        h = Harness()
+        h.reporter.start()
+        first, second, third, other = claim(0, 0), claim(1, 0), claim(2, 0), claim(3, 1)
+        await h.executor.accept(DispatchBatch(event_id="d", occurred_at=datetime.now(UTC), items=[first, second, third, other]))  # fmt: skip
+        await h.until(lambda: len(h.upstream.sent) == 2)
+        assert h.upstream.sent == ["call-0", "call-3"]  # lane 0's first, and lane 1
+        h.upstream.answer("call-0")
+        await h.until(lambda: len(h.upstream.sent) == 3)
+        assert h.upstream.sent[2] == "call-1"  # the moment the call ahead of it ended
+        await h.until(lambda: h.results() == {first.claim_id: "completed"})
+        for name in ("call-1", "call-2", "call-3"):
+            h.upstream.answer(name)
+        await h.until(lambda: len(h.reports) == 4)
+        assert h.upstream.sent == ["call-0", "call-3", "call-1", "call-2"]
+        assert set(h.results().values()) == {"completed"}
+        await h.reporter.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_claim_aborted_while_queued_in_its_lane_is_never_sent() -> None:
+    async def scenario() -> None:
+        h = Harness()
+        h.reporter.start()
+        running, queued = claim(0, 2), claim(1, 2)
+        await h.executor.accept(DispatchBatch(event_id="d", occurred_at=datetime.now(UTC), items=[running, queued]))  # fmt: skip
+        await h.until(lambda: h.upstream.sent == ["call-0"])
+        h.executor.abort(queued.claim_id)
+        await h.until(lambda: queued.claim_id in h.results())
+        assert h.results()[queued.claim_id] == "canceled"
+        h.upstream.answer("call-0")
+        await h.until(lambda: running.claim_id in h.results())
+        assert h.upstream.sent == ["call-0"] and h.results()[running.claim_id] == "completed"
+        await h.reporter.stop()
+
+    asyncio.run(scenario())
