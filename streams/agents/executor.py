@@ -1,7 +1,8 @@
 """The executor agent: runs dispatched claims against their model's upstream.
 
-Each claim runs as its own task (bounded by ``max_in_flight``) so that one slow upstream call
-never holds up the partition. Every claim it receives ends with exactly one finished report,
+Each claim runs as its own task so that one slow upstream call never holds up the partition;
+at most ``max_in_flight`` of them call upstreams at once, and a claim with a lane waits for
+the calls ahead of it in its lane first (a claim queued there holds no slot). Every claim it receives ends with exactly one finished report,
 whatever moment an abort lands: the task reports from a ``finally`` and an abort that arrives
 before its dispatch is remembered. Reports and result bodies go through a
 :class:`~streams.execution.reporter.Reporter`; the gate fences every report by claim id.
@@ -133,7 +134,6 @@ class Executor:
                 del self.aborted[item.claim_id]
                 self._report(item, FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="canceled"))  # fmt: skip
                 continue
-            await self.slots.acquire()
             headers = batch.batch_headers.get(item.batch_id or "", {})
             task = asyncio.create_task(self._run(item, headers))
             self.running[item.claim_id] = task
@@ -154,7 +154,6 @@ class Executor:
     def _done(self, claim_id: str, task: asyncio.Task[None]) -> None:
         self.running.pop(claim_id, None)
         self.cancelled.discard(claim_id)
-        self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("execution task failed", exc_info=task.exception())
 
@@ -172,12 +171,13 @@ class Executor:
         # This task's own context: every line it logs names the claim.
         logs.bind(request_id=item.request_id, batch_id=item.batch_id, claim_id=item.claim_id)
         try:
-            stale = utcnow() - item.claimed_at > self.max_age
-            async with self._lane(item):
+            if utcnow() - item.claimed_at > self.max_age:
+                finished = self._hand_back(item)
+                return
+            async with self._lane(item), self.slots:
                 waited = utcnow() - item.claimed_at
-                if stale or waited > self.max_queued:
-                    log.info("handing back stale claim %s of %s", item.claim_id, item.request_id)
-                    finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="not_sent")  # fmt: skip
+                if waited > self.max_queued:
+                    finished = self._hand_back(item)
                     return
                 self.hooks.claim_started(item.model, waited)
                 self.reporter.started(item.model, StartedItem(item.request_id, item.claim_id))
@@ -197,6 +197,10 @@ class Executor:
         finally:
             if finished is not None:
                 self._report(item, finished, outs)
+
+    def _hand_back(self, item: DispatchItem) -> FinishedItem:
+        log.info("handing back stale claim %s of %s", item.claim_id, item.request_id)
+        return FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="not_sent")
 
     def _lane(self, item: DispatchItem) -> contextlib.AbstractAsyncContextManager[Any]:
         if item.lane < 0:

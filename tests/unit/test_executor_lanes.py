@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from cannonade.config import Config, ModelConfig
+from cannonade.config import Config, ExecutorConfig, ModelConfig
 from schemas import ids
 from schemas.bodies import BodyRef
 from schemas.events import DispatchBatch, DispatchItem, ExecutionReport, FinishedItem
@@ -19,7 +19,7 @@ from streams.execution.client import Timeouts, UpstreamClient, UpstreamRequest, 
 from streams.execution.reporter import Reporter
 from streams.metrics import Hooks
 
-CONFIG = Config(models={"m": ModelConfig(upstream="http://upstream.test", api_key="k")})
+MODELS = {"m": ModelConfig(upstream="http://upstream.test", api_key="k")}
 
 
 class HeldUpstream:
@@ -59,7 +59,8 @@ def claim(n: int, lane: int) -> DispatchItem:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, max_in_flight: int = 512) -> None:
+        config = Config(models=MODELS, executor=ExecutorConfig(max_in_flight=max_in_flight))
         self.changed = asyncio.Condition()  # notified on every call sent and report published
         self.upstream = HeldUpstream(self.changed)
         self.reports: list[FinishedItem] = []
@@ -79,7 +80,7 @@ class Harness:
 
         self.reporter = Reporter(publish, "ex-1", finished_delay_s=0.0)
         self.executor = Executor(
-            self.reporter, Bodies(), UpstreamClient(self.upstream), CONFIG, "ex-1", nothing,
+            self.reporter, Bodies(), UpstreamClient(self.upstream), config, "ex-1", nothing,
             no_bodies, Hooks({"m"}),
         )  # fmt: skip
 
@@ -126,6 +127,24 @@ def test_a_claim_aborted_while_queued_in_its_lane_is_never_sent() -> None:
         h.upstream.answer("call-0")
         await h.until(lambda: running.claim_id in h.results())
         assert h.upstream.sent == ["call-0"] and h.results()[running.claim_id] == "completed"
+        await h.reporter.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_claim_queued_in_its_lane_holds_no_call_slot() -> None:
+    async def scenario() -> None:
+        h = Harness(max_in_flight=2)
+        h.reporter.start()
+        items = [claim(0, 0), claim(1, 0), claim(2, 1)]  # lane 0's second waits for its first
+        async with asyncio.timeout(10):
+            await h.executor.accept(DispatchBatch(event_id="d", occurred_at=datetime.now(UTC), items=items))  # fmt: skip
+        await h.until(lambda: len(h.upstream.sent) == 2)
+        assert h.upstream.sent == ["call-0", "call-2"]  # both slots call upstreams
+        for name in ("call-0", "call-1", "call-2"):
+            h.upstream.answer(name)
+        await h.until(lambda: len(h.reports) == 3)
+        assert set(h.results().values()) == {"completed"}
         await h.reporter.stop()
 
     asyncio.run(scenario())
