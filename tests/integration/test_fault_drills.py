@@ -9,7 +9,8 @@ Every drill asserts the same outcome:
 - the model's concurrency held upstream throughout;
 - each request has one terminal event on the lifecycle topic;
 - requests sent upstream more than once were all in flight during the fault, and there are
-  no more extra calls than requests in flight when it struck (at most the model's limit);
+  no more extra calls than requests in flight when it struck (at most the model's claims: its
+  limit, and with prefetch the claims queued behind each running call);
   none at all when the fault is off the write path (projector, API, database, poison).
 
 "In flight" is measured, not assumed: a request counts from its claim (the earliest of its
@@ -67,6 +68,9 @@ CONCURRENCY = 16
 LATENCY_MS = 40
 STARTED = LINES // 10
 FINISH_TIMEOUT_S = 300.0
+PREFETCH = 1  # claims queued behind each running call (gate.prefetch)
+# Claimed + processing: the limit's lanes, each with its call and PREFETCH claims queued.
+CLAIMED_MAX = CONCURRENCY * (1 + PREFETCH)
 
 KILL_ROLES = ("commands", "gate", "executor", "projector", "api")
 # A model per drill: the fake upstream's per-model figures then belong to that drill alone.
@@ -78,9 +82,12 @@ MODELS = {
     )
 }  # fmt: skip
 # Short liveness limits (as in the suite's config) so that recovery fits in a drill.
-CONFIG = """
+CONFIG = f"""
 [executor]
 heartbeat_interval_ms = 1000
+
+[gate]
+prefetch = {PREFETCH}
 
 [liveness]
 claim_timeout_ms = 20000
@@ -387,12 +394,12 @@ def verify(
         f"fault {(fault.ended - fault.began).total_seconds():.1f}s after "
         f"{fault.calls_before}/{LINES} calls, {fault.detail}"
     )
-    assert len(at_start) <= CONCURRENCY, f"{len(at_start)} in flight at the fault"
+    assert len(at_start) <= CLAIMED_MAX, f"{len(at_start)} in flight at the fault"
     if write_path:
         assert set(duplicated) <= exposed, (
             f"sent twice but not in flight at the fault: {sorted(set(duplicated) - exposed)}"
         )
-        # No more extra calls than requests in flight when it struck (at most the limit).
+        # No more extra calls than requests in flight when it struck (at most CLAIMED_MAX).
         assert extra <= len(at_start), duplicated
     else:
         assert not duplicated, f"{len(duplicated)} requests sent twice: {duplicated}"
