@@ -67,6 +67,7 @@ from bench.baseline import (
 )
 from compose.services import ModelSpec, Services, free_port, write_config
 from projections.api.auth import create_key
+from streams.gate.scoring import GateConfig
 
 MODEL = "bench-chat"
 USER = "bench-user"
@@ -635,6 +636,10 @@ def _fmt(values: list[float], digits: int) -> str:
     return f"{mid:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def _prefetch(asked: int | None) -> str:
+    return f"{GateConfig().prefetch} (its default)" if asked is None else str(asked)
+
+
 def report(result: dict[str, Any]) -> str:
     p, runs = result["params"], result["runs"]
     cfgs = [CANNONADE, *(f"fusillade@{ms}ms" for ms in p["claim_intervals_ms"])]
@@ -643,7 +648,7 @@ def report(result: dict[str, Any]) -> str:
         f"  {p['requests']} requests, model {p['model']} limit {p['concurrency']}, upstream "
         f"latency {p['upstream_latency_ms']} ms, {p['runs_per_side']} round(s) alternating "
         f"sides, {p['backend']}, {p['cpus']} CPUs. Cells: median (min-max) over rounds.",
-        f"  cannonade knobs: gate.prefetch {p.get('cannonade_prefetch') or 'as configured'}",
+        f"  cannonade knobs: gate.prefetch {_prefetch(p.get('cannonade_prefetch'))}",
     ]
     knobs = result["fusillade_knobs"]
     if knobs:
