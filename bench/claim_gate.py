@@ -16,7 +16,9 @@ until all read ``completed``. It prints:
   batch ``completed``, and the event time of the user's last completed row), min/median/max;
 - claim latency, capacity freeing -> next claim (target: p99 <= 50 ms): for each call an
   ``ExecutionReport`` ends (gate topic; ``occurred_at`` = when the executor's reporter sent
-  it) whose model still had pending work, the first ``RequestClaimed`` of that model decided
+  it) whose model had work waiting (more rows populated, by ``RequestsPending``, than claimed
+  when the report was built; a model that had drained its batches is not waiting on the
+  gate), the first ``RequestClaimed`` of that model decided
   at or after it (inside the gate's ``RequestTransitions``, requests topic; ``occurred_at`` =
   the start of the gate's cycle), and the time until the ``DispatchBatch`` carrying that
   claim was sent (dispatch topic, joined by claim id, the record's Kafka timestamp); the time
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import itertools
 import json
 import math
 import shutil
@@ -205,6 +208,7 @@ class _Event(msgspec.Struct):
     type: str
     occurred_at: datetime
     claim_id: str | None = None
+    items: list[msgspec.Raw] = []  # a RequestsPending's rows, counted only
 
 
 class _Transitions(msgspec.Struct):
@@ -272,6 +276,8 @@ class ClaimStamps(msgspec.Struct):
     # model -> (report sent, report record appended), one per finished call
     freed: dict[str, list[tuple[float, float]]] = msgspec.field(default_factory=dict)
     decided: dict[str, list[tuple[float, str]]] = msgspec.field(default_factory=dict)
+    # model -> (populated at, rows): RequestsPending, to tell waiting work from none
+    populated: dict[str, list[tuple[float, int]]] = msgspec.field(default_factory=dict)
     sent: dict[str, float] = msgspec.field(default_factory=dict)  # claim id -> dispatch sent
     reports: int = 0
 
@@ -290,11 +296,15 @@ async def read_claim_stamps(bootstrap: str, start: Offsets, end: Offsets) -> Cla
     def on_transitions(value: bytes, _ts: int) -> None:
         record = _transitions.decode(value)
         if record.type == "RequestTransitions":
-            found.decided.setdefault(record.model, []).extend(
-                (e.occurred_at.timestamp(), e.claim_id or "")
-                for e in record.events
-                if e.type == "RequestClaimed"
-            )
+            for e in record.events:
+                if e.type == "RequestClaimed":
+                    found.decided.setdefault(record.model, []).append(
+                        (e.occurred_at.timestamp(), e.claim_id or "")
+                    )
+                elif e.type == "RequestsPending":
+                    found.populated.setdefault(record.model, []).append(
+                        (e.occurred_at.timestamp(), len(e.items))
+                    )
 
     def on_dispatch(value: bytes, ts: int) -> None:
         record = _dispatch.decode(value)
@@ -303,7 +313,7 @@ async def read_claim_stamps(bootstrap: str, start: Offsets, end: Offsets) -> Cla
                 found.sent.setdefault(item.claim_id, ts / 1000)
 
     await read_topic(bootstrap, topics.GATE, b'"ExecutionReport"', start, end, on_report)
-    await read_topic(bootstrap, topics.REQUESTS, b'"RequestClaimed"', start, end, on_transitions)
+    await read_topic(bootstrap, topics.REQUESTS, b'"Request', start, end, on_transitions)
     await read_topic(bootstrap, topics.DISPATCH, b'"DispatchBatch"', start, end, on_dispatch)
     return found
 
@@ -325,8 +335,8 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def claim_latency(stamps: ClaimStamps, since: float = 0.0) -> dict[str, Any]:
-    """For each slot freed at or after ``since`` whose model had pending work (a claim of that
-    model is decided at or after the report that freed it): the time to that claim's dispatch
+    """For each slot freed at or after ``since`` whose model had work waiting (rows populated
+    and not yet claimed when the report was built): the time to the next claim's dispatch
     being sent (the freeing time truncated to its millisecond, as Kafka timestamps are), and
     its parts: report built -> its record appended by the executor's producer (``executor``),
     -> the gate's cycle began (``to_gate``: the broker hop and the gate's queue), -> the
@@ -339,14 +349,18 @@ def claim_latency(stamps: ClaimStamps, since: float = 0.0) -> dict[str, Any]:
     for model, ends in sorted(stamps.freed.items()):
         claims = sorted(stamps.decided.get(model, []))
         times = [at for at, _ in claims]
+        populations = sorted(stamps.populated.get(model, []))
+        pop_times = [at for at, _ in populations]
+        pop_rows = list(itertools.accumulate(rows for _, rows in populations))
         mine: dict[str, list[float]] = {"sent": [], "decided": []}
         for at, appended in ends:
             if at < since:
                 continue
             finishes += 1
             i = bisect.bisect_left(times, at)
-            if i == len(times):
-                continue  # nothing left to claim
+            populated = bisect.bisect_right(pop_times, at)
+            if i == len(times) or populated == 0 or pop_rows[populated - 1] <= i:
+                continue  # nothing was waiting to be claimed (every populated row had been)
             decided_at = times[i]
             mine["decided"].append((decided_at - at) * 1000)
             sent_at = stamps.sent.get(claims[i][1])
@@ -600,7 +614,7 @@ def report(result: dict[str, Any]) -> str:
         ("claim latency p50 / p99 / max",
          f"{f['claim_latency_p50_ms']} / {f['claim_latency_p99_ms']} / "
          f"{f['claim_latency_max_ms']} ms to the dispatch sent ({f['claim_latency_samples']} "
-         f"of {f['execution_finished']} finished calls had pending work; "
+         f"of {f['execution_finished']} finished calls had work waiting; "
          f"{f['execution_reports']} reports)"),
         ("  to the claim decided",
          f"{f['claim_decided_p50_ms']} / {f['claim_decided_p99_ms']} / "
