@@ -172,7 +172,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
     liveness: LivenessConfig = msgspec.field(default_factory=LivenessConfig)
-    # The claim gate's rules (urgency_weight, claim_ramp_exponent, leaks_per_window, windows).
+    # The claim gate's rules (urgency_weight, claim_ramp_exponent, leaks_per_window, windows,
+    # prefetch: claims queued behind each running call of a model).
     gate: GateConfig = msgspec.field(default_factory=GateConfig)
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
     # Server-side tools, `[tools.<name>]` (responses-and-api §2.2).
