@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from compose import stack
 from compose.services import ModelSpec, Services
+from projections import writers
 from projections.api.auth import create_key
 from projections.projector import TOPICS, Projector
 from schemas import topics
@@ -122,6 +123,14 @@ def services(
 def consumer_record(topic: str, offset: int, key: bytes, value: bytes | None) -> ConsumerRecord:
     """A record as a consumer hands it over (partition 0): the projector fed by hand."""
     return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value or b""), [])  # fmt: skip
+
+
+async def apply_polls(conn: asyncpg.Connection, *polls: list[ConsumerRecord]) -> None:
+    """Each poll applied in a transaction of its own, as the projector applies a poll; the
+    read model must refuse none of the records."""
+    for records in polls:
+        async with conn.transaction():
+            assert (await writers.apply(conn, records)).rejected == []
 
 
 def run(coro: Any) -> Any:

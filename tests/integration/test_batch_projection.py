@@ -14,7 +14,6 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from compose import postgres, stack
-from projections import writers
 from schemas import codec, topics
 from schemas.events import (
     BatchCancelRequested,
@@ -28,7 +27,7 @@ from schemas.events import (
     RequestsPending,
     RequestTransitions,
 )
-from tests.integration.conftest import consumer_record, run
+from tests.integration.conftest import apply_polls, consumer_record, run
 
 pytestmark = pytest.mark.integration
 
@@ -114,9 +113,7 @@ class Batch:
 async def _outcome(dsn: str, batch: Batch, *polls: list[ConsumerRecord]) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
-        for records in polls:
-            async with conn.transaction():
-                assert (await writers.apply(conn, records)).rejected == []
+        await apply_polls(conn, *polls)
         row = await conn.fetchrow(
             "SELECT cancelling_at, cancelled_at, finalizing_at, completed_at, failed_at,"
             " completed_requests, canceled_requests, counts_frozen_at FROM batches WHERE id = $1",

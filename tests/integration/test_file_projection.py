@@ -13,11 +13,10 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from compose import postgres, stack
-from projections import writers
 from schemas import codec, topics
 from schemas.bodies import BodyRef
 from schemas.events import FileUploaded, TemplateMeta, TemplatesAppended
-from tests.integration.conftest import consumer_record, run
+from tests.integration.conftest import apply_polls, consumer_record, run
 
 pytestmark = pytest.mark.integration
 
@@ -73,9 +72,7 @@ def _upload(file_id: str, prefix: str, offset: int) -> list[ConsumerRecord]:
 async def _apply_and_read(dsn: str, *polls: list[ConsumerRecord]) -> list[tuple[int, str]]:
     conn = await asyncpg.connect(dsn)
     try:
-        for records in polls:
-            async with conn.transaction():
-                assert (await writers.apply(conn, records)).rejected == []
+        await apply_polls(conn, *polls)
         rows = await conn.fetch(
             "SELECT line_number, custom_id FROM request_templates WHERE file_id = $1"
             " ORDER BY line_number",
