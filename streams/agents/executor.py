@@ -2,10 +2,11 @@
 
 Each claim runs as its own task so that one slow upstream call never holds up the partition;
 at most ``max_in_flight`` of them call upstreams at once, and a claim with a lane waits for
-the calls ahead of it in its lane first (a claim queued there holds no slot). Every claim it receives ends with exactly one finished report,
-whatever moment an abort lands: the task reports from a ``finally`` and an abort that arrives
-before its dispatch is remembered. Reports and result bodies go through a
-:class:`~streams.execution.reporter.Reporter`; the gate fences every report by claim id.
+the calls ahead of it in its lane first (a claim queued there holds no slot). Every claim it
+receives ends with exactly one finished report, whatever moment an abort lands: the task
+reports from a ``finally`` and an abort that arrives before its dispatch is remembered.
+Reports and result bodies go through a :class:`~streams.execution.reporter.Reporter`; the
+gate fences every report by claim id.
 
 A dispatch older than half the stale-worker threshold is not run but handed back
 (``not_sent``): it is one re-read after a crash or rebalance, and the gate may already have
@@ -61,7 +62,7 @@ from streams.execution.outcome import (
     inject_deadline_priority,
     override_response_id,
 )
-from streams.execution.reporter import Reporter
+from streams.execution.reporter import FINISHED_DELAY_S, QUEUED_FINISHED_DELAY_S, Reporter
 from streams.execution.retry import BackoffPolicy, GiveUp, decide
 from streams.metrics import Hooks
 from streams.responses.inputs import decode_body
@@ -394,12 +395,10 @@ def register(streams: Streams) -> Executor:
         ),
     )
     worker_id = f"executor:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
-    # With prefetch a report is off the path to the next call (it is queued already), so
-    # calls that end within 20 ms share one: at 200 ms upstream latency that took about
-    # 40 % of every process's CPU per request away, at no cost in throughput.
-    coalesce_s = 0.02 if config.gate.prefetch else 0.002
     reporter = Reporter(
-        lambda outs: streams.publish(outs, wait=True), worker_id, finished_delay_s=coalesce_s
+        lambda outs: streams.publish(outs, wait=True),
+        worker_id,
+        finished_delay_s=QUEUED_FINISHED_DELAY_S if config.gate.prefetch else FINISHED_DELAY_S,
     )
     reader = BodyReader(config.kafka)
     executor = Executor(

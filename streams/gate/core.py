@@ -168,14 +168,18 @@ class _Model:
         self.in_flight: set[str] = set()
         self.lanes: list[int] = []  # claims in flight in each lane, with prefetch
 
-    def take_lane(self, limit: int) -> int:
+    def pick_lane(self, limit: int) -> int:
         """The lane with the fewest claims in it (the lowest of equals): an empty lane
         starts its claim at once, a busy one queues it behind the fewest calls."""
-        if len(self.lanes) < limit:
-            self.lanes += [0] * (limit - len(self.lanes))
-        lane = min(range(limit), key=self.lanes.__getitem__)
-        self.lanes[lane] += 1
-        return lane
+        self._grow(limit)
+        return min(range(limit), key=self.lanes.__getitem__)
+
+    def join(self, request_id: str, entry: GateRequest) -> None:
+        """The row is in flight, in its lane if it has one."""
+        self.in_flight.add(request_id)
+        if entry.lane >= 0:
+            self._grow(entry.lane + 1)
+            self.lanes[entry.lane] += 1
 
     def leave(self, request_id: str, entry: GateRequest) -> None:
         """The row is no longer in flight: its lane has room again."""
@@ -183,6 +187,10 @@ class _Model:
         if 0 <= entry.lane < len(self.lanes):
             self.lanes[entry.lane] -= 1
         entry.lane = -1
+
+    def _grow(self, lanes: int) -> None:
+        if len(self.lanes) < lanes:
+            self.lanes += [0] * (lanes - len(self.lanes))
 
 
 class Gate:
@@ -289,11 +297,7 @@ class Gate:
                 if batch is not None:
                     batch.live += 1
                 if entry.state in IN_FLIGHT:
-                    index = self._model(entry.model)
-                    index.in_flight.add(request_id)
-                    if entry.lane >= 0:
-                        index.lanes += [0] * (entry.lane + 1 - len(index.lanes))
-                        index.lanes[entry.lane] += 1
+                    self._model(entry.model).join(request_id, entry)
                     self._owner(self._owner_of(entry), +1)
                 else:
                     self._queue(request_id, entry)
@@ -668,7 +672,7 @@ class Gate:
             index.leave(request_id, entry)
             self._owner(owner, -1)
         elif was not in IN_FLIGHT and state in IN_FLIGHT:
-            index.in_flight.add(request_id)
+            index.join(request_id, entry)
             self._owner(owner, +1)
         if state in ("completed", "failed", "canceled"):
             self.state.pop(f"R:{request_id}", None)
@@ -1011,7 +1015,7 @@ class Gate:
         claim_id = ids.claim_id(request_id, entry.claims, entry.version)
         entry.claim_id, entry.claimed_at = claim_id, now
         if self.config.prefetch > 0:
-            entry.lane = self._model(entry.model).take_lane(self.limits[entry.model])
+            entry.lane = self._model(entry.model).pick_lane(self.limits[entry.model])
         entry.partition = self._dispatch_partition(request_id, entry)
         self._transition(request_id, entry, RequestClaimed(
             event_id=ids.event_id("claimed", claim_id), occurred_at=now, request_id=request_id,

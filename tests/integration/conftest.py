@@ -239,8 +239,9 @@ def log_path(services: Services, name: str) -> Path:
 # -- reading the log and waiting on the projection --------------------------------------
 
 
-async def read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
-    """Every record now on ``topic``."""
+async def read_topic(bootstrap: str, topic: topics.Topic, within_s: float = 60.0) -> list[Any]:
+    """Every record now on ``topic`` (to the end offsets when the read began), within
+    ``within_s``."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -254,9 +255,10 @@ async def read_topic(bootstrap: str, topic: topics.Topic) -> list[Any]:
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
         records: list[Any] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
+        async with asyncio.timeout(within_s):
+            while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(batch)
         return records
     finally:
         await consumer.stop()

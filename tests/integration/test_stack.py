@@ -20,7 +20,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from compose import kafka, postgres, stack
 from compose.services import ModelSpec, Services
 from schemas.topics import ALL, COMMANDS, Topic
-from tests.integration.conftest import own_stack, until
+from tests.integration.conftest import own_stack, read_topic, until
 
 pytestmark = pytest.mark.integration
 
@@ -164,22 +164,8 @@ Record = tuple[bytes | None, bytes | None, int, int]  # key, value, partition, o
 
 
 async def _read_all(bootstrap: str, topic: Topic) -> set[Record]:
-    """Every record of topic, read from the beginning to its end offsets."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        records: set[Record] = set()
-        async with asyncio.timeout(60):
-            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-                for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    records.update((r.key, r.value, r.partition, r.offset) for r in batch)
-        return records
-    finally:
-        await consumer.stop()
+    """Every record of topic, as (key, value, partition, offset)."""
+    return {(r.key, r.value, r.partition, r.offset) for r in await read_topic(bootstrap, topic)}
 
 
 async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int:

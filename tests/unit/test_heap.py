@@ -21,9 +21,19 @@ def test_every_full_collection_is_timed() -> None:
     assert _full_collections() == before + 1
 
 
+def _tracked(obj: object) -> bool:
+    """Whether a collection of any generation would walk ``obj``."""
+    return any(any(o is obj for o in gc.get_objects(generation)) for generation in range(3))
+
+
 def test_startup_objects_leave_later_collections() -> None:
+    started_with = [object()]  # a container the collector tracks, made before the freeze
+    assert _tracked(started_with)
     try:
         heap.freeze_startup()
-        assert gc.get_freeze_count() > 0
+        assert not _tracked(started_with)
+        made_after = [object()]
+        assert _tracked(made_after)  # what the process allocates later is still collected
     finally:
         gc.unfreeze()
+    assert _tracked(started_with)
