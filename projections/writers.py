@@ -40,6 +40,7 @@ from schemas.events import (
     WorkerStarted,
     WorkerStopped,
 )
+from schemas.excluded import Decoder
 from streams.lifecycle import next_state
 
 Rejected = list[tuple[ConsumerRecord, str]]
@@ -273,7 +274,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     return applied
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], record: ConsumerRecord, rejected: Rejected) -> Any:
+def _decode(decoder: Decoder[Any], record: ConsumerRecord, rejected: Rejected) -> Any:
     try:
         return decoder.decode(record.value)
     except codec.DecodeErrors as exc:

@@ -1,7 +1,8 @@
 """Encoding and decoding of everything that crosses Kafka, in one place.
 
 Decoders are built once; a payload that fails to decode raises :class:`msgspec.DecodeError`
-or :class:`msgspec.ValidationError`, which the agents turn into dead letters.
+or :class:`msgspec.ValidationError`, which the agents turn into dead letters. Each enforces its
+contract's excluded characters too (:mod:`schemas.excluded`).
 """
 
 from __future__ import annotations
@@ -25,22 +26,23 @@ from schemas.events import (
     WebhookEndpoint,
     WorkerEvent,
 )
+from schemas.excluded import Decoder
 
 _encoder = msgspec.json.Encoder()
 
-commands = msgspec.json.Decoder(AnyCommand)
-file_events = msgspec.json.Decoder(FileEvent)
-batch_events = msgspec.json.Decoder(BatchEvent)
-lifecycle = msgspec.json.Decoder(RequestTransitions)
-gate_inputs = msgspec.json.Decoder(GateInput)
-dispatches: msgspec.json.Decoder[DispatchMessage] = msgspec.json.Decoder(DispatchMessage)
-model_filters = msgspec.json.Decoder(ModelFilterAppended)
-worker_events = msgspec.json.Decoder(WorkerEvent)
-api_keys = msgspec.json.Decoder(ApiKey)
-chain_events = msgspec.json.Decoder(ChainEvent)
-step_work = msgspec.json.Decoder(StepWork)
-webhooks = msgspec.json.Decoder(WebhookEndpoint)
-webhook_attempts = msgspec.json.Decoder(WebhookAttempted)
+commands = Decoder(AnyCommand)
+file_events = Decoder(FileEvent)
+batch_events = Decoder(BatchEvent)
+lifecycle = Decoder(RequestTransitions)
+gate_inputs = Decoder(GateInput)
+dispatches: Decoder[DispatchMessage] = Decoder(DispatchMessage)
+model_filters = Decoder(ModelFilterAppended)
+worker_events = Decoder(WorkerEvent)
+api_keys = Decoder(ApiKey)
+chain_events = Decoder(ChainEvent)
+step_work = Decoder(StepWork)
+webhooks = Decoder(WebhookEndpoint)
+webhook_attempts = Decoder(WebhookAttempted)
 
 DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
 

@@ -20,11 +20,21 @@ import msgspec
 
 from schemas.bodies import BodyRef
 from schemas.events import SCHEMA_VERSION, ChunkRef, LineRange
-from schemas.types import Name, NonNegative, Text, Timestamp, Uuid, Window
+from schemas.types import (
+    CustomId,
+    FileName,
+    MetadataKey,
+    Name,
+    NonNegative,
+    Text,
+    Timestamp,
+    Uuid,
+    Window,
+)
 
 Purpose = Literal["batch"]
 Metadata = Annotated[
-    dict[Annotated[str, msgspec.Meta(max_length=64, pattern="^[^\\x00]*$")], Text],
+    dict[MetadataKey, Text],
     msgspec.Meta(max_length=16),
 ]
 
@@ -40,7 +50,7 @@ class Command(
 class FileLine(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """One line's metadata: [custom_id, method, path, model, body_size]."""
 
-    custom_id: Annotated[str, msgspec.Meta(max_length=64, pattern="^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$")] | None  # fmt: skip
+    custom_id: CustomId | None
     method: Literal["POST"]
     path: Name
     model: Name
@@ -65,7 +75,7 @@ class CreateFile(Command, tag=True, frozen=True):
     file_id: Uuid
     upload_id: Uuid
     owner: Name
-    filename: Annotated[str, msgspec.Meta(max_length=1024, pattern="^[^\\x00]*$")]
+    filename: FileName
     purpose: Purpose
     bytes: NonNegative
     line_count: Annotated[int, msgspec.Meta(ge=1)]

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
-import msgspec
 from faust.types import EventT
 
 from cannonade import metrics
@@ -22,6 +21,7 @@ from cannonade.config import Config
 from schemas import codec, ids, topics
 from schemas.bodies import BodyRef
 from schemas.events import DeadLetter
+from schemas.excluded import Decoder
 from schemas.topics import Topic
 from streams import fetch_wait
 from streams.emit import Out, TopicRole
@@ -166,9 +166,7 @@ def _value(out: Out) -> bytes | None:
     return value if value is None or isinstance(value, bytes) else codec.encode(value)
 
 
-def decode_or_none(
-    decoder: msgspec.json.Decoder[T], raw: object
-) -> tuple[T, None] | tuple[None, str]:
+def decode_or_none(decoder: Decoder[T], raw: object) -> tuple[T, None] | tuple[None, str]:
     """Decode a Kafka value; returns ``(value, None)`` or ``(None, reason)``."""
     if not isinstance(raw, bytes):
         return None, "empty or non-bytes payload"

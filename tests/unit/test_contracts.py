@@ -69,12 +69,33 @@ def test_what_breaks_the_published_contract_is_refused_with_the_field_named(
         codec.commands.decode(_create_batch(**fields))
 
 
+def _append(custom_id: str) -> bytes:
+    line = FileLine("ok", "POST", "/v1/chat/completions", "m", 2)
+    cmd = AppendFileLines(command_id="c", issued_at=NOW, file_id=FILE, upload_id=BATCH, first_line=0, body_key="tplc:x", body=BodyRef(0, 7), lines=[line, line])  # fmt: skip
+    doc = msgspec.json.decode(codec.encode(cmd))
+    doc["lines"][1][0] = custom_id
+    return msgspec.json.encode(doc)
+
+
+@pytest.mark.parametrize("custom_id", ["a\nb", "trailing\n", "a\x00", "a\x1f", "del\x7f"])
+def test_a_control_character_in_a_custom_id_is_refused_with_the_line_named(custom_id: str) -> None:
+    with pytest.raises(codec.DecodeErrors, match=r"\$\.lines\[1\]\.custom_id"):
+        codec.commands.decode(_append(custom_id))
+
+
+@pytest.mark.parametrize("custom_id", ["tab\tok", "back\\slash", "\\u0000 as text", "é🦀"])
+def test_text_that_only_looks_escaped_is_accepted_as_it_is(custom_id: str) -> None:
+    decoded = codec.commands.decode(_append(custom_id))
+    assert isinstance(decoded, AppendFileLines) and decoded.lines[1].custom_id == custom_id
+
+
 def test_the_published_schema_states_formats_and_forbids_unknown_fields() -> None:
     schema = msgspec.json.decode(export.render()["commands.schema.json"])
     create = schema["$defs"]["CreateBatch"]
     assert create["properties"]["batch_id"]["format"] == "uuid"
     assert "pattern" in create["properties"]["batch_id"]
     assert create["properties"]["issued_at"]["format"] == "date-time"
+    assert create["properties"]["owner"]["pattern"] == "^[^\\x00]*$"  # enforced per message
     assert create["additionalProperties"] is False
 
 
