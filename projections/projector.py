@@ -212,7 +212,7 @@ class Projector:
                 applied = await writers.apply(conn, records)
                 await self._dead_letter(producer, applied.rejected)
                 await self._save_offsets(conn, batch)
-                await _notify_settled(conn, applied.settled)
+                await _notify(conn, applied.settled)
             metrics.projector_applied(counts, time.perf_counter() - started)
             return
         except _CONNECTION_ERRORS:
@@ -237,7 +237,7 @@ class Projector:
                     rejected.append((record, f"the read model refused it: {exc}"))
             await self._dead_letter(producer, rejected)
             await self._save_offsets(conn, batch)
-            await _notify_settled(conn, settled)
+            await _notify(conn, settled)
         metrics.projector_applied(counts, time.perf_counter() - started)
 
     async def _save_offsets(
@@ -283,13 +283,16 @@ class Projector:
                 shared_metrics.dead_letter(record.topic, reason)
 
 
-# Requests that ended, told to the API's waiters; delivered when the transaction commits.
+# Told to the API's waiters, delivered when the transaction commits: that the projection
+# moved (every commit), and which requests ended.
+PROJECTED_CHANNEL = "cannonade_projected"
 SETTLED_CHANNEL = "cannonade_settled"
 _IDS_PER_NOTIFY = 200  # a notification's payload must stay under 8000 bytes
 
 
-async def _notify_settled(conn: asyncpg.Connection, ids: set[str]) -> None:
-    ordered = sorted(ids)
+async def _notify(conn: asyncpg.Connection, settled: set[str]) -> None:
+    await conn.execute(f"NOTIFY {PROJECTED_CHANNEL}")
+    ordered = sorted(settled)
     for start in range(0, len(ordered), _IDS_PER_NOTIFY):
         payload = ",".join(ordered[start : start + _IDS_PER_NOTIFY])
         await conn.execute("SELECT pg_notify($1, $2)", SETTLED_CHANNEL, payload)

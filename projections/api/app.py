@@ -59,7 +59,10 @@ class Context:
         start = time.monotonic()
         position, moved_at = await queries.projector_position(self.pool), start
         delay = 0.005
-        while not await check():
+        while True:
+            projected = self.settlements.projected()
+            if await check():
+                return True
             now = time.monotonic()
             if now - moved_at > api.projection_stall_s or now - start > api.projection_wait_s:
                 raise ApiError(
@@ -70,12 +73,14 @@ class Context:
                 )
             if within is not None and now - start > within:
                 return False
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(projected.wait(), delay)
+                moved_at = time.monotonic()  # woken by a commit
+            except TimeoutError:  # the poll, should a NOTIFY be missed
+                latest = await queries.projector_position(self.pool)
+                if latest != position:
+                    position, moved_at = latest, time.monotonic()
             delay = min(delay * 2, 0.1)
-            latest = await queries.projector_position(self.pool)
-            if latest != position:
-                position, moved_at = latest, time.monotonic()
-        return True
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("context", Context)

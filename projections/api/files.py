@@ -1,8 +1,9 @@
 """``/v1/files``: upload (validated, then published), list, get, content, delete.
 
-An upload is validated whole before anything is published. Its line bodies go to the bodies
-topic in chunks, then the commands naming those chunks; if publishing fails half-way the
-chunks already written are tombstoned, so a failed upload leaves nothing stored. With an
+An upload is validated whole before any command is published. Its line bodies go to the bodies
+topic in chunks while the rest is parsed, then the commands naming those chunks; if a line
+fails or publishing fails half-way, the chunks already written are tombstoned, so a failed
+upload leaves nothing stored. With an
 ``Idempotency-Key`` header the file id is derived from the key, so a retried upload answers
 the file the first attempt created instead of creating a second one (409 once that file is
 deleted or expired).
@@ -10,6 +11,7 @@ deleted or expired).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -18,7 +20,7 @@ from typing import Any, TypeVar, get_args
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from cannonade.config import Config
+from cannonade.config import Config, ModelKind
 from projections import queries
 from projections.api.app import Context, context, json_response, principal
 from projections.api.intake import model_kind
@@ -26,7 +28,7 @@ from projections.rules.content import error_line, file_object, input_line, outpu
 from projections.rules.upload import (
     ParsedLine,
     UploadLimits,
-    parse_upload,
+    parse_chunks,
     validate_expires_after,
     validate_purpose,
 )
@@ -139,20 +141,29 @@ async def upload(request: web.Request) -> web.Response:
     filename = fields.get("filename") or f"upload-{file_id}"
     validation.check_storable(filename, "filename")
     raw: bytes = fields["file"]
-    parsed = parse_upload(raw, limits, lambda model: model_kind(ctx.config, model, who.user))
+
+    def kind(model: str) -> ModelKind | None:
+        return model_kind(ctx.config, model, who.user)
+
     upload_id = str(uuid.uuid4())
-    chunks = _chunks(parsed.lines)
-    records = [
-        (
-            bodies.chunk_key(file_id, upload_id, lines[0].line_number),
-            bodies.encode_chunk([(line.custom_id, line.body) for line in lines]),
-            bodies.partition_for(file_id, topics.BODIES.partitions),
-        )
-        for lines in chunks
-    ]
-    refs: list[BodyRef] = []
+    chunks: list[list[ParsedLine]] = []
+    records: list[tuple[str, bytes, int]] = []
+    sending: list[asyncio.Future[list[BodyRef]]] = []
     try:
-        refs = await ctx.publisher.bodies(records)
+        for lines in parse_chunks(raw, limits, kind, CHUNK_BYTES):
+            chunks.append(lines)
+            records.append(
+                (
+                    bodies.chunk_key(file_id, upload_id, lines[0].line_number),
+                    bodies.encode_chunk([(line.custom_id, line.body) for line in lines]),
+                    bodies.partition_for(file_id, topics.BODIES.partitions),
+                )
+            )
+            # The chunk travels while the next one is parsed; no command names it before the
+            # whole file has passed.
+            sending.append(asyncio.ensure_future(ctx.publisher.bodies(records[-1:])))
+            await asyncio.sleep(0)
+        refs = [ref for sent in sending for ref in await sent]
         commands: list[AnyCommand] = [
             AppendFileLines(
                 command_id=ids.new_id(),
@@ -176,13 +187,16 @@ async def upload(request: web.Request) -> web.Response:
                 filename=filename,
                 purpose="batch",
                 bytes=len(raw),
-                line_count=len(parsed.lines),
+                line_count=sum(len(lines) for lines in chunks),
                 expires_at=expires_at,
                 api_key_id=who.key_id,
             )
         )
         await ctx.publisher.commands(commands)
     except ApiError:
+        for sent in sending:
+            sent.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
         await _erase(ctx, records)
         raise
     await ctx.wait_for(lambda: queries.file_exists(ctx.pool, file_id), "the file")
@@ -199,21 +213,6 @@ async def _erase(ctx: Context, records: Sequence[tuple[str, bytes, int]]) -> Non
         await ctx.publisher.bodies([(key, None, partition) for key, _, partition in records])
     except ApiError:
         pass
-
-
-def _chunks(lines: list[ParsedLine]) -> list[list[ParsedLine]]:
-    chunks: list[list[ParsedLine]] = []
-    current: list[ParsedLine] = []
-    size = 0
-    for line in lines:
-        if current and size + len(line.body) > CHUNK_BYTES:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(line)
-        size += len(line.body)
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 async def list_files(request: web.Request) -> web.Response:

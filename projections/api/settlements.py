@@ -1,9 +1,10 @@
-"""Wakes the API's blocking calls when the projector says their requests ended.
+"""Wakes the API's waiting handlers when the projector commits.
 
-The projector sends ``NOTIFY cannonade_settled, '<id>,<id>,…'`` when a transaction that ends
-requests without a batch commits. One LISTEN connection per API process turns those into
-wake-ups for the handlers waiting on the ids, so a flex or background call answers as soon as
-its row is readable instead of on its next poll. The notifications are a hint: a waiter still
+Every projector transaction sends ``NOTIFY cannonade_projected``, and one that ends requests
+without a batch ``NOTIFY cannonade_settled, '<id>,<id>,…'`` too. One LISTEN connection per API
+process turns those into wake-ups: a read-your-writes wait (:meth:`Context.wait_for`) looks
+again as soon as the projection moved, and a flex or background call answers as soon as its
+row is readable, instead of on their next poll. The notifications are a hint: a waiter still
 polls (slowly) and checks the row itself, so a lost connection or a missed NOTIFY only makes an
 answer later, never wrong.
 """
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 
 import asyncpg
 
-from projections.projector import SETTLED_CHANNEL
+from projections.projector import PROJECTED_CHANNEL, SETTLED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Settlements:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._projected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -54,6 +56,15 @@ class Settlements:
                 if not waiting:
                     del self._waiters[request_id]
 
+    def projected(self) -> asyncio.Event:
+        """An event set by the projector's next commit (take it before looking, so a commit
+        between the look and the wait is not missed)."""
+        return self._projected
+
+    def _moved(self, *_: object) -> None:
+        self._projected.set()
+        self._projected = asyncio.Event()
+
     def _wake(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         for request_id in payload.split(","):
             for event in self._waiters.get(request_id, ()):
@@ -78,7 +89,9 @@ class Settlements:
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(SETTLED_CHANNEL, self._wake)
-            # Whatever ended while no one listened is found by the waiters' own checks.
+            await conn.add_listener(PROJECTED_CHANNEL, self._moved)
+            # Whatever happened while no one listened is found by the waiters' own checks.
+            self._moved()
             for waiting in self._waiters.values():
                 for event in waiting:
                     event.set()

@@ -7,7 +7,7 @@ the first failure wins and its message names the offending line.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -61,10 +61,6 @@ class ParsedLine(msgspec.Struct, frozen=True, gc=False):
     url: str
     body: bytes  # sanitised, compact JSON
     model: str
-
-
-class ParsedUpload(msgspec.Struct, frozen=True):
-    lines: list[ParsedLine]
 
 
 class _InputLine(msgspec.Struct):
@@ -235,10 +231,16 @@ class _LineChecker:
             )
 
 
-def parse_upload(
-    data: bytes, limits: UploadLimits, model_kind: Callable[[str], ModelKind | None]
-) -> ParsedUpload:
-    """Accepted lines of an upload in order, or the ApiError of its first failure.
+def parse_chunks(
+    data: bytes,
+    limits: UploadLimits,
+    model_kind: Callable[[str], ModelKind | None],
+    chunk_bytes: int,
+) -> Iterator[list[ParsedLine]]:
+    """Accepted lines of an upload in order, in chunks of about ``chunk_bytes`` of bodies (a
+    larger line alone), as they are parsed; raises the ApiError of the first failure when it
+    is reached, so a caller may start on the first chunks but must not commit to them before
+    the last.
 
     `model_kind` answers the kind of a model the uploader may use, None when it may not.
     """
@@ -252,7 +254,8 @@ def parse_upload(
     data = data.removeprefix(b"\xef\xbb\xbf")
     _check_utf8(data)
     checker = _LineChecker(limits, model_kind)
-    lines: list[ParsedLine] = []
+    chunk: list[ParsedLine] = []
+    size = 0
     n = 0
     # Splitting on \n and trimming also accepts \r\n endings and a last line without newline.
     for raw in data.split(b"\n"):
@@ -265,7 +268,12 @@ def parse_upload(
                 f"File contains {n} requests, which exceeds the maximum of "
                 f"{limits.max_requests_per_file}"
             )
-        lines.append(checker.parse(n, text))
-    if not lines:
+        line = checker.parse(n, text)
+        if chunk and size + len(line.body) > chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line.body)
+    if not chunk:
         raise _bad_file("File contains no valid request templates")
-    return ParsedUpload(lines)
+    yield chunk

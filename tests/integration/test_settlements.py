@@ -1,5 +1,5 @@
-"""The API's settlement listener against the real PostgreSQL: the projector's NOTIFY wakes
-exactly the calls waiting on the ids it names."""
+"""The API's settlement listener against the real PostgreSQL: the projector's NOTIFYs wake
+exactly the calls waiting on the ids they name, and every read-your-writes wait on a commit."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import pytest
 
 from compose import stack
 from projections.api.settlements import Settlements
-from projections.projector import SETTLED_CHANNEL
+from projections.projector import PROJECTED_CHANNEL, SETTLED_CHANNEL
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.integration
 
 
-async def _notify(dsn: str, payload: str) -> None:
+async def _notify(dsn: str, payload: str, channel: str = SETTLED_CHANNEL) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("SELECT pg_notify($1, $2)", SETTLED_CHANNEL, payload)
+        await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
     finally:
         await conn.close()
 
@@ -43,3 +43,23 @@ async def _wakes(dsn: str) -> tuple[bool, bool]:
 
 def test_a_notification_wakes_only_the_requests_it_names(stack_info: stack.StackInfo) -> None:
     assert run(_wakes(stack_info.database_url)) == (True, False)
+
+
+async def _commits_wake(dsn: str) -> tuple[bool, bool]:
+    settlements = Settlements(dsn)
+    settlements.start()
+    try:
+        with settlements.watch("connected") as connected:
+            await asyncio.wait_for(connected.wait(), 30)
+        before = settlements.projected()
+        await _notify(dsn, "", PROJECTED_CHANNEL)
+        await asyncio.wait_for(before.wait(), 30)
+        return before.is_set(), settlements.projected().is_set()
+    finally:
+        await settlements.stop()
+
+
+def test_a_projector_commit_wakes_the_waits_taken_before_it_only(
+    stack_info: stack.StackInfo,
+) -> None:
+    assert run(_commits_wake(stack_info.database_url)) == (True, False)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from cannonade.config import ModelKind
 from projections.rules.upload import (
-    ParsedUpload,
+    ParsedLine,
     UploadLimits,
-    parse_upload,
+    parse_chunks,
     validate_expires_after,
     validate_purpose,
 )
@@ -41,8 +41,14 @@ def line(
     return msgspec.json.encode(obj)
 
 
-def parse(data: bytes, **limits: Any) -> ParsedUpload:
-    return parse_upload(data, UploadLimits(**limits), KINDS.get)
+class Parsed(msgspec.Struct):
+    lines: list[ParsedLine]
+    chunks: list[list[ParsedLine]]
+
+
+def parse(data: bytes, chunk_bytes: int = 1 << 20, **limits: Any) -> Parsed:
+    chunks = list(parse_chunks(data, UploadLimits(**limits), KINDS.get, chunk_bytes))
+    return Parsed([line for chunk in chunks for line in chunk], chunks)
 
 
 def rejected(data: bytes, **limits: Any) -> ApiError:
@@ -350,3 +356,25 @@ def test_any_upload_is_parsed_or_rejected_with_a_client_error(data: bytes) -> No
             set(msgspec.json.decode(accepted.body)) & {"priority", "service_tier", "background"}
             == set()
         )
+
+
+def test_lines_come_in_chunks_of_about_the_body_size_asked_a_larger_line_alone() -> None:
+    small = [line(f"s{i}") for i in range(5)]
+    big = line("big", body={"model": "gpt", "messages": "x" * 300})
+    parsed = parse(b"\n".join([*small[:3], big, *small[3:]]), chunk_bytes=120)
+    sizes = [[len(p.body) for p in chunk] for chunk in parsed.chunks]
+    assert [p.custom_id for p in parsed.lines] == ["s0", "s1", "s2", "big", "s3", "s4"]
+    assert all(sum(chunk) <= 120 or len(chunk) == 1 for chunk in sizes), sizes
+    assert [len(chunk) for chunk in sizes] == [3, 1, 2]
+
+
+def test_a_late_bad_line_fails_the_upload_after_its_first_chunks_were_given() -> None:
+    chunks = parse_chunks(
+        b"\n".join([line("a"), line("b"), line("c", url="/v1/nowhere")]),
+        UploadLimits(),
+        KINDS.get,
+        1,
+    )
+    assert [p.custom_id for p in next(chunks)] == ["a"]
+    with pytest.raises(ApiError, match="Line 3: Unsupported URL path"):
+        list(chunks)
