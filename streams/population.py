@@ -125,13 +125,18 @@ def append_lines(record: FileRecord, cmd: AppendFileLines, now: datetime) -> lis
     if record.owner is not None or record.deleted:
         raise invalid_request(f"File {cmd.file_id} already exists")
     upload = record.uploads.setdefault(cmd.upload_id, Manifest())
+    count = len(cmd.lines)
+    chunk = ChunkRef(cmd.first_line, count, cmd.body.partition, cmd.body.offset)
+    if cmd.first_line < upload.lines and chunk in upload.chunks:
+        # Appended before: the agent saved the record but its event may not have landed
+        # (lines are not awaited one by one), or the command came twice. The event again.
+        return [_templates_appended(cmd, now)]
     if cmd.first_line != upload.lines:
         raise invalid_request(
             f"Lines of upload {cmd.upload_id} must arrive in order: expected line "
             f"{upload.lines}, got {cmd.first_line}"
         )
-    count = len(cmd.lines)
-    upload.chunks.append(ChunkRef(cmd.first_line, count, cmd.body.partition, cmd.body.offset))
+    upload.chunks.append(chunk)
     upload.body_keys.append(cmd.body_key)
     for offset, line in enumerate(cmd.lines):
         number = cmd.first_line + offset
@@ -142,6 +147,10 @@ def append_lines(record: FileRecord, cmd: AppendFileLines, now: datetime) -> lis
         else:
             runs.append(ModelRun(line.model, number, number + 1))
     upload.lines += count
+    return [_templates_appended(cmd, now)]
+
+
+def _templates_appended(cmd: AppendFileLines, now: datetime) -> Out:
     metas = [TemplateMeta(x.custom_id, x.method, x.path, x.model, x.body_size) for x in cmd.lines]
     event = TemplatesAppended(
         event_id=ids.event_id("templates", cmd.file_id, cmd.upload_id, cmd.first_line),
@@ -152,7 +161,7 @@ def append_lines(record: FileRecord, cmd: AppendFileLines, now: datetime) -> lis
         body=cmd.body,
         templates=metas,
     )
-    return [Out("files", cmd.file_id, event)]
+    return Out("files", cmd.file_id, event)
 
 
 def create_file(record: FileRecord, cmd: CreateFile, now: datetime) -> list[Out]:

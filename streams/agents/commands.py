@@ -7,7 +7,10 @@ the read model, so no command waits on a projection and none can stall the strea
 
 Every record change is written after the events it caused were acknowledged: a crash in
 between replays the command, which the pure rules (:mod:`streams.population`) and the gate's
-population marks make harmless, and never loses an event.
+population marks make harmless, and never loses an event. A file's lines are the exception, as
+they come by the dozen and waiting on each would serialize an upload on broker round trips:
+their events and record change go out together, Faust flushes both before it commits the
+command, and a replayed append whose record landed without its event gets the event again.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def register(streams: Streams) -> None:
                     if not known:  # rejected: nothing to remember of a file never seen
                         await streams.publish(outs, wait=True)
                         return outs
-                await streams.publish(outs, wait=True)
+                await streams.publish(outs, wait=not isinstance(cmd, AppendFileLines))
                 files[aggregate_id(cmd)] = msgspec.msgpack.encode(record)
             case SubmitRequest():
                 raw = requests.get(cmd.request_id)
