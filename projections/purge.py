@@ -4,7 +4,7 @@ model-filters log.
 
 - :meth:`Purger.orphaned_rows` takes at most ``n`` rows of deleted batches (with the chains
   they headed and their result bodies), then at most ``n`` templates of deleted files, then
-  at most ``n`` of those files' chunk records no template refers to any more. Rows without a
+  at most ``n`` chunk records of those files once none of their templates is left. Rows without a
   batch are never purged here.
 - :meth:`Purger.model_filter_events` deletes at most ``n`` events, oldest ids first, that are
   both outside the newest ``max(keep, 1)`` of their model and older than the retention: the
@@ -62,7 +62,7 @@ FOR UPDATE OF t SKIP LOCKED
 _DELETED_CHUNKS = """
 SELECT c.body_key FROM template_chunks c JOIN files f ON f.id::text = split_part(c.body_key, ':', 2)
 WHERE f.deleted_at IS NOT NULL AND c.body_key LIKE 'tplc:%'
-  AND NOT EXISTS (SELECT 1 FROM request_templates t WHERE t.body_key = c.body_key)
+  AND NOT EXISTS (SELECT 1 FROM request_templates t WHERE t.file_id = f.id)
 LIMIT $1
 FOR UPDATE OF c SKIP LOCKED
 """
