@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from itertools import groupby
 from typing import Any, Literal
 
 import msgspec
@@ -138,14 +139,18 @@ def append_lines(record: FileRecord, cmd: AppendFileLines, now: datetime) -> lis
         )
     upload.chunks.append(chunk)
     upload.body_keys.append(cmd.body_key)
-    for offset, line in enumerate(cmd.lines):
-        number = cmd.first_line + offset
-        upload.urls.setdefault(line.path, number)
-        runs = upload.models
-        if runs and runs[-1].model == line.model and runs[-1].end == number:
-            runs[-1] = ModelRun(line.model, runs[-1].start, number + 1)
+    # Per distinct path and per run of one model rather than per line: a part has thousands.
+    paths = [line.path for line in cmd.lines]
+    for path in dict.fromkeys(paths):
+        upload.urls.setdefault(path, cmd.first_line + paths.index(path))
+    runs, number = upload.models, cmd.first_line
+    for model, same in groupby(line.model for line in cmd.lines):
+        end = number + sum(1 for _ in same)
+        if runs and runs[-1].model == model and runs[-1].end == number:
+            runs[-1] = ModelRun(model, runs[-1].start, end)
         else:
-            runs.append(ModelRun(line.model, number, number + 1))
+            runs.append(ModelRun(model, number, end))
+        number = end
     upload.lines += count
     return [_templates_appended(cmd, now)]
 

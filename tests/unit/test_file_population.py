@@ -20,9 +20,17 @@ FILE = "7b0f1c2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b"
 UPLOAD = "1f0e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
 
 
-def append(first: int, count: int, offset: int) -> AppendFileLines:
+def append(first: int, count: int, offset: int, models: str = "") -> AppendFileLines:
+    """Lines ``first…`` on model ``gpt``, or on the models named one letter per line."""
     lines = [
-        FileLine(f"c{first + i}", "POST", "/v1/chat/completions", "gpt", 10) for i in range(count)
+        FileLine(
+            f"c{first + i}",
+            "POST",
+            f"/v1/{models[i] if models else 'chat'}",
+            models[i] if models else "gpt",
+            10,
+        )
+        for i in range(count)
     ]
     return AppendFileLines(
         command_id=f"a{first}", issued_at=NOW, file_id=FILE, upload_id=UPLOAD, first_line=first,
@@ -86,3 +94,14 @@ def test_a_file_declaring_more_lines_than_its_parts_is_refused() -> None:
     population.append_lines(record, append(0, 2, 7), NOW)
     with pytest.raises(ApiError, match="declares 3 lines but upload .* appended 2"):
         population.create_file(record, create(3), NOW)
+
+
+def test_the_manifest_knows_each_lines_model_and_each_paths_first_line_across_parts() -> None:
+    record = FileRecord()
+    population.append_lines(record, append(0, 4, 7, models="aabb"), NOW)
+    population.append_lines(record, append(4, 3, 8, models="bba"), NOW)
+    population.create_file(record, create(7), NOW)
+    assert record.manifest is not None
+    runs = [(r.model, r.start, r.end) for r in record.manifest.models]
+    assert runs == [("a", 0, 2), ("b", 2, 6), ("a", 6, 7)]
+    assert record.manifest.urls == {"/v1/a": 0, "/v1/b": 2}
