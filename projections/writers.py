@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
@@ -63,26 +63,6 @@ def position(offset: int, index: int) -> int:
 # A row born processing (realtime, a step sub-request) is held by no worker: the all-zero
 # daemon id, claimed and started at creation (core §2.6 create_realtime).
 _NO_DAEMON = "00000000-0000-0000-0000-000000000000"
-
-
-def _rows(columns: str) -> str:
-    """``$1``, a JSON array of rows (each an array of values in the order of ``columns``,
-    ``"name type, …"``), as a table. The hot statements take their rows this way, encoded once by
-    msgspec: asyncpg encodes a column array element by element (~0.5 µs each), which was half
-    of the projector's CPU at full rate. As jsonb, not json, whose ``->>`` parses the row again
-    for every field: that made the server's share five times the arrays', jsonb keeps it even."""
-    pairs = [column.split() for column in columns.split(",")]
-    fields = ", ".join(f"(r->>{i})::{kind} AS {name}" for i, (name, kind) in enumerate(pairs))
-    return f"SELECT {fields} FROM jsonb_array_elements($1::jsonb) r"
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def _json(rows: Iterable[Sequence[Any]]) -> str:
-    return _encode(list(rows)).decode()
-
-
 _NEW_ROW_FIELDS = (
     "id", "batch_id", "file_id", "line_number", "model", "owner", "state", "deadline",
     "created_at", "service_tier", "offset", "path", "background", "api_key_id",
@@ -97,13 +77,11 @@ WITH ins AS (
            CASE WHEN u.state = 'processing' THEN '{_NO_DAEMON}' END,
            CASE WHEN u.state = 'processing' THEN u.created_at END,
            CASE WHEN u.state = 'processing' THEN u.created_at END
-    FROM ({
-    _rows(
-        "id uuid, batch_id uuid, file_id uuid, line_number int, model text, owner text,"
-        " state text, deadline timestamptz, created_at timestamptz, service_tier text,"
-        " off bigint, path text, background bool, api_key_id uuid"
-    )
-}) AS u
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[],
+                $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[], $11::bigint[],
+                $12::text[], $13::bool[], $14::uuid[])
+         AS u(id, batch_id, file_id, line_number, model, owner, state, deadline, created_at,
+              service_tier, off, path, background, api_key_id)
     ON CONFLICT (id) DO NOTHING
     RETURNING batch_id
 )
@@ -124,21 +102,15 @@ _COUNTER_STATES = {
 # and only from the state its first event left (a transition the gate published twice after a
 # crash applies once), and the batch counters moved from that state to the row's last state.
 _UPDATE_ROWS = f"""
-WITH u AS ({
-    _rows(
-        "id uuid, first_off bigint, last_off bigint, from_state text, state text, mask int,"
-        " retried_version int, " + ", ".join(f"{c} {COLUMN_TYPES[c]}" for c in COLUMNS)
-    )
-}),
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+        $6::int[], $7::int[], {", ".join(f"${i + 8}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
+    AS u(id, first_off, last_off, from_state, state, mask, retried_version, {", ".join(COLUMNS)})
+),
 upd AS (
     UPDATE requests r SET state = u.state, last_offset = u.last_off,
         projected_at = clock_timestamp(),
-        {
-    ", ".join(
-        f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END"
-        for i, c in enumerate(COLUMNS)
-    )
-}
+        {", ".join(f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END" for i, c in enumerate(COLUMNS))}
     FROM u, requests o
     WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off AND r.state = u.from_state
     RETURNING r.batch_id, u.from_state, u.state, u.retried_version, o.response_size AS old_size,
@@ -148,12 +120,7 @@ upd AS (
 INSERT INTO batch_counts (batch_id, {", ".join(_COUNTERS)}, response_bytes, error_bytes,
                           last_terminal_at, reopened_version)
 SELECT batch_id,
-    {
-    ", ".join(
-        f"sum((state IN {_COUNTER_STATES[c]})::int - (from_state IN {_COUNTER_STATES[c]})::int)"
-        for c in _COUNTERS
-    )
-},
+    {", ".join(f"sum((state IN {_COUNTER_STATES[c]})::int - (from_state IN {_COUNTER_STATES[c]})::int)" for c in _COUNTERS)},
     sum(CASE WHEN state = 'completed' THEN new_size ELSE 0 END
         - CASE WHEN from_state = 'completed' THEN old_size ELSE 0 END),
     sum(CASE WHEN state = 'failed' THEN new_size ELSE 0 END
@@ -162,12 +129,7 @@ SELECT batch_id,
     max(retried_version)
 FROM upd WHERE batch_id IS NOT NULL GROUP BY batch_id
 ON CONFLICT (batch_id) DO UPDATE SET
-    {
-    ", ".join(
-        f"{c} = batch_counts.{c} + EXCLUDED.{c}"
-        for c in (*_COUNTERS, "response_bytes", "error_bytes")
-    )
-},
+    {", ".join(f"{c} = batch_counts.{c} + EXCLUDED.{c}" for c in (*_COUNTERS, "response_bytes", "error_bytes"))},
     last_terminal_at = GREATEST(batch_counts.last_terminal_at, EXCLUDED.last_terminal_at),
     reopened_version = GREATEST(batch_counts.reopened_version, EXCLUDED.reopened_version)
 RETURNING batch_id
@@ -203,13 +165,11 @@ SELECT u.id, u.model, u.owner, u.state, u.deadline, u.created_at, u.service_tier
        u.size, CASE WHEN u.state = 'failed' THEN 'NonRetriableHttpStatus' END,
        CASE WHEN u.state = 'completed' THEN u.at END, CASE WHEN u.state = 'failed' THEN u.at END,
        u.off
-FROM ({
-    _rows(
-        "id uuid, model text, owner text, state text, deadline timestamptz,"
-        " created_at timestamptz, service_tier text, path text, background bool,"
-        " api_key_id uuid, status int, size int, at timestamptz, off bigint"
-    )
-}) AS u
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+            $6::timestamptz[], $7::text[], $8::text[], $9::bool[], $10::uuid[], $11::int[],
+            $12::int[], $13::timestamptz[], $14::bigint[])
+     AS u(id, model, owner, state, deadline, created_at, service_tier, path, background,
+          api_key_id, status, size, at, off)
 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,
     response_status = EXCLUDED.response_status, response_size = EXCLUDED.response_size,
     error_type = EXCLUDED.error_type, completed_at = EXCLUDED.completed_at,
@@ -588,20 +548,21 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
     touched: set[str] = set()
     if fold.new_rows:
         rows = list(fold.new_rows.values())
-        await conn.execute(
-            _INSERT_ROWS, _json([getattr(r, f) for f in _NEW_ROW_FIELDS] for r in rows)
-        )
+        await conn.execute(_INSERT_ROWS, *[[getattr(r, f) for r in rows] for f in _NEW_ROW_FIELDS])
         touched |= {r.batch_id for r in rows if r.batch_id is not None}
     if fold.writes:
         writes = list(fold.writes.values())
         found = await conn.fetch(
             _UPDATE_ROWS,
-            _json(
-                [w.id, w.first_offset, w.last_offset, w.from_state, w.state, w.mask,
-                 w.retried_version, *[w.values.get(c) for c in COLUMNS]]
-                for w in writes
-            ),
-        )  # fmt: skip
+            [w.id for w in writes],
+            [w.first_offset for w in writes],
+            [w.last_offset for w in writes],
+            [w.from_state for w in writes],
+            [w.state for w in writes],
+            [w.mask for w in writes],
+            [w.retried_version for w in writes],
+            *[[w.values.get(c) for w in writes] for c in COLUMNS],
+        )
         touched |= {str(r["batch_id"]) for r in found}
         reopened = [(r["batch_id"], r["reopened"]) for r in found if r["reopened"] is not None]
         if reopened:
@@ -610,11 +571,14 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
         outcomes = [(e, off, next_state(None, e)) for e, off in fold.realtime.values()]
         await conn.execute(
             _REALTIME_OUTCOMES,
-            _json(
-                (e.request_id, e.model, e.facts.owner, state, e.facts.deadline,
-                 e.facts.created_at, e.facts.service_tier, e.facts.path, e.facts.background,
-                 e.facts.api_key_id, e.status, e.size, e.occurred_at, off)
-                for e, off, state in outcomes
+            *zip(
+                *[
+                    (e.request_id, e.model, e.facts.owner, state, e.facts.deadline,
+                     e.facts.created_at, e.facts.service_tier, e.facts.path, e.facts.background,
+                     e.facts.api_key_id, e.status, e.size, e.occurred_at, off)
+                    for e, off, state in outcomes
+                ],
+                strict=True,
             ),
         )  # fmt: skip
     if fold.errors:
