@@ -149,8 +149,11 @@ async def upload(request: web.Request) -> web.Response:
     chunks: list[list[ParsedLine]] = []
     records: list[tuple[str, bytes, int]] = []
     sending: list[asyncio.Future[list[BodyRef]]] = []
+    parsed = parse_chunks(raw, limits, kind, CHUNK_BYTES)
     try:
-        for lines in parse_chunks(raw, limits, kind, CHUNK_BYTES):
+        # Parsed off the event loop, a chunk at a time: the chunks already parsed travel
+        # meanwhile, and the API goes on serving other requests.
+        while (lines := await asyncio.to_thread(next, parsed, None)) is not None:
             chunks.append(lines)
             records.append(
                 (
@@ -159,10 +162,8 @@ async def upload(request: web.Request) -> web.Response:
                     bodies.partition_for(file_id, topics.BODIES.partitions),
                 )
             )
-            # The chunk travels while the next one is parsed; no command names it before the
-            # whole file has passed.
+            # No command names a chunk before the whole file has passed.
             sending.append(asyncio.ensure_future(ctx.publisher.bodies(records[-1:])))
-            await asyncio.sleep(0)
         refs = [ref for sent in sending for ref in await sent]
         commands: list[AnyCommand] = [
             AppendFileLines(

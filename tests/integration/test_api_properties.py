@@ -19,7 +19,9 @@ from openai import OpenAI
 from compose import stack
 from compose.services import Services
 from projections.api.auth import create_key
-from tests.integration.conftest import chat_line, jsonl, run
+from schemas import bodies, topics
+from schemas import ids as id_rules
+from tests.integration.conftest import caught_up, chat_line, jsonl, read_topic, run
 
 pytestmark = pytest.mark.integration
 
@@ -171,3 +173,44 @@ def test_any_batch_creation_body_gets_an_answer_or_a_clear_error(
         body["input_file_id"] = ids["file"]
     assert_not_server_error(http.post("/batches", json=body))
     assert_not_server_error(http.post(f"/batches/{uuid.uuid4()}/cancel"))
+
+
+async def _chunks_of(stack_info: stack.StackInfo, file_id: str) -> tuple[dict[str, bool], int]:
+    """For each chunk key of ``file_id`` on the bodies topic, whether its last record is a
+    tombstone; and the chunk rows of the file in the read model once the projector caught up."""
+    prefix = f"{bodies.CHUNK}:{file_id}:".encode()
+    last: dict[str, bool] = {}
+    for record in await read_topic(stack_info.kafka_bootstrap, topics.BODIES):
+        if record.key is not None and record.key.startswith(prefix):
+            last[record.key.decode()] = record.value is None
+    await caught_up(stack_info.database_url, stack_info.kafka_bootstrap, "projector")
+    conn = await asyncpg.connect(stack_info.database_url)
+    try:
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM template_chunks WHERE starts_with(body_key, $1)",
+            prefix.decode(),
+        )
+    finally:
+        await conn.close()
+    return last, int(rows)
+
+
+def test_a_large_upload_failing_on_its_last_line_leaves_none_of_its_chunks(
+    http: httpx.Client, stack_info: stack.StackInfo
+) -> None:
+    # Chunks go out while the file is parsed (a few chunks behind), so a late bad line in a
+    # file of nine finds some already written.
+    lines = [json.dumps(chat_line(f"big{n}", model="chat-b", pad="x" * 200)) for n in range(15000)]
+    lines.append(json.dumps(chat_line("last", model="no-such-model")))
+    key = str(uuid.uuid4())
+    response = http.post(
+        "/files",
+        files={"file": ("big.jsonl", "\n".join(lines).encode())},
+        data={"purpose": "batch"},
+        headers={"Idempotency-Key": key},
+    )
+    assert response.status_code == 403, response.text
+    assert "Line 15001: Model 'no-such-model'" in response.json()["error"]["message"]
+    tombstoned, rows = run(_chunks_of(stack_info, id_rules.file_id_for(USER, key)))
+    assert tombstoned and all(tombstoned.values()), tombstoned
+    assert rows == 0
