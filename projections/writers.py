@@ -98,27 +98,15 @@ _COUNTER_STATES = {
     "failed": "('failed')",
     "canceled": "('canceled')",
 }
-# A poll's row transitions are COPYed (binary) into this session's scratch table, then read
-# (and deleted) by the one statement below: asyncpg encodes a column array element by element
-# with two ABC isinstance checks each, ~3 times the client CPU of the COPY; the server's share
-# is no larger (a JSON parameter, tried, made it twice as large: text parsed per row). Created
-# in each poll's transaction if missing, so a rolled-back creation is never relied on; emptied
-# at every commit.
-_ROW_WRITES = "row_writes"
-_ROW_WRITES_COLUMNS = (
-    "id", "first_off", "last_off", "from_state", "state", "mask", "retried_version", *COLUMNS,
-)  # fmt: skip
-_CREATE_ROW_WRITES = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_ROW_WRITES} (id uuid, first_off bigint, last_off bigint,"
-    " from_state text, state text, mask int, retried_version int, "
-    + ", ".join(f"{c} {COLUMN_TYPES[c]}" for c in COLUMNS)
-    + ") ON COMMIT DELETE ROWS"
-)
 # One statement per poll: every changed row written once, only past its last applied offset
 # and only from the state its first event left (a transition the gate published twice after a
 # crash applies once), and the batch counters moved from that state to the row's last state.
 _UPDATE_ROWS = f"""
-WITH u AS (DELETE FROM {_ROW_WRITES} RETURNING *),
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+        $6::int[], $7::int[], {", ".join(f"${i + 8}::{COLUMN_TYPES[c]}[]" for i, c in enumerate(COLUMNS))})
+    AS u(id, first_off, last_off, from_state, state, mask, retried_version, {", ".join(COLUMNS)})
+),
 upd AS (
     UPDATE requests r SET state = u.state, last_offset = u.last_off,
         projected_at = clock_timestamp(),
@@ -564,17 +552,17 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
         touched |= {r.batch_id for r in rows if r.batch_id is not None}
     if fold.writes:
         writes = list(fold.writes.values())
-        await conn.execute(_CREATE_ROW_WRITES)
-        await conn.copy_records_to_table(
-            _ROW_WRITES,
-            records=[
-                (w.id, w.first_offset, w.last_offset, w.from_state, w.state, w.mask,
-                 w.retried_version, *[w.values.get(c) for c in COLUMNS])
-                for w in writes
-            ],
-            columns=_ROW_WRITES_COLUMNS,
-        )  # fmt: skip
-        found = await conn.fetch(_UPDATE_ROWS)
+        found = await conn.fetch(
+            _UPDATE_ROWS,
+            [w.id for w in writes],
+            [w.first_offset for w in writes],
+            [w.last_offset for w in writes],
+            [w.from_state for w in writes],
+            [w.state for w in writes],
+            [w.mask for w in writes],
+            [w.retried_version for w in writes],
+            *[[w.values.get(c) for w in writes] for c in COLUMNS],
+        )
         touched |= {str(r["batch_id"]) for r in found}
         reopened = [(r["batch_id"], r["reopened"]) for r in found if r["reopened"] is not None]
         if reopened:
