@@ -51,6 +51,8 @@ def _check_of(info: mi.Type) -> Check | None:
         return _struct(info)
     if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
         return _items(_check_of(info.item_type))
+    if isinstance(info, mi.TupleType):
+        return _positions([_check_of(t) for t in info.item_types])
     if isinstance(info, mi.DictType):
         return _mapping(_check_of(info.key_type), _check_of(info.value_type))
     if isinstance(info, mi.UnionType):
@@ -94,6 +96,19 @@ def _items(item: Check | None) -> Check | None:
     def check(value: Any, path: str) -> None:
         for i, each in enumerate(value):
             item(each, f"{path}[{i}]")
+
+    return check
+
+
+def _positions(items: list[Check | None]) -> Check | None:
+    checks = [(i, c) for i, c in enumerate(items) if c is not None]
+    if not checks:
+        return None
+
+    def check(value: Any, path: str) -> None:
+        for i, item in checks:
+            if value[i] is not None:
+                item(value[i], f"{path}[{i}]")
 
     return check
 

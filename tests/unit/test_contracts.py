@@ -3,6 +3,7 @@ and the decoders enforce exactly that contract."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import msgspec
@@ -11,6 +12,8 @@ import pytest
 from schemas import codec, export
 from schemas.bodies import BodyRef, encode_chunk
 from schemas.commands import AppendFileLines, CreateBatch, FileLine
+from schemas.excluded import Decoder
+from schemas.types import Text
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 FILE = "7b0f1c2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -112,3 +115,26 @@ def test_a_template_chunk_embeds_bodies_without_escaping_them() -> None:
     decoded = msgspec.json.decode(chunk)
     assert decoded["lines"][0] == ["a", msgspec.json.decode(body)]
     assert decoded["lines"][1] == [None, {}]
+
+
+class _Shapes(msgspec.Struct):
+    pair: tuple[int, Text] | None = None
+    names: dict[str, list[Text]] = {}
+    either: Text | int = 0
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"pair": [1, "a\u0000"]}, "$.pair[1]"),
+        ({"names": {"k": ["ok", "b\u0000"]}}, "$.names['k'][1]"),
+        ({"either": "c\u0000"}, "$.either"),
+    ],
+)
+def test_excluded_characters_are_found_in_every_shape_a_contract_may_take(
+    doc: dict[str, object], path: str
+) -> None:
+    raw = msgspec.json.encode(doc)  # NUL goes out as the escape \u0000
+    with pytest.raises(msgspec.ValidationError, match=re.escape(f"at `{path}`")):
+        Decoder(_Shapes).decode(raw)
+    assert Decoder(_Shapes).decode(b'{"pair": [1, "fine"], "either": 3}').pair == (1, "fine")
