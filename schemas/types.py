@@ -23,23 +23,37 @@ UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 #: A lower-case hyphenated UUID.
 Uuid = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN, extra_json_schema={"format": "uuid"})]
 
-NO_NUL = "^[^\\x00]*$"
-NO_CONTROL = "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"
+#: Character classes a text excludes: NUL, which PostgreSQL cannot store; and every control
+#: character but tab, for the custom_ids the upstream gets as a header.
+NUL = "\\x00"
+CONTROL = "\\x00-\\x08\\x0a-\\x1f\\x7f"
+
+
+def excluding(chars: str, *, min_length: int | None = None, max_length: int | None = None) -> msgspec.Meta:  # fmt: skip
+    """A str constraint that publishes ``^[^chars]*$`` as its pattern and leaves enforcing it to
+    :mod:`schemas.excluded`, once per message (``extra["excludes"]``: the class)."""
+    return msgspec.Meta(
+        min_length=min_length,
+        max_length=max_length,
+        extra_json_schema={"pattern": f"^[^{chars}]*$"},
+        extra={"excludes": chars},
+    )
+
 
 #: Text that can be stored anywhere: no NUL character.
-Text = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": NO_NUL}, extra={"excludes": NO_NUL})]  # fmt: skip
+Text = Annotated[str, excluding(NUL)]
 
 #: A short identifier-like text (owners, models, paths): no NUL, bounded length.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256, extra_json_schema={"pattern": NO_NUL}, extra={"excludes": NO_NUL})]  # fmt: skip
+Name = Annotated[str, excluding(NUL, min_length=1, max_length=256)]
 
 #: A metadata key: no NUL, at most 64 characters.
-MetadataKey = Annotated[str, msgspec.Meta(max_length=64, extra_json_schema={"pattern": NO_NUL}, extra={"excludes": NO_NUL})]  # fmt: skip
+MetadataKey = Annotated[str, excluding(NUL, max_length=64)]
 
 #: A line's custom_id: no control character but tab, at most 64 characters.
-CustomId = Annotated[str, msgspec.Meta(max_length=64, extra_json_schema={"pattern": NO_CONTROL}, extra={"excludes": NO_CONTROL})]  # fmt: skip
+CustomId = Annotated[str, excluding(CONTROL, max_length=64)]
 
 #: A file name: no NUL, at most 1024 characters.
-FileName = Annotated[str, msgspec.Meta(max_length=1024, extra_json_schema={"pattern": NO_NUL}, extra={"excludes": NO_NUL})]  # fmt: skip
+FileName = Annotated[str, excluding(NUL, max_length=1024)]
 
 #: A timezone-aware timestamp (RFC 3339 `date-time`).
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]

@@ -15,6 +15,7 @@ import msgspec
 
 from cannonade.config import ModelKind
 from schemas.errors import ApiError
+from schemas.types import CONTROL
 
 DEFAULT_EXPIRES_AFTER = 30 * 24 * 3600
 _MIN_EXPIRES_AFTER = 3600
@@ -33,7 +34,7 @@ _REQUIRED_KIND: dict[str, ModelKind] = {
 }
 
 # Control bytes a custom_id may not hold: it travels as an HTTP header value.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL = re.compile(f"[{CONTROL}]")  # the custom_id rule of the commands contract
 
 # Rust's `str::trim` set, which the reference used to decide that a line is blank.
 _UNICODE_SPACE = (
