@@ -24,7 +24,12 @@ until all read ``completed``. It prints:
   claim was sent (dispatch topic, joined by claim id, the record's Kafka timestamp); the time
   to the decision is shown too. p50/p99/max. The three topics are read back from the broker
   after the run (see the comment above ``read_topic``);
-- claim -> complete and projection lag percentiles over every row, as the baseline does;
+  A bare producer -> consumer hop over the same broker, measured meanwhile by
+  :mod:`bench.broker_probe`, is printed beside it: the floor under any figure that crosses
+  the broker;
+- claim -> complete and projection lag percentiles over every row, as the baseline does, and
+  the lag over the rows completed after the last create (the sustained rate, without the
+  burst of inserting every batch's rows);
 - peak RSS (VmHWM) and CPU seconds of each process; a check of every output file.
 
 Figures also go to ``bench/results/claim_gate-<timestamp>.json``, with the latest
@@ -76,6 +81,7 @@ from bench.baseline import (
     upstream_stats,
     watched_pids,
 )
+from bench.broker_probe import BrokerProbe
 from compose.services import Services
 from projections.api.auth import create_key
 from schemas import topics
@@ -392,14 +398,21 @@ def claim_latency(stamps: ClaimStamps, since: float = 0.0) -> dict[str, Any]:
 
 # --- database figures ------------------------------------------------------------------------
 
+# Lag over every row, and over the rows completed once every batch was created ($2): while
+# the batches are created the projector also inserts their 50,000 rows, a burst on top of the
+# sustained rate.
 _ROWS = """
 WITH r AS (
     SELECT extract(epoch FROM projected_at - completed_at) * 1000 AS lag_ms,
-           extract(epoch FROM completed_at - claimed_at) * 1000 AS run_ms
+           extract(epoch FROM completed_at - claimed_at) * 1000 AS run_ms,
+           completed_at >= $2 AS steady
     FROM requests WHERE batch_id = ANY($1::uuid[]) AND state = 'completed'
 )
 SELECT count(*) AS n,
        percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY lag_ms) AS lag,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY lag_ms) FILTER (WHERE steady)
+           AS steady_lag,
+       count(*) FILTER (WHERE steady) AS steady_n,
        percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY run_ms) AS run
 FROM r
 """
@@ -416,15 +429,16 @@ GROUP BY b.id, t0.at
 """
 
 
-async def db_figures(database_url: str, batch_ids: list[str]) -> dict[str, Any]:
+async def db_figures(database_url: str, batch_ids: list[str], steady_from: float) -> dict[str, Any]:  # fmt: skip
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        rows = await conn.fetchrow(_ROWS, batch_ids)
+        rows = await conn.fetchrow(_ROWS, batch_ids, datetime.fromtimestamp(steady_from, UTC))
         per_batch = {r["id"]: r for r in await conn.fetch(_PER_BATCH, batch_ids)}
     finally:
         await conn.close()
     assert rows is not None
     lag, run = rows["lag"] or [None, None], rows["run"] or [None, None]
+    steady = rows["steady_lag"] or [None, None]
 
     def r1(v: Any) -> float | None:
         return None if v is None else round(float(v), 1)
@@ -433,6 +447,11 @@ async def db_figures(database_url: str, batch_ids: list[str]) -> dict[str, Any]:
         "completed_rows": rows["n"],
         "projection_lag_p50_ms": r1(lag[0]),
         "projection_lag_p99_ms": r1(lag[1]),
+        "projection_lag_after_creates": {
+            "rows": rows["steady_n"],
+            "p50_ms": r1(steady[0]),
+            "p99_ms": r1(steady[1]),
+        },
         "claim_to_complete_p50_ms": r1(run[0]),
         "claim_to_complete_p99_ms": r1(run[1]),
         "first_claim_s": [round(float(per_batch[b]["first_claim"]), 3) for b in batch_ids],
@@ -489,8 +508,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             AsyncOpenAI(base_url=f"{services.api_url}/v1", api_key=s, max_retries=0, timeout=120)
             for s in secrets
         ]
+        probe = BrokerProbe(backend.kafka)
+        await probe.start()
         try:
             d = await drive(clients, sizes, models, args.timeout, services.logs)
+            probed = await probe.stop()
             cpu = cpu_between(cpu_before, cpu_seconds(watched_pids(services, backend)))
             run_wall_s = time.monotonic() - t_run
             rss = services.rss_kib()  # peaks, before the checks below add any work
@@ -499,9 +521,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for client, file_id, size in zip(clients, d.output_file_ids, sizes, strict=True)
             ]
         finally:
+            await probe.stop()  # after a failure; a second stop only returns the samples
             for client in clients:
                 await client.close()
-        stats = await db_figures(backend.database_url, d.batch_ids)
+        stats = await db_figures(backend.database_url, d.batch_ids, d.creates_done_epoch)
         upstream = await asyncio.to_thread(upstream_stats, services.upstream_url)
         offsets_after = await end_offsets(backend.kafka, _COUNTED_TOPICS)
         records = records_between(offsets_before, offsets_after)
@@ -559,6 +582,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # where the time goes: report built -> appended (executor), -> cycle start
             # (broker hop and the gate's queue), -> dispatch appended (the gate's cycle)
             "claim_latency_parts": {k: latency[k] for k in ("executor", "to_gate", "gate")},
+            # one bare producer -> consumer hop over the same broker during the run: the floor
+            # under anything that crosses it (bench.broker_probe)
+            "broker_probe": {name: _spread(values) for name, values in probed.items()},
             # the same over the slots freed once every batch was created
             "claim_latency_after_creates": {
                 "samples": steady["with_pending"],
@@ -571,6 +597,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "claim_to_complete_p99_ms": stats["claim_to_complete_p99_ms"],
             "projection_lag_p50_ms": stats["projection_lag_p50_ms"],
             "projection_lag_p99_ms": stats["projection_lag_p99_ms"],
+            "projection_lag_after_creates": stats["projection_lag_after_creates"],
             "output_ok": output_ok,
         },
         "claim_latency_per_model": latency["per_model"],
@@ -633,10 +660,19 @@ def report(result: dict[str, Any]) -> str:
          f"({f['claim_latency_after_creates']['samples']} samples; decided p50/p99 "
          f"{f['claim_latency_after_creates']['decided']['p50_ms']} / "
          f"{f['claim_latency_after_creates']['decided']['p99_ms']} ms)"),
+        ("  a bare broker hop meanwhile",
+         f"{f['broker_probe']['hop']['p50_ms']} / {f['broker_probe']['hop']['p99_ms']} / "
+         f"{f['broker_probe']['hop']['max_ms']} ms send -> consumed; acknowledged "
+         f"{f['broker_probe']['ack']['p50_ms']} / {f['broker_probe']['ack']['p99_ms']} ms "
+         "(bench.broker_probe)"),
         ("claim -> complete p50 / p99",
          f"{f['claim_to_complete_p50_ms']} / {f['claim_to_complete_p99_ms']} ms"),
         ("projection lag p50 / p99",
          f"{f['projection_lag_p50_ms']} / {f['projection_lag_p99_ms']} ms"),
+        ("  after the last create",
+         f"{f['projection_lag_after_creates']['p50_ms']} / "
+         f"{f['projection_lag_after_creates']['p99_ms']} ms "
+         f"({f['projection_lag_after_creates']['rows']} rows)"),
         ("output files check", "OK" if f["output_ok"] else "FAIL"),
     ]  # fmt: skip
     rss, cpu, wall = result["peak_rss_mib"], result["cpu_s"], result["run_wall_s"]
