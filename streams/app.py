@@ -76,7 +76,7 @@ class Streams:
             # aiokafka keeps one produce request in flight per broker; while it is, a send to a
             # partition whose batch is full waits for that batch to go (16 KiB by default). Under
             # load an executor's report waited so behind its result bodies (bench.claim_gate:
-            # report built -> appended p99 28-48 ms; 17-22 ms with 1 MiB batches).
+            # report built -> appended p99 28-44 ms; 14-34 ms with 1 MiB batches).
             producer_max_batch_size=1024 * 1024,
             # No warm copies of other workers' tables: a new owner recovers from the
             # changelog, which holds live work only. Reading standby changelogs cost CPU and,
