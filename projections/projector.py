@@ -212,7 +212,7 @@ class Projector:
                 applied = await writers.apply(conn, records)
                 await self._dead_letter(producer, applied.rejected)
                 await self._save_offsets(conn, batch)
-                await _notify(conn, applied.settled)
+                await notify_waiters(conn, applied.settled)
             metrics.projector_applied(counts, time.perf_counter() - started)
             return
         except _CONNECTION_ERRORS:
@@ -237,7 +237,7 @@ class Projector:
                     rejected.append((record, f"the read model refused it: {exc}"))
             await self._dead_letter(producer, rejected)
             await self._save_offsets(conn, batch)
-            await _notify(conn, settled)
+            await notify_waiters(conn, settled)
         metrics.projector_applied(counts, time.perf_counter() - started)
 
     async def _save_offsets(
@@ -290,12 +290,19 @@ SETTLED_CHANNEL = "cannonade_settled"
 _IDS_PER_NOTIFY = 200  # a notification's payload must stay under 8000 bytes
 
 
-async def _notify(conn: asyncpg.Connection, settled: set[str]) -> None:
-    await conn.execute(f"NOTIFY {PROJECTED_CHANNEL}")
+async def notify_waiters(conn: asyncpg.Connection, settled: set[str]) -> None:
+    """Every notification of the transaction in one statement: one round trip per commit."""
     ordered = sorted(settled)
-    for start in range(0, len(ordered), _IDS_PER_NOTIFY):
-        payload = ",".join(ordered[start : start + _IDS_PER_NOTIFY])
-        await conn.execute("SELECT pg_notify($1, $2)", SETTLED_CHANNEL, payload)
+    payloads = [
+        ",".join(ordered[start : start + _IDS_PER_NOTIFY])
+        for start in range(0, len(ordered), _IDS_PER_NOTIFY)
+    ]
+    await conn.execute(
+        "SELECT pg_notify(n.channel, n.payload) FROM unnest($1::text[], $2::text[])"
+        " AS n(channel, payload)",
+        [PROJECTED_CHANNEL] + [SETTLED_CHANNEL] * len(payloads),
+        [""] + payloads,
+    )
 
 
 async def _quietly(aw: object) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Generic, TypeVar, overload
 import msgspec
 import msgspec.inspect as mi
 
+from schemas.types import excluding_pattern
+
 T = TypeVar("T")
 
 # Walks a decoded value; raises ValidationError naming the path of the first field that breaks.
@@ -61,10 +63,9 @@ def _check_of(info: mi.Type) -> Check | None:
 
 
 def _text(chars: str) -> Check:
-    excluded = re.compile(
-        f"[{chars}]"
-    )  # anywhere: "$" in the published pattern allows a final "\n"
-    pattern = f"^[^{chars}]*$"
+    # Searched anywhere: "$" in the published pattern would let a final "\n" through.
+    excluded = re.compile(f"[{chars}]")
+    pattern = excluding_pattern(chars)
 
     def check(value: Any, path: str) -> None:
         if excluded.search(value):

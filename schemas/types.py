@@ -29,13 +29,18 @@ NUL = "\\x00"
 CONTROL = "\\x00-\\x08\\x0a-\\x1f\\x7f"
 
 
+def excluding_pattern(chars: str) -> str:
+    """The published pattern of a text excluding the character class ``chars``."""
+    return f"^[^{chars}]*$"
+
+
 def excluding(chars: str, *, min_length: int | None = None, max_length: int | None = None) -> msgspec.Meta:  # fmt: skip
-    """A str constraint that publishes ``^[^chars]*$`` as its pattern and leaves enforcing it to
+    """A str constraint that publishes :func:`excluding_pattern` and leaves enforcing it to
     :mod:`schemas.excluded`, once per message (``extra["excludes"]``: the class)."""
     return msgspec.Meta(
         min_length=min_length,
         max_length=max_length,
-        extra_json_schema={"pattern": f"^[^{chars}]*$"},
+        extra_json_schema={"pattern": excluding_pattern(chars)},
         extra={"excludes": chars},
     )
 

@@ -139,10 +139,9 @@ def append_lines(record: FileRecord, cmd: AppendFileLines, now: datetime) -> lis
         )
     upload.chunks.append(chunk)
     upload.body_keys.append(cmd.body_key)
-    # Per distinct path and per run of one model rather than per line: a part has thousands.
-    paths = [line.path for line in cmd.lines]
-    for path in dict.fromkeys(paths):
-        upload.urls.setdefault(path, cmd.first_line + paths.index(path))
+    for offset, line in enumerate(cmd.lines):
+        upload.urls.setdefault(line.path, cmd.first_line + offset)
+    # Per run of one model rather than per line: a part has thousands of lines.
     runs, number = upload.models, cmd.first_line
     for model, same in groupby(line.model for line in cmd.lines):
         end = number + sum(1 for _ in same)

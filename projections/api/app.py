@@ -19,7 +19,7 @@ from projections.api import health as api_health
 from projections.api.auth import Principal, authenticate
 from projections.api.openapi import PATH as OPENAPI_PATH
 from projections.api.publisher import Publisher
-from projections.api.settlements import Settlements
+from projections.api.wakeups import Wakeups
 from projections.metrics import http_metrics
 from schemas import topics
 from schemas.errors import ApiError
@@ -35,12 +35,12 @@ class Context:
     """What every handler needs, stored once on the application."""
 
     def __init__(
-        self, config: Config, pool: asyncpg.Pool, publisher: Publisher, settlements: Settlements
+        self, config: Config, pool: asyncpg.Pool, publisher: Publisher, wakeups: Wakeups
     ) -> None:
         self.config = config
         self.pool = pool
         self.publisher = publisher
-        self.settlements = settlements
+        self.wakeups = wakeups
         self.downloads: dict[str, int] = {}  # user -> downloads in progress
 
     async def wait_for(
@@ -60,7 +60,7 @@ class Context:
         position, moved_at = await queries.projector_position(self.pool), start
         delay = 0.005
         while True:
-            projected = self.settlements.projected()
+            projected = self.wakeups.projected()
             if await check():
                 return True
             now = time.monotonic()
@@ -173,11 +173,11 @@ def create_app(config: Config) -> web.Application:
     async def resources(app: web.Application) -> Any:
         pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=20)
         publisher = Publisher(config.kafka)
-        settlements = Settlements(config.database_url)
-        settlements.start()
-        app[CONTEXT] = Context(config, pool, publisher, settlements)
+        wakeups = Wakeups(config.database_url)
+        wakeups.start()
+        app[CONTEXT] = Context(config, pool, publisher, wakeups)
         yield
-        await settlements.stop()
+        await wakeups.stop()
         await publisher.stop()
         await pool.close()
 

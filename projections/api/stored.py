@@ -66,7 +66,7 @@ async def until_settled(ctx: Context, request_id: str, owner: str, code: int | N
     fallback for a notification lost with the listener's connection."""
     timeout = ctx.config.responses.poll_timeout_s
     deadline = time.monotonic() + timeout
-    with ctx.settlements.watch(request_id) as ended:
+    with ctx.wakeups.watch(request_id) as ended:
         while not await queries.request_settled(ctx.pool, request_id):
             left = deadline - time.monotonic()
             if left <= 0:

@@ -26,7 +26,7 @@ _RECONNECT_MIN_S = 0.5
 _RECONNECT_MAX_S = 10.0
 
 
-class Settlements:
+class Wakeups:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -34,7 +34,7 @@ class Settlements:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="settlements")
+        self._task = asyncio.create_task(self._listen(), name="wakeups")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -75,10 +75,10 @@ class Settlements:
         while True:
             try:
                 await self._session()
-                log.warning("settlement listener lost its connection; reconnecting")
+                log.warning("wake-up listener lost its connection; reconnecting")
                 delay = _RECONNECT_MIN_S
             except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("settlement listener failed (retrying): %r", exc)
+                log.warning("wake-up listener failed (retrying): %r", exc)
                 delay = min(delay * 2, _RECONNECT_MAX_S)
             await asyncio.sleep(delay)
 
