@@ -35,7 +35,6 @@ class BrokerProbe:
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self._proc: asyncio.subprocess.Process | None = None
-        self._samples: Samples | None = None
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
@@ -47,13 +46,11 @@ class BrokerProbe:
             raise RuntimeError(f"the broker probe did not start (exit {await self._proc.wait()})")
 
     async def stop(self) -> Samples:
-        """End the probe and return its samples; a second call only returns them."""
-        if self._samples is None:
-            assert self._proc is not None and self._proc.stdin is not None
-            self._proc.stdin.close()
-            out, _ = await self._proc.communicate()
-            self._samples = json.loads(out) if self._proc.returncode == 0 else {"ack": [], "hop": []}  # fmt: skip
-        return self._samples
+        """End the probe and return its samples (none if it failed)."""
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.close()
+        out, _ = await self._proc.communicate()
+        return json.loads(out) if self._proc.returncode == 0 else {"ack": [], "hop": []}
 
 
 async def _probe(bootstrap: str) -> Samples:

@@ -429,7 +429,7 @@ GROUP BY b.id, t0.at
 """
 
 
-async def db_figures(database_url: str, batch_ids: list[str], steady_from: float) -> dict[str, Any]:  # fmt: skip
+async def db_figures(database_url: str, batch_ids: list[str], steady_from: float) -> dict[str, Any]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         rows = await conn.fetchrow(_ROWS, batch_ids, datetime.fromtimestamp(steady_from, UTC))
@@ -511,8 +511,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         probe = BrokerProbe(backend.kafka)
         await probe.start()
         try:
-            d = await drive(clients, sizes, models, args.timeout, services.logs)
-            probed = await probe.stop()
+            try:
+                d = await drive(clients, sizes, models, args.timeout, services.logs)
+            finally:
+                probed = await probe.stop()
             cpu = cpu_between(cpu_before, cpu_seconds(watched_pids(services, backend)))
             run_wall_s = time.monotonic() - t_run
             rss = services.rss_kib()  # peaks, before the checks below add any work
@@ -521,7 +523,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for client, file_id, size in zip(clients, d.output_file_ids, sizes, strict=True)
             ]
         finally:
-            await probe.stop()  # after a failure; a second stop only returns the samples
             for client in clients:
                 await client.close()
         stats = await db_figures(backend.database_url, d.batch_ids, d.creates_done_epoch)

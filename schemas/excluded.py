@@ -1,10 +1,11 @@
 """Excluded characters (NUL, control characters) checked once per message, not once per field.
 
 A field typed :data:`schemas.types.Text` (or another :func:`schemas.types.excluding` type)
-must not hold a character of its excluded class. JSON can only carry those characters escaped (``\\u0000``,
-``\\n``…), except DEL, so a message without a backslash or a DEL byte passes unread; any other is
-walked, and only its constrained fields are matched. msgspec would run the pattern on every
-field of every message: for a file's 5,000 lines of metadata, three quarters of decoding.
+must not hold a character of its excluded class. JSON can only carry those characters escaped
+(``\\u0000``, ``\\n``…), except DEL, so a message without a backslash or a DEL byte passes
+unread; any other is walked, and only its constrained fields are matched. msgspec would run the
+pattern on every field of every message: for a file's 5,000 lines of metadata, three quarters
+of decoding.
 """
 
 from __future__ import annotations
