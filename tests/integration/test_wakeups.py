@@ -1,19 +1,32 @@
 """The API's wake-up listener against the real PostgreSQL: the projector's NOTIFYs wake
-exactly the calls waiting on the ids they name, and every read-your-writes wait on a commit."""
+exactly the calls waiting on the ids they name, and every read-your-writes wait on a commit.
+
+NOTIFY is per database: these tests get one of their own, so that a projector running on the
+shared stack cannot wake a wait that must stay asleep."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
-from compose import stack
+from compose import postgres, stack
 from projections.api.wakeups import Wakeups
 from projections.projector import notify_waiters
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
+    url = run(
+        postgres.create_database(stack_info.admin_database_url, "wakeups", migrate_schema=False)
+    )
+    yield url
+    run(postgres.drop_database(stack_info.admin_database_url, "wakeups"))
 
 
 async def _commit(dsn: str, settled: set[str]) -> None:
@@ -51,8 +64,8 @@ async def _wakes(dsn: str) -> tuple[bool, bool]:
         await wakeups.stop()
 
 
-def test_a_notification_wakes_only_the_requests_it_names(stack_info: stack.StackInfo) -> None:
-    assert run(_wakes(stack_info.database_url)) == (True, False)
+def test_a_notification_wakes_only_the_requests_it_names(dsn: str) -> None:
+    assert run(_wakes(dsn)) == (True, False)
 
 
 async def _commits_wake(dsn: str) -> tuple[bool, bool]:
@@ -68,7 +81,5 @@ async def _commits_wake(dsn: str) -> tuple[bool, bool]:
         await wakeups.stop()
 
 
-def test_a_projector_commit_wakes_the_waits_taken_before_it_only(
-    stack_info: stack.StackInfo,
-) -> None:
-    assert run(_commits_wake(stack_info.database_url)) == (True, False)
+def test_a_projector_commit_wakes_the_waits_taken_before_it_only(dsn: str) -> None:
+    assert run(_commits_wake(dsn)) == (True, False)
