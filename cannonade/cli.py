@@ -356,6 +356,14 @@ def webhooks_create(
     click.echo(f"signing secret: {endpoint.signing_secret}")
 
 
+@webhooks.command("new-key")
+def webhooks_new_key() -> None:
+    """Print a fresh sealing key for ``webhooks.secret_keys`` (base64 of 32 random bytes)."""
+    from projections.webhook_signing import new_key
+
+    click.echo(new_key())
+
+
 @webhooks.command("list")
 @click.option("--user", required=True)
 def webhooks_list(user: str) -> None:

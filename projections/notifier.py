@@ -171,7 +171,6 @@ class Notifier:
         self._stop = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._offsets = catchup.offsets_reader(bootstrap)
-        self.delivered = 0  # attempts that got a 2xx, for tests and logs
 
     def stop(self) -> None:
         self._stop.set()
@@ -335,7 +334,6 @@ class Notifier:
         next_at: datetime | None = None
         if status is not None and 200 <= status < 300:
             outcome = "delivered"
-            self.delivered += 1
         elif attempt >= self.config.max_attempts:
             outcome = "failed"
         else:

@@ -69,7 +69,6 @@ class Projector:
         self.name = consumer_name
         self.max_lag = max_lag
         self._stop = asyncio.Event()
-        self.dead_letters = 0
         # Records behind per topic, and when a fetch last answered (epoch s); None while no
         # session runs or before its first measurement.
         self.lag: dict[str, int] | None = None
@@ -278,7 +277,6 @@ class Projector:
             )
         if futures:
             await asyncio.gather(*futures)
-            self.dead_letters += len(futures)
             for record, reason in rejected:
                 shared_metrics.dead_letter(record.topic, reason)
 

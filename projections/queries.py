@@ -15,16 +15,13 @@ import msgspec
 
 from projections.rules.requests import ListFilter
 
-# Virtual output/error files are sized from their batch's counters (core §1.3.4).
+# With the batch's counters, from which its virtual output/error files are sized
+# (projections.rules.content.file_size).
 _FILE_COLUMNS = """
     f.id::text AS id, f.owner, f.filename, f.purpose, f.status, f.created_at, f.expires_at,
-    f.batch_id::text AS batch_id,
-    CASE f.purpose
-        WHEN 'batch_output' THEN CASE WHEN COALESCE(c.completed, 0) = 0 THEN 0
-                                      ELSE c.response_bytes + 181 * c.completed END
-        WHEN 'batch_error' THEN CASE WHEN COALESCE(c.failed, 0) = 0 THEN 0
-                                     ELSE c.error_bytes + 160 * c.failed END
-        ELSE f.bytes END AS bytes
+    f.batch_id::text AS batch_id, f.bytes, COALESCE(c.completed, 0) AS completed,
+    COALESCE(c.response_bytes, 0) AS response_bytes, COALESCE(c.failed, 0) AS failed,
+    COALESCE(c.error_bytes, 0) AS error_bytes
 """
 _FILE_FROM = "FROM files f LEFT JOIN batch_counts c ON c.batch_id = f.batch_id"
 # A file is visible until deleted; a batch's output and error files also vanish with their

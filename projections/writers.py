@@ -17,6 +17,7 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from projections.fold import COLUMN_TYPES, COLUMNS, Fold, settled
+from projections.rules.content import virtual_file_names
 from schemas import bodies, codec, ids, topics
 from schemas.events import (
     ApiKey,
@@ -515,14 +516,15 @@ async def _batch_created(conn: asyncpg.Connection, event: BatchCreated) -> None:
         event.completion_window, metadata, event.output_file_id, event.error_file_id,
         event.api_key_id, event.created_at, event.expires_at,
     )  # fmt: skip
+    output_name, error_name = virtual_file_names(event.batch_id)
     await conn.executemany(
         "INSERT INTO files (id, owner, filename, purpose, size_finalized, batch_id, created_at)"
         " VALUES ($1, $2, $3, $4, false, $5, $6) ON CONFLICT (id) DO NOTHING",
         [
-            (ids.output_file_id(event.batch_id), event.owner, f"batch-{event.batch_id}-output.jsonl",
-             "batch_output", event.batch_id, event.created_at),
-            (ids.error_file_id(event.batch_id), event.owner, f"batch-{event.batch_id}-error.jsonl",
-             "batch_error", event.batch_id, event.created_at),
+            (ids.output_file_id(event.batch_id), event.owner, output_name, "batch_output",
+             event.batch_id, event.created_at),
+            (ids.error_file_id(event.batch_id), event.owner, error_name, "batch_error",
+             event.batch_id, event.created_at),
         ],
     )  # fmt: skip
     await _apply_deletions(conn, [event.input_file_id, event.output_file_id, event.error_file_id])

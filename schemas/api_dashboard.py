@@ -46,6 +46,3 @@ class Throughput(msgspec.Struct, forbid_unknown_fields=True):
     object: Literal["dashboard.throughput"]
     bucket_s: int
     data: list[ThroughputPoint]
-
-
-DASHBOARD_OBJECTS = (DashboardUser, QueueDepths, Throughput)

@@ -19,6 +19,3 @@ class ApiKeyObject(msgspec.Struct, forbid_unknown_fields=True):
 class ApiKeyList(msgspec.Struct, forbid_unknown_fields=True):
     object: Literal["list"]
     data: list[ApiKeyObject]
-
-
-KEY_OBJECTS = (ApiKeyObject, ApiKeyList)

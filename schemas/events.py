@@ -48,8 +48,8 @@ class TemplateMeta(msgspec.Struct, frozen=True, array_like=True):
 
 class TemplatesAppended(Event, tag=True, frozen=True):
     """Lines ``first_line…`` of a file; their bodies are the chunk record ``body_key`` at
-    ``body`` on the bodies topic (line ``first_line + i`` is the chunk's line ``i``). Template
-    ids are derived: :func:`schemas.ids.template_id` (file, line)."""
+    ``body`` on the bodies topic (line ``first_line + i`` is the chunk's line ``i``). A template
+    is named by its file and line."""
 
     file_id: Uuid
     first_line: int
@@ -334,7 +334,6 @@ RequestEvent = (
     | RequestCanceled
     | RequestReclaimed
 )
-TERMINAL_REQUEST_EVENTS = (RequestCompleted, RequestFailed, RequestCanceled)
 
 
 class RequestTransitions(Event, tag=True, frozen=True):
@@ -342,9 +341,6 @@ class RequestTransitions(Event, tag=True, frozen=True):
 
     model: Name
     events: list[RequestEvent]
-
-
-LifecycleRecord = RequestTransitions
 
 
 # --- gate.v1 (key: model): what the claim gate hears besides model filters -----------------
@@ -694,18 +690,6 @@ class DeadLetter(Event, tag=True, frozen=True):
     key: str | None
     reason: str
     payload: str  # the rejected bytes, decoded as UTF-8 with replacement (may be truncated)
-
-
-AnyEvent = (
-    FileEvent
-    | BatchEvent
-    | RequestTransitions
-    | GateInput
-    | DispatchMessage
-    | WorkerStarted
-    | ChainEvent
-    | StepWork
-)
 
 
 # --- webhooks.v1 (compacted; key: webhook_id) and webhook-deliveries.v1 (key: delivery_id) --

@@ -26,10 +26,6 @@ def derived(*parts: object) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def template_id(file_id: str, line_number: int) -> str:
-    return derived("template", file_id, line_number)
-
-
 def request_id(batch_id: str, line_number: int) -> str:
     return derived("request", batch_id, line_number)
 

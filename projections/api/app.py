@@ -22,7 +22,7 @@ from projections.api.publisher import Publisher
 from projections.api.wakeups import Wakeups
 from projections.metrics import http_metrics
 from schemas import topics
-from schemas.errors import ApiError
+from schemas.errors import ApiError, invalid_api_key
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ async def authentication(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     found = await authenticate(context(request).pool, request.headers.get("Authorization"))
     if found is None:
-        raise ApiError(401, "Invalid API key", code="invalid_api_key")
+        raise invalid_api_key()
     request[PRINCIPAL] = found
     return await handler(request)
 

@@ -24,7 +24,13 @@ from cannonade.config import Config, ModelKind
 from projections import queries
 from projections.api.app import Context, context, json_response, principal
 from projections.api.intake import model_kind
-from projections.rules.content import error_line, file_object, input_line, output_line
+from projections.rules.content import (
+    error_line,
+    file_bytes,
+    file_object,
+    input_line,
+    output_line,
+)
 from projections.rules.upload import (
     ParsedLine,
     UploadLimits,
@@ -70,9 +76,17 @@ def parse_uuid(value: str, message: str) -> str:
 
 
 def file_json(row: Any) -> FileObject:
+    size = file_bytes(
+        row["purpose"],
+        row["bytes"],
+        completed=row["completed"],
+        response_bytes=row["response_bytes"],
+        failed=row["failed"],
+        error_bytes=row["error_bytes"],
+    )
     return file_object(
         file_id=row["id"],
-        bytes_=row["bytes"],
+        bytes_=size,
         created_at=row["created_at"],
         filename=row["filename"],
         purpose=row["purpose"],

@@ -32,7 +32,6 @@ class Stored:
             response_body=_text(row["response_body"]),
             error=_text(row["error"]),
             body=_text(row["body"]),
-            created_by=row["owner"],
         )
         self._background: bool = row["background"]
 

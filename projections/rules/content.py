@@ -79,6 +79,24 @@ def virtual_file_size(kind: VirtualKind, total_response_bytes: int, rows: int) -
     return total_response_bytes + _ROW_OVERHEAD[kind] * rows
 
 
+def file_bytes(
+    purpose: str,
+    stored: int | None,
+    *,
+    completed: int,
+    response_bytes: int,
+    failed: int,
+    error_bytes: int,
+) -> int:
+    """A file object's ``bytes``: an upload's stored size; a batch's output and error files
+    the estimate from its counters, which grows while the batch runs."""
+    if purpose == "batch_output":
+        return virtual_file_size("output", response_bytes, completed)
+    if purpose == "batch_error":
+        return virtual_file_size("error", error_bytes, failed)
+    return stored or 0
+
+
 def virtual_file_names(batch_id: str) -> tuple[str, str]:
     """(output file name, error file name) of a batch."""
     return f"batch-{batch_id}-output.jsonl", f"batch-{batch_id}-error.jsonl"

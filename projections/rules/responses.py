@@ -54,8 +54,6 @@ class RequestDetail(msgspec.Struct, frozen=True, kw_only=True):
     response_body: str | None = None
     error: str | None = None
     body: str | None = None  # the stored request body
-    created_by: str | None = None
-    batch_id: str | None = None
 
 
 class ParsedError(msgspec.Struct, frozen=True):
@@ -78,13 +76,6 @@ def backing_request_id(response_uuid: str, step: Step | None) -> str | None:
     if not step.is_head:
         return None
     return step.request_id
-
-
-def visible_to(detail: RequestDetail, user_id: str, admin: bool = False) -> bool:
-    """Batch rows never, someone else's rows only for admins; otherwise the caller sees 404."""
-    if detail.batch_id is not None:
-        return False
-    return admin or detail.created_by == user_id
 
 
 # --- statuses and errors (§4.2, §4.4, §4.5) --------------------------------------------------

@@ -189,11 +189,6 @@ class StepRunner:
         for _, ack in self.running.values():
             ack()
 
-    async def drain(self) -> None:
-        """Wait for every running step (tests)."""
-        while self.running:
-            await asyncio.gather(*(task for task, _ in list(self.running.values())))
-
     def _ended(self, step_id: str) -> None:
         entry = self.running.pop(step_id, None)
         self.slots.release()

@@ -8,11 +8,11 @@ import msgspec
 
 from projections.rules.content import (
     error_line,
+    file_bytes,
     file_object,
     input_line,
     output_line,
     virtual_file_names,
-    virtual_file_size,
 )
 
 RID = "0e6c1f2a-5b3d-4c7e-9f10-112233445566"
@@ -63,10 +63,16 @@ def test_input_line_is_the_openai_request_shape() -> None:
     )
 
 
-def test_virtual_file_size_estimate() -> None:
-    assert virtual_file_size("output", 0, 0) == 0
-    assert virtual_file_size("output", 1000, 3) == 1000 + 3 * 181
-    assert virtual_file_size("error", 500, 2) == 500 + 2 * 160
+def test_a_file_reports_its_upload_size_or_its_batchs_estimate() -> None:
+    counts = {"completed": 3, "response_bytes": 1000, "failed": 2, "error_bytes": 500}
+    # The reference's estimate: the bodies plus a fixed envelope per line.
+    assert file_bytes("batch_output", None, **counts) == 1000 + 3 * 181
+    assert file_bytes("batch_error", None, **counts) == 500 + 2 * 160
+    assert file_bytes("batch", 4242, **counts) == 4242
+    # A batch with no line of a kind yet has an empty file of that kind.
+    nothing = dict(counts, completed=0, failed=0)
+    assert file_bytes("batch_output", None, **nothing) == 0
+    assert file_bytes("batch_error", None, **nothing) == 0
 
 
 def test_virtual_file_names() -> None:

@@ -23,7 +23,6 @@ from projections.rules.responses import (
     response_object,
     state_to_status,
     status_error_type,
-    visible_to,
 )
 from streams.execution.failure import NetworkError, NonRetriableHttpStatus, RetriableHttpStatus
 from streams.responses.chain import (
@@ -108,16 +107,6 @@ def test_a_head_step_answers_through_its_request_row_and_other_steps_are_not_res
     assert backing_request_id(ROW, None) == ROW  # single-step: the row's own id
     headless = msgspec.structs.replace(head, request_id=None)
     assert backing_request_id(ROW, headless) is None
-
-
-def test_only_the_owner_sees_a_batchless_row() -> None:
-    mine = detail("completed", created_by="alice")
-    assert visible_to(mine, "alice")
-    assert not visible_to(mine, "bob")
-    assert visible_to(mine, "bob", admin=True)
-    in_batch = detail("completed", created_by="alice", batch_id="b")
-    assert not visible_to(in_batch, "alice")
-    assert not visible_to(in_batch, "alice", admin=True)
 
 
 # --- §4.2 / §4.5 -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@ pure rules: event types, payloads, backoff."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 import msgspec
 import openai
 import pytest
+from click.testing import CliRunner
 from openai import OpenAI
 
+from cannonade import cli
 from cannonade.config import WebhooksConfig
 from projections import notifier
 from projections.webhook_signing import (
@@ -48,6 +52,24 @@ def test_secrets_are_whsec_base64_of_24_to_64_bytes() -> None:
         with pytest.raises(SecretError):
             secret_bytes(bad)
     assert secret_hint("whsec_abcdefgh").endswith("efgh")
+
+
+def _cli_key() -> str:
+    policy = asyncio.get_event_loop_policy()
+    try:
+        result = CliRunner().invoke(cli.main, ["webhooks", "new-key"])
+    finally:
+        asyncio.set_event_loop_policy(policy)  # the CLI's group installs uvloop's
+    assert result.exit_code == 0, result.output
+    return result.output.strip()
+
+
+def test_the_cli_prints_a_fresh_key_that_seals_and_opens() -> None:
+    key, other = _cli_key(), _cli_key()
+    assert len(base64.b64decode(key)) == 32 and key != other
+    box = SecretBox([key])
+    secret = generate_secret()
+    assert box.open(WEBHOOK, box.seal(WEBHOOK, secret)) == secret
 
 
 def test_a_sealed_secret_opens_only_for_its_endpoint_and_with_a_configured_key() -> None:
