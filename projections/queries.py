@@ -15,8 +15,8 @@ import msgspec
 
 from projections.rules.requests import ListFilter
 
-# With the batch's counters, from which its virtual output/error files are sized
-# (projections.rules.content.file_size).
+# With the batch's counters, from which its virtual output/error files are sized (core §1.3.4,
+# projections.rules.content.file_bytes).
 _FILE_COLUMNS = """
     f.id::text AS id, f.owner, f.filename, f.purpose, f.status, f.created_at, f.expires_at,
     f.batch_id::text AS batch_id, f.bytes, COALESCE(c.completed, 0) AS completed,
