@@ -13,6 +13,7 @@ from cannonade import health, heap, logs, metrics
 from cannonade.config import Config
 from streams.agents import chains, commands, executor, gate, steps
 from streams.app import Streams
+from streams.recovery_watch import RecoveryWatchdog
 
 ROLES = ("commands", "gate", "executor", "chains")
 
@@ -93,7 +94,7 @@ def run(role: str, config: Config, loglevel: str = "info") -> None:
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     streams = build(role, config)
     readiness = health.Readiness()
-    services: list[mode.ServiceT] = []
+    services: list[mode.ServiceT] = [RecoveryWatchdog(streams.app)]
     port = obs.port_for(role)
     if port:
         services.append(HealthServer(obs.metrics_host, port, readiness))

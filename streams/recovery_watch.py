@@ -1,0 +1,72 @@
+"""Ends a worker whose table recovery has stopped making progress, so that it is restarted.
+
+Faust recovers a table partition by reading its changelog up to the high watermark it noted
+when the partition was assigned. Rarely, after a rebalance, no record of a partition ever
+arrives (seen once in the fault drills: a gate kept its partitions through a rebalance, re-read
+one from the start and got nothing for minutes; faust-streaming has open reports of such
+hangs). The worker then stays "recovering" for good and its models' work stands still, while
+a fresh process recovers the same partition in a second. Our changelogs hold live state only,
+so a healthy recovery moves within seconds: no progress for ``STALL_S`` means it is stuck.
+Exiting is safe there: the streams are paused during recovery, nothing past the committed
+offsets is lost, and the supervisor (or ``restart: unless-stopped``) starts the worker again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import cast
+
+import faust
+import mode
+from faust.tables.manager import TableManager
+
+log = logging.getLogger(__name__)
+
+STALL_S = 60.0
+CHECK_INTERVAL_S = 5.0
+EXIT_CODE = 75  # EX_TEMPFAIL: try again
+
+
+class Progress:
+    """Whether recovery has gone ``stall_s`` with the records left to read unchanged (any
+    change is progress, or a new recovery after a rebalance)."""
+
+    def __init__(self, stall_s: float = STALL_S) -> None:
+        self.stall_s = stall_s
+        self._since: float | None = None
+        self._remaining = 0
+
+    def stalled(self, in_recovery: bool, remaining: int, now: float) -> bool:
+        if not in_recovery:
+            self._since = None
+            return False
+        if self._since is None or remaining != self._remaining:
+            self._since, self._remaining = now, remaining
+            return False
+        return now - self._since >= self.stall_s
+
+
+class RecoveryWatchdog(mode.Service):
+    """Checks the app's recovery every few seconds, from the worker's start (so a recovery
+    that hangs at start-up is caught too)."""
+
+    def __init__(self, app: faust.App, progress: Progress | None = None) -> None:
+        super().__init__()
+        self.app = app
+        self.progress = progress or Progress()
+
+    @mode.Service.timer(CHECK_INTERVAL_S)
+    async def _check(self) -> None:
+        recovery = cast(TableManager, self.app.tables).recovery
+        remaining = recovery.active_remaining_total()
+        if self.progress.stalled(self.app.in_recovery, remaining, time.monotonic()):
+            log.error(
+                "table recovery made no progress for %.0f s (%d records still to read): "
+                "exiting so that a fresh process recovers",
+                self.progress.stall_s,
+                remaining,
+            )
+            logging.shutdown()
+            os._exit(EXIT_CODE)
