@@ -52,10 +52,10 @@ class RecoveryWatchdog(mode.Service):
     """Checks the app's recovery every few seconds, from the worker's start (so a recovery
     that hangs at start-up is caught too)."""
 
-    def __init__(self, app: faust.App, progress: Progress | None = None) -> None:
+    def __init__(self, app: faust.App) -> None:
         super().__init__()
         self.app = app
-        self.progress = progress or Progress()
+        self.progress = Progress()
 
     @mode.Service.timer(CHECK_INTERVAL_S)
     async def _check(self) -> None:

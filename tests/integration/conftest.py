@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from openai import OpenAI
 
-from compose import stack
+from compose import postgres, stack
 from compose.services import ModelSpec, Services
 from projections import writers
 from projections.api.auth import create_key
@@ -89,6 +89,15 @@ def own_stack(run_dir: Path) -> Iterator[stack.StackInfo]:
     info = asyncio.run(stack.up(run_dir))
     yield info
     stack.down(run_dir)
+
+
+def own_database(info: stack.StackInfo, name: str, *, migrate_schema: bool = True) -> Iterator[str]:
+    """A database of its own on the session's PostgreSQL for a fixture's lifetime (``yield
+    from``): a suite that feeds the projector by hand, or listens for its notifications, must
+    not share the running services' database."""
+    url = run(postgres.create_database(info.admin_database_url, name, migrate_schema=migrate_schema))  # fmt: skip
+    yield url
+    run(postgres.drop_database(info.admin_database_url, name))
 
 
 def own_services(

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from compose import postgres, stack
+from compose import stack
 from schemas import codec, topics
 from schemas.events import (
     BatchCancelRequested,
@@ -27,7 +27,7 @@ from schemas.events import (
     RequestsPending,
     RequestTransitions,
 )
-from tests.integration.conftest import apply_polls, consumer_record, run
+from tests.integration.conftest import apply_polls, consumer_record, own_database, run
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +36,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
-    url = run(postgres.create_database(stack_info.admin_database_url, "batch_projection"))
-    yield url
-    run(postgres.drop_database(stack_info.admin_database_url, "batch_projection"))
+    yield from own_database(stack_info, "batch_projection")
 
 
 class Batch:

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from compose import postgres, stack
+from compose import stack
 from projections import writers
 from schemas import codec, topics
 from schemas.bodies import BodyRef
@@ -29,7 +29,7 @@ from schemas.events import (
     StepStarted,
 )
 from streams.responses.steps import step_id
-from tests.integration.conftest import consumer_record, run
+from tests.integration.conftest import consumer_record, own_database, run
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +39,7 @@ REF = BodyRef(0, 0)
 
 @pytest.fixture(scope="module")
 def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
-    url = run(postgres.create_database(stack_info.admin_database_url, "chain_projection"))
-    yield url
-    run(postgres.drop_database(stack_info.admin_database_url, "chain_projection"))
+    yield from own_database(stack_info, "chain_projection")
 
 
 class Log:

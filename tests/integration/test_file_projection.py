@@ -12,11 +12,11 @@ import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from compose import postgres, stack
+from compose import stack
 from schemas import codec, topics
 from schemas.bodies import BodyRef
 from schemas.events import FileUploaded, TemplateMeta, TemplatesAppended
-from tests.integration.conftest import apply_polls, consumer_record, run
+from tests.integration.conftest import apply_polls, consumer_record, own_database, run
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +26,7 @@ LINES = 2_000
 
 @pytest.fixture(scope="module")
 def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
-    url = run(postgres.create_database(stack_info.admin_database_url, "file_projection"))
-    yield url
-    run(postgres.drop_database(stack_info.admin_database_url, "file_projection"))
+    yield from own_database(stack_info, "file_projection")
 
 
 def _upload(file_id: str, prefix: str, offset: int) -> list[ConsumerRecord]:

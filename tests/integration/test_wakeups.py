@@ -12,21 +12,17 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from compose import postgres, stack
+from compose import stack
 from projections.api.wakeups import Wakeups
 from projections.projector import notify_waiters
-from tests.integration.conftest import run
+from tests.integration.conftest import own_database, run
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
-    url = run(
-        postgres.create_database(stack_info.admin_database_url, "wakeups", migrate_schema=False)
-    )
-    yield url
-    run(postgres.drop_database(stack_info.admin_database_url, "wakeups"))
+    yield from own_database(stack_info, "wakeups", migrate_schema=False)
 
 
 async def _commit(dsn: str, settled: set[str]) -> None:

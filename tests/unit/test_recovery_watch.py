@@ -32,7 +32,7 @@ def test_a_worker_out_of_recovery_is_never_stalled_and_the_next_recovery_starts_
     progress = Progress(stall_s=60)
     progress.stalled(True, 10, now=0)
     assert not progress.stalled(False, 10, now=100)
-    # A later recovery with more to read than the last one noted is measured from its start.
+    # A later recovery is measured from its own start.
     assert not progress.stalled(True, 500, now=200)
     assert not progress.stalled(True, 500, now=259)
     assert progress.stalled(True, 500, now=260)
