@@ -140,8 +140,8 @@ async def busy_groups(bootstrap: str) -> dict[str, int]:
 
     # aiokafka 0.14 negotiates DescribeGroups v3, whose reply from Kafka 4 it cannot decode;
     # pin v1 (private client API, so any failure only downgrades the check to a warning).
-    class DescribeGroupsV1(DescribeGroupsRequest):
-        _CLASSES = (DescribeGroupsRequest_v1,)  # type: ignore[assignment]
+    class DescribeGroupsV1(DescribeGroupsRequest):  # type: ignore[misc]
+        _CLASSES = (DescribeGroupsRequest_v1,)
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()

@@ -152,7 +152,7 @@ class Tracked(dict[str, bytes]):
         self.touched.add(key)
         super().__delitem__(key)
 
-    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+    def pop(self, key: str, *default: Any) -> Any:
         if key in self:
             self.touched.add(key)
         return super().pop(key, *default)

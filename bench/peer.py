@@ -42,6 +42,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,7 +179,7 @@ class SharedUpstreamServices(Services):
     def start_service(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> str:
         if name == "upstream":
             return name
-        return str(super().start_service(name, *args, env=env))  # type: ignore[misc]
+        return str(super().start_service(name, *args, env=env))
 
     def _spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> Any:
         if name == "upstream":
@@ -507,13 +508,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for round_no in range(1, args.runs + 1):
             steps: list[tuple[str, Callable[[], Any]]] = []
             if cannonade_ok:
-                steps.append((CANNONADE, lambda r=round_no: cannonade_run(ctx, r)))
+                steps.append((CANNONADE, partial(cannonade_run, ctx, round_no)))
             for ms in args.claim_intervals:
                 steps.append(
-                    (
-                        f"fusillade@{ms}ms",
-                        lambda r=round_no, ms=ms: fusillade_run(ctx, harness, r, ms),
-                    )
+                    (f"fusillade@{ms}ms", partial(fusillade_run, ctx, harness, round_no, ms))
                 )
             for name, step in steps:
                 # A failed run (say, the upstream was killed, or the box too loaded for a
