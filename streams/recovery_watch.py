@@ -30,8 +30,12 @@ EXIT_CODE = 75  # EX_TEMPFAIL: try again
 
 
 class Progress:
-    """Whether recovery has gone ``stall_s`` with the records left to read unchanged (any
-    change is progress, or a new recovery after a rebalance)."""
+    """Whether recovery has gone ``stall_s`` with records left to read and their count
+    unchanged (any change is progress, or a new recovery after a rebalance).
+
+    Nothing left to read is never a stall: that is Faust still noting the high watermarks, or
+    waiting for a broker that is away, which a fresh process would wait for too (exiting then
+    only churns the group's rebalances)."""
 
     def __init__(self, stall_s: float = STALL_S) -> None:
         self.stall_s = stall_s
@@ -39,7 +43,7 @@ class Progress:
         self._remaining = 0
 
     def stalled(self, in_recovery: bool, remaining: int, now: float) -> bool:
-        if not in_recovery:
+        if not in_recovery or remaining == 0:
             self._since = None
             return False
         if self._since is None or remaining != self._remaining:

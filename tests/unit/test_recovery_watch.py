@@ -36,3 +36,14 @@ def test_a_worker_out_of_recovery_is_never_stalled_and_the_next_recovery_starts_
     assert not progress.stalled(True, 500, now=200)
     assert not progress.stalled(True, 500, now=259)
     assert progress.stalled(True, 500, now=260)
+
+
+def test_a_recovery_with_nothing_left_to_read_is_never_stalled() -> None:
+    # e.g. the broker went away mid-rebalance: a restart would wait for it just the same.
+    progress = Progress(stall_s=60)
+    assert not progress.stalled(True, 0, now=0)
+    assert not progress.stalled(True, 0, now=600)
+    # Records to read appear: the bound starts then, not at the first check.
+    assert not progress.stalled(True, 70, now=700)
+    assert not progress.stalled(True, 70, now=759)
+    assert progress.stalled(True, 70, now=760)
