@@ -4,6 +4,7 @@ unmodified ``openai`` SDK: HTTP → commands → Faust agents → fake upstream 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import openai
@@ -207,9 +208,9 @@ def test_cancelling_a_completed_batch_is_a_conflict(client_for: Callable[[str], 
 )
 def test_bad_uploads_are_rejected_and_leave_no_file(
     client_for: Callable[[str], OpenAI],
-    lines: list[dict],
+    lines: list[dict[str, Any]],
     status: int,
-    message: str,  # type: ignore[type-arg]
+    message: str,
 ) -> None:
     client = client_for("dave")
     before = {f.id for f in client.files.list(limit=100).data}
@@ -291,17 +292,19 @@ def test_batch_validation_errors(client_for: Callable[[str], OpenAI]) -> None:
     uploaded = client.files.create(file=("v.jsonl", jsonl([chat_line("v")])), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.create(
-            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="7d"
-        )  # type: ignore[arg-type]
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="7d",  # type: ignore[arg-type]
+        )
     assert info.value.body["message"].startswith("Unsupported completion_window")  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
         )
     assert (
-        info.value.body["message"]
+        info.value.body["message"]  # type: ignore[index]
         == "Line 1: url '/v1/chat/completions' does not match batch endpoint '/v1/embeddings'"
-    )  # type: ignore[index]
+    )
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.retrieve("not-a-uuid")
     assert info.value.body["message"] == "Invalid batch ID format"  # type: ignore[index]

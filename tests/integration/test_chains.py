@@ -264,10 +264,10 @@ def test_streaming_sends_the_steps_as_they_land(
     assert [e.sequence_number for e in events] == list(range(len(events)))
     delta = next(e for e in events if e.type == "response.function_call_arguments.delta")
     assert getattr(delta, "call_id", None) == "call_1"  # §7.4 names the call
-    [tool_output] = [e.item for e in events if e.type == "response.output_item.done" and e.item.type == "function_call_output"]  # type: ignore[union-attr]  # fmt: skip
+    [tool_output] = [e.item for e in events if e.type == "response.output_item.done" and e.item.type == "function_call_output"]  # fmt: skip
     assert tool_output.call_id == "call_1"
     text = next(e for e in events if e.type == "response.output_text.delta")
-    assert text.delta == f"sunny {mark}"  # type: ignore[union-attr]
+    assert text.delta == f"sunny {mark}"
     final = events[-1].response  # type: ignore[union-attr]
     assert final.status == "completed" and final.output_text == f"sunny {mark}"
     # The model calls streamed too: the chain stores them reassembled.

@@ -36,8 +36,10 @@ pytestmark = pytest.mark.integration
 def submit(client: OpenAI, lines: list[dict[str, Any]], window: str = "24h") -> Any:
     uploaded = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     return client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window=window
-    )  # type: ignore[arg-type]
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window=window,  # type: ignore[arg-type]
+    )
 
 
 def counts(client: OpenAI, batch_id: str) -> tuple[int, int]:

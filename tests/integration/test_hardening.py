@@ -20,6 +20,7 @@ import openai
 import pytest
 from aiokafka import AIOKafkaProducer
 from openai import OpenAI
+from openai.types import Batch
 
 from compose import stack
 from compose.services import Services
@@ -40,10 +41,12 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 
-def submit(client: OpenAI, lines: list[dict[str, object]], window: str = "24h") -> object:
+def submit(client: OpenAI, lines: list[dict[str, object]], window: str = "24h") -> Batch:
     uploaded = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     return client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window=window
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window=window,  # type: ignore[arg-type]
     )
 
 
@@ -68,7 +71,7 @@ def test_slow_readers_hold_no_database_connection(
         other = client_for("someone-else")
         started = time.monotonic()
         assert other.files.list().data == []
-        done = wait_for_batch(other, submit(other, [chat_line("quick", model="chat-b")]).id)  # type: ignore[attr-defined]
+        done = wait_for_batch(other, submit(other, [chat_line("quick", model="chat-b")]).id)
         assert done.status == "completed"
         assert time.monotonic() - started < 30
         # The slow user's own extra downloads are refused rather than queued behind them.
@@ -113,13 +116,13 @@ def test_a_body_near_the_limit_full_of_quotes_runs_and_comes_back_whole(
 ) -> None:
     client = client_for("quoter")
     text = '"' * 4_500_000  # a 9 MB body once escaped: escaped again it would not fit a record
-    line = {
+    line: dict[str, object] = {
         "custom_id": "quotes",
         "method": "POST",
         "url": "/v1/chat/completions",
         "body": {"model": "chat-b", "messages": [{"role": "user", "content": text}]},
     }
-    done = wait_for_batch(client, submit(client, [line]).id, timeout_s=180)  # type: ignore[attr-defined]
+    done = wait_for_batch(client, submit(client, [line]).id, timeout_s=180)
     assert done.status == "completed", done
     [output] = content_lines(client, done.output_file_id)
     assert output["response"]["body"]["choices"][0]["message"]["content"].count('"') >= len(text)
@@ -149,8 +152,8 @@ def test_user_content_never_lands_on_a_topic_that_is_not_compacted(
     client = client_for("private")
     marker = f"secret-{uuid.uuid4()}"
     line = chat_line("c-private", model="chat-b")
-    line["body"]["messages"][0]["content"] = marker  # type: ignore[index]
-    done = wait_for_batch(client, submit(client, [line]).id)  # type: ignore[attr-defined]
+    line["body"]["messages"][0]["content"] = marker
+    done = wait_for_batch(client, submit(client, [line]).id)
     assert done.status == "completed"
     assert marker in client.files.content(done.output_file_id).text  # the echo came back
     for topic in topics.ALL:
@@ -174,9 +177,9 @@ def test_a_cancel_ends_a_running_batch_promptly_whenever_it_lands(
     batch = submit(client, lines)
     # Lands at a different moment of the claim/dispatch cycle each time.
     eventually(lambda: calls() >= before + after_calls, f"{after_calls} calls upstream", every_s=0.02)  # fmt: skip
-    client.batches.cancel(batch.id)  # type: ignore[attr-defined]
+    client.batches.cancel(batch.id)
     cancelled_at = time.monotonic()
-    done = wait_for_batch(client, batch.id, {"cancelled"}, timeout_s=30)  # type: ignore[attr-defined]
+    done = wait_for_batch(client, batch.id, {"cancelled"}, timeout_s=30)
     assert time.monotonic() - cancelled_at < 15, "a claim was left waiting for a report"
     assert done.request_counts.total == 120
     eventually(
@@ -191,7 +194,7 @@ def test_expiry_ends_in_flight_requests_and_the_files_stop_changing(
     client = client_for("expirer")
     lines = [chat_line(f"e{i}", model="chat-d", latency_ms=40_000) for i in range(3)]
     batch = submit(client, lines, window="15s")
-    done = wait_for_batch(client, batch.id, {"expired", "failed", "completed"}, timeout_s=60)  # type: ignore[attr-defined]
+    done = wait_for_batch(client, batch.id, {"expired", "failed", "completed"}, timeout_s=60)
     assert done.status == "expired"
     eventually(lambda: len(content_lines(client, done.error_file_id)) == 3, "in-flight rows to end")
     errors = content_lines(client, done.error_file_id)
@@ -209,8 +212,8 @@ def test_batch_header_values_reach_the_upstream(
     client = client_for("headers")
     marker = f"hdr-{uuid.uuid4()}"
     line = chat_line("h1", model="chat-b")
-    line["body"]["messages"][0]["content"] = marker  # type: ignore[index]
-    done = wait_for_batch(client, submit(client, [line]).id)  # type: ignore[attr-defined]
+    line["body"]["messages"][0]["content"] = marker
+    done = wait_for_batch(client, submit(client, [line]).id)
     [received] = control.received(marker=marker)
     headers = received.headers
     assert headers["x-fusillade-batch-id"] == done.id
@@ -289,8 +292,8 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
 
     now = datetime.now(UTC).isoformat()
     bad_batch, missing_file, bad_window = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-    base = {"type": "CreateBatch", "command_id": "x", "issued_at": now, "owner": owner,
-            "endpoint": "/v1/chat/completions", "completion_window": "24h"}  # fmt: skip
+    base: dict[str, object] = {"type": "CreateBatch", "command_id": "x", "issued_at": now, "owner": owner,
+                               "endpoint": "/v1/chat/completions", "completion_window": "24h"}  # fmt: skip
     run(
         _produce_commands(
             bootstrap,
@@ -305,7 +308,7 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
     # No command stalls the stream: another user's upload goes straight through.
     started = time.monotonic()
     other = client_for("after-outsider")
-    assert wait_for_batch(other, submit(other, [chat_line("after", model="chat-b")]).id).status == "completed"  # type: ignore[attr-defined]  # fmt: skip
+    assert wait_for_batch(other, submit(other, [chat_line("after", model="chat-b")]).id).status == "completed"  # fmt: skip
     assert time.monotonic() - started < 20
     letters = [msgspec.json.decode(r.value) for r in run(read_topic(bootstrap, topics.DEADLETTER))]
     reasons = {x["key"]: x["reason"] for x in letters}

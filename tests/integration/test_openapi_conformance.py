@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from openai import OpenAI
 from schemathesis import Case, CheckContext, GenerationMode, Response
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.jsonschema.types import JsonValue
 from schemathesis.generation.stateful.state_machine import APIStateMachine
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -55,7 +56,7 @@ DROPPED = ("tools", "x_fake")
 
 
 @schemathesis.check
-def openai_error_envelope(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+def openai_error_envelope(ctx: CheckContext, response: Response, case: Case[Any]) -> bool | None:
     """Every error answer is exactly `{"error": {"message", "type", "param", "code"}}`."""
     if response.status_code < 400 or response.status_code == 499:  # 499: nobody listens
         return None
@@ -70,7 +71,7 @@ def openai_error_envelope(ctx: CheckContext, response: Response, case: Case) -> 
 
 
 @schemathesis.check
-def no_server_error(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+def no_server_error(ctx: CheckContext, response: Response, case: Case[Any]) -> bool | None:
     """`not_a_server_error`, but for the documented 501 of a server without webhooks (the
     shared test stack configures no `webhooks.secret_keys`; test_webhooks runs them)."""
     if response.status_code == 501 and case.operation.path == "/v1/webhooks":
@@ -162,12 +163,12 @@ def _operations(api: Any) -> list[Any]:
     return sorted(ops, key=lambda op: (order.get(op.method.upper(), 1), op.path))
 
 
-def _shape(case: Case, data: st.DataObject, ids: dict[str, list[str]]) -> None:
+def _shape(case: Case[Any], data: st.DataObject, ids: dict[str, list[str]]) -> None:
     """Steer a generated case where random data cannot reach: a real id of the caller's
     (sometimes), a model the stack serves (sometimes), a valid upload (sometimes)."""
     kind = _kind(case.operation.path)
     # Never the key the run is made with: revoking it would end the run.
-    if kind in ids and kind != "key" and case.path_parameters and data.draw(st.booleans(), "real id"):  # fmt: skip
+    if kind in ids and kind != "key" and case.path_parameters and data.draw(st.booleans(), "real id"):  # type: ignore[arg-type]  # fmt: skip
         case.path_parameters["id"] = data.draw(st.sampled_from(ids[kind]), "id")
     body = case.body
     if isinstance(body, dict):
@@ -187,7 +188,7 @@ def _shape(case: Case, data: st.DataObject, ids: dict[str, list[str]]) -> None:
             body |= {"input_file_id": ids["file"][0], "endpoint": "/v1/chat/completions"}
             body["completion_window"] = "24h"
         if path.endswith("/retry-requests") and data.draw(st.booleans(), "failed row"):
-            body["request_ids"] = ids["failed_row"]
+            body["request_ids"] = cast("list[JsonValue]", ids["failed_row"])
 
 
 def _run_operation(
@@ -208,7 +209,7 @@ def _run_operation(
         suppress_health_check=list(HealthCheck),
     )
     @given(case=strategy, data=st.data())
-    def check(case: Case, data: st.DataObject) -> None:
+    def check(case: Case[Any], data: st.DataObject) -> None:
         if mode is GenerationMode.POSITIVE:
             _shape(case, data, ids)
         case.call_and_validate(
@@ -247,7 +248,7 @@ def test_another_users_ids_are_not_found(
 def _foreign(op: Any, ids: list[str], key: str) -> None:
     @settings(max_examples=5, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=op.as_strategy(), data=st.data())
-    def check(case: Case, data: st.DataObject) -> None:
+    def check(case: Case[Any], data: st.DataObject) -> None:
         case.path_parameters["id"] = data.draw(st.sampled_from(ids), "id")
         response = case.call_and_validate(
             headers={"Authorization": f"Bearer {key}"}, checks=CHECKS, timeout=TIMEOUT_S
@@ -266,7 +267,7 @@ class _Workflow:
         base: type[APIStateMachine] = api.as_state_machine()
 
         class Workflow(base):  # type: ignore[valid-type, misc]
-            def before_call(self, case: Case) -> None:
+            def before_call(self, case: Case[Any]) -> None:
                 body = case.body
                 if isinstance(body, dict):
                     for name in DROPPED:
@@ -277,10 +278,10 @@ class _Workflow:
                     if case.operation.path == "/v1/files":
                         body["file"] = jsonl([chat_line("w-1", "chat-b")]).decode()
 
-            def get_call_kwargs(self, case: Case) -> dict[str, Any]:
+            def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
                 return {"headers": {"Authorization": f"Bearer {key}"}, "timeout": TIMEOUT_S}
 
-            def validate_response(self, response: Response, case: Case, **kwargs: Any) -> None:
+            def validate_response(self, response: Response, case: Case[Any], **kwargs: Any) -> None:
                 # Read-your-writes: a created object is there at once, a deleted one gone.
                 stateful = [ensure_resource_availability, use_after_free]
                 try:

@@ -127,12 +127,12 @@ def test_replaying_retries_rebuilds_identical_read_models(
     client = client_for("ivy-retry")
     flaky = chat_line("again", model="chat-b", fail_times=1, fail_status=400)
     batch = _batch(client, [flaky, chat_line("fine", model="chat-b")])
-    assert wait_for_batch(client, batch.id).request_counts.failed == 1  # type: ignore[union-attr]
+    assert wait_for_batch(client, batch.id).request_counts.failed == 1
     headers = {"Authorization": f"Bearer {client.api_key}"}
     with httpx.Client(base_url=str(client.base_url), headers=headers, timeout=120) as http:
         assert http.post(f"batches/{batch.id}/retry").status_code == 200
     done = wait_for_batch(client, batch.id)
-    assert (done.status, done.request_counts.completed) == ("completed", 2)  # type: ignore[union-attr]
+    assert (done.status, done.request_counts.completed) == ("completed", 2)
     run(_replay_matches(stack_info, batch.id))
 
 

@@ -55,7 +55,7 @@ def test_error_line_without_error_says_unknown_error() -> None:
 
 def test_input_line_is_the_openai_request_shape() -> None:
     assert (
-        input_line("a", "POST", "/v1/embeddings", '{"model":"m","input":"é"}')
+        input_line("a", "POST", "/v1/embeddings", '{"model":"m","input":"é"}'.encode())
         == (
             '{"custom_id":"a","method":"POST","url":"/v1/embeddings",'
             '"body":{"model":"m","input":"é"}}\n'

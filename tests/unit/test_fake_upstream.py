@@ -106,7 +106,7 @@ async def test_sdk_sees_injected_status_as_openai_error(sdk: openai.AsyncOpenAI)
 
 
 async def post(
-    session: aiohttp.ClientSession, upstream: FakeUpstream, request_id: str, x_fake: dict
+    session: aiohttp.ClientSession, upstream: FakeUpstream, request_id: str, x_fake: dict[str, Any]
 ) -> int:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "x_fake": x_fake}
     headers = {"X-Fusillade-Request-Id": request_id}

@@ -14,6 +14,7 @@ from schemas.events import (
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
+    RequestEvent,
     RequestFailed,
     RequestReclaimed,
     RequestRetryScheduled,
@@ -103,7 +104,8 @@ def test_transitions(state: str | None, event: Any, expected: str | None) -> Non
 
 def test_a_whole_lifecycle_collapses_into_one_write_of_its_final_columns() -> None:
     fold = Fold()
-    for position, event in enumerate([pending(), claimed(), started(), completed()]):
+    lifecycle: list[RequestEvent] = [pending(), claimed(), started(), completed()]
+    for position, event in enumerate(lifecycle):
         fold.apply(event, position)
     assert list(fold.new_rows) == [R]
     write = fold.writes[R]
@@ -120,7 +122,8 @@ def test_a_whole_lifecycle_collapses_into_one_write_of_its_final_columns() -> No
 
 def test_a_retry_clears_the_claim_columns_it_leaves_behind() -> None:
     fold = Fold()
-    for position, event in enumerate([claimed(), started(), retry()]):
+    lifecycle: list[RequestEvent] = [claimed(), started(), retry()]
+    for position, event in enumerate(lifecycle):
         fold.apply(event, position)
     values = fold.writes[R].values
     assert fold.writes[R].state == "pending"

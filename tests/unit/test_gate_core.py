@@ -37,9 +37,12 @@ from schemas.events import (
     ModelFilterAppended,
     ModelState,
     PendingRequests,
+    RealtimeCompletionReported,
     RequestCanceled,
     RequestClaimed,
     RequestCompleted,
+    RequestCreated,
+    RequestErased,
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
@@ -310,6 +313,9 @@ class Run:
                     self.model_of[item.request_id] = event.model
                     self.row_of[item.request_id] = (event.batch_id, item.line_number)
                 continue
+            assert not isinstance(
+                event, RequestCreated | RealtimeCompletionReported | RequestErased
+            )
             current = self.states.get(event.request_id)
             assert event.from_state == current, (type(event).__name__, event.from_state, current)
             after = next_state(current, event)

@@ -23,6 +23,7 @@ from schemas.events import (
     RequestCreated,
     RequestEvent,
     RequestFailed,
+    RequestsPending,
     RequestSubmitted,
     RequestTransitions,
     SourceMark,
@@ -95,6 +96,7 @@ def test_every_event_of_a_flex_request_is_a_legal_transition() -> None:
     pending = [ids.new_id() for _ in range(3)]
     for request_id in pending:
         for e in events(gate.handle(submitted(request_id), T0)):
+            assert not isinstance(e, RequestsPending)  # a flex request is never a batch row
             states[e.request_id] = next_state(states.get(e.request_id), e)  # type: ignore[arg-type]
     while True:
         claims = [i for i in (states.items()) if i[1] == "claimed"]
@@ -103,6 +105,7 @@ def test_every_event_of_a_flex_request_is_a_legal_transition() -> None:
         [(request_id, _)] = claims  # capacity 1: one at a time
         item = DispatchItem(request_id=request_id, claim_id=ids.claim_id(request_id, 1), batch_id=None, model="m", path="/v1/chat/completions", attempt=0, deadline=T0 + HOUR, claimed_at=T0, body=BodyRef(0, 0))  # fmt: skip
         for e in events(gate.handle(finish(item), T0)):
+            assert not isinstance(e, RequestsPending)
             after = next_state(states.get(e.request_id), e)  # type: ignore[arg-type]
             assert after is not None, e
             states[e.request_id] = after

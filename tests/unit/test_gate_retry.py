@@ -80,7 +80,7 @@ class Lifecycle:
                 self.states.pop(event.request_id, None)
                 continue
             rows = getattr(event, "items", None)
-            targets = [i.request_id for i in rows] if rows else [event.request_id]  # type: ignore[attr-defined]
+            targets = [i.request_id for i in rows] if rows else [event.request_id]  # type: ignore[union-attr]
             for target in targets:
                 after = next_state(self.states.get(target), event)  # type: ignore[arg-type]
                 assert after is not None, (type(event).__name__, self.states.get(target))

@@ -11,7 +11,6 @@ import pytest
 
 from projections.rules.batches import Counts, shown_counts
 from projections.rules.requests import (
-    MAX_LIMIT,
     check_state,
     check_tiers,
     detail,
@@ -24,6 +23,7 @@ from projections.rules.requests import (
 )
 from projections.rules.results import result_line, shown_status, states_for
 from projections.rules.retry import parse_request_ids, row_ranges
+from schemas.api_requests import MAX_LIMIT
 from schemas.commands import RowRanges
 from schemas.errors import ApiError
 from schemas.events import LineRange

@@ -110,7 +110,7 @@ def test_config_decodes_and_validates() -> None:
         {"claim_ramp_exponent": float("nan")},
     ):
         with pytest.raises(ValueError):
-            GateConfig(**bad)  # type: ignore[arg-type]
+            GateConfig(**bad)
 
 
 def test_window_of_a_batchless_row_comes_from_its_tier() -> None:
