@@ -148,16 +148,24 @@ _mark_decoder = msgspec.msgpack.Decoder(tuple[int, int])
 class _Batch:
     """A live batch's rows of one model, as the claim cycle sees them."""
 
-    __slots__ = ("key", "entry", "returned", "live")
+    __slots__ = ("key", "entry", "returned", "live", "unclaimed")
 
     def __init__(self, key: str, entry: GateBatch) -> None:
         self.key = key
         self.entry = entry
         self.returned: list[int] = []  # heap of lines back to pending and claimable now
         self.live = 0  # rows with an ``R:`` record
+        # Lines in ``entry.unclaimed``, kept as they are taken: every claim cycle reads it, and
+        # a file that interleaves models leaves each model's batch hundreds of one-line ranges.
+        self.unclaimed = _count(entry.unclaimed)
 
-    def unclaimed_count(self) -> int:
-        return sum(r.end - r.start for r in self.entry.unclaimed)
+    def set_unclaimed(self, ranges: list[LineRange]) -> None:
+        self.entry.unclaimed = ranges
+        self.unclaimed = _count(ranges)
+
+
+def _count(ranges: list[LineRange]) -> int:
+    return sum(r.end - r.start for r in ranges)
 
 
 class _Model:
@@ -262,7 +270,7 @@ class Gate:
         for model, index in self.models.items():
             for batch in index.batches.values():
                 facts = batch.entry.facts
-                add(model, facts.window_class, 0, batch.unclaimed_count() + len(set(batch.returned)))  # fmt: skip
+                add(model, facts.window_class, 0, batch.unclaimed + len(set(batch.returned)))
             waiting = {*index.loose, *(request_id for _, request_id in index.delayed)}
             for at, request_ids in ((0, waiting), (1, index.in_flight)):
                 for request_id in request_ids:
@@ -482,12 +490,12 @@ class Gate:
             entry = GateBatch(facts, model, message.chunks, [])
             batch = index.batches[facts.batch_id] = _Batch(f"B:{facts.batch_id}:{model}", entry)
         batch.entry.facts, batch.entry.closed = facts, None
-        batch.entry.unclaimed = _ranges(sorted(unclaimed | set(again)))
+        batch.set_unclaimed(_ranges(sorted(unclaimed | set(again))))
         if model not in self.limits:
             reason = RequestBuilderError(error=f"model '{model}' is not configured")
             for line in again:
                 self._end_unclaimed(facts, model, line, reason, now)
-            batch.entry.unclaimed = _ranges(sorted(unclaimed))
+            batch.set_unclaimed(_ranges(sorted(unclaimed)))
         self._put_batch(batch)
         self._retire(index, batch)
 
@@ -754,7 +762,7 @@ class Gate:
             for line in range(r.start, r.end):
                 self._end_unclaimed(entry.facts, model, line, reason, now)
         rows = list(self._rows_of(index, batch))
-        entry.unclaimed = []
+        batch.set_unclaimed([])
         batch.returned = []
         self._put_batch(batch)
         for request_id in rows:
@@ -864,7 +872,7 @@ class Gate:
                 deadline=b.entry.facts.deadline,
                 window_s=b.entry.facts.window_s,
                 window_class=b.entry.facts.window_class,
-                available=b.unclaimed_count() + len(b.returned),
+                available=b.unclaimed + len(b.returned),
             )  # fmt: skip
             for batch_id, b in index.batches.items()
             if b.entry.closed is None and (b.entry.unclaimed or b.returned)
@@ -983,6 +991,7 @@ class Gate:
                 continue
             head = ranges[0]
             taken.append(head.start)
+            batch.unclaimed -= 1
             if head.start + 1 >= head.end:
                 ranges.pop(0)
             else:

@@ -2,8 +2,9 @@
 
 Every message goes through :class:`Run`, which folds the published lifecycle the way the
 projector does (``streams.lifecycle.next_state`` from None) and fails the test on any illegal
-event, wrong ``from_state``, second ending of a request or capacity overrun — so each test also
-checks those invariants on its own scenario.
+event, wrong ``from_state``, second ending of a request, capacity overrun or a batch's count of
+unclaimed lines that drifted from its ranges — so each test also checks those invariants on its
+own scenario.
 """
 
 from __future__ import annotations
@@ -330,6 +331,9 @@ class Run:
         assert {d.request_id: d.claim_id for d in step.dispatched} == claimed
         for claim in step.dispatched:
             self.claims[claim.request_id] = claim
+        for index in self.gate.models.values():  # the count kept as lines are taken
+            for batch in index.batches.values():
+                assert batch.unclaimed == sum(r.end - r.start for r in batch.entry.unclaimed)
         depth = 1 + self.gate.config.prefetch
         for model, limit in self.limits.items():
             assert self.in_flight(model) <= limit * depth
