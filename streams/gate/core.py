@@ -148,7 +148,7 @@ _mark_decoder = msgspec.msgpack.Decoder(tuple[int, int])
 class _Batch:
     """A live batch's rows of one model, as the claim cycle sees them."""
 
-    __slots__ = ("key", "entry", "returned", "live", "unclaimed")
+    __slots__ = ("key", "entry", "returned", "live", "unclaimed_lines")
 
     def __init__(self, key: str, entry: GateBatch) -> None:
         self.key = key
@@ -157,11 +157,11 @@ class _Batch:
         self.live = 0  # rows with an ``R:`` record
         # Lines in ``entry.unclaimed``, kept as they are taken: every claim cycle reads it, and
         # a file that interleaves models leaves each model's batch hundreds of one-line ranges.
-        self.unclaimed = _count(entry.unclaimed)
+        self.unclaimed_lines = _count(entry.unclaimed)
 
     def set_unclaimed(self, ranges: list[LineRange]) -> None:
         self.entry.unclaimed = ranges
-        self.unclaimed = _count(ranges)
+        self.unclaimed_lines = _count(ranges)
 
 
 def _count(ranges: list[LineRange]) -> int:
@@ -270,7 +270,7 @@ class Gate:
         for model, index in self.models.items():
             for batch in index.batches.values():
                 facts = batch.entry.facts
-                add(model, facts.window_class, 0, batch.unclaimed + len(set(batch.returned)))
+                add(model, facts.window_class, 0, batch.unclaimed_lines + len(set(batch.returned)))
             waiting = {*index.loose, *(request_id for _, request_id in index.delayed)}
             for at, request_ids in ((0, waiting), (1, index.in_flight)):
                 for request_id in request_ids:
@@ -872,7 +872,7 @@ class Gate:
                 deadline=b.entry.facts.deadline,
                 window_s=b.entry.facts.window_s,
                 window_class=b.entry.facts.window_class,
-                available=b.unclaimed + len(b.returned),
+                available=b.unclaimed_lines + len(b.returned),
             )  # fmt: skip
             for batch_id, b in index.batches.items()
             if b.entry.closed is None and (b.entry.unclaimed or b.returned)
@@ -991,7 +991,7 @@ class Gate:
                 continue
             head = ranges[0]
             taken.append(head.start)
-            batch.unclaimed -= 1
+            batch.unclaimed_lines -= 1
             if head.start + 1 >= head.end:
                 ranges.pop(0)
             else:

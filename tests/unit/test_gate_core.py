@@ -333,7 +333,7 @@ class Run:
             self.claims[claim.request_id] = claim
         for index in self.gate.models.values():  # the count kept as lines are taken
             for batch in index.batches.values():
-                assert batch.unclaimed == sum(r.end - r.start for r in batch.entry.unclaimed)
+                assert batch.unclaimed_lines == sum(r.end - r.start for r in batch.entry.unclaimed)
         depth = 1 + self.gate.config.prefetch
         for model, limit in self.limits.items():
             assert self.in_flight(model) <= limit * depth
