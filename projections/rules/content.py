@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import calendar
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -21,10 +21,9 @@ from schemas.api import (
     OutputLineResponse,
 )
 
-VirtualKind = Literal["output", "error"]
-
-# Per-row envelope overhead of the size estimate, as the reference computes it (core §1.3.4).
-_ROW_OVERHEAD: dict[VirtualKind, int] = {"output": 181, "error": 160}
+# Per-row envelope overhead of a batch file's size estimate, as the reference computes it
+# (core §1.3.4).
+_ROW_OVERHEAD = {"batch_output": 181, "batch_error": 160}
 
 _encoder = msgspec.json.Encoder()
 
@@ -73,12 +72,6 @@ def input_line(custom_id: str | None, method: str, url: str, body: bytes) -> byt
     return jsonl(InputLine(custom_id, method, url, msgspec.Raw(body)))
 
 
-def virtual_file_size(kind: VirtualKind, total_response_bytes: int, rows: int) -> int:
-    if rows == 0:
-        return 0
-    return total_response_bytes + _ROW_OVERHEAD[kind] * rows
-
-
 def file_bytes(
     purpose: str,
     stored: int | None,
@@ -91,10 +84,12 @@ def file_bytes(
     """A file object's ``bytes``: an upload's stored size; a batch's output and error files
     the estimate from its counters, which grows while the batch runs."""
     if purpose == "batch_output":
-        return virtual_file_size("output", response_bytes, completed)
-    if purpose == "batch_error":
-        return virtual_file_size("error", error_bytes, failed)
-    return stored or 0
+        rows, body_bytes = completed, response_bytes
+    elif purpose == "batch_error":
+        rows, body_bytes = failed, error_bytes
+    else:
+        return stored or 0
+    return 0 if rows == 0 else body_bytes + _ROW_OVERHEAD[purpose] * rows
 
 
 def virtual_file_names(batch_id: str) -> tuple[str, str]:

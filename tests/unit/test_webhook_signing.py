@@ -3,7 +3,6 @@ pure rules: event types, payloads, backoff."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from datetime import UTC, datetime, timedelta
@@ -55,11 +54,7 @@ def test_secrets_are_whsec_base64_of_24_to_64_bytes() -> None:
 
 
 def _cli_key() -> str:
-    policy = asyncio.get_event_loop_policy()
-    try:
-        result = CliRunner().invoke(cli.main, ["webhooks", "new-key"])
-    finally:
-        asyncio.set_event_loop_policy(policy)  # the CLI's group installs uvloop's
+    result = CliRunner().invoke(cli.main, ["webhooks", "new-key"])
     assert result.exit_code == 0, result.output
     return result.output.strip()
 
