@@ -116,6 +116,10 @@ class Projector:
             max_partition_fetch_bytes=topics.MAX_MESSAGE_BYTES,
             fetch_max_bytes=64 * 1024 * 1024,
             fetch_max_wait_ms=20,
+            # Under load the broker holds a fetch until 64 KiB or the 20 ms wait: fewer, fuller
+            # transactions cost the projector and PostgreSQL less per record (bench.claim_gate:
+            # projector 17 % of a core against 20 %), for at most 20 ms more lag when quiet.
+            fetch_min_bytes=64 * 1024,
             # A fetch offset out of range (a partition truncated or recreated) resumes from the
             # oldest record there is, never from the end: skipping is the one thing a
             # projector must not do, and re-reading is idempotent.
