@@ -30,7 +30,9 @@ until all read ``completed``. It prints:
 - claim -> complete and projection lag percentiles over every row, as the baseline does, and
   the lag over the rows completed after the last create (the sustained rate, without the
   burst of inserting every batch's rows);
-- peak RSS (VmHWM) and CPU seconds of each process; a check of every output file.
+- peak RSS (VmHWM) and CPU seconds of each process, and on a private stack the broker's CPU by
+  thread group (JIT compiler, GC and VM, request handling, other: its JIT once took half of
+  it); a check of every output file.
 
 Figures also go to ``bench/results/claim_gate-<timestamp>.json``, with the latest
 ``baseline-*.json`` found there quoted for comparison.
@@ -82,6 +84,7 @@ from bench.baseline import (
     watched_pids,
 )
 from bench.broker_probe import BrokerProbe
+from bench.procs import jvm_thread_cpu_s, jvm_threads
 from compose.services import Services
 from projections.api.auth import create_key
 from schemas import topics
@@ -502,6 +505,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         started = await start_services(services, backend, args)
         services_start_s, replayed = started.start_s, started.replayed
         offsets_before, cpu_before, t_run = started.offsets, started.cpu, started.at
+        broker = backend.stack_pids.get("kafka")  # a private stack's broker only
+        threads_before = jvm_threads(broker) if broker else {}
 
         secrets = [await create_key(backend.kafka, backend.database_url, u) for u in users]
         clients = [
@@ -516,6 +521,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 probed = await probe.stop()
             cpu = cpu_between(cpu_before, cpu_seconds(watched_pids(services, backend)))
+            broker_threads = jvm_thread_cpu_s(threads_before, jvm_threads(broker) if broker else {})
             run_wall_s = time.monotonic() - t_run
             rss = services.rss_kib()  # peaks, before the checks below add any work
             outputs = [
@@ -609,6 +615,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "first_claim_s": stats["first_claim_s"],
         },
         "cpu_s": cpu,  # from just before the keys were created to the last batch completed
+        "kafka_threads_cpu_s": broker_threads,  # the broker's CPU by thread group, same window
         "run_wall_s": round(run_wall_s, 2),
         "kafka_records": records,
         "peak_rss_mib": {name: round(kib / 1024, 1) for name, kib in sorted(rss.items())},
@@ -682,6 +689,9 @@ def report(result: dict[str, Any]) -> str:
         if name in cpu:
             parts.append(f"CPU {cpu[name]:6.1f} s ({100 * cpu[name] / wall:3.0f}% of a core)")
         rows.append((f"process {name}", "  ".join(parts)))
+    if result["kafka_threads_cpu_s"]:
+        by_group = sorted(result["kafka_threads_cpu_s"].items(), key=lambda kv: -kv[1])
+        rows.append(("  kafka by thread", ", ".join(f"{g} {s:.1f} s" for g, s in by_group)))
     base = result["baseline"]
     if base:
         rows.append((

@@ -108,6 +108,51 @@ def box_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _TICK
 
 
+# A JVM names its threads; these prefixes of /proc/<pid>/task/*/comm (15 characters at most)
+# sort a broker's CPU into what it spends compiling, collecting and serving requests.
+_JVM_THREAD_GROUPS = (
+    ("JIT compiler", ("C1 CompilerThre", "C2 CompilerThre")),
+    ("GC and VM", ("GC Thread", "G1 ", "VM Thread", "VM Periodic")),
+    ("request handling", ("data-plane-kafk",)),
+)
+
+
+def jvm_threads(pid: int) -> dict[int, tuple[str, float]]:
+    """A JVM's live threads: tid -> (group, CPU seconds); see ``_JVM_THREAD_GROUPS``, the rest
+    is "other". {} when the process is gone."""
+    threads: dict[int, tuple[str, float]] = {}
+    try:
+        tasks = list(os.scandir(f"/proc/{pid}/task"))
+    except OSError:
+        return {}
+    for task in tasks:
+        try:
+            stat = Path(task.path, "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        group = next(
+            (g for g, prefixes in _JVM_THREAD_GROUPS if name.startswith(prefixes)), "other"
+        )
+        threads[int(task.name)] = (group, (int(fields[11]) + int(fields[12])) / _TICK)
+    return threads
+
+
+def jvm_thread_cpu_s(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds by thread group between two samples of :func:`jvm_threads`, thread by
+    thread: the JVM starts and retires compiler threads as it goes, so group totals would go
+    down when one exits. A thread that exited in between takes its share with it (an
+    undercount, small for a broker's long-lived pools)."""
+    groups: dict[str, float] = {}
+    for tid, (group, seconds) in after.items():
+        used = seconds - before.get(tid, (group, 0.0))[1]
+        groups[group] = groups.get(group, 0.0) + used
+    return {group: round(seconds, 1) for group, seconds in groups.items()}
+
+
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
