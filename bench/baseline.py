@@ -43,6 +43,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import DescribeGroupsRequest, DescribeGroupsRequest_v1
 from openai import AsyncOpenAI
 
+from bench import procs
 from compose.services import ModelSpec, Services
 from projections.api.auth import create_key
 from projections.migrate import migrate
@@ -233,12 +234,8 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for name, pid in pids.items():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
-        out[name] = sum(int(fields[i]) for i in (11, 12, 13, 14)) / tick
+        if (stat := procs.read_stat(f"/proc/{pid}/stat")) is not None:
+            out[name] = sum(int(stat[1][i]) for i in (11, 12, 13, 14)) / tick
     return out
 
 
@@ -248,11 +245,8 @@ def postgres_children(pid: int) -> dict[str, int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        stat = procs.read_stat(entry / "stat")
+        if stat is not None and int(stat[1][1]) == pid:
             found[f"postgres:{entry.name}"] = int(entry.name)
     return found
 
@@ -265,13 +259,16 @@ def watched_pids(services: Services, backend: Backend) -> dict[str, int]:
     return pids
 
 
-def cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds per process between two samples; postgres backends summed into one."""
+def cpu_between(
+    before: dict[str, float], after: dict[str, float], digits: int = 1
+) -> dict[str, float]:
+    """CPU seconds per process between two samples, rounded to ``digits``; postgres backends
+    summed into one."""
     used: dict[str, float] = {}
     for name, seconds in after.items():
         key = name.split(":", 1)[0]
         used[key] = used.get(key, 0.0) + seconds - before.get(name, 0.0)
-    return {name: round(seconds, 1) for name, seconds in sorted(used.items())}
+    return {name: round(seconds, digits) for name, seconds in sorted(used.items())}
 
 
 # --- the workload ----------------------------------------------------------------------------

@@ -36,17 +36,26 @@ class ProcInfo:
     cpu_ticks: int  # utime + stime + cutime + cstime
 
 
+def read_stat(path: str | Path) -> tuple[str, list[str]] | None:
+    """A ``/proc/<pid>/stat`` (or a thread's ``task/<tid>/stat``): its name and the fields
+    after it (``fields[0]`` is field 3, the state); None once the process has exited."""
+    try:
+        stat = Path(path).read_text()
+    except OSError:
+        return None
+    head, _, tail = stat.rpartition(")")  # the name may hold spaces and parentheses
+    return head.split("(", 1)[1], tail.split()
+
+
 def snapshot() -> dict[int, ProcInfo]:
     """Every live process's parent and cumulative CPU (its own plus reaped children's)."""
     procs: dict[int, ProcInfo] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
+        if (stat := read_stat(Path(entry.path, "stat"))) is None:
             continue  # exited meanwhile
-        fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
+        fields = stat[1]
         ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
         procs[int(entry.name)] = ProcInfo(int(fields[1]), ticks)
     return procs
@@ -126,12 +135,9 @@ def jvm_threads(pid: int) -> dict[int, tuple[str, float]]:
     except OSError:
         return {}
     for task in tasks:
-        try:
-            stat = Path(task.path, "stat").read_text()
-        except OSError:
+        if (stat := read_stat(Path(task.path, "stat"))) is None:
             continue  # exited meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
+        name, fields = stat
         group = next(
             (g for g, prefixes in _JVM_THREAD_GROUPS if name.startswith(prefixes)), "other"
         )

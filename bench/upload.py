@@ -49,6 +49,7 @@ from bench.baseline import (
     bench_services,
     build_jsonl,
     close_backend,
+    cpu_between,
     cpu_seconds,
     log,
     open_backend,
@@ -64,15 +65,6 @@ USER = "bench-user"
 MODEL = "bench-chat"
 TARGET_RATIO = 3.0
 SETTLED = ("cancelled", "completed", "failed", "expired")
-
-
-def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds per process between two samples (postgres backends summed), to 10 ms."""
-    used: dict[str, float] = {}
-    for name, seconds in after.items():
-        key = name.split(":", 1)[0]
-        used[key] = used.get(key, 0.0) + seconds - before.get(name, 0.0)
-    return {name: round(seconds, 2) for name, seconds in sorted(used.items())}
 
 
 def loadavg() -> list[float]:
@@ -220,9 +212,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 quiet = time.monotonic() - t_idle
                 one = await upload_to_in_progress(client, data, rep, args, services.logs)
                 # CPU seconds per process from upload start to in_progress (+ one poll)
-                one["cpu_s"] = cpu_used(cpu, cpu_seconds(watched_pids(services, backend)))
+                one["cpu_s"] = cpu_between(
+                    cpu, cpu_seconds(watched_pids(services, backend)), digits=2
+                )
                 one["idle_cpu_per_s"] = {
-                    k: round(v / quiet, 3) for k, v in cpu_used(idle, cpu).items()
+                    k: round(v / quiet, 3) for k, v in cpu_between(idle, cpu, digits=2).items()
                 }
                 one["settle_s"] = round(
                     await cancel_and_settle(client, one["batch_id"], args.settle_timeout), 2
