@@ -37,6 +37,7 @@ from schemas.events import (
     StepRecorded,
     StepStarted,
     TemplatesAppended,
+    UploadAbandoned,
     WorkerHeartbeat,
     WorkerStarted,
     WorkerStopped,
@@ -303,9 +304,18 @@ _UPSERT_TEMPLATES = (
 
 async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
     templates: list[tuple[Any, ...]] = []
+    ends: dict[str, int] = {}  # per file, the end of its lines in `templates`
     for record in records:
         event = _decode(codec.file_events, record, rejected)
         if isinstance(event, TemplatesAppended):
+            if not templates:
+                ends.clear()
+            elif event.first_line < ends.get(event.file_id, 0):
+                # A line met again in this poll (another upload of the file): one COPY or
+                # upsert must not hold a line twice.
+                await _flush_templates(conn, templates)
+                ends.clear()
+            ends[event.file_id] = event.first_line + len(event.templates)
             templates += [
                 (event.file_id, event.first_line + i, t.custom_id, t.method, t.path, t.model,
                  t.body_size, event.body_key)
@@ -327,6 +337,15 @@ async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], reject
                 event.template_count,
             )
             await _apply_deletions(conn, [event.file_id])
+        elif isinstance(event, UploadAbandoned):
+            await _flush_templates(conn, templates)
+            # Only the abandoned upload's lines: another upload of the file (a retry under
+            # the same Idempotency-Key) may have written the rest.
+            await conn.execute(
+                "DELETE FROM request_templates WHERE file_id = $1 AND starts_with(body_key, $2)",
+                event.file_id,
+                bodies.upload_chunks(event.file_id, event.upload_id),
+            )
         elif isinstance(event, FileDeleted):
             await _flush_templates(conn, templates)
             await conn.execute(

@@ -59,7 +59,12 @@ def encode_chunk(lines: list[tuple[str | None, bytes]]) -> bytes:
 
 
 def chunk_key(file_id: str, upload_id: str, first_line: int) -> str:
-    return f"{CHUNK}:{file_id}:{upload_id}:{first_line}"
+    return f"{upload_chunks(file_id, upload_id)}{first_line}"
+
+
+def upload_chunks(file_id: str, upload_id: str) -> str:
+    """The prefix of every chunk key of one upload."""
+    return f"{CHUNK}:{file_id}:{upload_id}:"
 
 
 def key(kind: str, ref: str) -> str:

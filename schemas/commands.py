@@ -9,7 +9,9 @@ topic (:mod:`schemas.bodies`) and each ``AppendFileLines`` names its chunk recor
 ``AppendFileLines`` parts (lines 0, 1, 2… in order, one ``upload_id``) followed by one
 ``CreateFile`` with the same ``upload_id``; the file exists only once ``CreateFile`` is handled,
 so a producer that dies half-way leaves no visible file, and a retried upload (another
-``upload_id``) never mixes with the first.
+``upload_id``) never mixes with the first. Parts may go out while the rest of the file is still
+being checked; an upload that fails after some went out ends with ``AbandonUpload``, which
+voids them.
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ class CreateFile(Command, tag=True, frozen=True):
     line_count: Annotated[int, msgspec.Meta(ge=1)]
     expires_at: Timestamp | None
     api_key_id: Uuid | None = None
+
+
+class AbandonUpload(Command, tag=True, frozen=True):
+    """Voids the parts ``upload_id`` appended: the upload failed before its ``CreateFile``.
+    Ignored once the file exists (its lines are the file's then)."""
+
+    file_id: Uuid
+    upload_id: Uuid
 
 
 class DeleteFile(Command, tag=True, frozen=True):
@@ -181,6 +191,7 @@ class DeleteRequest(Command, tag=True, frozen=True):
 AnyCommand = (
     AppendFileLines
     | CreateFile
+    | AbandonUpload
     | DeleteFile
     | CreateBatch
     | PopulateBatch
@@ -196,7 +207,7 @@ AnyCommand = (
 
 def aggregate_id(command: AnyCommand) -> str:
     """The Kafka key of a command: commands on one aggregate are handled in order."""
-    if isinstance(command, AppendFileLines | CreateFile | DeleteFile):
+    if isinstance(command, AppendFileLines | CreateFile | AbandonUpload | DeleteFile):
         return command.file_id
     if isinstance(command, CreateBatch):
         return command.input_file_id

@@ -72,11 +72,19 @@ class FileUploaded(Event, tag=True, frozen=True):
     api_key_id: Uuid | None = None
 
 
+class UploadAbandoned(Event, tag=True, frozen=True):
+    """The lines ``upload_id`` appended to a file that was never created are void (the
+    upload failed part-way): their templates go."""
+
+    file_id: Uuid
+    upload_id: Uuid
+
+
 class FileDeleted(Event, tag=True, frozen=True):
     file_id: Uuid
 
 
-FileEvent = TemplatesAppended | FileUploaded | FileDeleted
+FileEvent = TemplatesAppended | FileUploaded | UploadAbandoned | FileDeleted
 
 
 # --- batches.v1 (key: batch_id) ----------------------------------------------------------

@@ -34,14 +34,14 @@ COMMANDS = Topic(
     key="aggregate id (file_id or batch_id)",
     partitions=4,
     carries="commands from the HTTP API or upstream services (AppendFileLines, CreateFile, "
-    "DeleteFile, CreateBatch keyed by file_id; CancelBatch keyed by batch_id) and the agent's "
+    "AbandonUpload, DeleteFile, CreateBatch keyed by file_id; CancelBatch keyed by batch_id) and the agent's "
     "own PopulateBatch; no user content",
 )
 FILES = Topic(
     "cannonade.files.v1",
     key="file_id",
     partitions=4,
-    carries="TemplatesAppended, FileUploaded, FileDeleted (ids, custom_ids, models, sizes, "
+    carries="TemplatesAppended, FileUploaded, UploadAbandoned, FileDeleted (ids, custom_ids, models, sizes, "
     "body refs; no bodies)",
 )
 BATCHES = Topic(

@@ -19,6 +19,7 @@ import msgspec
 from schemas import bodies, ids, topics
 from schemas.bodies import BodyRef
 from schemas.commands import (
+    AbandonUpload,
     AppendFileLines,
     CancelBatch,
     CancelRequest,
@@ -54,6 +55,7 @@ from schemas.events import (
     SourceMark,
     TemplateMeta,
     TemplatesAppended,
+    UploadAbandoned,
 )
 from streams import validation
 from streams.emit import Out
@@ -194,6 +196,28 @@ def create_file(record: FileRecord, cmd: CreateFile, now: datetime) -> list[Out]
         api_key_id=cmd.api_key_id,
     )
     return [Out("files", cmd.file_id, event)]
+
+
+def abandon_upload(record: FileRecord, cmd: AbandonUpload, now: datetime) -> list[Out]:
+    """An upload that failed after some of its parts went out: its parts are forgotten and
+    their templates voided. Nothing happens once the file exists: its lines are the file's."""
+    if record.owner is not None or record.deleted:
+        return []
+    record.uploads.pop(cmd.upload_id, None)
+    # The event even when the upload is unknown: a replay whose first run saved the record
+    # before its event landed must bring the event back.
+    event = UploadAbandoned(
+        event_id=ids.event_id("upload-abandoned", cmd.file_id, cmd.upload_id),
+        occurred_at=now,
+        file_id=cmd.file_id,
+        upload_id=cmd.upload_id,
+    )
+    return [Out("files", cmd.file_id, event)]
+
+
+def forgettable(record: FileRecord) -> bool:
+    """A record that holds nothing (no file, no upload in progress) need not be kept."""
+    return record.owner is None and not record.deleted and not record.uploads
 
 
 def delete_file(record: FileRecord, file_id: str, now: datetime) -> list[Out]:

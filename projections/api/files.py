@@ -1,10 +1,8 @@
 """``/v1/files``: upload (validated, then published), list, get, content, delete.
 
-An upload is validated whole before any command is published. Its line bodies go to the bodies
-topic in chunks while the rest is parsed, then the commands naming those chunks; if a line
-fails or publishing fails half-way, the chunks already written are tombstoned, so a failed
-upload leaves nothing stored. With an
-``Idempotency-Key`` header the file id is derived from the key, so a retried upload answers
+An upload's lines go out in parts while the rest is parsed (:mod:`projections.api.upload_parts`);
+the file is created only once every line has passed, and an upload that fails part-way voids
+what went out, so a rejected file is never visible. With an ``Idempotency-Key`` header the file id is derived from the key, so a retried upload answers
 the file the first attempt created instead of creating a second one (409 once that file is
 deleted or expired).
 """
@@ -13,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar, get_args
 
@@ -24,6 +22,7 @@ from cannonade.config import Config, ModelKind
 from projections import queries
 from projections.api.app import Context, context, json_response, principal
 from projections.api.intake import model_kind
+from projections.api.upload_parts import UploadParts
 from projections.rules.content import (
     error_line,
     file_bytes,
@@ -32,13 +31,12 @@ from projections.rules.content import (
     output_line,
 )
 from projections.rules.upload import (
-    ParsedLine,
     UploadLimits,
     parse_chunks,
     validate_expires_after,
     validate_purpose,
 )
-from schemas import bodies, ids, topics
+from schemas import bodies, ids
 from schemas.api import (
     MAX_PAGE,
     MAX_QUERY_INT,
@@ -49,8 +47,7 @@ from schemas.api import (
     FileOrder,
 )
 from schemas.api_webhooks import WebhookDeliveryList, WebhookEndpointList
-from schemas.bodies import BodyRef
-from schemas.commands import AnyCommand, AppendFileLines, CreateFile, DeleteFile, FileLine
+from schemas.commands import CreateFile, DeleteFile
 from schemas.errors import ApiError, invalid_request, not_found
 from streams import validation
 
@@ -159,75 +156,36 @@ async def upload(request: web.Request) -> web.Response:
     def kind(model: str) -> ModelKind | None:
         return model_kind(ctx.config, model, who.user)
 
-    upload_id = str(uuid.uuid4())
-    chunks: list[list[ParsedLine]] = []
-    records: list[tuple[str, bytes, int]] = []
-    sending: list[asyncio.Future[list[BodyRef]]] = []
+    parts = UploadParts(ctx.publisher, file_id, str(uuid.uuid4()), now)
     parsed = parse_chunks(raw, limits, kind, CHUNK_BYTES)
     try:
         # Parsed off the event loop, a chunk at a time: the chunks already parsed travel
         # meanwhile, and the API goes on serving other requests.
         while (lines := await asyncio.to_thread(next, parsed, None)) is not None:
-            chunks.append(lines)
-            records.append(
-                (
-                    bodies.chunk_key(file_id, upload_id, lines[0].line_number),
-                    bodies.encode_chunk([(line.custom_id, line.body) for line in lines]),
-                    bodies.partition_for(file_id, topics.BODIES.partitions),
-                )
-            )
-            # No command names a chunk before the whole file has passed.
-            sending.append(asyncio.ensure_future(ctx.publisher.bodies(records[-1:])))
-        refs = [ref for sent in sending for ref in await sent]
-        commands: list[AnyCommand] = [
-            AppendFileLines(
-                command_id=ids.new_id(),
-                issued_at=now,
-                file_id=file_id,
-                upload_id=upload_id,
-                first_line=lines[0].line_number,
-                body_key=key_,
-                body=ref,
-                lines=[FileLine(x.custom_id, "POST", x.url, x.model, len(x.body)) for x in lines],
-            )
-            for lines, (key_, _, _), ref in zip(chunks, records, refs, strict=True)
-        ]
-        commands.append(
+            parts.add(lines)
+        await parts.finish(
             CreateFile(
                 command_id=ids.new_id(),
                 issued_at=now,
                 file_id=file_id,
-                upload_id=upload_id,
+                upload_id=parts.upload_id,
                 owner=who.user,
                 filename=filename,
                 purpose="batch",
                 bytes=len(raw),
-                line_count=sum(len(lines) for lines in chunks),
+                line_count=parts.lines,
                 expires_at=expires_at,
                 api_key_id=who.key_id,
             )
         )
-        await ctx.publisher.commands(commands)
-    except ApiError:
-        for sent in sending:
-            sent.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)
-        await _erase(ctx, records)
+    except BaseException:  # a refused line, a failed send, or the request cancelled
+        await parts.abandon()
         raise
     await ctx.wait_for(lambda: queries.file_exists(ctx.pool, file_id), "the file")
     row = await queries.get_file(ctx.pool, file_id, who.user)
     if row is None:
         raise not_found("File", file_id)
     return json_response(file_json(row), 201)
-
-
-async def _erase(ctx: Context, records: Sequence[tuple[str, bytes, int]]) -> None:
-    """Best effort: tombstones for the chunks of an upload that failed half-way (the purge
-    takes what this misses, e.g. when the broker is the thing that failed)."""
-    try:
-        await ctx.publisher.bodies([(key, None, partition) for key, _, partition in records])
-    except ApiError:
-        pass
 
 
 async def list_files(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from faust.types import EventT, StreamT
 from cannonade import logs
 from schemas import codec, topics
 from schemas.commands import (
+    AbandonUpload,
     AnyCommand,
     AppendFileLines,
     CancelBatch,
@@ -99,6 +100,14 @@ def register(streams: Streams) -> None:
                         return outs
                 await streams.publish(outs, wait=not isinstance(cmd, AppendFileLines))
                 files[aggregate_id(cmd)] = msgspec.msgpack.encode(record)
+            case AbandonUpload():
+                record = file(cmd.file_id)
+                outs = population.abandon_upload(record, cmd, now)
+                await streams.publish(outs, wait=True)
+                if population.forgettable(record):
+                    files.pop(cmd.file_id, None)
+                else:
+                    files[cmd.file_id] = msgspec.msgpack.encode(record)
             case SubmitRequest():
                 raw = requests.get(cmd.request_id)
                 seen = None if raw is None else _requests_decoder.decode(raw)

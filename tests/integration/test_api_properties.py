@@ -175,9 +175,10 @@ def test_any_batch_creation_body_gets_an_answer_or_a_clear_error(
     assert_not_server_error(http.post(f"/batches/{uuid.uuid4()}/cancel"))
 
 
-async def _chunks_of(stack_info: stack.StackInfo, file_id: str) -> tuple[dict[str, bool], int]:
+async def _stored_of(stack_info: stack.StackInfo, file_id: str) -> tuple[dict[str, bool], int, int]:  # fmt: skip
     """For each chunk key of ``file_id`` on the bodies topic, whether its last record is a
-    tombstone; and the chunk rows of the file in the read model once the projector caught up."""
+    tombstone; and the file's chunk rows and template rows in the read model once the
+    projector caught up."""
     prefix = f"{bodies.CHUNK}:{file_id}:".encode()
     last: dict[str, bool] = {}
     for record in await read_topic(stack_info.kafka_bootstrap, topics.BODIES):
@@ -186,31 +187,49 @@ async def _chunks_of(stack_info: stack.StackInfo, file_id: str) -> tuple[dict[st
     await caught_up(stack_info.database_url, stack_info.kafka_bootstrap, "projector")
     conn = await asyncpg.connect(stack_info.database_url)
     try:
-        rows = await conn.fetchval(
+        chunks = await conn.fetchval(
             "SELECT count(*) FROM template_chunks WHERE starts_with(body_key, $1)",
             prefix.decode(),
         )
+        templates = await conn.fetchval(
+            "SELECT count(*) FROM request_templates WHERE file_id = $1", uuid.UUID(file_id)
+        )
     finally:
         await conn.close()
-    return last, int(rows)
+    return last, int(chunks), int(templates)
 
 
-def test_a_large_upload_failing_on_its_last_line_leaves_none_of_its_chunks(
+def test_a_large_upload_failing_on_its_last_line_leaves_nothing_and_a_retry_makes_the_file(
     http: httpx.Client, stack_info: stack.StackInfo
 ) -> None:
-    # Chunks go out while the file is parsed (a few chunks behind), so a late bad line in a
-    # file of nine finds some already written.
+    # Parts go out while the file is parsed (a few behind), so a late bad line in a file of
+    # nine chunks finds some already appended: they are voided, and the same key then makes
+    # the file from the corrected upload alone.
     lines = [json.dumps(chat_line(f"big{n}", model="chat-b", pad="x" * 200)) for n in range(15000)]
-    lines.append(json.dumps(chat_line("last", model="no-such-model")))
+    bad = json.dumps(chat_line("last", model="no-such-model"))
     key = str(uuid.uuid4())
-    response = http.post(
-        "/files",
-        files={"file": ("big.jsonl", "\n".join(lines).encode())},
-        data={"purpose": "batch"},
-        headers={"Idempotency-Key": key},
-    )
+
+    def upload(content: list[str]) -> httpx.Response:
+        return http.post(
+            "/files",
+            files={"file": ("big.jsonl", "\n".join(content).encode())},
+            data={"purpose": "batch"},
+            headers={"Idempotency-Key": key},
+        )
+
+    response = upload([*lines, bad])
     assert response.status_code == 403, response.text
     assert "Line 15001: Model 'no-such-model'" in response.json()["error"]["message"]
-    tombstoned, rows = run(_chunks_of(stack_info, id_rules.file_id_for(USER, key)))
+    file_id = id_rules.file_id_for(USER, key)
+    tombstoned, chunks, templates = run(_stored_of(stack_info, file_id))
     assert tombstoned and all(tombstoned.values()), tombstoned
-    assert rows == 0
+    assert (chunks, templates) == (0, 0)
+    assert http.get(f"/files/{file_id}").status_code == 404
+
+    fixed = lines[:9000]
+    response = upload(fixed)
+    assert response.status_code == 201, response.text
+    content = http.get(f"/files/{file_id}/content")
+    assert [json.loads(line)["custom_id"] for line in content.text.splitlines()] == [
+        json.loads(line)["custom_id"] for line in fixed
+    ]

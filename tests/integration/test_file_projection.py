@@ -13,9 +13,9 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from compose import stack
-from schemas import codec, topics
+from schemas import bodies, codec, topics
 from schemas.bodies import BodyRef
-from schemas.events import FileUploaded, TemplateMeta, TemplatesAppended
+from schemas.events import FileUploaded, TemplateMeta, TemplatesAppended, UploadAbandoned
 from tests.integration.conftest import apply_polls, consumer_record, own_database, run
 
 pytestmark = pytest.mark.integration
@@ -96,3 +96,34 @@ def test_lines_met_again_are_one_row_each_with_the_last_values(dsn: str) -> None
     rows = run(_apply_and_read(dsn, first, again, first[:1]))
     half = LINES // 2
     assert rows == [(n, f"a-{n}") for n in range(half)] + [(n, f"b-{n}") for n in range(half, LINES)]  # fmt: skip
+
+
+def _abandoned(file_id: str) -> list[ConsumerRecord]:
+    """Upload A appended both halves and failed; a retry B under the same file id had appended
+    the first half over A's lines by then (custom ids ``b-<line>``)."""
+    a, b, half = str(uuid.uuid4()), str(uuid.uuid4()), LINES // 2
+
+    def appended(upload: str, first: int) -> TemplatesAppended:
+        prefix = "a" if upload == a else "b"
+        return TemplatesAppended(
+            event_id=f"{upload}-{first}", occurred_at=T0, file_id=file_id, first_line=first,
+            body_key=bodies.chunk_key(file_id, upload, first), body=BodyRef(0, first),
+            templates=[
+                TemplateMeta(f"{prefix}-{first + i}", "POST", "/v1/chat/completions", "m", 10)
+                for i in range(half)
+            ],
+        )  # fmt: skip
+
+    events = [appended(a, 0), appended(a, half), appended(b, 0)]
+    events.append(UploadAbandoned(event_id="x", occurred_at=T0, file_id=file_id, upload_id=a))
+    return [
+        consumer_record(topics.FILES.name, i, file_id.encode(), codec.encode(event))
+        for i, event in enumerate(events)
+    ]
+
+
+def test_an_abandoned_upload_takes_its_own_lines_only(dsn: str) -> None:
+    b_lines = [(n, f"b-{n}") for n in range(LINES // 2)]
+    assert run(_apply_and_read(dsn, _abandoned(str(uuid.uuid4())))) == b_lines
+    by_poll = [[record] for record in _abandoned(str(uuid.uuid4()))]
+    assert run(_apply_and_read(dsn, *by_poll)) == b_lines

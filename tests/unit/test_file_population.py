@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from schemas.bodies import BodyRef
-from schemas.commands import AppendFileLines, CreateFile, FileLine
+from schemas.commands import AbandonUpload, AppendFileLines, CreateFile, FileLine
 from schemas.errors import ApiError
-from schemas.events import FileUploaded, TemplatesAppended
+from schemas.events import FileUploaded, TemplatesAppended, UploadAbandoned
 from streams import population
 from streams.population import FileRecord
 
@@ -43,6 +43,10 @@ def create(count: int) -> CreateFile:
         command_id="f", issued_at=NOW, file_id=FILE, upload_id=UPLOAD, owner="alice",
         filename="in.jsonl", purpose="batch", bytes=1, line_count=count, expires_at=None,
     )  # fmt: skip
+
+
+def abandon() -> AbandonUpload:
+    return AbandonUpload(command_id="x", issued_at=NOW, file_id=FILE, upload_id=UPLOAD)
 
 
 def saved(record: FileRecord) -> bytes:
@@ -105,3 +109,32 @@ def test_the_manifest_knows_each_lines_model_and_each_paths_first_line_across_pa
     runs = [(r.model, r.start, r.end) for r in record.manifest.models]
     assert runs == [("a", 0, 2), ("b", 2, 6), ("a", 6, 7)]
     assert record.manifest.urls == {"/v1/a": 0, "/v1/b": 2}
+
+
+def test_an_abandoned_upload_voids_its_parts_and_leaves_nothing_to_keep() -> None:
+    record = FileRecord()
+    population.append_lines(record, append(0, 2, 7), NOW)
+    [voided] = population.abandon_upload(record, abandon(), NOW)
+    assert isinstance(voided.value, UploadAbandoned) and voided.value.upload_id == UPLOAD
+    assert population.forgettable(record)
+    # Voided, not merely paused: its lines cannot make a file any more.
+    with pytest.raises(ApiError, match="declares 2 lines but upload .* appended 0"):
+        population.create_file(record, create(2), NOW)
+
+
+def test_an_abandon_applied_again_gives_its_event_again() -> None:
+    record = FileRecord()
+    population.append_lines(record, append(0, 2, 7), NOW)
+    first = population.abandon_upload(record, abandon(), NOW)
+    assert population.abandon_upload(record, abandon(), NOW) == first
+
+
+def test_an_abandon_after_the_file_exists_changes_nothing() -> None:
+    # The upload's CreateFile landed although its sender heard a failure: the lines are the
+    # file's now.
+    record = FileRecord()
+    population.append_lines(record, append(0, 2, 7), NOW)
+    population.create_file(record, create(2), NOW)
+    before = saved(record)
+    assert population.abandon_upload(record, abandon(), NOW) == []
+    assert saved(record) == before and not population.forgettable(record)
