@@ -114,7 +114,11 @@ def _abandoned(file_id: str) -> list[ConsumerRecord]:
             ],
         )  # fmt: skip
 
-    events = [appended(a, 0), appended(a, half), appended(b, 0)]
+    events: list[TemplatesAppended | UploadAbandoned] = [
+        appended(a, 0),
+        appended(a, half),
+        appended(b, 0),
+    ]
     events.append(UploadAbandoned(event_id="x", occurred_at=T0, file_id=file_id, upload_id=a))
     return [
         consumer_record(topics.FILES.name, i, file_id.encode(), codec.encode(event))
