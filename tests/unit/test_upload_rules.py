@@ -241,6 +241,17 @@ def test_inaccessible_model_is_403() -> None:
     assert err.envelope()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_model_allowed_on_one_endpoint_is_still_checked_on_another() -> None:
+    data = line("a") + b"\n" + line("b") + b"\n" + line("c", url="/v1/embeddings")
+    error = rejected(data)
+    assert error.message.startswith("Line 3: Model 'gpt' is a CHAT model")
+
+
+def test_a_custom_id_seen_before_is_refused_however_plain() -> None:
+    error = rejected(line("a") + b"\n" + line("b") + b"\n" + line("a"))
+    assert error.code == "duplicate_custom_id" and "first seen on line 1" in error.message
+
+
 def test_model_type_must_match_endpoint() -> None:
     err = rejected(line(model="emb"))
     assert err.status == 400
