@@ -1,7 +1,8 @@
 """Validation and parsing of an uploaded batch input file (responses-and-api §8.3 rules 2–9).
 
-The whole upload is checked before anything is published, so a rejected file leaves no trace;
-the first failure wins and its message names the offending line.
+Lines come out a chunk at a time as they pass, and the file is created only once every line
+has (a rejected file's parts are voided, :mod:`projections.api.upload_parts`); the first
+failure wins and its message names the offending line.
 """
 
 from __future__ import annotations
