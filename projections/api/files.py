@@ -2,9 +2,9 @@
 
 An upload's lines go out in parts while the rest is parsed (:mod:`projections.api.upload_parts`);
 the file is created only once every line has passed, and an upload that fails part-way voids
-what went out, so a rejected file is never visible. With an ``Idempotency-Key`` header the file id is derived from the key, so a retried upload answers
-the file the first attempt created instead of creating a second one (409 once that file is
-deleted or expired).
+what went out, so a rejected file is never visible. With an ``Idempotency-Key`` header the
+file id is derived from the key, so a retried upload answers the file the first attempt
+created instead of creating a second one (409 once that file is deleted or expired).
 """
 
 from __future__ import annotations
