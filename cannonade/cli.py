@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -284,7 +284,12 @@ def purge(once: bool) -> None:
             loop.add_signal_handler(sig, stop.set)
         pool = await asyncpg.create_pool(cfg.database_url, min_size=1, max_size=2)
         publisher = Publisher(cfg.kafka)
-        purger = Purger(pool, lambda keys: tombstones.send(publisher, keys))
+        purger = Purger(
+            pool,
+            lambda keys: tombstones.send(publisher, keys),
+            lambda uploads: tombstones.abandon(publisher, uploads),
+            timedelta(milliseconds=cfg.purge.stale_upload_ms),
+        )
         try:
             if once:
                 rows, events = await run_once(purger, cfg.purge, stop)

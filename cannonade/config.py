@@ -122,6 +122,9 @@ class PurgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval_ms: int = 600_000  # between purge runs; 0 disables the worker
     batch_size: int = 1000  # rows per pass
     throttle_ms: int = 100  # pause after each pass that reaped something
+    # An upload whose chunks are this old and whose file was never created stopped part-way
+    # (its API died): the purge abandons it and reaps its chunks.
+    stale_upload_ms: int = 86_400_000  # 1 day
     model_filters_keep_per_model: int = 50
     model_filters_retention_ms: int = 604_800_000  # 7 days
 

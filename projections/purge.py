@@ -4,8 +4,11 @@ model-filters log.
 
 - :meth:`Purger.orphaned_rows` takes at most ``n`` rows of deleted batches (with the chains
   they headed and their result bodies), then at most ``n`` templates of deleted files, then
-  at most ``n`` chunk records of those files once none of their templates is left. Rows without a
-  batch are never purged here.
+  at most ``n`` chunk records of those files once none of their templates is left, then at
+  most ``n`` chunk records of uploads that stopped part-way (older than ``stale_upload``, of
+  a file that was never created: their API died before creating it or abandoning them),
+  whose uploads it abandons (the agent forgets them; the projector deletes their template
+  rows). Rows without a batch are never purged here.
 - :meth:`Purger.model_filter_events` deletes at most ``n`` events, oldest ids first, that are
   both outside the newest ``max(keep, 1)`` of their model and older than the retention: the
   latest event of each model always survives (core §6 inv. 10).
@@ -13,8 +16,8 @@ model-filters log.
 Each pass runs in one transaction that locks what it takes with ``FOR UPDATE SKIP LOCKED``,
 so concurrent purgers take disjoint rows, and sends the tombstones (acknowledged) before it
 commits the deletes: a crash in between leaves rows the next pass tombstones again, never
-content the read model has forgotten. Only rows under deleted parents are touched (core §6
-inv. 11).
+content the read model has forgotten. Only rows under deleted parents, or of files that never
+existed, are touched (core §6 inv. 11).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Tombstones the given body keys and returns once the broker has them.
 Tombstoner = Callable[[Sequence[str]], Awaitable[None]]
+#: Sends ``AbandonUpload`` for the given (file id, upload id) pairs, acknowledged.
+Abandoner = Callable[[Sequence[tuple[str, str]]], Awaitable[None]]
 
 _DELETED_ROWS = """
 SELECT r.id FROM requests r JOIN batches b ON b.id = r.batch_id
@@ -66,6 +71,14 @@ WHERE f.deleted_at IS NOT NULL AND c.body_key LIKE 'tplc:%'
 LIMIT $1
 FOR UPDATE OF c SKIP LOCKED
 """
+# Chunks of uploads that never became a file and stopped arriving long ago.
+_STALE_CHUNKS = """
+SELECT c.body_key FROM template_chunks c
+WHERE c.body_key LIKE 'tplc:%' AND c.projected_at < $2
+  AND NOT EXISTS (SELECT 1 FROM files f WHERE f.id::text = split_part(c.body_key, ':', 2))
+LIMIT $1
+FOR UPDATE OF c SKIP LOCKED
+"""
 _MODEL_FILTER_EVENTS = """
 DELETE FROM model_filters WHERE id IN (
     SELECT m.id FROM model_filters m
@@ -92,12 +105,21 @@ class Reaped(msgspec.Struct):
 
 
 class Purger:
-    def __init__(self, pool: asyncpg.Pool, tombstone: Tombstoner) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        tombstone: Tombstoner,
+        abandon: Abandoner,
+        stale_upload: timedelta = timedelta(days=1),
+    ) -> None:
         self.pool = pool
         self.tombstone = tombstone
+        self.abandon = abandon
+        self.stale_upload = stale_upload
 
     async def orphaned_rows(self, n: int) -> Reaped:
-        """One bounded pass over what lies under deleted parents (see the module docstring)."""
+        """One bounded pass over what lies under deleted parents and what stopped uploads
+        left (see the module docstring)."""
         reaped = Reaped()
         async with self.pool.acquire() as conn, conn.transaction():
             ids = [r["id"] for r in await conn.fetch(_DELETED_ROWS, n)]
@@ -136,6 +158,20 @@ class Purger:
                 )
                 reaped.chunks = len(chunks)
                 reaped.tombstones += len(chunks)
+        async with self.pool.acquire() as conn, conn.transaction():
+            cutoff = datetime.now(UTC) - self.stale_upload
+            stale = [r["body_key"] for r in await conn.fetch(_STALE_CHUNKS, n, cutoff)]
+            if stale:
+                # The agent forgets each upload and the projector deletes its template rows;
+                # the chunks go here.
+                keys = [key.split(":") for key in stale]  # tplc:<file>:<upload>:<line>
+                await self.abandon(sorted({(key[1], key[2]) for key in keys}))
+                await self.tombstone(stale)
+                await conn.execute(
+                    "DELETE FROM template_chunks WHERE body_key = ANY($1::text[])", stale
+                )
+                reaped.chunks += len(stale)
+                reaped.tombstones += len(stale)
         return reaped
 
     async def model_filter_events(self, n: int, keep: int, retention: timedelta) -> int:

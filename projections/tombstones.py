@@ -1,11 +1,14 @@
-"""Tombstones for body records: where each key lives, and sending them."""
+"""Tombstones for body records: where each key lives, and sending them; and the abandon of
+uploads whose chunks the purge reaps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from projections.api.publisher import Publisher
-from schemas import bodies, topics
+from schemas import bodies, ids, topics
+from schemas.commands import AbandonUpload
 
 
 def partition_of(key: str) -> int:
@@ -21,3 +24,14 @@ async def send(publisher: Publisher, keys: Sequence[str]) -> None:
     """Tombstone ``keys`` on the bodies topic and wait for every acknowledgement."""
     if keys:
         await publisher.bodies([(key, None, partition_of(key)) for key in keys])
+
+
+async def abandon(publisher: Publisher, uploads: Sequence[tuple[str, str]]) -> None:
+    """Send ``AbandonUpload`` for each (file id, upload id) and wait for every acknowledgement."""
+    now = datetime.now(UTC)
+    await publisher.commands(
+        [
+            AbandonUpload(command_id=ids.new_id(), issued_at=now, file_id=f, upload_id=u)
+            for f, u in uploads
+        ]
+    )

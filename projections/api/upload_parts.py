@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from projections import tombstones
 from projections.api.publisher import Publisher
 from projections.rules.upload import ParsedLine
 from schemas import bodies, ids, topics
 from schemas.bodies import BodyRef
-from schemas.commands import AbandonUpload, AnyCommand, AppendFileLines, CreateFile, FileLine
+from schemas.commands import AnyCommand, AppendFileLines, CreateFile, FileLine
 from schemas.errors import ApiError
 
 
@@ -108,18 +109,8 @@ class UploadParts:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         try:
-            if self._records:
-                await self.publisher.bodies([(k, None, p) for k, _, p in self._records])
+            await tombstones.send(self.publisher, [key for key, _, _ in self._records])
             if self._appended:
-                await self.publisher.commands(
-                    [
-                        AbandonUpload(
-                            command_id=ids.new_id(),
-                            issued_at=self.now,
-                            file_id=self.file_id,
-                            upload_id=self.upload_id,
-                        )
-                    ]
-                )
+                await tombstones.abandon(self.publisher, [(self.file_id, self.upload_id)])
         except ApiError:
             pass

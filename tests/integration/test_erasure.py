@@ -221,14 +221,19 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
             pool = await asyncpg.create_pool(rebuilt, min_size=1, max_size=2)
             try:
                 held: list[str] = []
+                abandoned: list[tuple[str, str]] = []
 
                 async def tombstone(keys: Sequence[str]) -> None:
                     held.extend(keys)
 
-                await run_once(Purger(pool, tombstone), PurgeConfig(throttle_ms=1))
+                async def abandon(uploads: Sequence[tuple[str, str]]) -> None:
+                    abandoned.extend(uploads)
+
+                await run_once(Purger(pool, tombstone, abandon), PurgeConfig(throttle_ms=1))
             finally:
                 await pool.close()
             assert not [k for k in held if k.split(":")[1] in owned_ids], held
+            assert not abandoned  # every upload of the log made its file
             return erased, survived, await _rows_owned(rebuilt, ERASED)
         finally:
             await postgres.drop_database(stack_info.admin_database_url, name)

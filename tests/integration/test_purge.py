@@ -40,6 +40,7 @@ class Tombstones:
 
     def __init__(self, barrier: asyncio.Barrier | None = None) -> None:
         self.keys: list[str] = []
+        self.uploads: list[tuple[str, str]] = []  # abandoned (file id, upload id)
         self.barrier = barrier
 
     async def __call__(self, keys: Sequence[str]) -> None:
@@ -47,6 +48,13 @@ class Tombstones:
             await asyncio.wait_for(self.barrier.wait(), 30)
             self.barrier = None
         self.keys += keys
+
+    async def abandon(self, uploads: Sequence[tuple[str, str]]) -> None:
+        self.uploads += uploads
+
+
+def _purger(pool: asyncpg.Pool, sink: Tombstones) -> Purger:
+    return Purger(pool, sink, sink.abandon)
 
 
 async def _batch(conn: asyncpg.Connection, *, deleted: bool, rows: int) -> list[str]:
@@ -102,7 +110,7 @@ async def test_purge_reaps_only_under_deleted_parents_in_bounded_chunks(pool: as
         live_file, live_chunk = await _file(conn, deleted=False, lines=2)
 
     sink = Tombstones()
-    purger = Purger(pool, sink)
+    purger = _purger(pool, sink)
     passes = []
     while (reaped := await purger.orphaned_rows(2)).total:
         assert reaped.rows <= 2 and reaped.templates <= 2 and reaped.chunks <= 2
@@ -131,7 +139,7 @@ async def test_two_purgers_take_disjoint_rows(pool: asyncpg.Pool) -> None:
     # Both hold their first pass's locks at the barrier: neither waits for the other's rows.
     barrier = asyncio.Barrier(2)
     sinks = [Tombstones(barrier), Tombstones(barrier)]
-    purgers = [Purger(pool, sink) for sink in sinks]
+    purgers = [_purger(pool, sink) for sink in sinks]
 
     async def drain(purger: Purger) -> int:
         total = 0
@@ -164,7 +172,7 @@ async def test_model_filter_retention_keeps_the_newest_and_always_the_latest(poo
         a = [await _filter(conn, "a", s, old + timedelta(minutes=i)) for i, s in enumerate(["live", "coming", "live", "absent", "live"])]  # fmt: skip
         b = [await _filter(conn, "b", "live", old)]
         recent = [await _filter(conn, "c", s, NOW - timedelta(minutes=5 - i)) for i, s in enumerate(["live", "coming", "live"])]  # fmt: skip
-    purger = Purger(pool, Tombstones())
+    purger = _purger(pool, Tombstones())
     retention = timedelta(days=7)
     # keep 2: model a loses its three oldest, two per pass, oldest ids first.
     assert await purger.model_filter_events(2, 2, retention) == 2
@@ -185,8 +193,33 @@ async def test_a_purge_round_drains_everything_and_stops_on_request(pool: asyncp
         await _batch(conn, deleted=True, rows=7)
         await _file(conn, deleted=True, lines=3)
     config = PurgeConfig(batch_size=3, throttle_ms=1)
-    rows, events = await run_once(Purger(pool, Tombstones()), config)
+    rows, events = await run_once(_purger(pool, Tombstones()), config)
     assert (rows, events) == (7 + 3 + 1, 0)
     stop = asyncio.Event()
     stop.set()
-    assert await run_once(Purger(pool, Tombstones()), config, stop) == (0, 0)
+    assert await run_once(_purger(pool, Tombstones()), config, stop) == (0, 0)
+
+
+async def test_an_upload_that_stopped_part_way_is_abandoned_and_its_chunks_reaped(pool: asyncpg.Pool) -> None:  # fmt: skip
+    # Its API died between the parts and the file: no file row, chunks a day old. A younger
+    # upload may still be arriving, and an old chunk of a file that exists is the file's.
+    stale_file, stale_upload = str(uuid.uuid4()), str(uuid.uuid4())
+    stale = [f"tplc:{stale_file}:{stale_upload}:{line}" for line in (0, 2900)]
+    young = f"tplc:{uuid.uuid4()}:{uuid.uuid4()}:0"
+    day_old = NOW - timedelta(days=1, minutes=1)
+    async with pool.acquire() as conn:
+        _, kept = await _file(conn, deleted=False, lines=2)
+        await conn.executemany(
+            "INSERT INTO template_chunks (body_key, body, projected_at) VALUES ($1, 'x', $2)",
+            [(key, day_old) for key in stale] + [(young, NOW)],
+        )
+        await conn.execute("UPDATE template_chunks SET projected_at = $1 WHERE body_key = $2", day_old, kept)  # fmt: skip
+    sink = Tombstones()
+    reaped = await _purger(pool, sink).orphaned_rows(10)
+    assert (reaped.chunks, reaped.tombstones) == (2, 2)
+    assert sink.uploads == [(stale_file, stale_upload)]
+    assert sorted(sink.keys) == sorted(stale)
+    async with pool.acquire() as conn:
+        left = {r["body_key"] for r in await conn.fetch("SELECT body_key FROM template_chunks")}
+    assert left == {young, kept}
+    assert not (await _purger(pool, sink).orphaned_rows(10)).total
