@@ -100,8 +100,8 @@ class UploadParts:
 
     async def abandon(self) -> None:
         """Best effort, after a failure: stop what is in flight, tombstone the chunks and void
-        the parts already appended (what this misses, e.g. when the broker is the thing that
-        failed, stays invisible: no file names it)."""
+        the parts already appended. What this misses (the broker is the thing that failed)
+        stays invisible, as no file names it, until the purge abandons it a day later."""
         pending: list[asyncio.Future[Any]] = [*self._sends]
         if self._appender is not None:
             pending.append(self._appender)
