@@ -33,6 +33,7 @@ import msgspec
 from cannonade import health
 from cannonade.config import Config, PurgeConfig
 from projections import metrics
+from schemas import bodies
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Purger:
         pool: asyncpg.Pool,
         tombstone: Tombstoner,
         abandon: Abandoner,
-        stale_upload: timedelta = timedelta(days=1),
+        stale_upload: timedelta,
     ) -> None:
         self.pool = pool
         self.tombstone = tombstone
@@ -163,9 +164,10 @@ class Purger:
             stale = [r["body_key"] for r in await conn.fetch(_STALE_CHUNKS, n, cutoff)]
             if stale:
                 # The agent forgets each upload and the projector deletes its template rows;
-                # the chunks go here.
-                keys = [key.split(":") for key in stale]  # tplc:<file>:<upload>:<line>
-                await self.abandon(sorted({(key[1], key[2]) for key in keys}))
+                # the chunks go here (a key of no upload's shape only goes).
+                uploads = {u for key in stale if (u := bodies.chunk_upload(key)) is not None}
+                if uploads:
+                    await self.abandon(sorted(uploads))
                 await self.tombstone(stale)
                 await conn.execute(
                     "DELETE FROM template_chunks WHERE body_key = ANY($1::text[])", stale

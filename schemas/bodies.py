@@ -67,6 +67,15 @@ def upload_chunks(file_id: str, upload_id: str) -> str:
     return f"{CHUNK}:{file_id}:{upload_id}:"
 
 
+def chunk_upload(key: str) -> tuple[str, str] | None:
+    """The (file id, upload id) a :func:`chunk_key` names; None for a key of another shape
+    (the bodies topic takes what producers write)."""
+    parts = key.split(":")
+    if len(parts) != 4 or parts[0] != CHUNK:
+        return None
+    return parts[1], parts[2]
+
+
 def key(kind: str, ref: str) -> str:
     return f"{kind}:{ref}"
 

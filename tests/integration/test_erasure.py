@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -229,7 +230,10 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
                 async def abandon(uploads: Sequence[tuple[str, str]]) -> None:
                     abandoned.extend(uploads)
 
-                await run_once(Purger(pool, tombstone, abandon), PurgeConfig(throttle_ms=1))
+                await run_once(
+                    Purger(pool, tombstone, abandon, timedelta(days=1)),
+                    PurgeConfig(throttle_ms=1),
+                )
             finally:
                 await pool.close()
             assert not [k for k in held if k.split(":")[1] in owned_ids], held

@@ -54,7 +54,7 @@ class Tombstones:
 
 
 def _purger(pool: asyncpg.Pool, sink: Tombstones) -> Purger:
-    return Purger(pool, sink, sink.abandon)
+    return Purger(pool, sink, sink.abandon, timedelta(milliseconds=PurgeConfig().stale_upload_ms))
 
 
 async def _batch(conn: asyncpg.Connection, *, deleted: bool, rows: int) -> list[str]:
@@ -223,3 +223,17 @@ async def test_an_upload_that_stopped_part_way_is_abandoned_and_its_chunks_reape
         left = {r["body_key"] for r in await conn.fetch("SELECT body_key FROM template_chunks")}
     assert left == {young, kept}
     assert not (await _purger(pool, sink).orphaned_rows(10)).total
+
+
+async def test_a_stale_chunk_of_no_uploads_shape_is_reaped_without_an_abandon(pool: asyncpg.Pool) -> None:  # fmt: skip
+    # A producer may write any chunk key straight to the bodies topic; one that names no
+    # upload must not stop the pass (it would, every round, and nothing stale would go).
+    key = "tplc:not-an-upload"
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO template_chunks (body_key, body, projected_at) VALUES ($1, 'x', $2)",
+            key, NOW - timedelta(days=2),
+        )  # fmt: skip
+    sink = Tombstones()
+    reaped = await _purger(pool, sink).orphaned_rows(10)
+    assert (reaped.chunks, sink.keys, sink.uploads) == (1, [key], [])
