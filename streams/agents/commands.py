@@ -84,12 +84,14 @@ def register(streams: Streams) -> None:
         now = utcnow()
         outs: list[Out]
         match cmd:
-            case AppendFileLines() | CreateFile() | DeleteFile() | CreateBatch():
+            case AppendFileLines() | CreateFile() | AbandonUpload() | DeleteFile() | CreateBatch():
                 record = file(aggregate_id(cmd))
                 if isinstance(cmd, AppendFileLines):
                     outs = population.append_lines(record, cmd, now)
                 elif isinstance(cmd, CreateFile):
                     outs = population.create_file(record, cmd, now)
+                elif isinstance(cmd, AbandonUpload):
+                    outs = population.abandon_upload(record, cmd, now)
                 elif isinstance(cmd, DeleteFile):
                     outs = population.delete_file(record, cmd.file_id, now)
                 else:
@@ -99,15 +101,10 @@ def register(streams: Streams) -> None:
                         await streams.publish(outs, wait=True)
                         return outs
                 await streams.publish(outs, wait=not isinstance(cmd, AppendFileLines))
-                files[aggregate_id(cmd)] = msgspec.msgpack.encode(record)
-            case AbandonUpload():
-                record = file(cmd.file_id)
-                outs = population.abandon_upload(record, cmd, now)
-                await streams.publish(outs, wait=True)
-                if population.forgettable(record):
-                    files.pop(cmd.file_id, None)
+                if population.forgettable(record):  # an abandoned upload was all it held
+                    files.pop(aggregate_id(cmd), None)
                 else:
-                    files[cmd.file_id] = msgspec.msgpack.encode(record)
+                    files[aggregate_id(cmd)] = msgspec.msgpack.encode(record)
             case SubmitRequest():
                 raw = requests.get(cmd.request_id)
                 seen = None if raw is None else _requests_decoder.decode(raw)
