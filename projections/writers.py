@@ -303,26 +303,13 @@ _UPSERT_TEMPLATES = (
 
 
 async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
-    templates: list[tuple[Any, ...]] = []
-    ends: dict[str, int] = {}  # per file, the end of its lines in `templates`
+    templates = _Templates(conn)
     for record in records:
         event = _decode(codec.file_events, record, rejected)
         if isinstance(event, TemplatesAppended):
-            if not templates:
-                ends.clear()
-            elif event.first_line < ends.get(event.file_id, 0):
-                # A line met again in this poll (another upload of the file): one COPY or
-                # upsert must not hold a line twice.
-                await _flush_templates(conn, templates)
-                ends.clear()
-            ends[event.file_id] = event.first_line + len(event.templates)
-            templates += [
-                (event.file_id, event.first_line + i, t.custom_id, t.method, t.path, t.model,
-                 t.body_size, event.body_key)
-                for i, t in enumerate(event.templates)
-            ]  # fmt: skip
+            await templates.add(event)
         elif isinstance(event, FileUploaded):
-            await _flush_templates(conn, templates)
+            await templates.flush()
             await conn.execute(
                 "INSERT INTO files (id, owner, filename, purpose, bytes, template_count, api_key_id,"
                 " created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -338,7 +325,7 @@ async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], reject
             )
             await _apply_deletions(conn, [event.file_id])
         elif isinstance(event, UploadAbandoned):
-            await _flush_templates(conn, templates)
+            await templates.flush()
             # Only the abandoned upload's lines: another upload of the file (a retry under
             # the same Idempotency-Key) may have written the rest.
             await conn.execute(
@@ -347,29 +334,49 @@ async def _files(conn: asyncpg.Connection, records: list[ConsumerRecord], reject
                 bodies.upload_chunks(event.file_id, event.upload_id),
             )
         elif isinstance(event, FileDeleted):
-            await _flush_templates(conn, templates)
+            await templates.flush()
             await conn.execute(
                 "INSERT INTO file_deletions (file_id, deleted_at) VALUES ($1, $2)"
                 " ON CONFLICT (file_id) DO NOTHING",
                 event.file_id, event.occurred_at,
             )  # fmt: skip
             await _apply_deletions(conn, [event.file_id])
-    await _flush_templates(conn, templates)
+    await templates.flush()
 
 
-async def _flush_templates(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
-        return
-    try:
-        # A new upload's lines are new rows, and COPY writes them in half the time of the
-        # upsert, which only a replay or a retried upload needs (and gets on a conflict).
-        async with conn.transaction():
-            await conn.copy_records_to_table(
-                "request_templates", records=rows, columns=_TEMPLATE_COLUMNS
-            )
-    except asyncpg.UniqueViolationError:
-        await conn.execute(_UPSERT_TEMPLATES, *zip(*rows, strict=True))
-    rows.clear()
+class _Templates:
+    """A poll's template rows, written together; a line meets at most once in one write."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.rows: list[tuple[Any, ...]] = []
+        self.ends: dict[str, int] = {}  # per file, the end of its lines in `rows`
+
+    async def add(self, event: TemplatesAppended) -> None:
+        if event.first_line < self.ends.get(event.file_id, 0):
+            # A line met again in this poll (another upload of the file): one COPY or upsert
+            # must not hold a line twice.
+            await self.flush()
+        self.ends[event.file_id] = event.first_line + len(event.templates)
+        self.rows += [
+            (event.file_id, event.first_line + i, t.custom_id, t.method, t.path, t.model,
+             t.body_size, event.body_key)
+            for i, t in enumerate(event.templates)
+        ]  # fmt: skip
+
+    async def flush(self) -> None:
+        rows, self.rows, self.ends = self.rows, [], {}
+        if not rows:
+            return
+        try:
+            # A new upload's lines are new rows, and COPY writes them in half the time of the
+            # upsert, which only a replay or a retried upload needs (and gets on a conflict).
+            async with self.conn.transaction():
+                await self.conn.copy_records_to_table(
+                    "request_templates", records=rows, columns=_TEMPLATE_COLUMNS
+                )
+        except asyncpg.UniqueViolationError:
+            await self.conn.execute(_UPSERT_TEMPLATES, *zip(*rows, strict=True))
 
 
 async def _apply_deletions(conn: asyncpg.Connection, file_ids: list[str]) -> None:
