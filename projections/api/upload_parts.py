@@ -28,9 +28,8 @@ class UploadParts:
         self.publisher = publisher
         self.file_id, self.upload_id, self.now = file_id, upload_id, now
         self.lines = 0
-        self._records: list[tuple[str, bytes, int]] = []  # the chunks, for the erasure
         self._sends: list[asyncio.Future[list[BodyRef]]] = []
-        self._parts: list[tuple[int, list[FileLine]]] = []  # (first line, lines) per chunk
+        self._parts: list[tuple[str, int, list[FileLine]]] = []  # (chunk key, first line, lines)
         self._added = asyncio.Event()
         self._appender: asyncio.Future[None] | None = None
         self._appended = 0  # parts whose AppendFileLines went out (or may have)
@@ -39,15 +38,14 @@ class UploadParts:
     def add(self, lines: Sequence[ParsedLine]) -> None:
         """Send a chunk of consecutive lines; the command that appends them follows."""
         first = lines[0].line_number
+        key = bodies.chunk_key(self.file_id, self.upload_id, first)
         record = (
-            bodies.chunk_key(self.file_id, self.upload_id, first),
+            key,
             bodies.encode_chunk([(line.custom_id, line.body) for line in lines]),
             bodies.partition_for(self.file_id, topics.BODIES.partitions),
         )
-        self._records.append(record)
-        self._parts.append(
-            (first, [FileLine(x.custom_id, "POST", x.url, x.model, len(x.body)) for x in lines])
-        )
+        metas = [FileLine(x.custom_id, "POST", x.url, x.model, len(x.body)) for x in lines]
+        self._parts.append((key, first, metas))  # not the record: its bytes are sent
         self._sends.append(asyncio.ensure_future(self.publisher.bodies([record])))
         self.lines += len(lines)
         self._added.set()
@@ -78,14 +76,14 @@ class UploadParts:
                 return
 
     def _command(self, i: int) -> AppendFileLines:
-        (first, metas), [ref] = self._parts[i], self._sends[i].result()
+        (key, first, metas), [ref] = self._parts[i], self._sends[i].result()
         return AppendFileLines(
             command_id=ids.new_id(),
             issued_at=self.now,
             file_id=self.file_id,
             upload_id=self.upload_id,
             first_line=first,
-            body_key=self._records[i][0],
+            body_key=key,
             body=ref,
             lines=metas,
         )
@@ -109,7 +107,7 @@ class UploadParts:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         try:
-            await tombstones.send(self.publisher, [key for key, _, _ in self._records])
+            await tombstones.send(self.publisher, [key for key, _, _ in self._parts])
             if self._appended:
                 await tombstones.abandon(self.publisher, [(self.file_id, self.upload_id)])
         except ApiError:
