@@ -43,6 +43,7 @@ from typing import Any
 import asyncpg
 from openai import AsyncOpenAI
 
+from bench import procs
 from bench.baseline import (
     START_POLL_S,
     BenchError,
@@ -65,10 +66,6 @@ USER = "bench-user"
 MODEL = "bench-chat"
 TARGET_RATIO = 3.0
 SETTLED = ("cancelled", "completed", "failed", "expired")
-
-
-def loadavg() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 # --- Cannonade: upload -> in_progress --------------------------------------------------------
@@ -197,12 +194,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             base_url=f"{services.api_url}/v1", api_key=secret, max_retries=0, timeout=600
         )
         conn = await asyncpg.connect(backend.database_url, timeout=10)
-        load_before = loadavg()
+        load_before = procs.loadavg()
         log(f"{args.lines} lines ({len(data) / 1e6:.1f} MB), {args.repeats} repeats; "
             f"load average {load_before}")  # fmt: skip
         try:
             for rep in range(1, args.repeats + 1):
-                load = loadavg()
+                load = procs.loadavg()
                 # The quiet before the upload: what each process burns idle (Kafka's and
                 # the workers' polling), in CPU seconds per second.
                 idle = cpu_seconds(watched_pids(services, backend))
@@ -224,7 +221,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(args.pause)
                 one["copy_text_s"] = round(await copy_once(conn, rows, "text"), 3)
                 one["copy_jsonb_s"] = round(await copy_once(conn, rows, "jsonb"), 3)
-                one["load_before"], one["load_after"] = load, loadavg()
+                one["load_before"], one["load_after"] = load, procs.loadavg()
                 log(
                     f"repeat {rep}: COPY text {one['copy_text_s']:.3f}s, jsonb "
                     f"{one['copy_jsonb_s']:.3f}s (cancelled batch settled in {one['settle_s']}s)"
@@ -233,7 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             await conn.close()
             await client.close()
-        load_after = loadavg()
+        load_after = procs.loadavg()
     finally:
         if services is not None:
             log("stopping services")
