@@ -13,9 +13,11 @@ Every drill asserts the same outcome:
   limit, and with prefetch the claims queued behind each running call);
   none at all when the fault is off the write path (projector, API, database, poison).
 
-"In flight" is measured, not assumed: a request counts from its claim (the earliest of its
-lifecycle event, its dispatch record and its first upstream call) to its first terminal event.
-A kill is an instant; an outage lasts from the stop to the end of the start.
+"In flight" is measured, not assumed: a request counts from each claim (the earliest of its
+lifecycle event and its dispatch record; the first claim also from the first upstream call) to
+the first event that ends that claim (taken back, a retry scheduled, the request's end). A claim
+handed back unsent leaves the request pending, not in flight, until its next claim. A kill is
+an instant; an outage lasts from the stop to the end of the start.
 
 The drills restart the broker and the database, so they run on a stack and services of their
 own (module scope); each drill starts only once every service is ready again.
@@ -250,11 +252,25 @@ class Lifecycle:
     """A batch's requests as the lifecycle and dispatch topics tell it."""
 
     terminal_ids: dict[str, set[str]]  # request -> distinct terminal event ids
-    first_claim: dict[str, datetime]
+    claimed: dict[str, dict[str, datetime]]  # request -> claim id -> first record of it
+    released: dict[str, dict[str, datetime]]  # request -> claim id -> first event ending it
     first_end: dict[str, datetime]
     partitions: set[int]  # of the model's lifecycle records
     dispatches: dict[str, Counter[str]]  # request -> dispatch records per claim id
     reclaims: dict[str, dict[str, str]]  # request -> reason it was taken back, per event
+
+    def spans(self, request: str, first_call: datetime | None) -> list[tuple[datetime, datetime]]:
+        """When ``request`` was in flight, claim by claim. A claim with no event ending it (one
+        a restarted gate decided differently) counts until the request's end; an upstream call
+        before every claim record (a record lost in a crash) opens the first span."""
+        end = self.first_end[request]
+        released = self.released.get(request, {})
+        spans = sorted(
+            (at, released.get(claim, end)) for claim, at in self.claimed.get(request, {}).items()
+        )
+        if first_call is not None and (not spans or first_call < spans[0][0]):
+            spans = [(first_call, spans[0][1] if spans else end), *spans[1:]]
+        return spans
 
     def why(self, requests: set[str]) -> dict[str, int]:
         """How ``requests`` came to be sent again: a claim dispatched twice, or taken back."""
@@ -267,6 +283,8 @@ class Lifecycle:
 
 
 _ENDS = ("RequestCompleted", "RequestFailed", "RequestCanceled")
+# Events that end a claim but not the request.
+_RELEASES = ("RequestReclaimed", "RequestRetryScheduled")
 
 
 def _json(value: bytes | None) -> Any:
@@ -283,8 +301,14 @@ def lifecycle(
     records = asyncio.run(read_topic(bootstrap, topics.REQUESTS))
     dispatches = asyncio.run(read_topic(bootstrap, topics.DISPATCH))
     terminal: dict[str, set[str]] = defaultdict(set)
-    claims: dict[str, datetime] = {}
+    claimed: dict[str, dict[str, datetime]] = defaultdict(dict)
+    released: dict[str, dict[str, datetime]] = defaultdict(dict)
     ends: dict[str, datetime] = {}
+
+    def first(seen: dict[str, datetime], claim: str | None, when: datetime) -> None:
+        if claim is not None:
+            seen[claim] = min(seen.get(claim, when), when)
+
     partitions: set[int] = set()
     dispatched: dict[str, Counter[str]] = defaultdict(Counter)
     reclaims: dict[str, dict[str, str]] = defaultdict(dict)
@@ -299,20 +323,23 @@ def lifecycle(
                 continue
             request, when = event["request_id"], at(event["occurred_at"])
             if event["type"] == "RequestClaimed":
-                claims[request] = min(claims.get(request, when), when)
-            elif event["type"] == "RequestReclaimed":
-                reclaims[request][event["event_id"]] = event["reason"]
+                first(claimed[request], event["claim_id"], when)
+            elif event["type"] in _RELEASES:
+                first(released[request], event["claim_id"], when)
+                if event["type"] == "RequestReclaimed":
+                    reclaims[request][event["event_id"]] = event["reason"]
             elif event["type"] in _ENDS:
                 terminal[request].add(event["event_id"])
                 ends[request] = min(ends.get(request, when), when)
+                first(released[request], event.get("claim_id"), when)
     for record in dispatches:
         message = _json(record.value) or {}
         for item in message.get("items", []):
             if item["batch_id"] == batch_id:
                 request, when = item["request_id"], at(item["claimed_at"])
-                claims[request] = min(claims.get(request, when), when)
+                first(claimed[request], item["claim_id"], when)
                 dispatched[request][item["claim_id"]] += 1
-    return Lifecycle(dict(terminal), claims, ends, partitions, dispatched, reclaims)
+    return Lifecycle(dict(terminal), claimed, released, ends, partitions, dispatched, reclaims)
 
 
 def download(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -379,12 +406,11 @@ def verify(
     # In flight when the fault began, and at any moment while it lasted (the same for a kill).
     at_start, exposed = set(), set()
     for request in request_ids:
-        claimed = min(t for t in (story.first_claim.get(request), first_call.get(request)) if t)
-        ended = story.first_end[request]
-        if claimed <= fault.began <= ended:
-            at_start.add(request)
-        if claimed <= fault.ended and ended >= fault.began:
-            exposed.add(request)
+        for claimed, ended in story.spans(request, first_call.get(request)):
+            if claimed <= fault.began <= ended:
+                at_start.add(request)
+            if claimed <= fault.ended and ended >= fault.began:
+                exposed.add(request)
     duplicated = {r: n for r, n in calls.items() if n > 1}
     extra = sum(n - 1 for n in duplicated.values())
     print(
@@ -394,7 +420,10 @@ def verify(
         f"fault {(fault.ended - fault.began).total_seconds():.1f}s after "
         f"{fault.calls_before}/{LINES} calls, {fault.detail}"
     )
-    assert len(at_start) <= CLAIMED_MAX, f"{len(at_start)} in flight at the fault"
+    assert len(at_start) <= CLAIMED_MAX, (
+        f"{len(at_start)} in flight at the fault: {story.why(at_start)}",
+        sorted((str(s), str(e)) for r in at_start for s, e in story.spans(r, first_call.get(r))),
+    )
     if write_path:
         assert set(duplicated) <= exposed, (
             f"sent twice but not in flight at the fault: {sorted(set(duplicated) - exposed)}"
