@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas import codec, topics
 from schemas.events import ResponseFinalized, StepCompleted, StepFailed, StepStarted
 from streams.chains.runner import StepStatus
+from streams.paused_reader import PausedReader
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class _Window:
         return len(self.started) + len(self.finished) + len(self.over)
 
 
-class KafkaLedger:
+class KafkaLedger(PausedReader):
     def __init__(
         self,
         bootstrap: str,
@@ -50,40 +51,14 @@ class KafkaLedger:
         partitions: int = topics.RESPONSES.partitions,
         fetch_timeout_s: float = 30.0,
     ) -> None:
-        self._bootstrap = bootstrap
-        self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
-        self._locks = [asyncio.Lock() for _ in range(partitions)]
+        super().__init__(bootstrap, topic, partitions)
         self._windows: dict[int, _Window] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._ready = asyncio.Event()
         self._fetch_timeout_s = fetch_timeout_s
-
-    async def start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_wait_ms=5,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        consumer.assign(self._partitions)
-        consumer.pause(*self._partitions)
-        self._consumer = consumer
-        self._ready.set()
-
-    async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
 
     async def status(
         self, partition: int, response_id: str, step_id: str, since: datetime
     ) -> StepStatus:
-        await self._ready.wait()
-        consumer = self._consumer
-        assert consumer is not None
-        tp = self._partitions[partition]
-        async with self._locks[partition]:
+        async with self._holding(partition) as (consumer, tp):
             found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000)})
             end = (await consumer.end_offsets([tp]))[tp]
             start = end if found.get(tp) is None else found[tp].offset
@@ -102,9 +77,7 @@ class KafkaLedger:
     ) -> None:
         if window.end >= end:
             return
-        consumer.seek(tp, window.end)
-        consumer.resume(tp)
-        try:
+        with self._resumed(consumer, tp, window.end):
             async with asyncio.timeout(self._fetch_timeout_s):
                 while window.end < end:
                     batch = await consumer.getmany(tp, timeout_ms=500)
@@ -113,8 +86,6 @@ class KafkaLedger:
                         window.end = record.offset + 1
                     # Compaction or aborted transactions can leave gaps: trust the position.
                     window.end = max(window.end, await consumer.position(tp))
-        finally:
-            consumer.pause(tp)
 
 
 def _fold(window: _Window, value: bytes | None) -> None:

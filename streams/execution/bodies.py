@@ -14,10 +14,10 @@ from collections import OrderedDict
 from typing import Protocol
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import bodies, topics
 from schemas.bodies import BodyRef, TemplateChunk
+from streams.paused_reader import PausedReader
 
 
 class Template(msgspec.Struct, frozen=True):
@@ -41,9 +41,8 @@ _RAW_KINDS = frozenset(
 )
 
 
-class BodyReader:
-    """Random access to template bodies through one consumer with manual assignment. Every
-    partition stays paused except while a read is in progress on it."""
+class BodyReader(PausedReader):
+    """Random access to template bodies, decoded chunks kept in a bounded cache."""
 
     def __init__(
         self,
@@ -54,41 +53,16 @@ class BodyReader:
         cache_bytes: int = 64 * 1024 * 1024,
         fetch_timeout_s: float = 10.0,
     ) -> None:
-        self._bootstrap = bootstrap
-        self._consumer: AIOKafkaConsumer | None = None
-        self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
-        self._locks = [asyncio.Lock() for _ in range(partitions)]
+        super().__init__(bootstrap, topic, partitions)
         # (partition, offset) -> (decoded record, its size on the topic)
         self._cache: OrderedDict[tuple[int, int], tuple[_Decoded, int]] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._fetch_timeout_s = fetch_timeout_s
-        self._ready = asyncio.Event()
-
-    async def start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            # One fetch brings the asked record and enough of the ones after it to read ahead.
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=topics.MAX_MESSAGE_BYTES,
-            fetch_max_wait_ms=5,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        consumer.assign(self._partitions)
-        consumer.pause(*self._partitions)
-        self._consumer = consumer
-        self._ready.set()
-
-    async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
 
     async def template(self, ref: BodyRef) -> Template:
         cached = self._cache.get((ref.partition, ref.offset))
         if cached is None:
-            await self._ready.wait()
             record = await self._fetch(ref.partition, ref.offset)
         else:
             record = cached[0]
@@ -101,26 +75,20 @@ class BodyReader:
         return Template(line.custom_id, bytes(line.body))
 
     async def _fetch(self, partition: int, offset: int) -> _Decoded:
-        tp = self._partitions[partition]
-        consumer = self._consumer
-        assert consumer is not None
-        async with self._locks[partition]:
+        async with self._holding(partition) as (consumer, tp):
             found = self._cache.get((partition, offset))
             if found is not None:
                 return found[0]
-            consumer.seek(tp, offset)
-            consumer.resume(tp)
             try:
-                async with asyncio.timeout(self._fetch_timeout_s):
-                    while True:
-                        batch = await consumer.getmany(tp, timeout_ms=1000)
-                        records = batch.get(tp, [])
-                        if records:
-                            break
+                with self._resumed(consumer, tp, offset):
+                    async with asyncio.timeout(self._fetch_timeout_s):
+                        while True:
+                            batch = await consumer.getmany(tp, timeout_ms=1000)
+                            records = batch.get(tp, [])
+                            if records:
+                                break
             except TimeoutError:
                 raise BodyGone(f"no record at {partition}@{offset}") from None
-            finally:
-                consumer.pause(tp)
             for record in records:
                 self._remember(partition, record.offset, record.key, record.value)
             found = self._cache.get((partition, offset))
