@@ -466,6 +466,12 @@ def gate_config(args: argparse.Namespace) -> str:
     return "" if prefetch is None else f"[gate]\nprefetch = {prefetch}\n"
 
 
+async def stop_services(services: Services) -> None:
+    log("stopping services")
+    await asyncio.to_thread(services.stop)
+    shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+
+
 def bench_services(
     run_root: Path, backend: Backend, models: list[str], args: argparse.Namespace
 ) -> Services:
@@ -538,9 +544,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if services is not None:
             if not rss:
                 rss = services.rss_kib()
-            log("stopping services")
-            await asyncio.to_thread(services.stop)
-            shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+            await stop_services(services)
         await close_backend(backend, args.keep_db)
 
     n = args.requests

@@ -46,7 +46,6 @@ import bisect
 import itertools
 import json
 import math
-import shutil
 import statistics
 import sys
 import tempfile
@@ -80,6 +79,7 @@ from bench.baseline import (
     run_stack_bench,
     stack_options,
     start_services,
+    stop_services,
     upstream_stats,
     watched_pids,
 )
@@ -544,9 +544,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if services is not None:
             if not rss:
                 rss = services.rss_kib()
-            log("stopping services")
-            await asyncio.to_thread(services.stop)
-            shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+            await stop_services(services)
         await close_backend(backend, args.keep_db)
 
     n = args.requests

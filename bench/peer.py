@@ -64,6 +64,7 @@ from bench.baseline import (
     save_and_report,
     stack_options,
     start_services,
+    stop_services,
     with_database,
 )
 from compose.services import ModelSpec, Services, free_port, write_config
@@ -355,8 +356,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
     finally:
         if client is not None:
             await client.close()
-        await asyncio.to_thread(services.stop)
-        shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+        await stop_services(services)
     n = args.requests
     return {
         "side": CANNONADE,

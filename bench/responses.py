@@ -37,7 +37,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from bench.baseline import (
     run_stack_bench,
     stack_options,
     start_services,
+    stop_services,
     wait_projector_caught_up,
 )
 from compose.services import Services
@@ -476,9 +476,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         upstream = await asyncio.to_thread(upstream_counts, services.upstream_url)
     finally:
         if services is not None:
-            log("stopping services")
-            await asyncio.to_thread(services.stop)
-            shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+            await stop_services(services)
         await close_backend(backend, args.keep_db)
 
     def net(phase: Phase, calls: int) -> dict[str, float]:

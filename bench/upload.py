@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from bench.baseline import (
     run_stack_bench,
     stack_options,
     start_services,
+    stop_services,
     watched_pids,
 )
 from compose.services import Services
@@ -233,9 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         load_after = procs.loadavg()
     finally:
         if services is not None:
-            log("stopping services")
-            await asyncio.to_thread(services.stop)
-            shutil.rmtree(services.run_dir / "data", ignore_errors=True)  # keep only the logs
+            await stop_services(services)
         await close_backend(backend, args.keep_db)
 
     up = median([r["upload_to_in_progress_s"] for r in reps])
