@@ -257,7 +257,7 @@ class Lifecycle:
     first_end: dict[str, datetime]
     partitions: set[int]  # of the model's lifecycle records
     dispatches: dict[str, Counter[str]]  # request -> dispatch records per claim id
-    reclaims: dict[str, dict[str, str]]  # request -> reason it was taken back, per event
+    reclaims: dict[str, dict[str, str]]  # request -> why a claim of it ended early, per event
 
     def spans(self, request: str, first_call: datetime | None) -> list[tuple[datetime, datetime]]:
         """When ``request`` was in flight, claim by claim. A claim with no event ending it (one
@@ -273,12 +273,13 @@ class Lifecycle:
         return spans
 
     def why(self, requests: set[str]) -> dict[str, int]:
-        """How ``requests`` came to be sent again: a claim dispatched twice, or taken back."""
+        """How ``requests`` came to be sent again (or, for requests counted in flight, left
+        pending between claims): a claim dispatched twice, taken back, or put off by a retry."""
         causes: Counter[str] = Counter()
         for request in requests:
             if max(self.dispatches.get(request, Counter()).values(), default=0) > 1:
                 causes["same claim dispatched twice"] += 1
-            causes.update(f"reclaimed: {r}" for r in self.reclaims.get(request, {}).values())
+            causes.update(self.reclaims.get(request, {}).values())
         return dict(causes)
 
 
@@ -326,8 +327,9 @@ def lifecycle(
                 first(claimed[request], event["claim_id"], when)
             elif event["type"] in _RELEASES:
                 first(released[request], event["claim_id"], when)
-                if event["type"] == "RequestReclaimed":
-                    reclaims[request][event["event_id"]] = event["reason"]
+                reason = event.get("reason")  # a reclaim's; a retry has none
+                cause = "retry scheduled" if reason is None else f"reclaimed: {reason}"
+                reclaims[request][event["event_id"]] = cause
             elif event["type"] in _ENDS:
                 terminal[request].add(event["event_id"])
                 ends[request] = min(ends.get(request, when), when)
