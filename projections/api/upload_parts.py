@@ -48,9 +48,14 @@ class UploadParts:
         self._parts.append((key, first, metas))  # not the record: its bytes are sent
         self._sends.append(asyncio.ensure_future(self.publisher.bodies([record])))
         self.lines += len(lines)
+        self._wake()
+
+    def _wake(self) -> asyncio.Future[None]:
+        """Tell the appender there is more to send, starting it on the first call."""
         self._added.set()
         if self._appender is None:
             self._appender = asyncio.ensure_future(self._append())
+        return self._appender
 
     async def _append(self) -> None:
         """Append the parts in line order (the agent refuses one out of order), each send
@@ -91,10 +96,7 @@ class UploadParts:
     async def finish(self, create: CreateFile) -> None:
         """Create the file once every part is appended."""
         self._create = create
-        self._added.set()
-        if self._appender is None:
-            self._appender = asyncio.ensure_future(self._append())
-        await self._appender
+        await self._wake()
 
     async def abandon(self) -> None:
         """Best effort, after a failure: stop what is in flight, tombstone the chunks and void
