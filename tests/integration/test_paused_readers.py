@@ -5,9 +5,11 @@ of a step). Each test reads a topic of its own, so nothing else writes there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -20,10 +22,17 @@ from schemas.events import ResponseFinalized, StepCompleted, StepStarted
 from streams.chains.ledger import KafkaLedger
 from streams.chains.runner import StepStatus
 from streams.execution.bodies import BodyGone, BodyReader, Template
+from streams.paused_reader import PausedReader
 
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 2
+R = TypeVar("R", bound=PausedReader)
+
+
+@pytest.fixture
+def bootstrap(stack_info: stack.StackInfo) -> str:
+    return stack_info.kafka_bootstrap
 
 
 async def _fresh_topic(bootstrap: str, kind: str) -> str:
@@ -32,6 +41,15 @@ async def _fresh_topic(bootstrap: str, kind: str) -> str:
         bootstrap, [topics.Topic(name, key="test", partitions=PARTITIONS, carries="test")]
     )
     return name
+
+
+@contextlib.asynccontextmanager
+async def _running(reader: R) -> AsyncIterator[R]:
+    await reader.start()
+    try:
+        yield reader
+    finally:
+        await reader.stop()
 
 
 async def _send(
@@ -50,101 +68,78 @@ async def _send(
         await producer.stop()
 
 
-def test_the_body_reader_reads_lines_of_chunks_and_whole_bodies_on_any_partition(
-    stack_info: stack.StackInfo,
+async def test_the_body_reader_reads_lines_of_chunks_and_whole_bodies_on_any_partition(
+    bootstrap: str,
 ) -> None:
-    async def scenario() -> None:
-        bootstrap = stack_info.kafka_bootstrap
-        topic = await _fresh_topic(bootstrap, "bodies")
-        chunk = bodies.encode_chunk([("a-0", b'{"n": 0}'), ("a-1", b'{"n": 1}'), (None, b"{}")])
-        key = bodies.key(bodies.CHUNK, f"{uuid.uuid4()}:0").encode()
-        raw = bodies.key(bodies.TEMPLATE, str(uuid.uuid4())).encode()
-        at = await _send(
-            bootstrap,
-            topic,
-            [(0, key, chunk), (1, raw, b'{"whole": true}'), (1, raw, None)],
+    topic = await _fresh_topic(bootstrap, "bodies")
+    chunk = bodies.encode_chunk([("a-0", b'{"n": 0}'), ("a-1", b'{"n": 1}'), (None, b"{}")])
+    key = bodies.key(bodies.CHUNK, f"{uuid.uuid4()}:0").encode()
+    raw = bodies.key(bodies.TEMPLATE, str(uuid.uuid4())).encode()
+    at = await _send(
+        bootstrap,
+        topic,
+        [(0, key, chunk), (1, raw, b'{"whole": true}'), (1, raw, None)],
+    )
+    reader = BodyReader(bootstrap, topic=topic, partitions=PARTITIONS, fetch_timeout_s=5)
+    async with _running(reader):
+        # Both partitions at once, each read its own record.
+        first, whole = await asyncio.gather(
+            reader.template(BodyRef(at[0].partition, at[0].offset, 1)),
+            reader.template(at[1]),
         )
-        reader = BodyReader(bootstrap, topic=topic, partitions=PARTITIONS, fetch_timeout_s=5)
-        await reader.start()
-        try:
-            # Both partitions at once: their reads interleave, each sees its own record.
-            first, whole = await asyncio.gather(
-                reader.template(BodyRef(at[0].partition, at[0].offset, 1)),
-                reader.template(at[1]),
-            )
-            assert first == Template("a-1", b'{"n": 1}')
-            assert whole == Template(None, b'{"whole": true}')
-            # The other lines of the chunk, one without an id.
-            assert await reader.template(BodyRef(0, at[0].offset, 0)) == Template("a-0", b'{"n": 0}')  # fmt: skip
-            assert await reader.template(BodyRef(0, at[0].offset, 2)) == Template(None, b"{}")
-            with pytest.raises(BodyGone, match="line 3 is not in the chunk"):
-                await reader.template(BodyRef(0, at[0].offset, 3))
-            # A tombstone where a body was asked for: erased, not an empty body.
-            with pytest.raises(BodyGone, match="erased"):
-                await reader.template(at[2])
-        finally:
-            await reader.stop()
-
-    asyncio.run(scenario())
+        assert first == Template("a-1", b'{"n": 1}')
+        assert whole == Template(None, b'{"whole": true}')
+        # The other lines of the chunk, one without an id.
+        assert await reader.template(BodyRef(0, at[0].offset, 0)) == Template("a-0", b'{"n": 0}')  # fmt: skip
+        assert await reader.template(BodyRef(0, at[0].offset, 2)) == Template(None, b"{}")
+        with pytest.raises(BodyGone, match="line 3 is not in the chunk"):
+            await reader.template(BodyRef(0, at[0].offset, 3))
+        # A tombstone where a body was asked for: erased, not an empty body.
+        with pytest.raises(BodyGone, match="erased"):
+            await reader.template(at[2])
 
 
-def test_the_body_reader_says_gone_for_an_offset_never_written(
-    stack_info: stack.StackInfo,
+async def test_the_body_reader_says_gone_for_an_offset_never_written(bootstrap: str) -> None:
+    topic = await _fresh_topic(bootstrap, "bodies")
+    reader = BodyReader(bootstrap, topic=topic, partitions=PARTITIONS, fetch_timeout_s=2)
+    async with _running(reader):
+        with pytest.raises(BodyGone, match="no record at 1@5"):
+            await reader.template(BodyRef(1, 5))
+        # The reader is not stuck on that partition: a body written later reads.
+        [at] = await _send(bootstrap, topic, [(1, b"tpl:x", b"{}")])
+        assert await reader.template(at) == Template(None, b"{}")
+
+
+async def test_the_ledger_tells_a_step_unseen_started_finished_and_its_chain_over(
+    bootstrap: str,
 ) -> None:
-    async def scenario() -> None:
-        bootstrap = stack_info.kafka_bootstrap
-        topic = await _fresh_topic(bootstrap, "bodies")
-        reader = BodyReader(bootstrap, topic=topic, partitions=PARTITIONS, fetch_timeout_s=2)
-        await reader.start()
-        try:
-            with pytest.raises(BodyGone, match="no record at 1@5"):
-                await reader.template(BodyRef(1, 5))
-            # The reader is not stuck on that partition: a body written later reads.
-            [at] = await _send(bootstrap, topic, [(1, b"tpl:x", b"{}")])
-            assert await reader.template(at) == Template(None, b"{}")
-        finally:
-            await reader.stop()
+    topic = await _fresh_topic(bootstrap, "responses")
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    response, step, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    ledger = KafkaLedger(bootstrap, topic=topic, partitions=PARTITIONS, fetch_timeout_s=10)
 
-    asyncio.run(scenario())
+    def head() -> dict[str, Any]:
+        return {"event_id": str(uuid.uuid4()), "occurred_at": datetime.now(UTC)}
 
+    async def status(step_id: str) -> StepStatus:
+        return await ledger.status(0, response, step_id, since)
 
-def test_the_ledger_tells_a_step_unseen_started_finished_and_its_chain_over(
-    stack_info: stack.StackInfo,
-) -> None:
-    async def scenario() -> None:
-        bootstrap = stack_info.kafka_bootstrap
-        topic = await _fresh_topic(bootstrap, "responses")
-        since = datetime.now(UTC) - timedelta(seconds=5)
-        response, step, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-        ledger = KafkaLedger(bootstrap, topic=topic, partitions=PARTITIONS, fetch_timeout_s=10)
-        await ledger.start()
-
-        def head() -> dict[str, Any]:
-            return {"event_id": str(uuid.uuid4()), "occurred_at": datetime.now(UTC)}
-
-        async def status(step_id: str) -> StepStatus:
-            return await ledger.status(0, response, step_id, since)
-
-        try:
-            assert await status(step) is StepStatus.UNSEEN  # an empty partition
-            key = response.encode()
-            await _send(bootstrap, topic, [(0, key, encode(StepStarted(**head(), response_id=response, step_id=step)))])  # fmt: skip
-            assert await status(step) is StepStatus.STARTED
-            assert await status(other) is StepStatus.UNSEEN
-            # Appended after the first question: the next one reads on from where it stopped.
-            ref = BodyRef(1, 0)
-            await _send(bootstrap, topic, [
-                (0, key, b"not json"),  # the chain agent dead-letters it; it says nothing here
-                (0, key, encode(StepCompleted(**head(), response_id=response, step_id=step, payload=ref))),
-                (1, key, encode(StepStarted(**head(), response_id=response, step_id=other))),
-            ])  # fmt: skip
-            assert await status(step) is StepStatus.FINISHED
-            assert await status(other) is StepStatus.UNSEEN  # written to another partition
-            await _send(bootstrap, topic, [
-                (0, key, encode(ResponseFinalized(**head(), response_id=response, status=200, body=ref))),
-            ])  # fmt: skip
-            assert await status(other) is StepStatus.CHAIN_OVER
-        finally:
-            await ledger.stop()
-
-    asyncio.run(scenario())
+    async with _running(ledger):
+        assert await status(step) is StepStatus.UNSEEN  # an empty partition
+        key = response.encode()
+        await _send(bootstrap, topic, [(0, key, encode(StepStarted(**head(), response_id=response, step_id=step)))])  # fmt: skip
+        assert await status(step) is StepStatus.STARTED
+        assert await status(other) is StepStatus.UNSEEN
+        # Appended after the first question: the next one reads on from where it stopped.
+        ref = BodyRef(1, 0)
+        await _send(bootstrap, topic, [
+            (0, key, b"not json"),  # the chain agent dead-letters it; it says nothing here
+            (0, key, encode(StepCompleted(**head(), response_id=response, step_id=step, payload=ref))),
+            (1, key, encode(StepStarted(**head(), response_id=response, step_id=other))),
+        ])  # fmt: skip
+        assert await status(step) is StepStatus.FINISHED
+        assert await status(other) is StepStatus.UNSEEN  # written to another partition
+        await _send(bootstrap, topic, [
+            (0, key, encode(ResponseFinalized(**head(), response_id=response, status=200, body=ref))),
+        ])  # fmt: skip
+        assert await status(other) is StepStatus.CHAIN_OVER
