@@ -329,9 +329,10 @@ class Services:
             _log_line(svc.log, f"{svc.name} restart #{self.restarts[svc.name]}: pid {svc.proc.pid}")
 
     def wait_ready(self, name: str, timeout_s: float = 120.0) -> None:
-        """Wait until the current run of ``name`` is ready (see :meth:`_probe`), through any
-        restarts. A service that exits before it was ever ready fails the wait (a broken
-        setup, which restarting does not fix)."""
+        """Wait until the current run of ``name`` is ready (see :meth:`_probe`) and still is
+        when asked: a worker that was ready once may be rebalancing or recovering its tables
+        now. Through any restarts. A service that exits before it was ever ready fails the
+        wait (a broken setup, which restarting does not fix)."""
         self._wait(name, 0, timeout_s)
 
     def wait_restarted(self, name: str, since: int, timeout_s: float = 120.0) -> None:
@@ -345,10 +346,13 @@ class Services:
             with self._lock:
                 svc = self._services[name]
                 # poll(): the supervisor clears `ready` up to _POLL_S after an exit.
-                if svc.ready and svc.proc.poll() is None and self.restarts[name] >= restarts:
-                    return
+                ran = svc.ready and svc.proc.poll() is None and self.restarts[name] >= restarts
                 failed = not svc.ever_ready and bool(svc.exits)
                 exits = ", ".join(svc.exits) or "none"
+            # `ready` is latched per run; probed again (outside the lock, as the supervisor
+            # does) so that the answer is the service's now.
+            if ran and svc.probe():
+                return
             if failed:
                 raise RuntimeError(
                     f"{name} exited before it was ready ({exits}):\n{self._tail(name)}"
