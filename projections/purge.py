@@ -97,12 +97,13 @@ RETURNING id
 class Reaped(msgspec.Struct):
     rows: int = 0
     templates: int = 0
-    chunks: int = 0
+    chunks: int = 0  # of deleted files
+    stale_chunks: int = 0  # of uploads that stopped part-way
     tombstones: int = 0
 
     @property
     def total(self) -> int:
-        return self.rows + self.templates + self.chunks
+        return self.rows + self.templates + self.chunks + self.stale_chunks
 
 
 class Purger:
@@ -172,7 +173,7 @@ class Purger:
                 await conn.execute(
                     "DELETE FROM template_chunks WHERE body_key = ANY($1::text[])", stale
                 )
-                reaped.chunks += len(stale)
+                reaped.stale_chunks = len(stale)
                 reaped.tombstones += len(stale)
         return reaped
 

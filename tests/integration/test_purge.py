@@ -114,6 +114,7 @@ async def test_purge_reaps_only_under_deleted_parents_in_bounded_chunks(pool: as
     passes = []
     while (reaped := await purger.orphaned_rows(2)).total:
         assert reaped.rows <= 2 and reaped.templates <= 2 and reaped.chunks <= 2
+        assert reaped.stale_chunks == 0  # every chunk here is of a file
         passes.append(reaped)
     assert len(passes) == 3  # 5 rows and 5 templates by 2, then the freed chunk
     assert sum(p.rows for p in passes) == 5 and sum(p.templates for p in passes) == 5
@@ -216,7 +217,7 @@ async def test_an_upload_that_stopped_part_way_is_abandoned_and_its_chunks_reape
         await conn.execute("UPDATE template_chunks SET projected_at = $1 WHERE body_key = $2", day_old, kept)  # fmt: skip
     sink = Tombstones()
     reaped = await _purger(pool, sink).orphaned_rows(10)
-    assert (reaped.chunks, reaped.tombstones) == (2, 2)
+    assert (reaped.chunks, reaped.stale_chunks, reaped.tombstones) == (0, 2, 2)
     assert sink.uploads == [(stale_file, stale_upload)]
     assert sorted(sink.keys) == sorted(stale)
     async with pool.acquire() as conn:
@@ -236,4 +237,4 @@ async def test_a_stale_chunk_of_no_uploads_shape_is_reaped_without_an_abandon(po
         )  # fmt: skip
     sink = Tombstones()
     reaped = await _purger(pool, sink).orphaned_rows(10)
-    assert (reaped.chunks, sink.keys, sink.uploads) == (1, [key], [])
+    assert (reaped.stale_chunks, sink.keys, sink.uploads) == (1, [key], [])
