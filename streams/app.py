@@ -23,7 +23,7 @@ from schemas.bodies import BodyRef
 from schemas.events import DeadLetter
 from schemas.excluded import Decoder
 from schemas.topics import Topic
-from streams import fetch_wait
+from streams import fetch_guard, fetch_wait
 from streams.emit import Out, TopicRole
 from streams.metrics import Hooks
 from streams.tables import Utf8Keys
@@ -57,6 +57,7 @@ class Streams:
 
     def __init__(self, role: str, config: Config) -> None:
         fetch_wait.install()
+        fetch_guard.install()
         self.config = config
         self.app = faust.App(
             f"cannonade-{role}",

@@ -1,12 +1,13 @@
 """Ends a worker whose table recovery has stopped making progress, so that it is restarted.
 
 Faust recovers a table partition by reading its changelog up to the high watermark it noted
-when the partition was assigned. Rarely, after a rebalance, no record of a partition ever
-arrives (seen once in the fault drills: a gate kept its partitions through a rebalance, re-read
-one from the start and got nothing for minutes; faust-streaming has open reports of such
-hangs). The worker then stays "recovering" for good and its models' work stands still, while
-a fresh process recovers the same partition in a second. Our changelogs hold live state only,
-so a healthy recovery moves within seconds: no progress for ``STALL_S`` means it is stuck.
+when the partition was assigned. A fetch that outlived a rebalance once made Faust drop the
+changelog records recovery waited for, past which the consumer had already moved (the cause,
+now guarded against by :mod:`streams.fetch_guard`); the worker then stayed "recovering" for
+good and its models' work stood still, while a fresh process recovered the same partition in
+a second. This watchdog stays as the backstop for any other way recovery can stop moving.
+Our changelogs hold live state only, so a healthy recovery moves within seconds: no progress
+for ``STALL_S`` means it is stuck.
 Exiting is safe there: the streams are paused during recovery, nothing past the committed
 offsets is lost, and the supervisor (or ``restart: unless-stopped``) starts the worker again.
 """
