@@ -136,7 +136,7 @@ class Streams:
                 topic = keys.table.changelog_topic.get_topic_name()
                 for key, value in keys.changes:
                     await send(topic, key, value, partition, None, None)
-                keys.changes.clear()
+                keys.sent(partition)
 
     async def dead_letter(self, event: EventT[Any], reason: str, kind: str | None = None) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content

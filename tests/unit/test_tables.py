@@ -4,6 +4,7 @@ table only after its events were published."""
 from __future__ import annotations
 
 import faust
+from faust.types import TP
 
 from streams.tables import Utf8Keys, WriteBehind
 
@@ -49,3 +50,23 @@ def test_writes_reach_the_store_and_queue_as_changelog_records() -> None:
         (b"R:1", None),
         (b"R:2", b"claimed"),
     ]
+
+
+async def test_keys_written_for_a_partition_go_when_it_moves_to_another_worker() -> None:
+    # Faust's memory store drops, when a recovery ends, the keys of partitions this worker no
+    # longer has, if it knows their partition: left behind, they would come back as live work
+    # if the partition came back after their tombstones were compacted away.
+    app = faust.App("test-tables-moved", store="memory://")
+    table = app.Table("gate", default=None, key_type=bytes, value_type=bytes, partitions=4)
+    keys = Utf8Keys(table)
+    keys["R:kept"] = b"pending"
+    keys.sent(2)
+    keys["R:moved"] = b"claimed"
+    keys["R:ended"] = b"claimed"
+    del keys["R:ended"]
+    keys.sent(3)
+    assert keys.changes == []
+
+    changelog = table.changelog_topic.get_topic_name()
+    await table.on_recovery_completed({TP(changelog, 2)}, set())
+    assert dict(table.data.items()) == {b"R:kept": b"pending"}
