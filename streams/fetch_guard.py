@@ -39,8 +39,6 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 # under way but Faust has not stopped its flow yet (so that the task does not spin).
 _REJOIN_PAUSE_S = 0.05
 
-_original = faust_aiokafka.AIOKafkaConsumerThread._fetch_records
-
 
 async def _fetch_records(
     self: Any,
