@@ -257,7 +257,7 @@ class Lifecycle:
     first_end: dict[str, datetime]
     partitions: set[int]  # of the model's lifecycle records
     dispatches: dict[str, Counter[str]]  # request -> dispatch records per claim id
-    reclaims: dict[str, dict[str, str]]  # request -> why a claim of it ended early, per event
+    early_ends: dict[str, dict[str, str]]  # request -> why a claim of it ended early, per event
 
     def spans(self, request: str, first_call: datetime | None) -> list[tuple[datetime, datetime]]:
         """When ``request`` was in flight, claim by claim. A claim with no event ending it (one
@@ -279,7 +279,7 @@ class Lifecycle:
         for request in requests:
             if max(self.dispatches.get(request, Counter()).values(), default=0) > 1:
                 causes["same claim dispatched twice"] += 1
-            causes.update(self.reclaims.get(request, {}).values())
+            causes.update(self.early_ends.get(request, {}).values())
         return dict(causes)
 
 
@@ -312,7 +312,7 @@ def lifecycle(
 
     partitions: set[int] = set()
     dispatched: dict[str, Counter[str]] = defaultdict(Counter)
-    reclaims: dict[str, dict[str, str]] = defaultdict(dict)
+    early_ends: dict[str, dict[str, str]] = defaultdict(dict)
     for record in records:
         if record.key != model.encode() or (record.partition, record.offset) in ignore:
             continue  # another model's, or the test's own
@@ -329,7 +329,7 @@ def lifecycle(
                 first(released[request], event["claim_id"], when)
                 reason = event.get("reason")  # a reclaim's; a retry has none
                 cause = "retry scheduled" if reason is None else f"reclaimed: {reason}"
-                reclaims[request][event["event_id"]] = cause
+                early_ends[request][event["event_id"]] = cause
             elif event["type"] in _ENDS:
                 terminal[request].add(event["event_id"])
                 ends[request] = min(ends.get(request, when), when)
@@ -341,7 +341,7 @@ def lifecycle(
                 request, when = item["request_id"], at(item["claimed_at"])
                 first(claimed[request], item["claim_id"], when)
                 dispatched[request][item["claim_id"]] += 1
-    return Lifecycle(dict(terminal), claimed, released, ends, partitions, dispatched, reclaims)
+    return Lifecycle(dict(terminal), claimed, released, ends, partitions, dispatched, early_ends)
 
 
 def download(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
