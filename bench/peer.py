@@ -303,7 +303,7 @@ def stack_roots(backend: Backend) -> dict[str, int]:
     return roots
 
 
-def _self_cpu_s() -> float:
+def self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
 
@@ -311,7 +311,7 @@ def _self_cpu_s() -> float:
 def _measured(window: procs.Window, started: float, driver_before: float) -> dict[str, Any]:
     m = window.stop()
     m["window_s"] = round(time.monotonic() - started, 2)
-    m["driver_cpu_s"] = round(_self_cpu_s() - driver_before, 2)  # this process (SDK, sampler)
+    m["driver_cpu_s"] = round(self_cpu_s() - driver_before, 2)  # this process (SDK, sampler)
     return m
 
 
@@ -336,7 +336,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         roots = {name: proc.pid for name, proc in services.procs.items()} | ctx.stack
         await asyncio.to_thread(ctx.upstream.reset)
         window = procs.Window(roots)
-        t0, driver0 = time.monotonic(), _self_cpu_s()
+        t0, driver0 = time.monotonic(), self_cpu_s()
         window.start()
         try:
             ctx.cannonade_batch_open = True
@@ -413,7 +413,7 @@ async def fusillade_run(ctx: Ctx, harness: Path, round_no: int, interval_ms: int
         roots = {HARNESS: proc.pid} | ctx.stack
         await asyncio.to_thread(ctx.upstream.reset)
         window = procs.Window(roots)
-        t0, driver0 = time.monotonic(), _self_cpu_s()
+        t0, driver0 = time.monotonic(), self_cpu_s()
         window.start()
         try:
             await _go(proc)
