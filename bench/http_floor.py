@@ -9,6 +9,9 @@ benchmark uses, started as ``bench.peer`` starts it. The client is the executor'
 (``UpstreamClient`` over ``AiohttpTransport``, on uvloop as the workers run), so the figure is
 what any engine built on it can reach on this box: no Kafka, no gate, no claims, no polling.
 
+With ``--against URL`` it makes one lockstep run against a fake upstream already running and
+prints its figures as one JSON line: ``bench.peer --latency-ms L`` runs it so after each round.
+
 Each round runs twice, alternating: **lockstep** (every lane starts at once, as a batch's first
 wave does) and **staggered** (lane i starts i/C of one latency later), because a fake upstream
 with one fixed latency keeps lockstep lanes in step for the whole run, and a burst of C calls
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -35,11 +39,13 @@ import uvloop
 
 from bench import procs
 from bench.baseline import BenchError, cpu_between, cpu_seconds, log, save_and_report
-from bench.peer import MODEL, Upstream, self_cpu_s
+from bench.upstream import Upstream
 from streams.execution.client import AiohttpTransport, UpstreamCall, UpstreamClient
 from streams.execution.outcome import Failure
 
-BODY = b'{"model": "%s", "messages": [{"role": "user", "content": "Say hello, request %%d."}]}'
+BODY = (
+    b'{"model": "bench-chat", "messages": [{"role": "user", "content": "Say hello, request %d."}]}'
+)
 MODES = ("lockstep", "staggered")
 
 
@@ -47,7 +53,6 @@ async def one_run(
     upstream_url: str, n: int, concurrency: int, latency_ms: int, stagger: bool
 ) -> dict[str, Any]:
     client = UpstreamClient(transport := AiohttpTransport())
-    template = BODY % MODEL.encode()
     taken = 0
     calls: list[float] = []  # each call's seconds
     turns: list[float] = []  # answer -> the same lane's next call
@@ -61,7 +66,7 @@ async def one_run(
             number, taken = taken, taken + 1
             call = UpstreamCall(
                 request_id=f"floor-{number}", endpoint=upstream_url,
-                path="/v1/chat/completions", method="POST", body=template % number,
+                path="/v1/chat/completions", method="POST", body=BODY % number,
                 api_key="local-upstream-key",
             )  # fmt: skip
             sent = time.perf_counter()
@@ -73,12 +78,14 @@ async def one_run(
                 raise BenchError(f"call {number} failed: {outcome.reason!r}")
             calls.append(answered - sent)
 
+    cpu = procs.self_cpu_s()
     try:
         started = time.perf_counter()
         await asyncio.gather(*(lane(i) for i in range(concurrency)))
         wall = time.perf_counter() - started
     finally:
         await transport.close()
+    cpu = procs.self_cpu_s() - cpu
     over = sorted((c * 1000 - latency_ms) for c in calls)
     return {
         "mode": MODES[stagger],
@@ -86,6 +93,7 @@ async def one_run(
         "wall_s": round(wall, 3),
         "beyond_latency_ms": _stats(over),
         "turnaround_ms": _stats(sorted(t * 1000 for t in turns)),
+        "client_cpu_s": round(cpu, 2),
     }
 
 
@@ -116,13 +124,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(args.pause)
                 load_before = procs.loadavg()
                 fake = {"fake upstream": upstream.proc.pid}
-                cpu_self, cpu_fake = self_cpu_s(), cpu_seconds(fake)
+                cpu_fake = cpu_seconds(fake)
                 one = await one_run(
                     upstream.url, args.requests, args.concurrency, args.latency_ms, stagger
                 )
                 one["round"] = round_no
                 one["cpu_s"] = {
-                    "client": round(self_cpu_s() - cpu_self, 2),
+                    "client": one.pop("client_cpu_s"),
                     **cpu_between(cpu_fake, cpu_seconds(fake), digits=2),
                 }
                 one["upstream"] = upstream.stats()
@@ -171,6 +179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-ms", type=int, default=200, help="fake upstream latency (200)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of both modes (2)")
     p.add_argument("--pause", type=float, default=2.0, help="quiet before each run, s (2)")
+    p.add_argument("--against", metavar="URL", default=None,
+                   help="one lockstep run against this running fake upstream, its figures as "
+                        "one JSON line on stdout (bench.peer's client floor)")  # fmt: skip
     args = p.parse_args(argv)
     if args.latency_ms <= 0:
         p.error("--latency-ms must be positive (the ceiling is concurrency / latency)")
@@ -179,6 +190,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.against is not None:
+        one = uvloop.run(
+            one_run(args.against, args.requests, args.concurrency, args.latency_ms, False)
+        )
+        print(json.dumps(one))
+        return 0
     try:
         result = uvloop.run(run(args))
     except BenchError as exc:

@@ -18,7 +18,9 @@ batch is in progress, then every 250 ms until it is completed).
   for each ``--claim-interval-ms`` (its default 1000 ms, and 10 ms).
 
 Rounds alternate the sides (Cannonade, then fusillade at each claim interval), ``--runs``
-rounds. Each side's figures: requests/s (N / batch create -> seen completed), CPU seconds per
+rounds; with ``--latency-ms`` above 0 each round ends with the **client floor**: the executor's
+upstream client alone through the same lanes (``bench.http_floor --against``), printed beside
+each engine's own lanes' rate (first claim -> last completion, from its timeline). Each side's figures: requests/s (N / batch create -> seen completed), CPU seconds per
 1,000 requests of every process involved (PostgreSQL counted over the cluster's whole process
 tree, Kafka included for Cannonade; the shared fake upstream reported apart and left out of
 both totals), peak memory, claim -> complete p50/p99 from each engine's own request rows, and
@@ -39,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from functools import partial
@@ -67,7 +68,8 @@ from bench.baseline import (
     stop_services,
     with_database,
 )
-from compose.services import ModelSpec, Services, free_port, write_config
+from bench.upstream import Upstream
+from compose.services import ModelSpec, Services, write_config
 from projections.api.auth import create_key
 from streams.gate.scoring import GateConfig
 
@@ -79,85 +81,6 @@ UPSTREAM = "fake upstream"
 KAFKA, POSTGRES, HARNESS = "kafka", "postgres", "fusillade-harness"
 CANNONADE = "cannonade"
 T = TypeVar("T")
-
-
-# --- the shared fake upstream ----------------------------------------------------------------
-
-
-class Upstream:
-    """One fake upstream process for every run of both sides."""
-
-    def __init__(self, run_root: Path, latency_ms: int) -> None:
-        self.latency_ms = latency_ms
-        self.log_path = run_root / "upstream.log"
-        self.restarts = 0
-        self._start()
-
-    def _start(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "cannonade.testing.fake_upstream",
-               "--port", str(port), "--latency-ms", str(self.latency_ms)]  # fmt: skip
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self._call("GET", "/_stats")
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise BenchError(f"fake upstream did not start; see {self.log_path}") from None
-                time.sleep(0.2)
-
-    def ensure(self) -> None:
-        """Start a new upstream (on a new port) if the last one is gone. On a shared box
-        something outside the benchmark can kill it (seen once: SIGTERM, nothing logged)."""
-        code = self.proc.poll()
-        if code is not None:
-            log(f"warning: the fake upstream exited ({code}) between runs; starting a new one")
-            self.restarts += 1
-            self._start()
-
-    async def died(self) -> int:
-        """Returns the exit code once the upstream process has exited."""
-        # Polled: a child's exit raises no event (and a waiting thread could not be cancelled).
-        while (code := self.proc.poll()) is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.5)
-        return code
-
-    def _call(self, method: str, path: str) -> bytes:
-        req = urllib.request.Request(f"{self.url}{path}", method=method)
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return bytes(resp.read())
-
-    def reset(self) -> None:
-        self._call("POST", "/_reset")
-
-    def stats(self) -> dict[str, Any]:
-        data = json.loads(self._call("GET", "/_stats"))
-        models = data.get("models", {})
-        statuses: dict[str, int] = {}
-        for m in models.values():
-            for code, count in (m.get("statuses") or {}).items():
-                statuses[str(code)] = statuses.get(str(code), 0) + count
-        return {
-            "calls": sum(m.get("calls", 0) for m in models.values()),
-            "max_in_flight": data.get("max_in_flight"),
-            "statuses": statuses,
-        }
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class SharedUpstreamServices(Services):
@@ -303,15 +226,10 @@ def stack_roots(backend: Backend) -> dict[str, int]:
     return roots
 
 
-def self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def _measured(window: procs.Window, started: float, driver_before: float) -> dict[str, Any]:
     m = window.stop()
     m["window_s"] = round(time.monotonic() - started, 2)
-    m["driver_cpu_s"] = round(self_cpu_s() - driver_before, 2)  # this process (SDK, sampler)
+    m["driver_cpu_s"] = round(procs.self_cpu_s() - driver_before, 2)  # this process (SDK, sampler)
     return m
 
 
@@ -336,7 +254,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         roots = {name: proc.pid for name, proc in services.procs.items()} | ctx.stack
         await asyncio.to_thread(ctx.upstream.reset)
         window = procs.Window(roots)
-        t0, driver0 = time.monotonic(), self_cpu_s()
+        t0, driver0 = time.monotonic(), procs.self_cpu_s()
         window.start()
         try:
             ctx.cannonade_batch_open = True
@@ -413,7 +331,7 @@ async def fusillade_run(ctx: Ctx, harness: Path, round_no: int, interval_ms: int
         roots = {HARNESS: proc.pid} | ctx.stack
         await asyncio.to_thread(ctx.upstream.reset)
         window = procs.Window(roots)
-        t0, driver0 = time.monotonic(), self_cpu_s()
+        t0, driver0 = time.monotonic(), procs.self_cpu_s()
         window.start()
         try:
             await _go(proc)
@@ -470,6 +388,37 @@ async def _drop_database(admin_url: str, name: str) -> None:
         log(f"could not drop database {name}: {exc}")
 
 
+async def floor_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
+    """The executor's upstream client alone on the same upstream, lanes in lockstep
+    (``bench.http_floor --against``, in its own process on uvloop as the executor runs): what
+    an engine built on that client can reach, with nothing else running."""
+    args = ctx.args
+    ctx.upstream.reset()
+    load_before = procs.loadavg()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.http_floor", "--against", ctx.upstream.url,
+        "--requests", str(args.requests), "--concurrency", str(args.concurrency),
+        "--latency-ms", str(args.latency_ms),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise BenchError(f"bench.http_floor failed ({proc.returncode}): {err.decode()[-500:]}")
+    one: dict[str, Any] = json.loads(out)
+    one.update(round=round_no, load_before=load_before, load_after=procs.loadavg())
+    return one
+
+
+def lanes_rate(run: dict[str, Any], n: int) -> float | None:
+    """N / first claim -> last completion, from an engine's own timeline: its lanes' rate
+    without the population before them and the status polling after (compare the floor)."""
+    timeline = run.get("timeline_s") or {}
+    first, last = timeline.get("first_claim"), timeline.get("last_complete")
+    if first is None or last is None or last <= first:
+        return None
+    return round(n / (float(last) - float(first)), 1)
+
+
 def derived(run: dict[str, Any], n: int) -> None:
     """Per-1000-request CPU and the side's totals (the excluded processes left out)."""
     cpu: dict[str, float] = run["cpu_s"]
@@ -499,6 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = await open_backend(run_root, args.private_stack)
     upstream: Upstream | None = None
     runs: list[dict[str, Any]] = []
+    floors: list[dict[str, Any]] = []  # the client alone, a round at a time (latency > 0)
     failures: list[str] = []
     try:
         upstream = await asyncio.to_thread(Upstream, run_root, args.latency_ms)
@@ -544,6 +494,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{result['cpu_s_per_1000_total']} CPU-s/1000, load "
                     f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}"
                 )
+            if args.latency_ms > 0:  # at 0 ms the client has no latency to fill: no floor
+                try:
+                    await asyncio.to_thread(ctx.before_run)
+                    floors.append(await floor_run(ctx, round_no))
+                    log(f"round {round_no} client floor: {floors[-1]['requests_per_s']} req/s")
+                except (BenchError, OSError) as exc:
+                    failures.append(f"round {round_no} client floor: {exc}")
     finally:
         if upstream is not None:
             await asyncio.to_thread(upstream.stop)
@@ -567,6 +524,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "fusillade_knobs": knobs,
         "runs": runs,
+        "client_floor": floors,
         "summary": summarize(runs, args),
         "failures": failures,
         "upstream_restarts": upstream.restarts if upstream is not None else 0,
@@ -668,6 +626,7 @@ def report(result: dict[str, Any]) -> str:
         rows.append((label, cells))
 
     row("requests/s", lambda r: r["requests_per_s"])
+    row("  lanes: first claim -> last completion", lambda r: lanes_rate(r, p["requests"]))
     row("batch create -> completed, s", lambda r: r["create_to_completed_s"], 2)
     row("claim -> complete p50, ms", lambda r: r["claim_to_complete_p50_ms"])
     row("claim -> complete p99, ms", lambda r: r["claim_to_complete_p99_ms"])
@@ -725,6 +684,14 @@ def report(result: dict[str, Any]) -> str:
             f"{r['cpu_s_per_1000_total']:6.2f} CPU-s/1000  {r['peak_memory_mib_total']:6.0f} MiB  "
             f"p50/p99 {r['claim_to_complete_p50_ms']}/{r['claim_to_complete_p99_ms']} ms  "
             f"load {'/'.join(f'{x:.2f}' for x in lb)} -> {'/'.join(f'{x:.2f}' for x in la)}"
+        )
+    for f in result.get("client_floor", []):
+        b = f["beyond_latency_ms"]
+        lines.append(
+            f"    round {f['round']} client floor       {f['requests_per_s']:7.1f} req/s  the "
+            f"executor's upstream client alone, first call -> last answer; each call "
+            f"{b['mean']} ms beyond the latency (p99 {b['p99']})  load "
+            f"{f['load_before'][0]:.2f} -> {f['load_after'][0]:.2f}"
         )
     ratios = result["summary"]["ratios"]
     labels = {

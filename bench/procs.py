@@ -159,6 +159,12 @@ def jvm_thread_cpu_s(
     return {group: round(seconds, 1) for group, seconds in groups.items()}
 
 
+def self_cpu_s() -> float:
+    """CPU seconds this process has used (user + system)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
