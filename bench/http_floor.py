@@ -166,7 +166,8 @@ def report(result: dict[str, Any]) -> str:
             f"  round {r['round']} {r['mode']:<9}  {r['requests_per_s']:7.1f} req/s; call beyond "
             f"latency mean {b['mean']} p50 {b['p50']} p90 {b['p90']} p99 {b['p99']} ms; answer "
             f"-> next call mean {t.get('mean')} ms; CPU client {c['client']} s, fake "
-            f"{c['fake upstream']} s; max in flight {r['upstream']['max_in_flight']}; load "
+            f"{c['fake upstream']} s; in flight mean {r['upstream']['mean_in_flight']}, max "
+            f"{r['upstream']['max_in_flight']} ({r['upstream']['share_at_max']:.0%} of the time); load "
             f"{' '.join(map(str, r['load_before']))} -> {' '.join(map(str, r['load_after']))}"
         )
     return "\n".join(lines)

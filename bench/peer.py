@@ -406,6 +406,7 @@ async def floor_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         raise BenchError(f"bench.http_floor failed ({proc.returncode}): {err.decode()[-500:]}")
     one: dict[str, Any] = json.loads(out)
     one.update(round=round_no, load_before=load_before, load_after=procs.loadavg())
+    one["upstream"] = await asyncio.to_thread(ctx.upstream.stats)
     return one
 
 
@@ -631,6 +632,12 @@ def report(result: dict[str, Any]) -> str:
     row("claim -> complete p50, ms", lambda r: r["claim_to_complete_p50_ms"])
     row("claim -> complete p99, ms", lambda r: r["claim_to_complete_p99_ms"])
     row("failed requests", lambda r: r["failed"], 0)
+    row("upstream: mean calls in flight", lambda r: r["upstream"].get("mean_in_flight"))
+    row(
+        "upstream: share of time at the max in flight",
+        lambda r: r["upstream"].get("share_at_max"),
+        2,
+    )
     row("CPU-s per 1000 requests, total", lambda r: r["cpu_s_per_1000_total"], 2)
     names = sorted({k for r in runs for k in r["cpu_s"]} - {UPSTREAM, KAFKA, POSTGRES})
     for name in [*names, POSTGRES, KAFKA]:
@@ -690,7 +697,8 @@ def report(result: dict[str, Any]) -> str:
         lines.append(
             f"    round {f['round']} client floor       {f['requests_per_s']:7.1f} req/s  the "
             f"executor's upstream client alone, first call -> last answer; each call "
-            f"{b['mean']} ms beyond the latency (p99 {b['p99']})  load "
+            f"{b['mean']} ms beyond the latency (p99 {b['p99']}); mean in flight "
+            f"{f['upstream']['mean_in_flight']}, at the max {f['upstream']['share_at_max']}  load "
             f"{f['load_before'][0]:.2f} -> {f['load_after'][0]:.2f}"
         )
     ratios = result["summary"]["ratios"]

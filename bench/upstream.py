@@ -79,10 +79,19 @@ class Upstream:
         for m in models.values():
             for code, count in (m.get("statuses") or {}).items():
                 statuses[str(code)] = statuses.get(str(code), 0) + count
+        # Seconds at each number in flight, from the first call to the last answer.
+        seconds = {int(level): s for level, s in (data.get("seconds_at") or {}).items()}
+        total = sum(seconds.values())
+        peak = data.get("max_in_flight") or 0
         return {
             "calls": sum(m.get("calls", 0) for m in models.values()),
-            "max_in_flight": data.get("max_in_flight"),
+            "max_in_flight": peak,
             "statuses": statuses,
+            "mean_in_flight": round(sum(k * s for k, s in seconds.items()) / total, 1)
+            if total
+            else None,
+            "share_at_max": round(seconds.get(peak, 0.0) / total, 3) if total else None,
+            "seconds_at": seconds,
         }
 
     def stop(self) -> None:

@@ -20,8 +20,9 @@ is dropped once used up, unless `repeat` keeps answering with its last reply. Th
 `GET /_received[?tool=&marker=]` lists the calls received (path, headers with lowercased names,
 body, arrival time, answering script and status), oldest first, at most the latest 10 000.
 Recording is on by default; `POST /_record` `{"enabled": bool}` sets it. `GET /_stats` reports
-`{"tools": {<name>: {"calls", "in_flight", "max_in_flight", "statuses"}}, "in_flight",
-"max_in_flight"}`. `POST /_reset` clears stats, scripts and calls and turns recording back on.
+`{"tools": {<name>: {"calls", "in_flight", "max_in_flight", "statuses", "seconds_at"}},
+"in_flight", "max_in_flight", "seconds_at"}` (`seconds_at`: the seconds spent with each number
+of calls in flight, from the first call to the last change). `POST /_reset` clears stats, scripts and calls and turns recording back on.
 
 `FakeToolsControl(url)` drives these endpoints from synchronous tests.
 
@@ -72,6 +73,8 @@ class ToolsStats(msgspec.Struct):
     tools: dict[str, CallStats] = {}
     in_flight: int = 0
     max_in_flight: int = 0
+    seconds_at: dict[int, float] = {}  # as CallStats'
+    changed_at: float = 0.0
 
 
 class FakeTools(LoopbackServer):

@@ -34,7 +34,9 @@ Streaming (SSE) happens when the body has `"stream": true` or the request carrie
 follows when `stream_options.include_usage` is set or the engine's header is present), and
 `/v1/responses` streams the Responses events from `response.created` to `response.completed`.
 `GET /_stats` reports per-model calls, in-flight, max in-flight and status counts plus every call
-(request id, model, time); `POST /_reset` clears stats, scripts and recorded requests and turns
+(request id, model, time), and for the whole and each model `seconds_at`: the seconds spent with
+each number of requests in flight, from the first request to the last change (whether a client
+kept the upstream full); `POST /_reset` clears stats, scripts and recorded requests and turns
 recording off.
 
 `FakeUpstreamControl(url)` drives these endpoints from synchronous tests.
@@ -126,6 +128,10 @@ class CallStats(msgspec.Struct):
     in_flight: int = 0
     max_in_flight: int = 0
     statuses: dict[int, int] = {}
+    # Seconds spent with each number of calls in flight, from the first call on (up to the last
+    # change): whether a client kept the upstream full, not only that it once was.
+    seconds_at: dict[int, float] = {}
+    changed_at: float = 0.0  # monotonic seconds of the last change; 0 before the first call
 
     def count(self, status: int) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -143,6 +149,8 @@ class FakeStats(msgspec.Struct):
     calls: list[CallRecord] = []
     in_flight: int = 0
     max_in_flight: int = 0
+    seconds_at: dict[int, float] = {}  # as CallStats'
+    changed_at: float = 0.0
 
 
 class ReceivedRequest(msgspec.Struct):
@@ -258,19 +266,32 @@ class Recorder:
 class Gauge(Protocol):
     in_flight: int
     max_in_flight: int
+    seconds_at: dict[int, float]
+    changed_at: float
+
+
+def _move(gauge: Gauge, by: int, now: float) -> None:
+    """Change the gauge's level, first adding the time spent at the level it leaves."""
+    if gauge.changed_at:
+        level = gauge.in_flight
+        gauge.seconds_at[level] = gauge.seconds_at.get(level, 0.0) + now - gauge.changed_at
+    gauge.changed_at = now
+    gauge.in_flight += by
+    gauge.max_in_flight = max(gauge.max_in_flight, gauge.in_flight)
 
 
 @contextlib.contextmanager
 def in_flight(*gauges: Gauge) -> Iterator[None]:
     """Counts a call as in flight on every gauge until it ends, however it ends."""
+    now = time.monotonic()  # one clock reading: every gauge changes at the same instant
     for gauge in gauges:
-        gauge.in_flight += 1
-        gauge.max_in_flight = max(gauge.max_in_flight, gauge.in_flight)
+        _move(gauge, 1, now)
     try:
         yield
     finally:
+        now = time.monotonic()
         for gauge in gauges:
-            gauge.in_flight -= 1
+            _move(gauge, -1, now)
 
 
 def body_contains(record: ReceivedRequest, marker: str | None) -> bool:

@@ -150,6 +150,28 @@ async def test_max_in_flight_is_recorded_per_model_under_concurrency(
     assert stats.max_in_flight == 20
 
 
+async def test_time_at_each_level_shows_whether_the_upstream_was_kept_full(
+    upstream: FakeUpstream,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        for i in range(3):  # one at a time: never two in flight
+            await post(session, upstream, f"one-{i}", {"latency_ms": 60})
+    alone = upstream.stats()
+    assert set(alone.seconds_at) <= {0, 1}
+    assert alone.seconds_at[1] >= 3 * 0.06  # each call held at least its latency
+    assert alone.models["m"].seconds_at == alone.seconds_at
+
+    upstream.reset()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(
+            *(post(session, upstream, f"r{i}", {"latency_ms": 300}) for i in range(4))
+        )
+    together = upstream.stats()
+    assert max(together.seconds_at) == 4 == together.max_in_flight
+    assert together.seconds_at[4] > 0
+    assert sum(together.seconds_at.values()) >= 0.3  # first arrival to last answer
+
+
 async def test_stats_endpoint_and_reset(upstream: FakeUpstream) -> None:
     async with aiohttp.ClientSession() as session:
         await post(session, upstream, "r1", {"status": 500})
