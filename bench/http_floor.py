@@ -52,6 +52,7 @@ MODES = ("lockstep", "staggered")
 async def one_run(
     upstream_url: str, n: int, concurrency: int, latency_ms: int, stagger: bool
 ) -> dict[str, Any]:
+    """N calls through ``concurrency`` lanes, each taking the next call as its last returns."""
     client = UpstreamClient(transport := AiohttpTransport())
     taken = 0
     calls: list[float] = []  # each call's seconds
