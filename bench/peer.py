@@ -20,7 +20,9 @@ batch is in progress, then every 250 ms until it is completed).
 Rounds alternate the sides (Cannonade, then fusillade at each claim interval), ``--runs``
 rounds; with ``--latency-ms`` above 0 each round ends with the **client floor**: the executor's
 upstream client alone through the same lanes (``bench.http_floor --against``), printed beside
-each engine's own lanes' rate (first claim -> last completion, from its timeline). Each side's figures: requests/s (N / batch create -> seen completed), CPU seconds per
+each engine's own lanes' rate (first claim -> last completion, from its timeline).
+
+Each side's figures: requests/s (N / batch create -> seen completed), CPU seconds per
 1,000 requests of every process involved (PostgreSQL counted over the cluster's whole process
 tree, Kafka included for Cannonade; the shared fake upstream reported apart and left out of
 both totals), peak memory, claim -> complete p50/p99 from each engine's own request rows, and
@@ -393,7 +395,7 @@ async def floor_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
     (``bench.http_floor --against``, in its own process on uvloop as the executor runs): what
     an engine built on that client can reach, with nothing else running."""
     args = ctx.args
-    ctx.upstream.reset()
+    await asyncio.to_thread(ctx.upstream.reset)
     load_before = procs.loadavg()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.http_floor", "--against", ctx.upstream.url,
