@@ -634,12 +634,13 @@ def report(result: dict[str, Any]) -> str:
     row("claim -> complete p50, ms", lambda r: r["claim_to_complete_p50_ms"])
     row("claim -> complete p99, ms", lambda r: r["claim_to_complete_p99_ms"])
     row("failed requests", lambda r: r["failed"], 0)
-    row("upstream: mean calls in flight", lambda r: r["upstream"].get("mean_in_flight"))
-    row(
-        "upstream: share of time at the max in flight",
-        lambda r: r["upstream"].get("share_at_max"),
-        2,
-    )
+    if p["upstream_latency_ms"] > 0:  # at 0 ms a call is hardly in flight: nothing to fill
+        row("upstream: mean calls in flight", lambda r: r["upstream"].get("mean_in_flight"))
+        row(
+            "upstream: share of time at the max in flight",
+            lambda r: r["upstream"].get("share_at_max"),
+            2,
+        )
     row("CPU-s per 1000 requests, total", lambda r: r["cpu_s_per_1000_total"], 2)
     names = sorted({k for r in runs for k in r["cpu_s"]} - {UPSTREAM, KAFKA, POSTGRES})
     for name in [*names, POSTGRES, KAFKA]:
