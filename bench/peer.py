@@ -701,7 +701,7 @@ def report(result: dict[str, Any]) -> str:
             f"    round {f['round']} client floor       {f['requests_per_s']:7.1f} req/s  the "
             f"executor's upstream client alone, first call -> last answer; each call "
             f"{b['mean']} ms beyond the latency (p99 {b['p99']}); mean in flight "
-            f"{f['upstream']['mean_in_flight']}, at the max {f['upstream']['share_at_max']}  load "
+            f"{f['upstream']['mean_in_flight']}, at the max {f['upstream']['share_at_max']:.0%} of the time  load "
             f"{f['load_before'][0]:.2f} -> {f['load_after'][0]:.2f}"
         )
     ratios = result["summary"]["ratios"]

@@ -22,7 +22,8 @@ body, arrival time, answering script and status), oldest first, at most the late
 Recording is on by default; `POST /_record` `{"enabled": bool}` sets it. `GET /_stats` reports
 `{"tools": {<name>: {"calls", "in_flight", "max_in_flight", "statuses", "seconds_at"}},
 "in_flight", "max_in_flight", "seconds_at"}` (`seconds_at`: the seconds spent with each number
-of calls in flight, from the first call to the last change). `POST /_reset` clears stats, scripts and calls and turns recording back on.
+of calls in flight, from the first call to the last change). `POST /_reset` clears stats,
+scripts and calls and turns recording back on.
 
 `FakeToolsControl(url)` drives these endpoints from synchronous tests.
 
@@ -42,6 +43,7 @@ from aiohttp import web
 from cannonade.testing.fake_upstream import (
     CallStats,
     ControlClient,
+    Gauge,
     LoopbackServer,
     ReceivedRequest,
     Recorder,
@@ -69,12 +71,8 @@ class ToolScript(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     repeat: bool = False
 
 
-class ToolsStats(msgspec.Struct):
+class ToolsStats(Gauge):
     tools: dict[str, CallStats] = {}
-    in_flight: int = 0
-    max_in_flight: int = 0
-    seconds_at: dict[int, float] = {}  # as CallStats'
-    changed_at: float = 0.0
 
 
 class FakeTools(LoopbackServer):

@@ -59,7 +59,7 @@ import urllib.request
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -123,15 +123,29 @@ class UpstreamScript(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     repeat: bool = False
 
 
-class CallStats(msgspec.Struct):
-    calls: int = 0
+class Gauge(msgspec.Struct):
+    """Calls in flight: now, at most, and the seconds spent with each number in flight from the
+    first call on (up to the last change): whether a client kept the upstream full, not only
+    that it once was."""
+
     in_flight: int = 0
     max_in_flight: int = 0
-    statuses: dict[int, int] = {}
-    # Seconds spent with each number of calls in flight, from the first call on (up to the last
-    # change): whether a client kept the upstream full, not only that it once was.
     seconds_at: dict[int, float] = {}
     changed_at: float = 0.0  # monotonic seconds of the last change; 0 before the first call
+
+    def move(self, by: int, now: float) -> None:
+        """Change the level, first adding the time spent at the level it leaves."""
+        if self.changed_at:
+            level = self.in_flight
+            self.seconds_at[level] = self.seconds_at.get(level, 0.0) + now - self.changed_at
+        self.changed_at = now
+        self.in_flight += by
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+
+class CallStats(Gauge):
+    calls: int = 0
+    statuses: dict[int, int] = {}
 
     def count(self, status: int) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -144,13 +158,9 @@ class CallRecord(msgspec.Struct, frozen=True):
     at: float  # Unix seconds at arrival, so tests can measure backoff spacing
 
 
-class FakeStats(msgspec.Struct):
+class FakeStats(Gauge):
     models: dict[str, CallStats] = {}
     calls: list[CallRecord] = []
-    in_flight: int = 0
-    max_in_flight: int = 0
-    seconds_at: dict[int, float] = {}  # as CallStats'
-    changed_at: float = 0.0
 
 
 class ReceivedRequest(msgspec.Struct):
@@ -263,35 +273,18 @@ class Recorder:
         self.enabled = self.default
 
 
-class Gauge(Protocol):
-    in_flight: int
-    max_in_flight: int
-    seconds_at: dict[int, float]
-    changed_at: float
-
-
-def _move(gauge: Gauge, by: int, now: float) -> None:
-    """Change the gauge's level, first adding the time spent at the level it leaves."""
-    if gauge.changed_at:
-        level = gauge.in_flight
-        gauge.seconds_at[level] = gauge.seconds_at.get(level, 0.0) + now - gauge.changed_at
-    gauge.changed_at = now
-    gauge.in_flight += by
-    gauge.max_in_flight = max(gauge.max_in_flight, gauge.in_flight)
-
-
 @contextlib.contextmanager
 def in_flight(*gauges: Gauge) -> Iterator[None]:
     """Counts a call as in flight on every gauge until it ends, however it ends."""
     now = time.monotonic()  # one clock reading: every gauge changes at the same instant
     for gauge in gauges:
-        _move(gauge, 1, now)
+        gauge.move(1, now)
     try:
         yield
     finally:
         now = time.monotonic()
         for gauge in gauges:
-            _move(gauge, -1, now)
+            gauge.move(-1, now)
 
 
 def body_contains(record: ReceivedRequest, marker: str | None) -> bool:
