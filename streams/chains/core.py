@@ -57,7 +57,7 @@ from schemas.events import (
     StepWork,
 )
 from schemas.events import StepKind as EventStepKind
-from streams.chains.state import ChainState, FinalOutcome, StepEntry, round_settled
+from streams.chains.state import ChainState, FinalOutcome, StepEntry
 from streams.chains.state import decode as decode_state
 from streams.chains.state import encode as encode_state
 from streams.emit import Out
@@ -72,14 +72,17 @@ from streams.responses.chain import (
     evaluate,
     finalize,
     loop_error_payload,
+    round_settled,
 )
 from streams.responses.inputs import InputError, ParentRequest, parse_parent
 from streams.responses.steps import (
     SUB_REQUEST_PATH,
     Step,
+    StepFact,
     StepKind,
     StepState,
     record_round,
+    step_after,
     sub_request_row,
 )
 
@@ -247,9 +250,9 @@ class ChainCore:
                     id=entry.id,
                     request_id=entry.request_id,
                     prev_step_id=entry.prev,
-                    parent_step_id=None if entry.sequence == 1 else chain.response_id,
-                    step_kind=entry.kind,
-                    step_sequence=entry.sequence,
+                    parent_step_id=None if entry.step_sequence == 1 else chain.response_id,
+                    step_kind=entry.step_kind,
+                    step_sequence=entry.step_sequence,
                     request_payload=request_payload,
                     created_at=now,
                     updated_at=now,
@@ -273,7 +276,7 @@ class ChainCore:
         )
         entries = [
             StepEntry(
-                id=s.id, kind=s.step_kind, sequence=s.step_sequence, state=StepState.PENDING,
+                id=s.id, step_kind=s.step_kind, step_sequence=s.step_sequence, state=StepState.PENDING,
                 prev=s.prev_step_id, request_id=s.request_id, tool=_tool_name(s), payload=ref,
             )
             for s, ref in zip(recorded, refs, strict=True)
@@ -443,19 +446,23 @@ class ChainCore:
         self.held.clear()
 
 
+_FACTS: dict[type, StepFact] = {
+    StepStarted: "started",
+    StepCompleted: "completed",
+    StepFailed: "failed",
+}
+
+
 def _apply(step: StepEntry, event: StepStarted | StepCompleted | StepFailed) -> bool:
-    """§1.4 for redelivered facts: an illegal one is dropped (False)."""
-    if isinstance(event, StepStarted):
-        if step.state is not StepState.PENDING:
-            return False
-        step.state = StepState.PROCESSING
-        return True
-    if step.terminal:
+    """§1.4 for redelivered facts: one that does not apply is dropped (False)."""
+    state = step_after(step.state, _FACTS[type(event)])
+    if state is None:
         return False
+    step.state = state
     if isinstance(event, StepCompleted):
-        step.state, step.result = StepState.COMPLETED, event.payload
-    else:
-        step.state, step.result = StepState.FAILED, event.error
+        step.result = event.payload
+    elif isinstance(event, StepFailed):
+        step.result = event.error
     return True
 
 

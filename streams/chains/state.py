@@ -7,8 +7,6 @@ outcome), not its steps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import msgspec
 
 from schemas.bodies import BodyRef
@@ -21,8 +19,8 @@ class StepEntry(msgspec.Struct, array_like=True):
     ``result`` (sres when completed, serr when failed)."""
 
     id: str
-    kind: StepKind
-    sequence: int
+    step_kind: StepKind
+    step_sequence: int
     state: StepState
     prev: str | None
     request_id: str | None
@@ -71,20 +69,3 @@ def encode(state: ChainState) -> bytes:
 
 def decode(raw: bytes) -> ChainState:
     return _decoder.decode(raw)
-
-
-def round_settled(steps: Sequence[StepEntry]) -> bool:
-    """True when every step of the latest round is terminal (an empty chain is settled).
-
-    The latest round is the last model call alone, or the tool calls after it (§2.8)."""
-    ordered = sorted(steps, key=lambda s: s.sequence)
-    if not ordered:
-        return True
-    if ordered[-1].kind is StepKind.MODEL_CALL:
-        return ordered[-1].terminal
-    for step in reversed(ordered):
-        if step.kind is StepKind.MODEL_CALL:
-            break
-        if not step.terminal:
-            return False
-    return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import http
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -20,6 +20,7 @@ from streams.responses.inputs import ParentRequest, compact_json
 from streams.responses.steps import (
     IN_FLIGHT_STEP_STATES,
     TERMINAL_STEP_STATES,
+    Placed,
     Step,
     StepDescriptor,
     StepKind,
@@ -164,19 +165,22 @@ def _tool_call_id(step: Step) -> str:
     return call_id if isinstance(call_id, str) else f"call_step_{step.step_sequence}"
 
 
-def _ordered(chain: Sequence[Step]) -> list[Step]:
+_S = TypeVar("_S", bound=Placed)
+
+
+def _ordered(chain: Sequence[_S]) -> list[_S]:
     return sorted(chain, key=lambda s: s.step_sequence)
 
 
 # --- transition (§2.8) and cap (§2.10) -------------------------------------------------------
 
 
-def latest_round(chain: Sequence[Step]) -> list[Step]:
+def latest_round(chain: Sequence[_S]) -> list[_S]:
     """The last model call alone, or the tool calls recorded after the last model call."""
     steps = _ordered(chain)
     if not steps or steps[-1].step_kind is StepKind.MODEL_CALL:
         return steps[-1:]
-    round_: list[Step] = []
+    round_: list[_S] = []
     for step in reversed(steps):
         if step.step_kind is StepKind.MODEL_CALL:
             break
@@ -184,8 +188,8 @@ def latest_round(chain: Sequence[Step]) -> list[Step]:
     return round_[::-1]
 
 
-def round_settled(chain: Sequence[Step]) -> bool:
-    """True when the chain is ready for its next evaluation."""
+def round_settled(chain: Sequence[Placed]) -> bool:
+    """True when the chain is ready for its next evaluation (an empty chain is)."""
     return all(step.state in TERMINAL_STEP_STATES for step in latest_round(chain))
 
 
@@ -434,13 +438,6 @@ def finalize(status: int, body: Any) -> HeadFinalization:
     return HeadFailed(
         status=status, error=NonRetriableHttpStatus(status=status, body=text).to_json()
     )
-
-
-def finalize_head_request(head: Step | None, status: int, body: Any) -> HeadFinalization | None:
-    """None (nothing to write) when the head step is missing or has no request row."""
-    if head is None or head.request_id is None:
-        return None
-    return finalize(status, body)
 
 
 def conclude(

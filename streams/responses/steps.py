@@ -1,4 +1,5 @@
-"""Response steps: the record, its invariants, its state machine and its ids (§1, §9.4, §0).
+"""Response steps: the record, its state machine and its ids (§1, §9.4, §0). The §1.2
+invariants are CHECK constraints of the read model (``projections/migrations/006``).
 
 A chain is the head step plus every step whose `parent_step_id` is the head. Step ids are
 derived from (head, sequence) so that an agent re-emitting a round after redelivery names the
@@ -12,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -75,6 +76,18 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def has_response_payload(self) -> bool:
         return self.response_payload is not msgspec.UNSET
+
+
+class Placed(Protocol):
+    """What ordering a chain into rounds needs of a step: the chain agent's compact entries
+    (:class:`streams.chains.state.StepEntry`) have it as well as full steps."""
+
+    @property
+    def step_kind(self) -> StepKind: ...
+    @property
+    def step_sequence(self) -> int: ...
+    @property
+    def state(self) -> StepState: ...
 
 
 class StepDescriptor(msgspec.Struct, frozen=True):
@@ -182,134 +195,21 @@ def sub_request_row(step: Step) -> SubRequestRow | None:
 
 # --- state machine (§1.4) --------------------------------------------------------------------
 
-
-class StepTransitionError(Exception):
-    """A direct command that does not apply to the step's state; the text is the spec's."""
-
-
-class StepNotFoundError(Exception):
-    def __init__(self, step_id: str) -> None:
-        super().__init__(f"step {step_id} not found")
-        self.step_id = step_id
+#: What the chain agent hears about a step: StepStarted, StepCompleted, StepFailed.
+StepFact = Literal["started", "completed", "failed"]
 
 
-def find_step(chain: Iterable[Step], step_id: str) -> Step:
-    for step in chain:
-        if step.id == step_id:
-            return step
-    raise StepNotFoundError(step_id)
+def step_after(state: StepState, fact: StepFact) -> StepState | None:
+    """The state ``fact`` moves a step in ``state`` to, or None when it does not apply.
 
-
-def mark_processing(step: Step, now: datetime) -> Step:
-    """`pending → processing`; any other state is returned unchanged (a no-op success)."""
-    if step.state is not StepState.PENDING:
-        return step
-    return msgspec.structs.replace(step, state=StepState.PROCESSING, started_at=now, updated_at=now)
-
-
-def complete(step: Step, payload: Any, now: datetime) -> Step:
-    if step.state not in IN_FLIGHT_STEP_STATES:
-        raise StepTransitionError(f"not in completable state (current: {step.state})")
-    # Completing straight from pending still records a start, as the completed CHECK requires.
-    return msgspec.structs.replace(
-        step,
-        state=StepState.COMPLETED,
-        response_payload=payload,
-        started_at=step.started_at or now,
-        completed_at=now,
-        updated_at=now,
-    )
-
-
-def fail(step: Step, error: Any, now: datetime) -> Step:
-    if step.state not in IN_FLIGHT_STEP_STATES:
-        raise StepTransitionError(f"not in failable state (current: {step.state})")
-    return msgspec.structs.replace(
-        step, state=StepState.FAILED, error=error, failed_at=now, updated_at=now
-    )
-
-
-def cancel(step: Step, now: datetime) -> Step:
-    if step.state not in IN_FLIGHT_STEP_STATES:
-        raise StepTransitionError("not in cancelable state")
-    return msgspec.structs.replace(step, state=StepState.CANCELED, canceled_at=now, updated_at=now)
-
-
-def requeue_for_retry(step: Step, now: datetime) -> Step:
-    if step.state is not StepState.PROCESSING:
-        raise StepTransitionError("not in retryable state")
-    return msgspec.structs.replace(
-        step,
-        state=StepState.PENDING,
-        retry_attempt=step.retry_attempt + 1,
-        started_at=None,
-        updated_at=now,
-    )
-
-
-# --- invariants (§1.2) -----------------------------------------------------------------------
-
-_OPTIONAL_FIELDS = (
-    "started_at",
-    "completed_at",
-    "failed_at",
-    "canceled_at",
-    "response_payload",
-    "error",
-)
-_REQUIRED: dict[StepState, tuple[str, ...]] = {
-    StepState.PENDING: (),
-    StepState.PROCESSING: ("started_at",),
-    StepState.COMPLETED: ("started_at", "completed_at", "response_payload"),
-    StepState.FAILED: ("failed_at", "error"),
-    StepState.CANCELED: ("canceled_at",),
-}
-_FORBIDDEN: dict[StepState, tuple[str, ...]] = {
-    StepState.PENDING: _OPTIONAL_FIELDS,
-    StepState.PROCESSING: ("completed_at", "failed_at", "canceled_at", "response_payload", "error"),
-    StepState.COMPLETED: ("failed_at", "canceled_at", "error"),
-    StepState.FAILED: ("completed_at", "canceled_at", "response_payload"),
-    StepState.CANCELED: ("completed_at", "failed_at", "response_payload"),
-}
-
-
-def _is_set(step: Step, field: str) -> bool:
-    if field == "response_payload":
-        return step.has_response_payload
-    return getattr(step, field) is not None
-
-
-def step_violations(step: Step) -> list[str]:
-    """Every §1.2 rule `step` breaks, as readable sentences; empty when it is well-formed."""
-    problems: list[str] = []
-    if step.step_kind is StepKind.MODEL_CALL and step.request_id is None:
-        problems.append("model_call step must have a request_id")
-    if step.step_kind is StepKind.TOOL_CALL and step.request_id is not None:
-        problems.append("tool_call step must not have a request_id")
-    problems += [
-        f"{step.state} step requires {field}"
-        for field in _REQUIRED[step.state]
-        if not _is_set(step, field)
-    ]
-    problems += [
-        f"{step.state} step must not have {field}"
-        for field in _FORBIDDEN[step.state]
-        if _is_set(step, field)
-    ]
-    return problems
-
-
-def chain_violations(chain: Sequence[Step]) -> list[str]:
-    """Per-step rules plus the chain-wide ones: unique ids and a 1:1 step ↔ request row."""
-    problems = [f"step {s.id}: {p}" for s in chain for p in step_violations(s)]
-    seen_ids: set[str] = set()
-    seen_requests: set[str] = set()
-    for step in chain:
-        if step.id in seen_ids:
-            problems.append(f"step id {step.id} appears twice")
-        seen_ids.add(step.id)
-        if step.request_id is not None:
-            if step.request_id in seen_requests:
-                problems.append(f"request_id {step.request_id} backs more than one step")
-            seen_requests.add(step.request_id)
-    return problems
+    Steps move only by facts on the responses topic, which Kafka may deliver again or after a
+    later one, so a fact that does not apply is dropped, never an error (§1.4's last rule): a
+    start moves only a pending step; the first completion or failure ends a step that has not
+    ended, started or not. The projector folds the same rule in SQL
+    (``projections.writers._MOVE_STEPS``).
+    """
+    if fact == "started":
+        return StepState.PROCESSING if state is StepState.PENDING else None
+    if state in TERMINAL_STEP_STATES:
+        return None
+    return StepState.COMPLETED if fact == "completed" else StepState.FAILED

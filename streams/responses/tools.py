@@ -24,7 +24,7 @@ def _object_schema() -> dict[str, Any]:
 
 
 class ToolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One `[tools.<name>]` table; the name is the table key (see `load_tools`)."""
+    """One `[tools.<name>]` table; the name is the table key."""
 
     description: str
     url: str
@@ -52,11 +52,6 @@ class ToolHttpRequest(msgspec.Struct, frozen=True):
     headers: dict[str, str]
     body: bytes
     timeout_secs: float
-
-
-def load_tools(table: Mapping[str, Any]) -> dict[str, ToolConfig]:
-    """The `[tools]` table of the configuration, by name; raises msgspec.ValidationError."""
-    return {name: msgspec.convert(entry, ToolConfig) for name, entry in table.items()}
 
 
 def resolve_tools(tools: Mapping[str, ToolConfig], model: str, user: str) -> dict[str, ToolConfig]:

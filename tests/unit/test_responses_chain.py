@@ -33,7 +33,6 @@ from streams.responses.chain import (
     evaluate,
     extract_tool_calls,
     finalize,
-    finalize_head_request,
     follow_up_payload,
     initial_payload,
     latest_round,
@@ -53,13 +52,9 @@ from streams.responses.steps import (
     StepDescriptor,
     StepKind,
     StepState,
-    cancel,
-    complete,
-    fail,
-    mark_processing,
     record_round,
-    step_violations,
 )
+from tests.unit.step_fixtures import canceled, completed, failed, started, step_violations
 
 HEAD = "5d0c2f7e-1b3a-4c5d-8e9f-0a1b2c3d4e5f"
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -134,12 +129,12 @@ class Loop:
         return steps
 
     def finish(self, step: Step, payload: Any) -> None:
-        done = complete(mark_processing(step, self.tick()), payload, self.tick())
+        done = completed(started(step, self.tick()), payload, self.tick())
         self.chain = [done if s.id == step.id else s for s in self.chain]
 
     def fail(self, step: Step, error: Any) -> None:
-        failed = fail(mark_processing(step, self.tick()), error, self.tick())
-        self.chain = [failed if s.id == step.id else s for s in self.chain]
+        ended = failed(started(step, self.tick()), error, self.tick())
+        self.chain = [ended if s.id == step.id else s for s in self.chain]
 
 
 def weather_chain() -> Loop:
@@ -211,7 +206,7 @@ def test_follow_up_skips_steps_that_did_not_complete() -> None:
     loop.finish(model, completion(calls=[tool_call("a"), tool_call("b")]))
     a, b = loop.record(loop.evaluate())
     loop.finish(a, "sunny")
-    loop.chain[-1] = cancel(b, loop.tick())
+    loop.chain[-1] = canceled(b, loop.tick())
     messages = follow_up_payload(PARENT, loop.chain)["messages"]
     assert [m.get("tool_call_id") for m in messages if m["role"] == "tool"] == ["a"]
     assert messages[-1]["content"] == '"sunny"'
@@ -255,12 +250,12 @@ def test_rule_1_an_empty_chain_starts_with_the_initial_model_call() -> None:
     )
 
 
-@pytest.mark.parametrize("started", [False, True])
-def test_rule_2_a_step_in_flight_on_resume_fails_the_response(started: bool) -> None:
+@pytest.mark.parametrize("begun", [False, True])
+def test_rule_2_a_step_in_flight_on_resume_fails_the_response(begun: bool) -> None:
     loop = Loop()
     [model] = loop.record(loop.evaluate())
-    if started:
-        loop.chain[0] = mark_processing(model, loop.tick())
+    if begun:
+        loop.chain[0] = started(model, loop.tick())
     action = next_action(PARENT, loop.chain, SERVER_TOOLS)
     assert action == Fail(STEP_ABANDONED)
     assert action.error == {
@@ -297,7 +292,7 @@ def test_rule_3_a_failure_without_error_reads_step_failed() -> None:
     loop = Loop()
     [model] = loop.record(loop.evaluate())
     loop.chain[0] = msgspec.structs.replace(
-        fail(model, {"x": 1}, loop.tick()), error=None
+        failed(model, {"x": 1}, loop.tick()), error=None
     )  # an error-less failure read back from an old row
     assert next_action(PARENT, loop.chain, SERVER_TOOLS) == Fail({"type": "step_failed"})
 
@@ -345,7 +340,7 @@ def test_rule_4_canceled_steps_are_ignored() -> None:
     [model] = loop.record(loop.evaluate())
     loop.finish(model, completion(calls=[tool_call("a"), tool_call("b")]))
     a, b = loop.record(loop.evaluate())
-    loop.chain[-2] = cancel(a, loop.tick())
+    loop.chain[-2] = canceled(a, loop.tick())
     loop.finish(b, {"ok": True})
     action = next_action(PARENT, loop.chain, SERVER_TOOLS)
     assert isinstance(action, AppendSteps)
@@ -355,7 +350,7 @@ def test_rule_4_canceled_steps_are_ignored() -> None:
 def test_rule_4_a_chain_with_nothing_completed_is_abandoned() -> None:
     loop = Loop()
     [model] = loop.record(loop.evaluate())
-    loop.chain[0] = cancel(model, loop.tick())
+    loop.chain[0] = canceled(model, loop.tick())
     assert next_action(PARENT, loop.chain, SERVER_TOOLS) == Fail(STEP_ABANDONED)
 
 
@@ -561,13 +556,6 @@ def test_finalize_fails_the_head_row_with_the_non_retriable_envelope() -> None:
         error='{"type":"NonRetriableHttpStatus","details":{"status":500,'
         '"body":"{\\"type\\":\\"step_failed\\"}"}}',
     )
-
-
-def test_finalize_without_a_head_row_is_a_no_op() -> None:
-    loop = weather_chain()
-    assert finalize_head_request(None, 200, {}) is None
-    assert finalize_head_request(loop.chain[1], 200, {}) is None  # a tool step has no row
-    assert finalize_head_request(loop.chain[0], 200, {}) == HeadCompleted(200, "{}")
 
 
 def test_conclude_a_completed_chain_stores_the_assembled_response() -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cannonade.config import Config
 from streams.responses.inputs import (
     InputError,
     ParentRequest,
@@ -21,7 +22,6 @@ from streams.responses.tools import (
     ToolConfig,
     ToolKind,
     inject_tools,
-    load_tools,
     resolve_tools,
     resolved_tool_names,
     tool_call_request,
@@ -339,7 +339,8 @@ users = ["alice"]
 
 
 def tools() -> dict[str, ToolConfig]:
-    return load_tools(tomllib.loads(CONFIG)["tools"])
+    """The `[tools]` tables as the service's configuration reads them."""
+    return msgspec.convert(tomllib.loads(CONFIG), Config).tools
 
 
 def test_configuration_tables_load_with_defaults() -> None:
@@ -355,7 +356,9 @@ def test_configuration_tables_load_with_defaults() -> None:
 
 def test_a_misspelt_option_is_a_configuration_error() -> None:
     with pytest.raises(msgspec.ValidationError):
-        load_tools({"t": {"description": "d", "url": "u", "model": ["llama"]}})
+        msgspec.convert(
+            {"tools": {"t": {"description": "d", "url": "u", "model": ["llama"]}}}, Config
+        )
 
 
 def test_tool_keys_stay_out_of_reprs() -> None:

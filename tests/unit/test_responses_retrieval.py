@@ -37,11 +37,10 @@ from streams.responses.inputs import parse_parent
 from streams.responses.steps import (
     StepDescriptor,
     StepKind,
-    complete,
-    mark_processing,
     record_step,
 )
 from streams.responses.translate import chat_to_responses
+from tests.unit import step_fixtures
 
 ROW = "8e2d4c6a-1f3b-4a5c-9d7e-2b4c6d8e0f1a"
 CREATED = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -263,7 +262,7 @@ def test_a_completed_single_step_response_copies_output_and_usage() -> None:
 def test_a_completed_chain_is_retrievable_with_responses_usage() -> None:
     request = {"model": "llama", "input": "x"}
     model = record_step([], ROW, StepDescriptor(StepKind.MODEL_CALL, {}), CREATED)
-    done = complete(mark_processing(model, CREATED), CHAT, DONE)
+    done = step_fixtures.completed(step_fixtures.started(model, CREATED), CHAT, DONE)
     final = conclude(
         Complete(CHAT), ROW, [done], parse_parent(request), created_at=1, completed_at=2
     )

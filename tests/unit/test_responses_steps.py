@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import msgspec
 import pytest
@@ -18,25 +17,25 @@ from streams.responses.steps import (
     NS_SUBREQ,
     Step,
     StepDescriptor,
+    StepFact,
     StepKind,
-    StepNotFoundError,
     StepState,
-    StepTransitionError,
-    cancel,
-    chain_violations,
-    complete,
-    fail,
-    find_step,
-    mark_processing,
     parse_response_id,
     record_round,
     record_step,
-    requeue_for_retry,
     response_id,
+    step_after,
     step_id,
-    step_violations,
     sub_request_id,
     sub_request_row,
+)
+from tests.unit.step_fixtures import (
+    canceled,
+    chain_violations,
+    completed,
+    failed,
+    started,
+    step_violations,
 )
 
 HEAD = "0b7e6a52-6f0c-4d8e-9a41-3c2d1e0f9a8b"
@@ -58,16 +57,16 @@ def head_step() -> Step:
 
 
 def in_state(state: StepState) -> Step:
-    step = mark_processing(head_step(), T1)
+    step = started(head_step(), T1)
     if state is StepState.PENDING:
         return head_step()
     if state is StepState.PROCESSING:
         return step
     if state is StepState.COMPLETED:
-        return complete(step, {"choices": []}, T2)
+        return completed(step, {"choices": []}, T2)
     if state is StepState.FAILED:
-        return fail(step, {"type": "executor_error", "message": "x"}, T2)
-    return cancel(step, T2)
+        return failed(step, {"type": "executor_error", "message": "x"}, T2)
+    return canceled(step, T2)
 
 
 # --- response ids (§0) -----------------------------------------------------------------------
@@ -236,156 +235,64 @@ def test_head_and_tool_steps_need_no_new_row() -> None:
 
 # --- state machine (§1.4) --------------------------------------------------------------------
 
-
-def test_mark_processing_starts_a_pending_step() -> None:
-    step = mark_processing(head_step(), T1)
-    assert step.state is StepState.PROCESSING
-    assert step.started_at == T1
-    assert step.updated_at == T1
+ENDED = [StepState.COMPLETED, StepState.FAILED, StepState.CANCELED]
+FACTS: list[StepFact] = ["started", "completed", "failed"]
 
 
-@pytest.mark.parametrize(
-    "state",
-    [StepState.PROCESSING, StepState.COMPLETED, StepState.FAILED, StepState.CANCELED],
-)
-def test_mark_processing_is_a_silent_no_op_on_any_other_state(state: StepState) -> None:
-    step = in_state(state)
-    assert mark_processing(step, T2 + timedelta(seconds=5)) == step
+def test_a_start_moves_only_a_pending_step() -> None:
+    assert step_after(StepState.PENDING, "started") is StepState.PROCESSING
+    for state in [StepState.PROCESSING, *ENDED]:
+        assert step_after(state, "started") is None
 
 
 @pytest.mark.parametrize("state", [StepState.PENDING, StepState.PROCESSING])
-def test_complete_from_pending_or_processing(state: StepState) -> None:
-    done = complete(in_state(state), {"choices": []}, T2)
-    assert done.state is StepState.COMPLETED
-    assert done.response_payload == {"choices": []}
-    assert done.completed_at == T2
-    assert done.started_at is not None
-    assert step_violations(done) == []
+def test_a_step_that_has_not_ended_completes_or_fails_started_or_not(state: StepState) -> None:
+    assert step_after(state, "completed") is StepState.COMPLETED
+    assert step_after(state, "failed") is StepState.FAILED
 
 
-def test_a_tool_result_of_json_null_is_still_a_result() -> None:
-    done = complete(in_state(StepState.PROCESSING), None, T2)
-    assert done.has_response_payload
-    assert step_violations(done) == []
+@pytest.mark.parametrize("state", ENDED)
+def test_an_ended_step_drops_every_later_fact(state: StepState) -> None:
+    assert [step_after(state, fact) for fact in FACTS] == [None, None, None]
 
 
-@pytest.mark.parametrize("state", [StepState.PENDING, StepState.PROCESSING])
-def test_fail_and_cancel_from_pending_or_processing(state: StepState) -> None:
-    error = {"type": "executor_error", "message": "executor error: boom"}
-    failed = fail(in_state(state), error, T2)
-    canceled = cancel(in_state(state), T2)
-    assert (failed.state, failed.error, failed.failed_at) == (StepState.FAILED, error, T2)
-    assert (canceled.state, canceled.canceled_at) == (StepState.CANCELED, T2)
-    assert step_violations(failed) == step_violations(canceled) == []
+@given(st.lists(st.sampled_from(FACTS), max_size=8))
+def test_redelivered_and_reordered_facts_leave_the_first_ending(facts: list[StepFact]) -> None:
+    """Kafka may deliver a step's facts again or late: the first completion or failure wins,
+    and a start that comes after it changes nothing."""
+    state = StepState.PENDING
+    for fact in facts:
+        state = step_after(state, fact) or state
+    endings = [f for f in facts if f != "started"]
+    if endings:
+        assert state is (StepState.COMPLETED if endings[0] == "completed" else StepState.FAILED)
+    else:
+        assert state is (StepState.PROCESSING if facts else StepState.PENDING)
 
 
-@pytest.mark.parametrize("state", ["completed", "failed", "canceled"])
-def test_terminal_steps_refuse_direct_commands_with_the_spec_texts(state: str) -> None:
-    step = in_state(StepState(state))
-    cases: list[tuple[Callable[[], Any], str]] = [
-        (lambda: complete(step, {}, T2), f"not in completable state (current: {state})"),
-        (lambda: fail(step, {}, T2), f"not in failable state (current: {state})"),
-        (lambda: cancel(step, T2), "not in cancelable state"),
-        (lambda: requeue_for_retry(step, T2), "not in retryable state"),
-    ]
-    for command, text in cases:
-        with pytest.raises(StepTransitionError) as info:
-            command()
-        assert str(info.value) == text
-
-
-def test_requeue_puts_a_processing_step_back_for_another_attempt() -> None:
-    again = requeue_for_retry(in_state(StepState.PROCESSING), T2)
-    assert again.state is StepState.PENDING
-    assert again.retry_attempt == 1
-    assert again.started_at is None
-    assert step_violations(again) == []
-    assert requeue_for_retry(mark_processing(again, T2), T2).retry_attempt == 2
-
-
-def test_requeue_refuses_a_pending_step() -> None:
-    with pytest.raises(StepTransitionError, match="^not in retryable state$"):
-        requeue_for_retry(head_step(), T1)
-
-
-def test_find_step_reports_unknown_ids() -> None:
-    chain = [head_step()]
-    assert find_step(chain, HEAD) == chain[0]
-    with pytest.raises(StepNotFoundError) as info:
-        find_step(chain, "missing")
-    assert info.value.step_id == "missing"
-
-
-_OPERATIONS: list[Callable[[Step, datetime], Step]] = [
-    mark_processing,
-    lambda s, t: complete(s, {"ok": True}, t),
-    lambda s, t: fail(s, {"type": "executor_error"}, t),
-    cancel,
-    requeue_for_retry,
-]
-
-
-@given(st.lists(st.integers(0, len(_OPERATIONS) - 1), max_size=12), st.booleans())
-def test_any_sequence_of_commands_leaves_a_well_formed_step(ops: list[int], is_tool: bool) -> None:
+@given(st.lists(st.sampled_from(FACTS), max_size=8), st.booleans())
+def test_steps_moved_by_any_facts_keep_the_invariants(facts: list[StepFact], is_tool: bool) -> None:
     chain = [head_step()]
     step = record_step(chain, HEAD, tool("a"), T0) if is_tool else chain[0]
     at = T0
-    for op in ops:
+    moves: dict[StepFact, Callable[[Step, datetime], Step]] = {
+        "started": started,
+        "completed": lambda s, t: completed(s, {"ok": True}, t),
+        "failed": lambda s, t: failed(s, {"type": "executor_error"}, t),
+    }
+    for fact in facts:
         at += timedelta(seconds=1)
-        before = step
-        try:
-            step = _OPERATIONS[op](step, at)
-        except StepTransitionError:
-            assert step == before
+        if step_after(step.state, fact) is not None:
+            step = moves[fact](step, at)
         assert step_violations(step) == []
-        # Terminal states never change again.
-        if before.state in (StepState.COMPLETED, StepState.FAILED, StepState.CANCELED):
-            assert step == before
-
-
-# --- invariants (§1.2) -----------------------------------------------------------------------
-
-
-def test_invariant_checker_names_what_is_wrong() -> None:
-    head = head_step()
-    bad_cases = [
-        (msgspec.structs.replace(head, request_id=None), "model_call step must have a request_id"),
-        (
-            msgspec.structs.replace(record_step([head], HEAD, tool("a"), T1), request_id="x"),
-            "tool_call step must not have a request_id",
-        ),
-        (msgspec.structs.replace(head, started_at=T1), "pending step must not have started_at"),
-        (
-            msgspec.structs.replace(head, state=StepState.PROCESSING),
-            "processing step requires started_at",
-        ),
-        (
-            msgspec.structs.replace(in_state(StepState.COMPLETED), response_payload=msgspec.UNSET),
-            "completed step requires response_payload",
-        ),
-        (
-            msgspec.structs.replace(in_state(StepState.COMPLETED), error={"x": 1}),
-            "completed step must not have error",
-        ),
-        (
-            msgspec.structs.replace(in_state(StepState.FAILED), error=None),
-            "failed step requires error",
-        ),
-        (
-            msgspec.structs.replace(in_state(StepState.CANCELED), response_payload={}),
-            "canceled step must not have response_payload",
-        ),
-    ]
-    for step, problem in bad_cases:
-        assert problem in step_violations(step)
 
 
 def test_a_failed_step_may_or_may_not_have_started() -> None:
-    assert step_violations(fail(head_step(), {"type": "x"}, T1)) == []
-    assert step_violations(fail(in_state(StepState.PROCESSING), {"type": "x"}, T2)) == []
+    assert step_violations(failed(head_step(), {"type": "x"}, T1)) == []
+    assert step_violations(failed(in_state(StepState.PROCESSING), {"type": "x"}, T2)) == []
 
 
-def test_a_request_row_backs_at_most_one_step() -> None:
+def test_recorded_steps_back_one_request_row_each() -> None:
     head = head_step()
     second = record_step([head], HEAD, MODEL, T1)
     clash = msgspec.structs.replace(second, request_id=HEAD)
@@ -398,7 +305,7 @@ def test_a_request_row_backs_at_most_one_step() -> None:
 
 def test_steps_survive_json_and_keep_null_results_apart_from_no_result() -> None:
     pending = head_step()
-    null_result = complete(in_state(StepState.PROCESSING), None, T2)
+    null_result = completed(in_state(StepState.PROCESSING), None, T2)
 
     encoded = msgspec.json.encode(pending)
     assert b"response_payload" not in encoded
