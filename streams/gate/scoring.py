@@ -34,9 +34,6 @@ LEAK_EPSILON = 1e-9
 #: Window-class of a batchless row without a service tier.
 DEFAULT_WINDOW_CLASS = "default"
 
-#: A leaky bucket: (owner, window-class, model) — the later rule adopted by §3.4.
-BucketKey = tuple[str, str, str]
-
 
 class GateConfig(msgspec.Struct, kw_only=True):
     """The gate's knobs with the reference defaults (§1.7), durations in seconds."""
