@@ -276,11 +276,17 @@ class ChainCore:
         )
         entries = [
             StepEntry(
-                id=s.id, step_kind=s.step_kind, step_sequence=s.step_sequence, state=StepState.PENDING,
-                prev=s.prev_step_id, request_id=s.request_id, tool=_tool_name(s), payload=ref,
+                id=s.id,
+                step_kind=s.step_kind,
+                step_sequence=s.step_sequence,
+                state=StepState.PENDING,
+                prev=s.prev_step_id,
+                request_id=s.request_id,
+                tool=_tool_name(s),
+                payload=ref,
             )
             for s, ref in zip(recorded, refs, strict=True)
-        ]  # fmt: skip
+        ]
         chain.steps.extend(entries)
         outs: list[Out] = [
             Out("responses", chain.response_id, self._recorded(chain, s, e, now))

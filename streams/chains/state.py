@@ -11,7 +11,7 @@ import msgspec
 
 from schemas.bodies import BodyRef
 from schemas.events import BatchlessFacts, ChainHead
-from streams.responses.steps import TERMINAL_STEP_STATES, StepKind, StepState
+from streams.responses.steps import StepKind, StepState
 
 
 class StepEntry(msgspec.Struct, array_like=True):
@@ -27,10 +27,6 @@ class StepEntry(msgspec.Struct, array_like=True):
     tool: str | None
     payload: BodyRef
     result: BodyRef | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STEP_STATES
 
 
 class FinalOutcome(msgspec.Struct, array_like=True, frozen=True):
