@@ -1,14 +1,15 @@
 """The responses.v1 projection (§1.2, §9.4) on a database of its own, fed records by hand: step
 events projected before their payloads get them later, §1.2 holds at every moment, the first
-terminal fact wins however the records are grouped into polls, replays change nothing, and an
-erased payload leaves its step."""
+terminal fact wins however the records are grouped into polls, steps move as the chain agent
+moves them, replays change nothing, and an erased payload leaves its step."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 import msgspec
@@ -28,7 +29,7 @@ from schemas.events import (
     StepRecorded,
     StepStarted,
 )
-from streams.responses.steps import step_id
+from streams.responses.steps import StepFact, StepState, step_after, step_id
 from tests.integration.conftest import consumer_record, own_database, run
 
 pytestmark = pytest.mark.integration
@@ -173,6 +174,47 @@ def test_the_first_terminal_fact_wins_however_polls_are_cut(dsn: str, split: boo
     [head] = run(_steps(dsn, chain.head))
     assert head["state"] == "failed" and head["completed_at"] is None
     assert head["updated_at"] == chain.now  # the last fact's time, however grouped
+
+
+# Every sequence of up to three facts about one step, repeats and late starts included.
+_FACT_SEQUENCES: list[tuple[StepFact, ...]] = [
+    seq for n in range(1, 4) for seq in itertools.product(get_args(StepFact), repeat=n)
+]
+
+
+@pytest.mark.parametrize("poll_per_fact", [False, True])
+def test_the_projection_moves_steps_as_the_chain_agent_does(dsn: str, poll_per_fact: bool) -> None:
+    """One state machine: whatever facts a step hears, in one poll or a poll each, the
+    projector leaves it in the state ``step_after`` gives the chain agent; §1.2 holds
+    throughout (a write that broke a CHECK constraint would fail the poll)."""
+    log = Log()
+    setup: list[ConsumerRecord] = []
+    facts: list[list[ConsumerRecord]] = [[], [], []]  # the sequences' first, second, third facts
+    expected: dict[str, str] = {}
+    for sequence in _FACT_SEQUENCES:
+        chain = Chain()
+        setup += [log.event(chain.started()), log.event(chain.recorded(1))]
+        made = {"started": chain.started_step, "completed": chain.completed, "failed": chain.failed}
+        state = StepState.PENDING
+        for i, fact in enumerate(sequence):
+            facts[i].append(log.event(made[fact](1)))
+            state = step_after(state, fact) or state
+        expected[chain.head] = state.value
+    polls = [setup, *facts] if poll_per_fact else [setup + [r for poll in facts for r in poll]]
+    run(_apply(dsn, *polls))
+
+    async def states() -> dict[str, str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT id::text, state FROM response_steps WHERE id = ANY($1::uuid[])",
+                list(expected),
+            )
+            return {r["id"]: r["state"] for r in rows}
+        finally:
+            await conn.close()
+
+    assert run(states()) == expected
 
 
 def test_an_erased_payload_leaves_its_step(dsn: str) -> None:

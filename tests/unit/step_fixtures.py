@@ -13,7 +13,14 @@ from typing import Any
 
 import msgspec
 
-from streams.responses.steps import Step, StepFact, StepKind, StepState, step_after
+from streams.responses.steps import (
+    IN_FLIGHT_STEP_STATES,
+    Step,
+    StepFact,
+    StepKind,
+    StepState,
+    step_after,
+)
 
 
 def _next(step: Step, fact: StepFact) -> StepState:
@@ -46,7 +53,7 @@ def failed(step: Step, error: Any, at: datetime) -> Step:
 def canceled(step: Step, at: datetime) -> Step:
     """No fact cancels a step in Cannonade; the state is the reference's, and stored chains
     may hold it, so the loop's rules must still read it."""
-    assert step.state in (StepState.PENDING, StepState.PROCESSING)
+    assert step.state in IN_FLIGHT_STEP_STATES
     return msgspec.structs.replace(step, state=StepState.CANCELED, canceled_at=at, updated_at=at)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -270,29 +269,7 @@ def test_redelivered_and_reordered_facts_leave_the_first_ending(facts: list[Step
         assert state is (StepState.PROCESSING if facts else StepState.PENDING)
 
 
-@given(st.lists(st.sampled_from(FACTS), max_size=8), st.booleans())
-def test_steps_moved_by_any_facts_keep_the_invariants(facts: list[StepFact], is_tool: bool) -> None:
-    chain = [head_step()]
-    step = record_step(chain, HEAD, tool("a"), T0) if is_tool else chain[0]
-    at = T0
-    moves: dict[StepFact, Callable[[Step, datetime], Step]] = {
-        "started": started,
-        "completed": lambda s, t: completed(s, {"ok": True}, t),
-        "failed": lambda s, t: failed(s, {"type": "executor_error"}, t),
-    }
-    for fact in facts:
-        at += timedelta(seconds=1)
-        if step_after(step.state, fact) is not None:
-            step = moves[fact](step, at)
-        assert step_violations(step) == []
-
-
-def test_a_failed_step_may_or_may_not_have_started() -> None:
-    assert step_violations(failed(head_step(), {"type": "x"}, T1)) == []
-    assert step_violations(failed(in_state(StepState.PROCESSING), {"type": "x"}, T2)) == []
-
-
-def test_recorded_steps_back_one_request_row_each() -> None:
+def test_a_later_model_call_backs_a_request_row_of_its_own() -> None:
     head = head_step()
     second = record_step([head], HEAD, MODEL, T1)
     clash = msgspec.structs.replace(second, request_id=HEAD)
