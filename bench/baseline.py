@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import secrets
 import shutil
@@ -31,7 +32,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -421,6 +422,13 @@ FROM batches b JOIN requests r ON r.batch_id = b.id
 WHERE b.id = $1
 GROUP BY b.id
 """
+
+
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by nearest rank: the smallest value with at least a
+    share ``q`` of them at or below it. Every benchmark's client-side p50 / p99 is this one."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _r(value: Any, digits: int = 1) -> float | None:

@@ -74,6 +74,7 @@ from bench.baseline import (
     cpu_seconds,
     end_offsets,
     log,
+    nearest_rank,
     open_backend,
     records_between,
     run_stack_bench,
@@ -327,18 +328,13 @@ async def read_claim_stamps(bootstrap: str, start: Offsets, end: Offsets) -> Cla
     return found
 
 
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of sorted ``values``."""
-    return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
-
-
 def _spread(values: list[float]) -> dict[str, Any]:
     values = sorted(values)
     if not values:
         return {"p50_ms": None, "p99_ms": None, "max_ms": None}
     return {
-        "p50_ms": round(pct(values, 0.5), 1),
-        "p99_ms": round(pct(values, 0.99), 1),
+        "p50_ms": round(nearest_rank(values, 0.5), 1),
+        "p99_ms": round(nearest_rank(values, 0.99), 1),
         "max_ms": round(values[-1], 1),
     }
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.baseline import ENDPOINT, build_jsonl, save_and_report
+from bench.baseline import ENDPOINT, build_jsonl, nearest_rank, save_and_report
 from projections.api.files import CHUNK_BYTES
 from schemas import codec, ids
 from schemas.events import (
@@ -210,16 +210,11 @@ def state_figures(state: dict[str, bytes]) -> dict[str, Any]:
     }
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
-
-
 def summary(samples: list[float]) -> dict[str, Any]:
     return {
         "samples": len(samples),
-        "p50_ms": round(pct(samples, 0.5), 3),
-        "p99_ms": round(pct(samples, 0.99), 3),
+        "p50_ms": round(nearest_rank(samples, 0.5), 3),
+        "p99_ms": round(nearest_rank(samples, 0.99), 3),
         "max_ms": round(max(samples), 3),
     }
 
@@ -391,7 +386,7 @@ def time_rebuild(state: dict[str, bytes], limits: dict[str, int], repeats: int) 
         t = time.perf_counter()
         gate.rebuild()
         samples.append((time.perf_counter() - t) * 1000)
-    return {"p50_ms": round(pct(samples, 0.5), 3), "max_ms": round(max(samples), 3)}
+    return {"p50_ms": round(nearest_rank(samples, 0.5), 3), "max_ms": round(max(samples), 3)}
 
 
 def full_run(args: argparse.Namespace) -> dict[str, Any]:

@@ -38,7 +38,14 @@ from typing import Any
 import uvloop
 
 from bench import procs
-from bench.baseline import BenchError, cpu_between, cpu_seconds, log, save_and_report
+from bench.baseline import (
+    BenchError,
+    cpu_between,
+    cpu_seconds,
+    log,
+    nearest_rank,
+    save_and_report,
+)
 from bench.upstream import Upstream
 from streams.execution.client import AiohttpTransport, UpstreamCall, UpstreamClient
 from streams.execution.outcome import Failure
@@ -87,13 +94,13 @@ async def one_run(
     finally:
         await transport.close()
     cpu = procs.self_cpu_s() - cpu
-    over = sorted((c * 1000 - latency_ms) for c in calls)
+    over = [c * 1000 - latency_ms for c in calls]
     return {
         "mode": MODES[stagger],
         "requests_per_s": round(n / wall, 1),
         "wall_s": round(wall, 3),
         "beyond_latency_ms": _stats(over),
-        "turnaround_ms": _stats(sorted(t * 1000 for t in turns)),
+        "turnaround_ms": _stats([t * 1000 for t in turns]),
         "client_cpu_s": round(cpu, 2),
     }
 
@@ -101,15 +108,9 @@ async def one_run(
 def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
-
-    def at(q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))]
-
     return {
         "mean": round(statistics.fmean(values), 2),
-        "p50": round(at(0.5), 2),
-        "p90": round(at(0.9), 2),
-        "p99": round(at(0.99), 2),
+        **{f"p{round(q * 100)}": round(nearest_rank(values, q), 2) for q in (0.5, 0.9, 0.99)},
     }
 
 
