@@ -123,22 +123,23 @@ class UpstreamScript(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     repeat: bool = False
 
 
-class Gauge(msgspec.Struct):
+class Gauge(msgspec.Struct, dict=True):
     """Calls in flight: now, at most, and the seconds spent with each number in flight from the
     first call on (up to the last change): whether a client kept the upstream full, not only
-    that it once was."""
+    that it once was. The last change's time is an attribute, not a field (``dict=True``): a
+    reading of this process's monotonic clock means nothing in ``/_stats``."""
 
     in_flight: int = 0
     max_in_flight: int = 0
     seconds_at: dict[int, float] = {}
-    changed_at: float = 0.0  # monotonic seconds of the last change; 0 before the first call
 
     def move(self, by: int, now: float) -> None:
         """Change the level, first adding the time spent at the level it leaves."""
-        if self.changed_at:
+        last: float | None = getattr(self, "_changed_at", None)
+        if last is not None:
             level = self.in_flight
-            self.seconds_at[level] = self.seconds_at.get(level, 0.0) + now - self.changed_at
-        self.changed_at = now
+            self.seconds_at[level] = self.seconds_at.get(level, 0.0) + now - last
+        self._changed_at = now
         self.in_flight += by
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
