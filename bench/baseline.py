@@ -43,6 +43,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import DescribeGroupsRequest, DescribeGroupsRequest_v1
 from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procs
 from compose.services import ModelSpec, Services
@@ -465,6 +466,29 @@ def upstream_stats(upstream_url: str) -> dict[str, Any]:
     return {"max_in_flight": stats.get("max_in_flight"), "models": stats.get("models", {})}
 
 
+def lane_handoffs(services: Services) -> dict[str, int]:
+    """Every executor's ``cannonade_lane_handoffs_total`` so far, summed by ``next``: calls
+    that left a prefetch lane with the next claim queued behind them, or none."""
+    counts = {"queued": 0, "none": 0}
+    for name in services.health_ports:
+        if not name.startswith("executor-"):
+            continue
+        with urllib.request.urlopen(f"{services.health_url(name)}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "cannonade_lane_handoffs_total":
+                    counts[sample.labels["next"]] += int(sample.value)
+    return counts
+
+
+def queued_share(counts: dict[str, int]) -> str:
+    """``lane_handoffs`` as a report line."""
+    total = counts["queued"] + counts["none"]
+    share = f"{100 * counts['queued'] / total:.1f} %" if total else "-"
+    return f"{share} of {total} calls found the next claim of their lane queued"
+
+
 # --- orchestration and report ----------------------------------------------------------------
 
 
@@ -544,6 +568,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await client.close()
         stats = await db_stats(backend.database_url, timings.batch_id)
         upstream = await asyncio.to_thread(upstream_stats, services.upstream_url)
+        handoffs = await asyncio.to_thread(lane_handoffs, services)
         cpu = cpu_between(cpu_before, cpu_seconds(watched_pids(services, backend)))
         run_wall_s = time.monotonic() - t_run
         records = records_between(offsets_before, await end_offsets(backend.kafka, _COUNTED_TOPICS))
@@ -587,6 +612,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "claim_to_start_p99_ms": stats["queue_p99_ms"],
             "start_to_complete_p50_ms": stats["call_p50_ms"],
             "start_to_complete_p99_ms": stats["call_p99_ms"],
+            "lane_handoffs": handoffs,
             "output_lines": output["lines"],
             "output_ok": output["ok"],
         },
@@ -622,6 +648,7 @@ def report(result: dict[str, Any]) -> str:
          f"{f['projection_lag_max_ms']} ms"),
         ("claim -> complete p50 / p99",
          f"{f['claim_to_complete_p50_ms']} / {f['claim_to_complete_p99_ms']} ms"),
+        ("lanes (gate.prefetch)", queued_share(f["lane_handoffs"])),
         ("output file check",
          f"{'OK' if f['output_ok'] else 'FAIL'} ({result['output_check']})"),
     ]  # fmt: skip

@@ -73,9 +73,11 @@ from bench.baseline import (
     cpu_between,
     cpu_seconds,
     end_offsets,
+    lane_handoffs,
     log,
     nearest_rank,
     open_backend,
+    queued_share,
     records_between,
     run_stack_bench,
     stack_options,
@@ -529,6 +531,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await client.close()
         stats = await db_figures(backend.database_url, d.batch_ids, d.creates_done_epoch)
         upstream = await asyncio.to_thread(upstream_stats, services.upstream_url)
+        handoffs = await asyncio.to_thread(lane_handoffs, services)
         offsets_after = await end_offsets(backend.kafka, _COUNTED_TOPICS)
         records = records_between(offsets_before, offsets_after)
         log("reading ExecutionReport, RequestTransitions and DispatchBatch back from the broker")
@@ -594,6 +597,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_ms": steady["max_ms"],
                 "decided": steady["decided"],
             },
+            # whether a call that ended found its lane's next claim queued (prefetch): if so,
+            # the claim latency above was off the path to the upstream
+            "lane_handoffs": handoffs,
             "claim_to_complete_p50_ms": stats["claim_to_complete_p50_ms"],
             "claim_to_complete_p99_ms": stats["claim_to_complete_p99_ms"],
             "projection_lag_p50_ms": stats["projection_lag_p50_ms"],
@@ -667,6 +673,7 @@ def report(result: dict[str, Any]) -> str:
          f"{f['broker_probe']['hop']['max_ms']} ms send -> consumed; acknowledged "
          f"{f['broker_probe']['ack']['p50_ms']} / {f['broker_probe']['ack']['p99_ms']} ms "
          "(bench.broker_probe)"),
+        ("  lanes (gate.prefetch)", queued_share(f["lane_handoffs"])),
         ("claim -> complete p50 / p99",
          f"{f['claim_to_complete_p50_ms']} / {f['claim_to_complete_p99_ms']} ms"),
         ("projection lag p50 / p99",

@@ -58,6 +58,13 @@ CLAIM_LATENCY = Histogram(
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )
+LANE_HANDOFFS = Counter(
+    "cannonade_lane_handoffs_total",
+    "Calls that left a prefetch lane, by whether the lane's next claim was already queued "
+    "behind them (queued: the upstream slot went to it at once) or not (none: the slot waits "
+    "for the gate's next claim, or for more work)",
+    ["model", "next"],
+)
 UPSTREAM_DURATION = Histogram(
     "cannonade_upstream_request_duration_seconds",
     "Duration of one upstream call (one attempt), by the model that served it",
@@ -103,6 +110,9 @@ class Hooks:
 
     def claim_started(self, model: str, latency: timedelta) -> None:
         CLAIM_LATENCY.labels(self.model(model)).observe(max(latency.total_seconds(), 0.0))
+
+    def lane_released(self, model: str, next_queued: bool) -> None:
+        LANE_HANDOFFS.labels(self.model(model), "queued" if next_queued else "none").inc()
 
     def upstream_called(self, model: str, outcome: Outcome, seconds: float) -> None:
         label = self.model(model)

@@ -56,6 +56,7 @@ from streams.emit import Out
 from streams.execution.bodies import BodyGone, BodyReader, BodySource
 from streams.execution.client import AiohttpTransport, Timeouts, UpstreamCall, UpstreamClient
 from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
+from streams.execution.lanes import Lane
 from streams.execution.outcome import (
     Failure,
     escalate,
@@ -100,7 +101,7 @@ class Executor:
         self.config = config
         self.worker_id = worker_id
         self.slots = asyncio.Semaphore(config.executor.max_in_flight)
-        self.lanes: dict[tuple[str, int], asyncio.Lock] = {}  # FIFO: a lane's claims in turn
+        self.lanes: dict[tuple[str, int], Lane] = {}  # a lane's claims in turn
         self.running: dict[str, asyncio.Task[None]] = {}  # claim id -> execution
         self.aborted: OrderedDict[str, None] = OrderedDict()  # aborts that beat their claim
         self.outcomes: OrderedDict[str, FinishedItem] = OrderedDict()  # recent claims' ends
@@ -206,7 +207,11 @@ class Executor:
     def _lane(self, item: DispatchItem) -> contextlib.AbstractAsyncContextManager[Any]:
         if item.lane < 0:
             return contextlib.nullcontext()
-        return self.lanes.setdefault((item.model, item.lane), asyncio.Lock())
+        key = (item.model, item.lane)
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = self.lanes[key] = Lane(functools.partial(self.hooks.lane_released, item.model))
+        return lane
 
     async def _execute(
         self, item: DispatchItem, headers: dict[str, str]

@@ -1,5 +1,6 @@
 """The executor's lanes (gate.prefetch): claims of one lane run one at a time, in the order
-they came, and a claim queued in its lane can be aborted without reaching the upstream. The
+they came, a claim queued in its lane can be aborted without reaching the upstream, and each
+call that leaves its lane is counted by whether the next claim was queued behind it. The
 upstream is a transport that holds each call until the test lets it answer."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+
+from prometheus_client import REGISTRY
 
 from cannonade.config import Config, ExecutorConfig, ModelConfig
 from schemas import ids
@@ -145,6 +148,36 @@ def test_a_claim_queued_in_its_lane_holds_no_call_slot() -> None:
             h.upstream.answer(name)
         await h.until(lambda: len(h.reports) == 3)
         assert set(h.results().values()) == {"completed"}
+        await h.reporter.stop()
+
+    asyncio.run(scenario())
+
+
+def handoffs() -> dict[str, float]:
+    labels = ("queued", "none")
+    sample = REGISTRY.get_sample_value
+    return {n: sample("cannonade_lane_handoffs_total", {"model": "m", "next": n}) or 0.0 for n in labels}  # fmt: skip
+
+
+def test_each_call_leaving_its_lane_is_counted_by_whether_a_claim_was_queued_behind_it() -> None:
+    """What an operator reads to see whether prefetch keeps the upstream's slots busy."""
+
+    async def scenario() -> None:
+        h = Harness()
+        h.reporter.start()
+        before = handoffs()
+        first, second, running, aborted = claim(0, 0), claim(1, 0), claim(2, 1), claim(3, 1)
+        items = [first, second, running, aborted]
+        await h.executor.accept(DispatchBatch(event_id="d", occurred_at=datetime.now(UTC), items=items))  # fmt: skip
+        await h.until(lambda: h.upstream.sent == ["call-0", "call-2"])
+        h.executor.abort(aborted.claim_id)  # no longer waiting behind call-2
+        await h.until(lambda: aborted.claim_id in h.results())
+        for name in ("call-0", "call-1", "call-2"):
+            h.upstream.answer(name)
+        await h.until(lambda: len(h.reports) == 4)
+        after = handoffs()
+        # call-0 handed its slot to call-1 at once; call-1 and call-2 left nothing behind.
+        assert {n: after[n] - before[n] for n in after} == {"queued": 1.0, "none": 2.0}
         await h.reporter.stop()
 
     asyncio.run(scenario())
