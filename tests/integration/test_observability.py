@@ -182,6 +182,9 @@ def test_a_batch_moves_the_counters_by_model(obs_services: Services, client: Ope
         for histogram in ("cannonade_claim_latency_seconds", "cannonade_upstream_request_duration_seconds"):  # fmt: skip
             assert moved(f"{histogram}_count", model=model) == calls, (histogram, model)
             assert moved(f"{histogram}_bucket", model=model, le="+Inf") == calls
+    # Every claim ran in a prefetch lane and left it once, its successor queued behind it or not.
+    for model, claims in (("obs-a", 10), ("obs-b", 5)):
+        assert moved("cannonade_lane_handoffs_total", model=model) == claims, model
     duration = "cannonade_upstream_request_duration_seconds_bucket"
     assert moved(duration, model="obs-b", le="2.5") == 4  # all but the slow call
     assert moved("cannonade_upstream_request_duration_seconds_sum", model="obs-b") >= SLOW_MS / 1000  # fmt: skip
