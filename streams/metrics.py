@@ -60,9 +60,9 @@ CLAIM_LATENCY = Histogram(
 )
 LANE_HANDOFFS = Counter(
     "cannonade_lane_handoffs_total",
-    "Calls that left a prefetch lane, by whether the lane's next claim was already queued "
-    "behind them (queued: the upstream slot went to it at once) or not (none: the slot waits "
-    "for the gate's next claim, or for more work)",
+    "Claims that left a prefetch lane (their call ended, or they were handed back unsent), by "
+    "whether the lane's next claim was already queued behind them (queued: the upstream slot "
+    "went to it at once) or not (none: the slot waits for the gate's next claim, or for work)",
     ["model", "next"],
 )
 UPSTREAM_DURATION = Histogram(
