@@ -482,11 +482,18 @@ def lane_handoffs(services: Services) -> dict[str, int]:
     return counts
 
 
+def queued_percent(counts: dict[str, int] | None) -> float | None:
+    """The share of ``lane_handoffs`` that found the next claim queued, in percent."""
+    total = 0 if counts is None else counts["queued"] + counts["none"]
+    return 100 * counts["queued"] / total if counts and total else None
+
+
 def queued_share(counts: dict[str, int]) -> str:
     """``lane_handoffs`` as a report line."""
+    share = queued_percent(counts)
     total = counts["queued"] + counts["none"]
-    share = f"{100 * counts['queued'] / total:.1f} %" if total else "-"
-    return f"{share} of {total} calls found the next claim of their lane queued"
+    shown = "-" if share is None else f"{share:.1f} %"
+    return f"{shown} of {total} calls found the next claim of their lane queued"
 
 
 # --- orchestration and report ----------------------------------------------------------------

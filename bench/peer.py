@@ -62,8 +62,10 @@ from bench.baseline import (
     db_stats,
     drive,
     gate_config,
+    lane_handoffs,
     log,
     open_backend,
+    queued_percent,
     save_and_report,
     stack_options,
     start_services,
@@ -271,6 +273,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         # A service restarted by the supervisor mid-run: its new process went unmeasured.
         restarted = sorted(n for n, p in services.procs.items() if roots.get(n) != p.pid)
         upstream = await asyncio.to_thread(ctx.upstream.stats)
+        handoffs = await asyncio.to_thread(lane_handoffs, services)
         output = await check_output(client, timings.output_file_id, args.requests)
         stats = await db_stats(backend.database_url, timings.batch_id)
     finally:
@@ -297,6 +300,7 @@ async def cannonade_run(ctx: Ctx, round_no: int) -> dict[str, Any]:
         "services_start_s": round(started.start_s, 2),
         "timeline_s": stats["timeline_s"],
         "upstream": upstream,
+        "lane_handoffs": handoffs,
         "excluded": [UPSTREAM],
         **measured,
         "logs": str(services.logs),
@@ -630,6 +634,7 @@ def report(result: dict[str, Any]) -> str:
 
     row("requests/s", lambda r: r["requests_per_s"])
     row("  lanes: first claim -> last completion", lambda r: lanes_rate(r, p["requests"]))
+    row("  lanes: calls whose next claim was queued, %", lambda r: queued_percent(r.get("lane_handoffs")))  # fmt: skip
     row("batch create -> completed, s", lambda r: r["create_to_completed_s"], 2)
     row("claim -> complete p50, ms", lambda r: r["claim_to_complete_p50_ms"])
     row("claim -> complete p99, ms", lambda r: r["claim_to_complete_p99_ms"])
