@@ -33,6 +33,7 @@ from cannonade import health, heap
 from cannonade import metrics as shared_metrics
 from cannonade.config import Config
 from projections import metrics, writers
+from projections.fetch_pacing import FetchPacing, set_fetch_min_bytes
 from schemas import codec, ids, topics
 from schemas.events import DeadLetter
 
@@ -115,11 +116,7 @@ class Projector:
             enable_auto_commit=False,
             max_partition_fetch_bytes=topics.MAX_MESSAGE_BYTES,
             fetch_max_bytes=64 * 1024 * 1024,
-            fetch_max_wait_ms=20,
-            # Under load the broker holds a fetch until 64 KiB or the 20 ms wait: fewer, fuller
-            # transactions cost the projector and PostgreSQL less per record (bench.claim_gate:
-            # projector 17 % of a core against 20 %), for at most 20 ms more lag when quiet.
-            fetch_min_bytes=64 * 1024,
+            fetch_max_wait_ms=20,  # how long a fetch may wait for its minimum (FetchPacing)
             # A fetch offset out of range (a partition truncated or recreated) resumes from the
             # oldest record there is, never from the end: skipping is the one thing a
             # projector must not do, and re-reading is idempotent.
@@ -137,8 +134,11 @@ class Projector:
             partitions = await self._assign(consumer, conn)
             log.info("projector resumed")
             measured = 0.0
+            pacing = FetchPacing(time.monotonic())
             while not self._stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=MAX_RECORDS)
+                count = sum(len(part) for part in batch.values())
+                set_fetch_min_bytes(consumer, pacing.observed(count, time.monotonic()))
                 if batch:
                     await self._apply(conn, producer, batch)
                 if time.monotonic() - measured >= LAG_INTERVAL_S:

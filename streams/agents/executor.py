@@ -165,7 +165,10 @@ class Executor:
             self.outcomes.popitem(last=False)
         self.processed += 1
         self.failed += finished.result == "failed"
-        self.reporter.finished(item.model, finished, outs or [])
+        # Nothing else running (the claim's own task may still be listed): no other call will
+        # end soon to share the report.
+        last = len(self.running) - (item.claim_id in self.running) == 0
+        self.reporter.finished(item.model, finished, outs or [], last=last)
 
     async def _run(self, item: DispatchItem, headers: dict[str, str]) -> None:
         finished: FinishedItem | None = None

@@ -2,7 +2,9 @@
 
 Calls that end within a couple of milliseconds of each other share one record to the gate, and
 their result bodies are sent ahead of it in the same produce request, so a report that makes
-rows terminal never lands without their bodies (a send that fails is retried whole). A started call is
+rows terminal never lands without their bodies (a send that fails is retried whole). The call
+that leaves the executor with nothing else running is reported at once: no other call will end
+to share its record, and waiting would only delay its result (a lone flex request's answer). A started call is
 reported only if it is still running a little later: at low upstream latency most calls end
 first, and the finished report implies the start.
 """
@@ -10,6 +12,7 @@ first, and the finished report implies the start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,6 +51,7 @@ class Reporter:
         self._finished: dict[str, list[FinishedItem]] = {}
         self._bodies: list[Out] = []
         self._wake = asyncio.Event()
+        self._now = asyncio.Event()  # skip the gathering delay: nothing else is running
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -69,10 +73,15 @@ class Reporter:
         start must not arrive after theirs."""
         self._started.pop(claim_id, None)
 
-    def finished(self, model: str, item: FinishedItem, bodies: Sequence[Out] = ()) -> None:
+    def finished(
+        self, model: str, item: FinishedItem, bodies: Sequence[Out] = (), *, last: bool = False
+    ) -> None:
+        """``last``: the executor runs nothing else, so report without gathering."""
         self._started.pop(item.claim_id, None)
         self._finished.setdefault(model, []).append(item)
         self._bodies.extend(bodies)
+        if last:
+            self._now.set()
         self._wake.set()
 
     async def _loop(self) -> None:
@@ -80,7 +89,10 @@ class Reporter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(self._finished_delay)
+            if not self._now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._now.wait(), self._finished_delay)
+            self._now.clear()
             try:
                 await self._flush()
                 backoff = 0.1

@@ -1,7 +1,8 @@
 """The executor's lanes (gate.prefetch): claims of one lane run one at a time, in the order
 they came, a claim queued in its lane can be aborted without reaching the upstream, and each
-call that leaves its lane is counted by whether the next claim was queued behind it. The
-upstream is a transport that holds each call until the test lets it answer."""
+call that leaves its lane is counted by whether the next claim was queued behind it; reports
+gather calls that end together, but the call that leaves nothing running is reported at once.
+The upstream is a transport that holds each call until the test lets it answer."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def claim(n: int, lane: int) -> DispatchItem:
 
 
 class Harness:
-    def __init__(self, max_in_flight: int = 512) -> None:
+    def __init__(self, max_in_flight: int = 512, gather_s: float = 0.0) -> None:
         config = Config(models=MODELS, executor=ExecutorConfig(max_in_flight=max_in_flight))
         self.changed = asyncio.Condition()  # notified on every call sent and report published
         self.upstream = HeldUpstream(self.changed)
@@ -72,6 +73,7 @@ class Harness:
             for out in outs:
                 if isinstance(out.value, ExecutionReport):
                     self.reports += out.value.finished
+                    self.reports_sent += 1
             async with self.changed:
                 self.changed.notify_all()
 
@@ -81,7 +83,8 @@ class Harness:
         async def no_bodies(records: Sequence[tuple[str, bytes, int]]) -> list[BodyRef]:
             raise AssertionError("no chain in these tests")
 
-        self.reporter = Reporter(publish, "ex-1", finished_delay_s=0.0)
+        self.reports_sent = 0  # ExecutionReport records published
+        self.reporter = Reporter(publish, "ex-1", finished_delay_s=gather_s)
         self.executor = Executor(
             self.reporter, Bodies(), UpstreamClient(self.upstream), config, "ex-1", nothing,
             no_bodies, Hooks({"m"}),
@@ -178,6 +181,27 @@ def test_each_call_leaving_its_lane_is_counted_by_whether_a_claim_was_queued_beh
         after = handoffs()
         # call-0 handed its slot to call-1 at once; call-1 and call-2 left nothing behind.
         assert {n: after[n] - before[n] for n in after} == {"queued": 1.0, "none": 2.0}
+        await h.reporter.stop()
+
+    asyncio.run(scenario())
+
+
+def test_reports_gather_while_calls_run_and_the_last_call_is_reported_at_once() -> None:
+    """A lone flex request's answer must not wait out the gathering meant for busy times."""
+
+    async def scenario() -> None:
+        h = Harness(gather_s=60.0)  # longer than any test: only the last call skips it
+        h.reporter.start()
+        first, second = claim(0, 0), claim(1, 1)
+        await h.executor.accept(DispatchBatch(event_id="d", occurred_at=datetime.now(UTC), items=[first, second]))  # fmt: skip
+        await h.until(lambda: len(h.upstream.sent) == 2)
+        h.upstream.answer("call-0")
+        for _ in range(50):  # the first call's end is in the reporter, gathering
+            await asyncio.sleep(0)
+        assert h.reports_sent == 0
+        h.upstream.answer("call-1")  # nothing else runs now
+        await h.until(lambda: h.reports_sent == 1)
+        assert h.results() == {first.claim_id: "completed", second.claim_id: "completed"}
         await h.reporter.stop()
 
     asyncio.run(scenario())
