@@ -4,9 +4,9 @@ Calls that end within a couple of milliseconds of each other share one record to
 their result bodies are sent ahead of it in the same produce request, so a report that makes
 rows terminal never lands without their bodies (a send that fails is retried whole). The call
 that leaves the executor with nothing else running is reported at once: no other call will end
-to share its record, and waiting would only delay its result (a lone flex request's answer). A started call is
-reported only if it is still running a little later: at low upstream latency most calls end
-first, and the finished report implies the start.
+to share its record, and waiting would only delay its result (a lone flex request's answer).
+A started call is reported only if it is still running a little later: at low upstream latency
+most calls end first, and the finished report implies the start.
 """
 
 from __future__ import annotations
