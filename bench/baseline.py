@@ -43,7 +43,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import DescribeGroupsRequest, DescribeGroupsRequest_v1
 from openai import AsyncOpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procs
 from compose.services import ModelSpec, Services
@@ -470,15 +469,11 @@ def lane_handoffs(services: Services) -> dict[str, int]:
     """Every executor's ``cannonade_lane_handoffs_total`` so far, summed by ``next``: calls
     that left a prefetch lane with the next claim queued behind them, or none."""
     counts = {"queued": 0, "none": 0}
-    for name in services.health_ports:
-        if not name.startswith("executor-"):
-            continue
-        with urllib.request.urlopen(f"{services.health_url(name)}/metrics", timeout=30) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "cannonade_lane_handoffs_total":
-                    counts[sample.labels["next"]] += int(sample.value)
+    executors = [name for name in services.health_ports if name.startswith("executor-")]
+    for name in executors:
+        for metric, labels, value in services.metrics(name):
+            if metric == "cannonade_lane_handoffs_total":
+                counts[labels["next"]] += int(value)
     return counts
 
 
@@ -493,7 +488,7 @@ def queued_share(counts: dict[str, int]) -> str:
     share = queued_percent(counts)
     total = counts["queued"] + counts["none"]
     shown = "-" if share is None else f"{share:.1f} %"
-    return f"{shown} of {total} calls found the next claim of their lane queued"
+    return f"{shown} of {total} claims found the next claim of their lane queued"
 
 
 # --- orchestration and report ----------------------------------------------------------------

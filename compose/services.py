@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 from compose.kafka import free_ports
 
@@ -68,6 +69,19 @@ def write_config(
             f'api_key = "local-upstream-key"\nconcurrency = {spec.concurrency}\n'
         )
     path.write_text("\n".join(lines))
+
+
+# One Prometheus sample: (name, labels, value).
+Sample = tuple[str, dict[str, str], float]
+
+
+def metric_samples(text: str) -> list[Sample]:
+    """Every sample of a ``/metrics`` answer in the Prometheus text format."""
+    return [
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
 
 
 # Whether a service's current run is ready. Only ever asked about a live process.
@@ -200,6 +214,11 @@ class Services:
         if name in self.api_urls:
             return self.api_urls[name]
         return f"http://127.0.0.1:{self.health_ports[name]}"
+
+    def metrics(self, name: str) -> list[Sample]:
+        """What Cannonade process ``name`` serves at ``/metrics`` now."""
+        with urllib.request.urlopen(f"{self.health_url(name)}/metrics", timeout=30) as resp:
+            return metric_samples(resp.read().decode())
 
     def _with_health_port(self, name: str, env: Mapping[str, str]) -> dict[str, str]:
         """``env`` with a port of its own for ``name``'s health and metrics server (kept

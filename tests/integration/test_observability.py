@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from compose import stack
-from compose.services import ModelSpec, Services
+from compose.services import ModelSpec, Sample, Services, metric_samples
 from projections.api.auth import create_key
 from projections.projector import TOPICS as PROJECTED
 from schemas import topics
@@ -56,8 +55,6 @@ ENGINE = ("commands-0", "gate-0", "gate-1", "executor-0", "executor-1", "chains-
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 SLOW_MS = 4000  # one call long enough to be seen in flight
 
-Sample = tuple[str, dict[str, str], float]
-
 
 @pytest.fixture(scope="module")
 def obs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
@@ -86,11 +83,7 @@ def processes(services: Services) -> list[str]:
 def scrape(services: Services, name: str) -> list[Sample]:
     status, body, content_type = http_get(f"{services.health_url(name)}/metrics")
     assert status == 200 and content_type.startswith("text/plain"), (name, status)
-    return [
-        (s.name, dict(s.labels), s.value)
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    ]
+    return metric_samples(body.decode())
 
 
 def scrape_all(services: Services) -> dict[str, list[Sample]]:
