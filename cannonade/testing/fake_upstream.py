@@ -133,12 +133,14 @@ class Gauge(msgspec.Struct, dict=True):
     max_in_flight: int = 0
     seconds_at: dict[int, float] = {}
 
+    def __post_init__(self) -> None:
+        self._changed_at: float | None = None  # monotonic; None before the first call
+
     def move(self, by: int, now: float) -> None:
         """Change the level, first adding the time spent at the level it leaves."""
-        last: float | None = getattr(self, "_changed_at", None)
-        if last is not None:
+        if self._changed_at is not None:
             level = self.in_flight
-            self.seconds_at[level] = self.seconds_at.get(level, 0.0) + now - last
+            self.seconds_at[level] = self.seconds_at.get(level, 0.0) + now - self._changed_at
         self._changed_at = now
         self.in_flight += by
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
