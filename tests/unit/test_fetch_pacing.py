@@ -9,7 +9,7 @@ from aiokafka.consumer.fetcher import Fetcher
 from projections.fetch_pacing import BUSY_FETCH_BYTES, WINDOW_S, FetchPacing
 
 
-def test_a_quiet_projector_fetches_without_waiting_for_a_full_fetch() -> None:
+def test_a_quiet_stream_asks_for_no_minimum() -> None:
     pacing = FetchPacing(now=0.0)
     assert pacing.min_bytes == 1  # a fresh projector has heard nothing yet
     t = 0.0
@@ -32,7 +32,8 @@ def test_a_busy_window_asks_for_full_fetches_and_a_quiet_one_ends_them() -> None
     assert pacing.observed(3, t + 0.02 + WINDOW_S) == 1
 
 
-def test_the_pinned_fetcher_builds_every_request_with_the_minimum_we_set() -> None:
-    """`set_fetch_min_bytes` writes aiokafka's private attribute: an upgrade of aiokafka that
-    stopped reading it per request would leave the pacing silently doing nothing."""
+def test_the_pinned_fetcher_reads_the_attribute_the_pacing_writes() -> None:
+    """`set_fetch_min_bytes` writes aiokafka's private attribute; a fast guard beside the
+    integration test (``tests/integration/test_fetch_pacing.py``) that the fetch requests
+    carry it."""
     assert "self._fetch_min_bytes" in inspect.getsource(Fetcher._get_actions_per_node)
