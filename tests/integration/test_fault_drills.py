@@ -186,14 +186,22 @@ def wait_until_running(client: OpenAI, batch_id: str, done: int = STARTED) -> No
 
 
 def wait_terminal(client: OpenAI, batch_id: str, timeout_s: float = FINISH_TIMEOUT_S) -> Any:
+    seen: list[Any] = []  # the last answer, for the message of a drill that never ends
+
     def ended() -> Any:
         try:
             batch = client.batches.retrieve(batch_id)
         except (openai.APIConnectionError, openai.InternalServerError):
             return None  # the API (or its database) is still coming back
+        seen[:] = [batch]
         return batch if batch.status in TERMINAL else None
 
-    return eventually(ended, f"batch {batch_id} to end", timeout_s, every_s=0.25)
+    try:
+        return eventually(ended, f"batch {batch_id} to end", timeout_s, every_s=0.25)
+    except TimeoutError as exc:
+        last = seen[0] if seen else None
+        state = None if last is None else (last.status, last.request_counts)
+        raise TimeoutError(f"{exc}; last seen: {state}") from exc
 
 
 def model_calls(services: Services, model: str) -> int:
