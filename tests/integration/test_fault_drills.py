@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import msgspec
 import openai
 import pytest
@@ -240,12 +241,56 @@ def drill_batch(
     batch = submit(client, name, model)
     wait_until_running(client, batch.id)
     happened = run_fault(services, model, batch.id, fault, restarts["upstream"])
-    done = wait_terminal(client, batch.id)
+    try:
+        done = wait_terminal(client, batch.id)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{stuck(services, info, batch.id, model)}") from exc
     # Which services the supervisor had to restart meanwhile (a killed one, or any crash).
     happened.detail["restarted"] = sorted(
         svc for svc, count in services.restarts.items() if count != restarts.get(svc)
     )
     return client, done, happened
+
+
+def stuck(services: Services, info: stack.StackInfo, batch_id: str, model: str) -> str:
+    """What a batch that never ended was waiting for, for the failure message (the CI keeps
+    only the output): its unended rows by state from the read model, who owns the model's
+    gate partition, the upstream's view of the model, and each worker's latest errors."""
+
+    async def rows() -> list[Any]:
+        conn = await asyncpg.connect(info.database_url)
+        try:
+            return list(await conn.fetch(
+                "SELECT state, count(*) AS n, min(claimed_at) AS first_claim,"
+                " max(claimed_at) AS last_claim, min(not_before) AS due,"
+                " array_agg(DISTINCT daemon_id) AS workers FROM requests"
+                " WHERE batch_id = $1 AND state NOT IN ('completed', 'failed', 'canceled')"
+                " GROUP BY state", uuid.UUID(batch_id),
+            ))  # fmt: skip
+        finally:
+            await conn.close()
+
+    lines = [f"at {now().isoformat()}"]
+    try:
+        for row in asyncio.run(rows()):
+            shown = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+            lines.append(f"rows {shown}")
+    except (OSError, asyncpg.PostgresError) as exc:
+        lines.append(f"rows: {exc!r}")
+    gates = sorted(n for n in services.procs if n.startswith("gate-"))
+    owners = {gate: sorted(active_partitions(services, gate)) for gate in gates}
+    lines.append(f"gate partition {model_partition(model)}; owned: {owners}")
+    try:
+        figures = upstream_stats(services)["models"].get(model) or {}
+        lines.append(f"upstream { ({k: figures.get(k) for k in ('calls', 'in_flight')}) }")
+    except OSError as exc:
+        lines.append(f"upstream: {exc!r}")
+    for name in sorted(n for n in services.procs if n.split("-")[0] in ("gate", "executor")):
+        logged = log_path(services, name).read_text(errors="replace").splitlines()
+        errors = [line[:300] for line in logged if '"level": "error"' in line]
+        lines += [f"{name}: {len(logged)} log lines, last {logged[-1][:120] if logged else None}"]
+        lines += [f"  {line}" for line in errors[-3:]]
+    return "\n".join(lines)
 
 
 # -- reading what happened ------------------------------------------------------------------
