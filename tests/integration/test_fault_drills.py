@@ -263,7 +263,7 @@ def stuck(services: Services, info: stack.StackInfo, batch_id: str, model: str) 
             return list(await conn.fetch(
                 "SELECT state, count(*) AS n, min(claimed_at) AS first_claim,"
                 " max(claimed_at) AS last_claim, min(not_before) AS due,"
-                " array_agg(DISTINCT daemon_id) AS workers FROM requests"
+                " array_agg(DISTINCT daemon_id) AS daemons FROM requests"
                 " WHERE batch_id = $1 AND state NOT IN ('completed', 'failed', 'canceled')"
                 " GROUP BY state", uuid.UUID(batch_id),
             ))  # fmt: skip
@@ -282,7 +282,8 @@ def stuck(services: Services, info: stack.StackInfo, batch_id: str, model: str) 
     lines.append(f"gate partition {model_partition(model)}; owned: {owners}")
     try:
         figures = upstream_stats(services)["models"].get(model) or {}
-        lines.append(f"upstream { ({k: figures.get(k) for k in ('calls', 'in_flight')}) }")
+        calls = {key: figures.get(key) for key in ("calls", "in_flight")}
+        lines.append(f"upstream {calls}")
     except OSError as exc:
         lines.append(f"upstream: {exc!r}")
     for name in sorted(n for n in services.procs if n.split("-")[0] in ("gate", "executor")):
