@@ -277,7 +277,8 @@ def stuck(services: Services, info: stack.StackInfo, batch_id: str, model: str) 
             lines.append(f"rows {shown}")
     except (OSError, asyncpg.PostgresError) as exc:
         lines.append(f"rows: {exc!r}")
-    gates = sorted(n for n in services.procs if n.startswith("gate-"))
+    workers = sorted(n for n in services.procs if n.startswith(("gate-", "executor-")))
+    gates = [name for name in workers if name.startswith("gate-")]
     owners = {gate: sorted(active_partitions(services, gate)) for gate in gates}
     lines.append(f"gate partition {model_partition(model)}; owned: {owners}")
     try:
@@ -286,7 +287,7 @@ def stuck(services: Services, info: stack.StackInfo, batch_id: str, model: str) 
         lines.append(f"upstream {calls}")
     except OSError as exc:
         lines.append(f"upstream: {exc!r}")
-    for name in sorted(n for n in services.procs if n.split("-")[0] in ("gate", "executor")):
+    for name in workers:
         logged = log_path(services, name).read_text(errors="replace").splitlines()
         errors = [line[:300] for line in logged if '"level": "error"' in line]
         lines += [f"{name}: {len(logged)} log lines, last {logged[-1][:120] if logged else None}"]
