@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
+import mode
 from faust.types import EventT
 
 from cannonade import metrics
@@ -26,6 +27,7 @@ from schemas.topics import Topic
 from streams import fetch_guard, fetch_wait
 from streams.emit import Out, TopicRole
 from streams.metrics import Hooks
+from streams.stall_watch import StallWatchdog
 from streams.tables import Utf8Keys
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ class Streams:
             broker_heartbeat_interval=1.0,
         )
         self.metrics = Hooks(config.models)
+        # Services the agents need beside them in the worker (their stall watchdogs).
+        self.services: list[mode.ServiceT] = []
 
     def bind(self, topic: Topic) -> faust.TopicT:
         return self.app.topic(
@@ -98,6 +102,13 @@ class Streams:
             partitions=topic.partitions,
             internal=False,
         )
+
+    def watch_stalls(self, source: faust.TopicT) -> StallWatchdog:
+        """A watchdog that ends the worker if its agent over ``source`` stops taking what
+        arrives; the agent reports each record it takes to the watchdog's ``took``."""
+        watch = StallWatchdog(self.app, source.topics)
+        self.services.append(watch)
+        return watch
 
     async def publish(self, outs: Sequence[Out], *, wait: bool = False) -> None:
         """Send in order; with ``wait``, also wait for every acknowledgement.

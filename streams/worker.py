@@ -94,7 +94,7 @@ def run(role: str, config: Config, loglevel: str = "info") -> None:
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     streams = build(role, config)
     readiness = health.Readiness()
-    services: list[mode.ServiceT] = [RecoveryWatchdog(streams.app)]
+    services: list[mode.ServiceT] = [RecoveryWatchdog(streams.app), *streams.services]
     port = obs.port_for(role)
     if port:
         services.append(HealthServer(obs.metrics_host, port, readiness))

@@ -423,10 +423,13 @@ def register(streams: Streams) -> Executor:
     # Bound before any task starts, so every line of this process names the worker.
     logs.bind(worker=worker_id)
     app = streams.app
+    source = streams.bind(topics.DISPATCH)
+    watch = streams.watch_stalls(source)
 
-    @app.agent(streams.bind(topics.DISPATCH), name="executor")
+    @app.agent(source, name="executor")
     async def execute(stream: StreamT[Any]) -> None:
         async for event in stream.events():
+            watch.took(event.message.tp, event.message.offset)
             work, reason = decode_or_none(codec.dispatches, event.value)
             if work is None:
                 await streams.dead_letter(event, reason or "undecodable")

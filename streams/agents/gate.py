@@ -68,10 +68,12 @@ def register(streams: Streams) -> Gate:
     source = app.topic(
         topics.GATE.name, topics.MODEL_FILTERS.name, key_type=bytes, value_type=bytes
     )
+    watch = streams.watch_stalls(source)
 
     @app.agent(source, name="gate")
     async def gate_agent(stream: StreamT[Any]) -> None:
         async for event in stream.events():
+            watch.took(event.message.tp, event.message.offset)
             message, reason = decode_or_none(codec.gate_inputs, event.value)
             if message is None:
                 await streams.dead_letter(event, reason or "undecodable")
