@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STALL_S = 60.0
 CHECK_INTERVAL_S = 10.0
+ASK_TIMEOUT_S = 10.0  # for the end offsets; no answer by then is no verdict
 EXIT_CODE = 75  # EX_TEMPFAIL: try again, as the recovery watchdog
 
 
@@ -41,7 +42,7 @@ class Intake:
     more than ``max_gap_s`` since the last one: the process itself was not running (stopped,
     suspended), and its agent has not had its turn yet."""
 
-    def __init__(self, stall_s: float = STALL_S, max_gap_s: float = 3 * CHECK_INTERVAL_S) -> None:
+    def __init__(self, stall_s: float, max_gap_s: float) -> None:
         self.stall_s, self.max_gap_s = stall_s, max_gap_s
         # partition -> (since, offset taken then, end offset then)
         self._since: dict[TP, tuple[float, int | None, int]] = {}
@@ -75,12 +76,16 @@ class StallWatchdog(mode.Service):
         self,
         app: faust.App,
         topics: Collection[str],
+        *,
+        stall_s: float = STALL_S,
+        interval_s: float = CHECK_INTERVAL_S,
         exit: Callable[[int], NoReturn] = os._exit,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.app, self.topics, self.exit = app, frozenset(topics), exit
-        self.intake = Intake()
+        self.interval_s = interval_s
+        self.intake = Intake(stall_s, max_gap_s=3 * interval_s + ASK_TIMEOUT_S)
         self.taken: dict[TP, int] = {}
 
     def took(self, tp: TP, offset: int) -> None:
@@ -94,15 +99,17 @@ class StallWatchdog(mode.Service):
         if not owned:
             return {}
         try:
-            async with asyncio.timeout(CHECK_INTERVAL_S):
+            async with asyncio.timeout(ASK_TIMEOUT_S):
                 ends = await app.consumer.highwaters(*owned)
         except Exception:  # the broker did not answer: no verdict this time
             return None
         return {tp: (self.taken.get(tp), ends[tp]) for tp in owned if tp in ends}
 
-    @mode.Service.timer(CHECK_INTERVAL_S)
-    async def _check(self) -> None:
-        await self.check()
+    @mode.Service.task
+    async def _watch(self) -> None:
+        while not self.should_stop:
+            await self.sleep(self.interval_s)
+            await self.check()
 
     async def check(self) -> None:
         stuck = self.intake.stalled(await self.observe(), time.monotonic())
