@@ -95,13 +95,13 @@ class StallWatchdog(mode.Service):
         app = self.app
         if app.rebalancing or app.in_recovery:  # the streams wait, as they should
             return None
-        owned = [tp for tp in app.consumer.assignment() if tp.topic in self.topics]
-        if not owned:
-            return {}
         try:
+            owned = [tp for tp in app.consumer.assignment() if tp.topic in self.topics]
+            if not owned:
+                return {}
             async with asyncio.timeout(ASK_TIMEOUT_S):
                 ends = await app.consumer.highwaters(*owned)
-        except Exception:  # the broker did not answer: no verdict this time
+        except Exception:  # a consumer not started yet, a broker that did not answer
             return None
         return {tp: (self.taken.get(tp), ends[tp]) for tp in owned if tp in ends}
 

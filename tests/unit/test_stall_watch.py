@@ -87,8 +87,11 @@ class FakeConsumer:
     def __init__(self, ends: dict[TP, int]) -> None:
         self.ends = ends
         self.answers = True
+        self.started = True
 
     def assignment(self) -> set[TP]:
+        if not self.started:
+            raise RuntimeError("consumer not started")  # as Faust's ConsumerNotStarted
         return set(self.ends)
 
     async def highwaters(self, *partitions: TP) -> dict[TP, int]:
@@ -126,10 +129,13 @@ async def test_a_gate_that_stops_taking_its_records_exits_to_be_restarted() -> N
     assert exited.value.args == (EXIT_CODE,)
 
 
-async def test_no_verdict_while_the_broker_is_away_or_the_group_rebalances() -> None:
+async def test_no_verdict_while_starting_the_broker_is_away_or_the_group_rebalances() -> None:
     consumer = FakeConsumer({GATE: 10})
     app = FakeApp(consumer)
     watch = _watchdog(app)
+    consumer.started = False  # a worker still starting
+    await watch.check()
+    consumer.started = True
     await watch.check()
     consumer.answers = False
     consumer.ends[GATE] = 20
