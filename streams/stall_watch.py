@@ -79,11 +79,11 @@ class StallWatchdog(mode.Service):
         *,
         stall_s: float = STALL_S,
         interval_s: float = CHECK_INTERVAL_S,
-        exit: Callable[[int], NoReturn] = os._exit,
+        exit_with: Callable[[int], NoReturn] = os._exit,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.app, self.topics, self.exit = app, frozenset(topics), exit
+        self.app, self.topics, self.exit_with = app, frozenset(topics), exit_with
         self.interval_s = interval_s
         self.intake = Intake(stall_s, max_gap_s=3 * interval_s + ASK_TIMEOUT_S)
         self.taken: dict[TP, int] = {}
@@ -121,4 +121,4 @@ class StallWatchdog(mode.Service):
                 self.intake.stall_s,
             )
             logging.shutdown()
-            self.exit(EXIT_CODE)
+            self.exit_with(EXIT_CODE)

@@ -109,7 +109,7 @@ class FakeApp:
 
 def _watchdog(app: FakeApp) -> StallWatchdog:
     # stall_s=0: any two observations in a row span the bound.
-    return StallWatchdog(app, [GATE.topic, FILTERS.topic], stall_s=0, exit=_exit)  # type: ignore[arg-type]
+    return StallWatchdog(app, [GATE.topic, FILTERS.topic], stall_s=0, exit_with=_exit)  # type: ignore[arg-type]
 
 
 async def test_a_gate_that_stops_taking_its_records_exits_to_be_restarted() -> None:
