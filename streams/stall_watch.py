@@ -2,11 +2,11 @@
 
 A gate is the only place its models' claims are decided, and an executor the only reader of
 its dispatch partitions; one that holds a partition but no longer reads it stops that work
-silently: it stays in its group and nobody else may take the partition. Faust has had
-such ways (see :mod:`streams.fetch_guard`; :mod:`streams.recovery_watch` covers a stuck table
-recovery). Neither agent waits on anything in its loop but the broker, and a gate's partitions
-get the leader's tick every second, so a partition whose end moves on while the agent takes
-none of its records for ``STALL_S`` is stuck. Exiting then is as safe as a crash: a gate
+silently: it stays in its group and nobody else may take the partition. Faust has had bugs
+that stop a consumer so (see :mod:`streams.fetch_guard`; :mod:`streams.recovery_watch` covers a
+stuck table recovery). Neither agent waits on anything in its loop but the broker, and every
+model's gate partition gets the leader's tick each second, so a partition whose end moves on
+while the agent takes none of its records for ``STALL_S`` is stuck. Exiting then is as safe as a crash: a gate
 re-decides from its table, an executor's running claims are taken back, and the supervisor (or
 ``restart: unless-stopped``) starts the worker again.
 """
