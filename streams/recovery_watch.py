@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import cast
+from collections.abc import Callable
+from typing import NoReturn, cast
 
 import faust
 import mode
@@ -28,6 +29,13 @@ log = logging.getLogger(__name__)
 STALL_S = 60.0
 CHECK_INTERVAL_S = 5.0
 EXIT_CODE = 75  # EX_TEMPFAIL: try again
+
+
+def end_worker(exit_with: Callable[[int], NoReturn] = os._exit) -> NoReturn:
+    """End a stuck worker at once, its log flushed, with :data:`EXIT_CODE`: the supervisor (or
+    ``restart: unless-stopped``) starts a fresh process. Every watchdog ends a worker so."""
+    logging.shutdown()
+    exit_with(EXIT_CODE)
 
 
 class Progress:
@@ -73,5 +81,4 @@ class RecoveryWatchdog(mode.Service):
                 self.progress.stall_s,
                 remaining,
             )
-            logging.shutdown()
-            os._exit(EXIT_CODE)
+            end_worker()

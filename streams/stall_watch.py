@@ -1,12 +1,12 @@
 """Ends a gate or executor whose stream has stopped taking the records of a partition it owns.
 
-A gate is the only place its models' claims are decided, and an executor the only reader of
-its dispatch partitions; one that holds a partition but no longer reads it stops that work
-silently: it stays in its group and nobody else may take the partition. Faust has had bugs
-that stop a consumer so (see :mod:`streams.fetch_guard`; :mod:`streams.recovery_watch` covers a
-stuck table recovery). Neither agent waits on anything in its loop but the broker, and every
-model's gate partition gets the leader's tick each second, so a partition whose end moves on
-while the agent takes none of its records for ``STALL_S`` is stuck. Exiting then is as safe as a crash: a gate
+A gate is the only place its models' claims are decided, and an executor the only reader of its
+dispatch partitions; one that holds a partition but no longer reads it stops that work silently:
+it stays in its group and nobody else may take the partition. Faust has had bugs that stop a
+consumer so (see :mod:`streams.fetch_guard`; :mod:`streams.recovery_watch` covers a stuck table
+recovery). Neither agent waits on anything in its loop but the broker, and every model's gate
+partition gets the leader's tick each second, so a partition whose end moves on while the agent
+takes none of its records for ``STALL_S`` is stuck. Exiting then is as safe as a crash: a gate
 re-decides from its table, an executor's running claims are taken back, and the supervisor (or
 ``restart: unless-stopped``) starts the worker again.
 """
@@ -24,12 +24,13 @@ import faust
 import mode
 from faust.types import TP
 
+from streams.recovery_watch import end_worker
+
 log = logging.getLogger(__name__)
 
 STALL_S = 60.0
 CHECK_INTERVAL_S = 10.0
 ASK_TIMEOUT_S = 10.0  # for the end offsets; no answer by then is no verdict
-EXIT_CODE = 75  # EX_TEMPFAIL: try again, as the recovery watchdog
 
 
 class Intake:
@@ -120,5 +121,4 @@ class StallWatchdog(mode.Service):
                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(stuck)),
                 self.intake.stall_s,
             )
-            logging.shutdown()
-            self.exit_with(EXIT_CODE)
+            end_worker(self.exit_with)

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from compose import kafka, stack
 from schemas import topics
-from streams.stall_watch import EXIT_CODE
+from streams.recovery_watch import EXIT_CODE
 from tests.integration import stall_app
 from tests.integration.conftest import until
 

@@ -7,7 +7,8 @@ from typing import NoReturn
 import pytest
 from faust.types import TP
 
-from streams.stall_watch import EXIT_CODE, Intake, StallWatchdog
+from streams.recovery_watch import EXIT_CODE
+from streams.stall_watch import Intake, StallWatchdog
 
 GATE = TP("cannonade.gate.v1", 1)
 FILTERS = TP("cannonade.model-filters.v1", 1)
