@@ -112,6 +112,9 @@ class GateRequest(msgspec.Struct, array_like=True):
     # Claims restart after an explicit retry; the version keeps their ids new (ids.claim_id).
     version: int = 0
     lane: int = -1  # the lane of the current claim, with prefetch (DispatchItem.lane)
+    # Its batch was retried while an abort was on the way: if the abort stops the call, the
+    # row ends canceled and runs again (cancel then retry is pause and resume).
+    rerun: bool = False
 
 
 class GateBatch(msgspec.Struct):
@@ -491,6 +494,13 @@ class Gate:
             batch = index.batches[facts.batch_id] = _Batch(f"B:{facts.batch_id}:{model}", entry)
         batch.entry.facts, batch.entry.closed = facts, None
         batch.set_unclaimed(_ranges(sorted(unclaimed | set(again))))
+        for request_id in self._rows_of(index, batch):
+            row = self._request(request_id)
+            if row is not None and row.batch_id == facts.batch_id and row.abort is not None:
+                # In flight when the batch was cancelled or expired, so the read model did not
+                # list it as ended: a result it still returns counts, an aborted call reruns.
+                row.abort, row.rerun = None, True
+                self._put_request(request_id, row)
         if model not in self.limits:
             reason = RequestBuilderError(error=f"model '{model}' is not configured")
             for line in again:
@@ -630,7 +640,7 @@ class Gate:
         if entry.abort == "expire" or (entry.abort == "cancel" and not genuine):
             self._abort_end(request_id, entry, now)
             return
-        common = self._common(request_id, entry, now, "terminal")
+        common = self._common(request_id, entry, now, "terminal", *_run(entry.version))
         if item.result == "completed":
             self._transition(request_id, entry, RequestCompleted(
                 claim_id=entry.claim_id, status=item.status or 200, size=item.size,
@@ -649,8 +659,27 @@ class Gate:
                 **self._common(request_id, entry, now, "retry", claim), claim_id=claim,
                 attempt=entry.attempt, not_before=item.not_before,
             ))  # fmt: skip
+        elif entry.rerun:  # the abort of a cancel that a retry has since undone
+            self._rerun(request_id, entry, now)
         else:  # canceled unasked (the executor is stopping): it may have been sent
             self._take_back(request_id, entry, "worker_dead", now)
+
+    def _rerun(self, request_id: str, entry: GateRequest, now: datetime) -> None:
+        """End the row canceled, as its batch's cancel asked, and run it again under the
+        retry that reopened the batch, as a retry of a canceled row does."""
+        batch = self._model(entry.model).batches[entry.batch_id]  # its live row keeps it
+        facts = batch.entry.facts
+        # Unclaimed before the row ends, so that the batch is not retired in between.
+        batch.set_unclaimed(_ranges(sorted(_lines(batch.entry.unclaimed) | {entry.line})))
+        self._transition(request_id, entry, RequestCanceled(
+            **self._common(request_id, entry, now, "terminal", *_run(entry.version)),
+        ))  # fmt: skip
+        self._emit(RequestRetried(
+            event_id=ids.event_id("retried", request_id, facts.retry_version),
+            occurred_at=now, request_id=request_id, batch_id=facts.batch_id, model=entry.model,
+            from_state="canceled", retry_version=facts.retry_version,
+        ))  # fmt: skip
+        self._put_batch(batch)
 
     def _common(
         self, request_id: str, entry: GateRequest, now: datetime, kind: str, *key: object
@@ -692,6 +721,7 @@ class Gate:
             return
         if state == "pending":
             entry.claim_id = entry.claimed_at = entry.started_at = entry.worker_id = None
+            entry.rerun = False
             self._queue(request_id, entry)
         self._put_request(request_id, entry)
 
@@ -706,13 +736,14 @@ class Gate:
             self._fail(request_id, entry, BatchTerminated(), now)
         else:
             self._transition(request_id, entry, RequestCanceled(
-                **self._common(request_id, entry, now, "terminal"),
+                **self._common(request_id, entry, now, "terminal", *_run(entry.version)),
             ))  # fmt: skip
 
     def _fail(self, request_id: str, entry: GateRequest, reason: FailureReason, now: datetime) -> None:  # fmt: skip
         envelope = reason.to_json()
         self._transition(request_id, entry, RequestFailed(
-            **self._common(request_id, entry, now, "terminal"), claim_id=entry.claim_id,
+            **self._common(request_id, entry, now, "terminal", *_run(entry.version)),
+            claim_id=entry.claim_id,
             error_type=type(reason).__name__, status=None, size=len(envelope.encode()),
             attempt=entry.attempt, error=envelope,
         ))  # fmt: skip
@@ -729,7 +760,7 @@ class Gate:
         ``reason`` is None, else failed with it."""
         request_id = ids.request_id(facts.batch_id, line)
         common: dict[str, Any] = {
-            "event_id": ids.event_id("terminal", request_id),
+            "event_id": ids.event_id("terminal", request_id, *_run(facts.retry_version)),
             "occurred_at": now,
             "request_id": request_id,
             "batch_id": facts.batch_id,
@@ -1062,6 +1093,13 @@ def _records(events: list[RequestEvent]) -> Iterator[list[RequestEvent]]:
         rows += weight
     if chunk:
         yield chunk
+
+
+def _run(version: int) -> tuple[int, ...]:
+    """The part of a row's terminal event id that tells its runs apart: each retry ends the
+    row anew, and consumers take equal event ids for one event redelivered. A first run's id
+    is as it always was."""
+    return () if version == 0 else (version,)
 
 
 def _lines(ranges: list[LineRange]) -> set[int]:

@@ -18,14 +18,17 @@ from schemas.events import (
     GateTick,
     LineRange,
     PendingRequests,
+    RequestCanceled,
     RequestControl,
     RequestErased,
     RequestEvent,
+    RequestFailed,
     RequestRetried,
     RequestSubmitted,
     RequestTransitions,
     RetryRows,
     SourceMark,
+    StartedItem,
 )
 from streams.emit import Out
 from streams.gate.core import Gate
@@ -153,6 +156,84 @@ def test_cancel_then_retry_is_pause_and_resume() -> None:
     outs = life.fold(gate.handle(retry, T0))
     assert len(dispatched(outs)) == 1  # the reopened batch claims again, in line order
     assert dispatched(outs)[0].request_id == ids.request_id(BATCH, 0)
+
+
+def test_a_row_in_flight_at_a_cancel_runs_again_when_the_batch_is_resumed_at_once() -> None:
+    state: dict[str, bytes] = {}
+    gate, life = Gate(state, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
+        ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    [claim] = dispatched(life.fold(gate.handle(population, T0)))
+    cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
+    life.fold(gate.handle(cancel, T0))
+    # Resumed before the abort lands: the read model shows line 0 claimed, so only the
+    # other three are listed as canceled.
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
+        model="m", failed=[], canceled=[LineRange(1, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    life.fold(gate.handle(retry, T0))
+    outs = life.fold(gate.handle(report([claim], "canceled"), T0))  # the abort stopped the call
+    first = ids.request_id(BATCH, 0)
+    ended = [e for e in events(outs) if isinstance(e, RequestCanceled | RequestRetried)]
+    assert [(type(e).__name__, e.request_id) for e in ended] == [
+        ("RequestCanceled", first),
+        ("RequestRetried", first),
+    ]
+    queue = dispatched(outs)
+    while queue:
+        outs = life.fold(gate.handle(report(queue[:1], "completed"), T0))
+        queue = queue[1:] + dispatched(outs)
+    assert [life.states[ids.request_id(BATCH, n)] for n in range(4)] == ["completed"] * 4
+    assert [k for k in state if k[0] in "BR"] == []  # and the gate forgot the batch
+
+
+def test_a_result_that_comes_back_after_its_batch_was_resumed_counts() -> None:
+    gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(deadline=T0 + HOUR),
+        model="m", ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
+    )  # fmt: skip
+    [claim] = dispatched(life.fold(gate.handle(population, T0)))
+    later = T0 + HOUR + timedelta(seconds=1)
+    started = ExecutionReport(
+        event_id=ids.new_id(), occurred_at=later, worker_id="ex", model="m",
+        started=[StartedItem(claim.request_id, claim.claim_id)],
+    )  # fmt: skip
+    life.fold(gate.handle(started, later))  # the batch expires meanwhile: line 1 fails
+    renewed = facts(version=1, deadline=later + 24 * HOUR)
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=later, source=mark(), batch=renewed, model="m",
+        failed=[LineRange(1, 2)], canceled=[], chunks=[ChunkRef(0, 2, 1, 7)],
+    )  # fmt: skip
+    life.fold(gate.handle(retry, later))
+    outs = life.fold(gate.handle(report([claim], "completed"), later))  # before the abort
+    assert life.states[claim.request_id] == "completed"  # not failed BatchTerminated
+    life.fold(gate.handle(report(dispatched(outs), "completed"), later))
+    assert set(life.states.values()) == {"completed"}
+
+
+def test_each_run_of_a_retried_row_ends_with_an_event_of_its_own() -> None:
+    gate, life = Gate({}, {"m": 5}, "gate", config=REFERENCE), Lifecycle()
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
+        ranges=[LineRange(0, 1)], chunks=[ChunkRef(0, 1, 1, 7)],
+    )  # fmt: skip
+    ended: list[str] = []
+    claims = dispatched(life.fold(gate.handle(population, T0)))
+    for version in (1, 2):
+        outs = life.fold(gate.handle(report(claims, "failed"), T0))
+        ended += [e.event_id for e in events(outs) if isinstance(e, RequestFailed)]
+        retry = RetryRows(
+            event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=version),
+            model="m", failed=[LineRange(0, 1)], canceled=[], chunks=[ChunkRef(0, 1, 1, 7)],
+        )  # fmt: skip
+        claims = dispatched(life.fold(gate.handle(retry, T0)))
+    # A consumer that drops an event id it has seen would otherwise miss the second failure.
+    assert len(set(ended)) == 2
+    assert ended[0] == ids.event_id("terminal", ids.request_id(BATCH, 0))  # as it always was
 
 
 def test_a_retried_expired_batch_runs_under_its_new_deadline() -> None:
