@@ -30,6 +30,7 @@ from schemas.events import (
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
+    RequestTransition,
     State,
 )
 from streams.lifecycle import TERMINAL, next_state
@@ -115,6 +116,8 @@ class Fold:
         self.realtime: dict[str, tuple[RealtimeCompletionReported, int]] = {}
         self.erased: set[str] = set()
         self.rejected: list[tuple[RequestEvent, str]] = []  # events that do not apply
+        # Each write's events in order, for :func:`rebuilt` when its first one was stale.
+        self.steps: dict[str, list[tuple[RequestTransition, int]]] = {}
 
     def apply(self, event: RequestEvent, offset: int) -> None:
         if isinstance(event, RequestsPending):
@@ -148,6 +151,7 @@ class Fold:
             # Erasure wins over anything else the poll said of the row.
             self.erased.add(event.request_id)
             self.writes.pop(event.request_id, None)
+            self.steps.pop(event.request_id, None)
             self.new_rows.pop(event.request_id, None)
             self.realtime.pop(event.request_id, None)
             return
@@ -160,16 +164,42 @@ class Fold:
             self.rejected.append((event, f"{type(event).__name__} does not apply to {found}"))
             return
         if write is None:
-            write = self.writes[event.request_id] = RowWrite(
-                event.request_id, offset, offset, event.from_state, state, {},
-                batchless=event.batch_id is None,
-            )  # fmt: skip
-        write.state, write.last_offset = state, offset
-        write.values.update(_fields(event))
-        if isinstance(event, RequestRetried):
-            write.retried_version = max(write.retried_version or 0, event.retry_version)
+            write = self.writes[event.request_id] = _write(event, offset)
+        _advance(write, event, state, offset)
+        self.steps.setdefault(event.request_id, []).append((event, offset))
         if isinstance(event, RequestFailed) and event.error is not None:
             self.errors[event.request_id] = event.error
+
+
+def rebuilt(steps: list[tuple[RequestTransition, int]], state: State, last_offset: int) -> RowWrite | None:  # fmt: skip
+    """The write of a poll's events for a row that its first event did not find: the row is
+    already past it (a decision the gate published again after a crash, whose first copy an
+    earlier poll applied). From the row's state and position, each later event that applies
+    moves it on, and the stale ones are skipped, as a single event is; None if none applies."""
+    write: RowWrite | None = None
+    for event, offset in steps:
+        after = next_state(state, event) if event.from_state == state else None
+        if offset <= last_offset or after is None:
+            continue
+        if write is None:
+            write = _write(event, offset)
+        _advance(write, event, after, offset)
+        state = after
+    return write
+
+
+def _write(event: RequestTransition, offset: int) -> RowWrite:
+    return RowWrite(
+        event.request_id, offset, offset, event.from_state, event.from_state, {},
+        batchless=event.batch_id is None,
+    )  # fmt: skip
+
+
+def _advance(write: RowWrite, event: RequestTransition, state: State, offset: int) -> None:
+    write.state, write.last_offset = state, offset
+    write.values.update(_fields(event))
+    if isinstance(event, RequestRetried):
+        write.retried_version = max(write.retried_version or 0, event.retry_version)
 
 
 def settled(fold: Fold) -> set[str]:

@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 from aiokafka import ConsumerRecord
 
-from projections.fold import COLUMN_TYPES, COLUMNS, Fold, settled
+from projections.fold import COLUMN_TYPES, COLUMNS, Fold, RowWrite, rebuilt, settled
 from projections.rules.content import virtual_file_names
 from schemas import bodies, codec, ids, topics
 from schemas.events import (
@@ -103,6 +103,8 @@ _COUNTER_STATES = {
 # One statement per poll: every changed row written once, only past its last applied offset
 # and only from the state its first event left (a transition the gate published twice after a
 # crash applies once), and the batch counters moved from that state to the row's last state.
+# It answers each batch touched, each batch reopened, and each write that found its row
+# elsewhere (``missed``: see :func:`projections.fold.rebuilt`).
 _UPDATE_ROWS = f"""
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
@@ -115,7 +117,8 @@ upd AS (
         {", ".join(f"{c} = CASE WHEN u.mask & {1 << i} <> 0 THEN u.{c} ELSE r.{c} END" for i, c in enumerate(COLUMNS))}
     FROM u, requests o
     WHERE r.id = u.id AND o.id = u.id AND r.last_offset < u.first_off AND r.state = u.from_state
-    RETURNING r.batch_id, u.from_state, u.state, u.retried_version, o.response_size AS old_size,
+    RETURNING r.id, r.batch_id, u.from_state, u.state, u.retried_version,
+              o.response_size AS old_size,
               r.response_size AS new_size,
               COALESCE(r.completed_at, r.failed_at, r.canceled_at) AS ended_at
 ), counted AS (
@@ -136,9 +139,10 @@ ON CONFLICT (batch_id) DO UPDATE SET
     reopened_version = GREATEST(batch_counts.reopened_version, EXCLUDED.reopened_version)
 RETURNING batch_id
 )
-SELECT batch_id, NULL::int AS reopened FROM counted
-UNION ALL SELECT batch_id, max(retried_version) FROM upd
+SELECT batch_id, NULL::int AS reopened, NULL::uuid AS missed FROM counted
+UNION ALL SELECT batch_id, max(retried_version), NULL FROM upd
     WHERE batch_id IS NOT NULL AND retried_version IS NOT NULL GROUP BY batch_id
+UNION ALL SELECT NULL, NULL, u.id FROM u WHERE u.id NOT IN (SELECT id FROM upd)
 """  # noqa: E501
 # A batch one of whose rows was retried is live again: its terminal stamps and frozen counts
 # go, in the transaction that re-pends the row (finalisation, later in the same poll, stamps it
@@ -559,6 +563,29 @@ async def _batch_created(conn: asyncpg.Connection, event: BatchCreated) -> None:
 # -- requests ------------------------------------------------------------------------------
 
 
+async def _write_rows(conn: asyncpg.Connection, writes: list[RowWrite], touched: set[str]) -> list[str]:  # fmt: skip
+    """Apply ``writes``; adds the batches they touched and returns the ids of those whose row
+    was not where their first event left it."""
+    if not writes:
+        return []
+    found = await conn.fetch(
+        _UPDATE_ROWS,
+        [w.id for w in writes],
+        [w.first_offset for w in writes],
+        [w.last_offset for w in writes],
+        [w.from_state for w in writes],
+        [w.state for w in writes],
+        [w.mask for w in writes],
+        [w.retried_version for w in writes],
+        *[[w.values.get(c) for w in writes] for c in COLUMNS],
+    )
+    touched |= {str(r["batch_id"]) for r in found if r["missed"] is None}
+    reopened = [(r["batch_id"], r["reopened"]) for r in found if r["reopened"] is not None]
+    if reopened:
+        await conn.execute(_REOPEN, *zip(*reopened, strict=True))
+    return [str(r["missed"]) for r in found if r["missed"] is not None]
+
+
 async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], applied: Applied) -> set[str]:  # fmt: skip
     rejected = applied.rejected
     fold = Fold()
@@ -579,22 +606,14 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
         await conn.execute(_INSERT_ROWS, *[[getattr(r, f) for r in rows] for f in _NEW_ROW_FIELDS])
         touched |= {r.batch_id for r in rows if r.batch_id is not None}
     if fold.writes:
-        writes = list(fold.writes.values())
-        found = await conn.fetch(
-            _UPDATE_ROWS,
-            [w.id for w in writes],
-            [w.first_offset for w in writes],
-            [w.last_offset for w in writes],
-            [w.from_state for w in writes],
-            [w.state for w in writes],
-            [w.mask for w in writes],
-            [w.retried_version for w in writes],
-            *[[w.values.get(c) for w in writes] for c in COLUMNS],
-        )
-        touched |= {str(r["batch_id"]) for r in found}
-        reopened = [(r["batch_id"], r["reopened"]) for r in found if r["reopened"] is not None]
-        if reopened:
-            await conn.execute(_REOPEN, *zip(*reopened, strict=True))
+        missed = await _write_rows(conn, list(fold.writes.values()), touched)
+        if missed:
+            # Rows past their write's first event: their events again from where each row is.
+            found = await conn.fetch(
+                "SELECT id, state, last_offset FROM requests WHERE id = ANY($1::uuid[])", missed
+            )
+            again = [rebuilt(fold.steps[str(r["id"])], r["state"], r["last_offset"]) for r in found]
+            await _write_rows(conn, [w for w in again if w is not None], touched)
     if fold.realtime:
         outcomes = [(e, off, next_state(None, e)) for e, off in fold.realtime.values()]
         await conn.execute(

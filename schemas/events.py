@@ -342,6 +342,17 @@ RequestEvent = (
     | RequestCanceled
     | RequestReclaimed
 )
+#: The events that move a row from a state (``from_state``) to the next.
+RequestTransition = (
+    RequestRetried
+    | RequestClaimed
+    | RequestStarted
+    | RequestCompleted
+    | RequestFailed
+    | RequestRetryScheduled
+    | RequestCanceled
+    | RequestReclaimed
+)
 
 
 class RequestTransitions(Event, tag=True, frozen=True):

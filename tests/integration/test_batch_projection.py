@@ -22,9 +22,11 @@ from schemas.events import (
     BatchRetried,
     PendingItem,
     RequestCanceled,
+    RequestClaimed,
     RequestCompleted,
     RequestRetried,
     RequestsPending,
+    RequestStarted,
     RequestTransitions,
 )
 from tests.integration.conftest import apply_polls, consumer_record, own_database, run
@@ -96,6 +98,32 @@ class Batch:
         )  # fmt: skip
         return self._record(topics.REQUESTS, done)
 
+    def run_of(self, index: int) -> list[ConsumerRecord]:
+        """The row claimed, started and completed: three gate decisions."""
+        at, claim = T0 + timedelta(seconds=1), str(uuid.uuid4())
+        common: dict[str, Any] = {"request_id": self.rows[index], "batch_id": self.id, "model": "m"}
+        return [
+            self._record(topics.REQUESTS, RequestClaimed(
+                event_id=f"c{index}", occurred_at=at, from_state="pending", claim_id=claim,
+                worker_id="gate", attempt=0, **common,
+            )),
+            self._record(topics.REQUESTS, RequestStarted(
+                event_id=f"s{index}", occurred_at=at, from_state="claimed", claim_id=claim,
+                worker_id="executor", **common,
+            )),
+            self._record(topics.REQUESTS, RequestCompleted(
+                event_id=f"d{index}", occurred_at=at + timedelta(seconds=1),
+                from_state="processing", claim_id=claim, status=200, size=10, routed_model="m",
+                attempt=0, **common,
+            )),
+        ]  # fmt: skip
+
+    def again(self, record: ConsumerRecord) -> ConsumerRecord:
+        """The same decision published once more, at the topic's next offset."""
+        offset = self.offsets[record.topic]
+        self.offsets[record.topic] = offset + 1
+        return consumer_record(record.topic, offset, record.key, record.value)
+
     def cancel(self, seconds: int) -> ConsumerRecord:
         at = T0 + timedelta(seconds=seconds)
         return self._record(topics.BATCHES, BatchCancelRequested(event_id="x", occurred_at=at, batch_id=self.id))  # fmt: skip
@@ -121,6 +149,24 @@ async def _outcome(dsn: str, batch: Batch, *polls: list[ConsumerRecord]) -> dict
         return dict(row)
     finally:
         await conn.close()
+
+
+def test_a_decision_published_again_after_a_gate_crash_holds_no_row_back(dsn: str) -> None:
+    """After a crash the gate publishes again a decision whose first copy a poll has already
+    applied; however the polls fall around the copy, the row moves on to its end."""
+    outcomes = []
+    for split in ("copy with the next event", "copy alone"):
+        batch = Batch()
+        created = batch.created()
+        claimed, started, completed = batch.run_of(0)
+        copy = batch.again(claimed)
+        polls = [[claimed], [copy, started], [completed]]
+        if split == "copy alone":
+            polls = [[claimed], [copy], [started, completed]]
+        outcomes.append(run(_outcome(dsn, batch, created, *polls, [batch.completed(1, 3)])))
+    assert outcomes[0]["completed_requests"] == 2
+    assert outcomes[0]["completed_at"] == T0 + timedelta(seconds=3)
+    assert outcomes[0] == outcomes[1]
 
 
 def test_a_cancel_met_after_the_rows_it_canceled_still_cancels_the_batch(dsn: str) -> None:

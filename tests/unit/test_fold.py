@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from projections.fold import COLUMNS, Fold
+from projections.fold import COLUMNS, Fold, rebuilt
 from schemas.events import (
     PendingItem,
     RequestCanceled,
@@ -118,6 +118,21 @@ def test_a_whole_lifecycle_collapses_into_one_write_of_its_final_columns() -> No
     assert write.values["canceled_at"] is None
     assert set(write.values) <= set(COLUMNS)
     assert not fold.rejected
+
+
+def test_a_row_already_past_its_writes_first_event_takes_only_the_events_after_it() -> None:
+    """A claim the gate published again after a crash shares a poll with the row's start; the
+    row, which an earlier poll's copy claimed, takes the start alone."""
+    fold = Fold()
+    fold.apply(claimed(), 5)
+    fold.apply(started(), 6)
+    write = rebuilt(fold.steps[R], "claimed", 2)
+    assert write is not None
+    assert (write.from_state, write.state) == ("claimed", "processing")
+    assert (write.first_offset, write.last_offset) == (6, 6)
+    assert set(write.values) == {"daemon_id", "started_at"}
+    assert rebuilt(fold.steps[R], "processing", 4) is None  # both were copies
+    assert rebuilt(fold.steps[R], "claimed", 6) is None  # a replay past them all
 
 
 def test_a_retry_clears_the_claim_columns_it_leaves_behind() -> None:
