@@ -363,6 +363,23 @@ def chunk_line_body(
     return bytes(chunk.lines[line_number - first].body)
 
 
+class Window:
+    """Page sizes for reading ``limit`` lines and one more (the one that tells a page of
+    ``limit`` whether more lines exist), or every line when ``limit`` is None."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = None if limit is None else limit + 1
+
+    def size(self) -> int:
+        return PAGE if self.left is None else min(PAGE, self.left)
+
+    def more(self, got: int, size: int) -> bool:
+        """Whether to read on after a page that answered ``got`` of the ``size`` rows asked."""
+        if self.left is not None:
+            self.left -= got
+        return got == size and (self.left is None or self.left > 0)
+
+
 async def _take(lines: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:
     if count <= 0:
         return
@@ -377,9 +394,9 @@ async def _input_lines(
     ctx: Context, file_id: str, skip: int, limit: int | None, search: str | None
 ) -> AsyncIterator[bytes]:
     after: int | None = None
-    left = limit
-    while left is None or left > 0:
-        size = PAGE if left is None else min(PAGE, left + 1)
+    window = Window(limit)
+    while True:
+        size = window.size()
         rows, chunk_bodies = await queries.input_page(
             ctx.pool, file_id, after_line=after, skip=skip if after is None else 0,
             limit=size, search=search,
@@ -390,20 +407,18 @@ async def _input_lines(
             if body is None:
                 raise LookupError(f"the body of line {r['line_number']} is gone")
             yield input_line(r["custom_id"], r["method"], r["path"], body)
-        if len(rows) < size:
+        if not window.more(len(rows), size):
             return
         after = rows[-1]["line_number"]
-        if left is not None:
-            left -= len(rows)
 
 
 async def _result_lines(
     ctx: Context, batch_id: str, state: str, skip: int, limit: int | None, search: str | None
 ) -> AsyncIterator[bytes]:
     after: tuple[datetime, str] | None = None
-    left = limit
-    while left is None or left > 0:
-        size = PAGE if left is None else min(PAGE, left + 1)
+    window = Window(limit)
+    while True:
+        size = window.size()
         rows = await queries.result_page(
             ctx.pool, batch_id, state, after=after, skip=skip if after is None else 0,
             limit=size, search=search,
@@ -414,11 +429,9 @@ async def _result_lines(
                 yield output_line(r["id"], r["custom_id"], r["response_status"], body)
             else:
                 yield error_line(r["id"], r["custom_id"], body)
-        if len(rows) < size:
+        if not window.more(len(rows), size):
             return
         after = (rows[-1]["at"], rows[-1]["id"])
-        if left is not None:
-            left -= len(rows)
 
 
 async def _no_missing(ctx: Context, batch_id: str, state: str) -> bool:

@@ -12,7 +12,7 @@ from aiohttp import web
 from projections import queries
 from projections.api.app import Context, context, principal
 from projections.api.files import (
-    PAGE,
+    Window,
     chunk_line_body,
     parse_uuid,
     query_int,
@@ -69,9 +69,9 @@ async def _lines(
     limit: int | None,
 ) -> AsyncIterator[bytes]:
     after: int | None = None
-    left = limit
-    while left is None or left > 0:
-        size = PAGE if left is None else min(PAGE, left + 1)
+    window = Window(limit)
+    while True:
+        size = window.size()
         rows, chunk_bodies = await queries.results_page(
             ctx.pool, batch_id, states=states, search=search, after_line=after,
             skip=skip if after is None else 0, limit=size,
@@ -87,11 +87,9 @@ async def _lines(
                 response_body=_text(r["response_body"]),
                 error=_text(r["error"]),
             )
-        if len(rows) < size:
+        if not window.more(len(rows), size):
             return
         after = rows[-1]["line_number"]
-        if left is not None:
-            left -= len(rows)
 
 
 def _text(value: bytes | None) -> str | None:
