@@ -63,7 +63,7 @@ async def retry_requests(request: web.Request) -> web.Response:
     ctx, batch_id = context(request), _batch_id(request)
     try:
         body = msgspec.json.decode(await request.read())
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise invalid_request(f"Invalid JSON body: {exc}") from None
     wanted = parse_request_ids(body)
 

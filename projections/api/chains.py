@@ -158,7 +158,7 @@ def failure_payload(state: str, error: bytes | None) -> Any:
     try:
         envelope = msgspec.json.decode(text)
         return msgspec.json.decode(envelope["details"]["body"])
-    except (msgspec.DecodeError, KeyError, TypeError):
+    except (msgspec.DecodeError, RecursionError, KeyError, TypeError):
         message = text.decode("utf-8", "replace") or "the response failed"
         return {"type": "server_error", "message": message}
 
@@ -324,7 +324,7 @@ def _json(raw: bytes | None) -> Any:
         return None
     try:
         return msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 

@@ -73,7 +73,7 @@ async def create(request: web.Request) -> web.Response:
     ctx, who = context(request), principal(request)
     try:
         registration = _decode(await request.read())
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         raise invalid_request(f"Invalid request body: {exc}") from None
     endpoint = await webhooks.register(
         ctx.publisher, ctx.pool, request.app[BOX], who.user, registration,

@@ -54,7 +54,7 @@ def validate_create_batch(
         req = _decode_create(body)
     except msgspec.ValidationError as exc:
         raise invalid_request(f"Invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise invalid_request(f"Invalid JSON body: {exc}") from None
     validation.check_window(req.completion_window, allowed_windows)
     validation.check_endpoint(req.endpoint, allowed_paths)

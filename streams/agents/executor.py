@@ -383,7 +383,7 @@ def _as_response(chat_text: str, request: dict[str, Any], now: Any) -> str:
     an unreadable body is kept as it came."""
     try:
         chat = msgspec.json.decode(chat_text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return chat_text
     if not isinstance(chat, dict):
         return chat_text

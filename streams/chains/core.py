@@ -267,7 +267,7 @@ class ChainCore:
         raw = await self.io.read_body(ref)
         try:
             return msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise PayloadUnavailable(f"the body at {ref.partition}@{ref.offset}: {exc}") from exc
 
     async def _append(self, chain: ChainState, recorded: list[Step], now: datetime) -> list[Out]:

@@ -344,7 +344,7 @@ def _row_facts(work: StepWork) -> BatchlessFacts:
 def _decode(raw: bytes) -> Any:
     try:
         return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise PayloadUnavailable(f"step payload is not JSON: {exc}") from exc
 
 

@@ -394,7 +394,7 @@ def stream_outcome(status: int, events: Sequence[str]) -> tuple[int, str]:
 def _embedded_error_status(data: str) -> int | None:
     try:
         document = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     error = document.get("error") if isinstance(document, dict) else None
     if not isinstance(error, dict):
@@ -413,7 +413,7 @@ def reassemble(payloads: Sequence[str]) -> str | None:
     """
     try:
         chunks = [msgspec.json.decode(payload) for payload in payloads]
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if not chunks or not all(isinstance(chunk, dict) for chunk in chunks):
         return None

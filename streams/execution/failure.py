@@ -101,5 +101,5 @@ def parse(text: str) -> FailureReason:
         fields = msgspec.structs.fields(variant)
         details = envelope.get("details") if fields else {}
         return cast(FailureReason, msgspec.convert(details, variant))
-    except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, AttributeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, KeyError, TypeError, AttributeError):  # fmt: skip
         return NetworkError(error=text)

@@ -115,7 +115,7 @@ def override_response_id(body: str, request_id: str, path: str) -> str:
 def _json_object(body: str | bytes) -> dict[str, Any] | None:
     try:
         document = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return document if isinstance(document, dict) else None
 

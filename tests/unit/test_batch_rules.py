@@ -300,3 +300,8 @@ def test_error_envelope_and_type_mapping() -> None:
     assert ApiError(503, "later").envelope()["error"]["type"] == "server_error"
     for status in (400, 403, 409, 413):
         assert ApiError(status, "x").type == "invalid_request_error"
+
+
+def test_a_body_nested_too_deep_to_decode_is_invalid_json() -> None:
+    deep = b'{"metadata":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert create_error(deep).message.startswith("Invalid JSON body")

@@ -314,6 +314,12 @@ def test_unrecognised_successful_stream_keeps_its_data() -> None:
     assert stream_outcome(200, ["hello", "world"]) == (200, "hello\nworld")
 
 
+def test_a_stream_nested_deeper_than_the_decoder_goes_is_kept_as_data() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    assert stream_outcome(200, [deep]) == (200, deep)
+    assert stream_outcome(200, ['{"error":' + deep + "}"]) == (200, '{"error":' + deep + "}")
+
+
 # Through the real transport, against the fake upstream on loopback.
 
 
