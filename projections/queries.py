@@ -77,8 +77,10 @@ async def list_files(
         args.append(like_pattern(search))
         where += f" AND f.filename ILIKE ${len(args)}"
     if after is not None:
+        # A cursor deleted since its page was served still marks the place, so that a client
+        # deleting what it lists, page by page, goes on to the next page.
         cursor = await pool.fetchrow(
-            f"SELECT f.created_at, f.id FROM files f WHERE f.id = $1 AND f.owner = $2 AND {_VISIBLE}",
+            "SELECT f.created_at, f.id FROM files f WHERE f.id = $1 AND f.owner = $2",
             after,
             owner,
         )
@@ -266,7 +268,7 @@ async def list_batches(
     if after is not None:
         cursor = await pool.fetchrow(
             f"SELECT {_GROUP} AS grp, b.created_at, b.id FROM batches b"
-            " WHERE b.id = $1 AND b.owner = $2 AND b.deleted_at IS NULL",
+            " WHERE b.id = $1 AND b.owner = $2",  # deleted since, it still marks the place
             after,
             owner,
         )

@@ -260,6 +260,23 @@ def test_another_users_resources_answer_404(client_for: Callable[[str], OpenAI])
     assert batch.id in {b.id for b in owner.batches.list(limit=100).data}
 
 
+def test_deleting_every_listed_file_page_by_page_deletes_them_all(
+    client_for: Callable[[str], OpenAI],
+) -> None:
+    client = client_for("tidy")
+    made = {
+        client.files.create(file=(f"f{i}.jsonl", jsonl([chat_line("x")])), purpose="batch").id
+        for i in range(3)
+    }
+    deleted = []
+    # The SDK asks for each next page after the last file listed, which is deleted by then.
+    for listed in client.files.list(limit=1):
+        client.files.delete(listed.id)
+        deleted.append(listed.id)
+    assert sorted(deleted) == sorted(made)
+    assert client.files.list(limit=100).data == []
+
+
 def test_missing_or_bad_key_is_401(services: Services) -> None:
     client = OpenAI(base_url=f"{services.api_url}/v1", api_key="cn-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:
