@@ -58,5 +58,7 @@ def invalid_request(
     return ApiError(400, message, code=code, param=param)
 
 
-def invalid_api_key() -> ApiError:
-    return ApiError(401, "Invalid API key", code="invalid_api_key")
+def invalid_api_key(given: bool = True) -> ApiError:
+    """401 for a key that is unknown or revoked, or for none at all (``given`` False)."""
+    message = "Invalid API key" if given else "API key required"
+    return ApiError(401, message, code="invalid_api_key")

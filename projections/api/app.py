@@ -130,9 +130,10 @@ async def authentication(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     if request.path in health.PATHS:  # probes and Prometheus carry no key
         return await handler(request)
-    found = await authenticate(context(request).pool, request.headers.get("Authorization"))
+    header = request.headers.get("Authorization")
+    found = await authenticate(context(request).pool, header)
     if found is None:
-        raise invalid_api_key()
+        raise invalid_api_key(given=bool(header))
     request[PRINCIPAL] = found
     return await handler(request)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import msgspec
 import openai
 import pytest
@@ -282,6 +283,9 @@ def test_missing_or_bad_key_is_401(services: Services) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         client.files.list()
     assert info.value.body["message"] == "Invalid API key"  # type: ignore[index]
+    unkeyed = httpx.post(f"{services.api_url}/v1/chat/completions", json={"model": "chat-a"})
+    assert unkeyed.status_code == 401
+    assert unkeyed.json()["error"]["message"] == "API key required"
 
 
 def test_deleting_an_input_file_cancels_its_running_batch(
