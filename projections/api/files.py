@@ -30,6 +30,7 @@ from projections.rules.content import (
     input_line,
     output_line,
 )
+from projections.rules.results import more_to_come
 from projections.rules.upload import (
     UploadLimits,
     parse_chunks,
@@ -291,7 +292,7 @@ async def content(request: web.Request) -> web.StreamResponse:
     state = "completed" if row["purpose"] == "batch_output" else "failed"
     if row["purpose"] in ("batch_output", "batch_error"):
         batch = await queries.batch_by_result_file(ctx.pool, row["id"])
-        incomplete = batch is not None and (batch["pending"] + batch["in_progress"]) > 0
+        incomplete = batch is not None and more_to_come(batch)
         # A result's body travels on its own topic and may trail its row by a poll.
         await ctx.wait_for(lambda: _no_missing(ctx, row["batch_id"], state), "result bodies")
         lines = _result_lines(ctx, row["batch_id"], state, skip, limit, search)

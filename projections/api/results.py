@@ -19,7 +19,7 @@ from projections.api.files import (
     query_text,
     serve_jsonl,
 )
-from projections.rules.results import result_line, states_for
+from projections.rules.results import more_to_come, result_line, states_for
 from schemas import bodies
 from schemas.errors import ApiError, not_found
 
@@ -46,10 +46,8 @@ async def results(request: web.Request) -> web.StreamResponse:
         )
     # A result's body travels on its own topic and may trail its row by a poll.
     await ctx.wait_for(lambda: _bodies_projected(ctx, batch_id, states), "result bodies")
-    known = sum(batch[c] for c in ("pending", "in_progress", "completed", "failed", "canceled"))
-    incomplete = batch["pending"] + batch["in_progress"] > 0 or known < batch["total"]
     lines = _lines(ctx, batch_id, states, search, skip, limit)
-    return await serve_jsonl(request, lines, skip=skip, limit=limit, incomplete=incomplete)
+    return await serve_jsonl(request, lines, skip=skip, limit=limit, incomplete=more_to_come(batch))
 
 
 async def _bodies_projected(ctx: Context, batch_id: str, states: list[str] | None) -> bool:

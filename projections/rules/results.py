@@ -3,7 +3,8 @@ per row in line order, `{id, custom_id, model, input_body, response_body, error,
 
 from __future__ import annotations
 
-from typing import get_args
+from collections.abc import Mapping
+from typing import Any, get_args
 
 import msgspec
 
@@ -65,3 +66,14 @@ def result_line(
             status=shown_status(state),
         )
     )
+
+
+def more_to_come(batch: Mapping[str, Any]) -> bool:
+    """Whether a batch's results may still grow (``X-Incomplete``, responses-and-api §8.3):
+    rows pending or in progress, rows the read model has not met yet (fewer known than the
+    batch's total), or a batch that has neither populated its rows nor ended."""
+    known = sum(batch[c] for c in ("pending", "in_progress", "completed", "failed", "canceled"))
+    if batch["pending"] + batch["in_progress"] > 0 or known < batch["total"]:
+        return True
+    ended = any(batch[c] is not None for c in ("completed_at", "failed_at", "cancelled_at"))
+    return batch["requests_started_at"] is None and not ended

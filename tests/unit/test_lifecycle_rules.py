@@ -21,7 +21,7 @@ from projections.rules.requests import (
     parse_skip,
     summary,
 )
-from projections.rules.results import result_line, shown_status, states_for
+from projections.rules.results import more_to_come, result_line, shown_status, states_for
 from projections.rules.retry import parse_request_ids, row_ranges
 from schemas.api_requests import MAX_LIMIT
 from schemas.commands import RowRanges
@@ -202,3 +202,44 @@ def test_summary_and_detail() -> None:
 def test_duration_needs_both_times() -> None:
     assert duration_ms(None, T0) is None and duration_ms(T0, None) is None
     assert duration_ms(T0, T0 + timedelta(milliseconds=1234)) == 1234
+
+
+def _batch(**fields: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "pending": 0, "in_progress": 0, "completed": 3, "failed": 1, "canceled": 0, "total": 4,
+        "requests_started_at": T0, "completed_at": T0, "failed_at": None, "cancelled_at": None,
+    }  # fmt: skip
+    return row | fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, False),  # every row ended and known
+        ({"completed": 2, "in_progress": 1, "completed_at": None}, True),
+        ({"completed": 2, "completed_at": None}, True),  # a row not projected yet
+        (
+            {
+                "total": 0,
+                "completed": 0,
+                "failed": 0,
+                "requests_started_at": None,
+                "completed_at": None,
+            },
+            True,
+        ),  # validating  # fmt: skip
+        (
+            {
+                "total": 0,
+                "completed": 0,
+                "failed": 0,
+                "requests_started_at": None,
+                "completed_at": None,
+                "failed_at": T0,
+            },
+            False,
+        ),  # failed validation  # fmt: skip
+    ],
+)
+def test_results_say_more_may_come_until_every_row_has_ended(fields: dict[str, Any], expected: bool) -> None:  # fmt: skip
+    assert more_to_come(_batch(**fields)) is expected
