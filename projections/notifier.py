@@ -330,6 +330,8 @@ class Notifier:
                     error = (await response.text(errors="replace"))[:_ERROR_TEXT] or None
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             error = (f"{type(exc).__name__}: {exc}")[:_ERROR_TEXT]
+        if error is not None:  # the receiver's words, kept in a PostgreSQL text column
+            error = error.replace("\x00", "\ufffd")
         duration = int((time.monotonic() - started) * 1000)
         next_at: datetime | None = None
         if status is not None and 200 <= status < 300:

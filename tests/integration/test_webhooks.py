@@ -55,6 +55,10 @@ timeout_ms = 3000
 """
 
 
+# What a failing endpoint answers: a NUL byte, which PostgreSQL text cannot hold, among it.
+FAILURE = b"broke\x00down"
+
+
 class Receiver:
     """Webhook endpoints on loopback: ``/ok/<name>`` answers 204, ``/fail/<name>`` 500. Each
     delivery is verified with the secret registered for its path and kept."""
@@ -81,7 +85,13 @@ class Receiver:
                         {"path": self.path, "at": time.monotonic(), "event": verified,
                          "webhook_id": headers.get("webhook-id")}
                     )  # fmt: skip
-                self.send_response(500 if self.path.startswith("/fail") else 204)
+                if self.path.startswith("/fail"):
+                    self.send_response(500)
+                    self.send_header("content-length", str(len(FAILURE)))
+                    self.end_headers()
+                    self.wfile.write(FAILURE)
+                    return
+                self.send_response(204)
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
@@ -250,6 +260,7 @@ def test_a_failing_endpoint_gets_retries_with_backoff_visible_through_the_api(
     attempts = delivery["attempts"]
     assert [a["attempt"] for a in attempts] == list(range(1, MAX_ATTEMPTS + 1))
     assert all(a["status_code"] == 500 for a in attempts)
+    assert {a["error"] for a in attempts} == {"broke\ufffddown"}
     assert [a["outcome"] for a in attempts] == ["retry"] * (MAX_ATTEMPTS - 1) + ["failed"]
     assert delivery["batch_id"] == batch.id and delivery["next_attempt_at"] is None
     got = receiver.at("/fail/bob")
