@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from schemas.bodies import BodyRef
-from schemas.types import Name, Text, Timestamp, Uuid, Window
+from schemas.types import Name, NonNegative, Text, Timestamp, Uuid, Window
 
 SCHEMA_VERSION = 1
 
@@ -43,7 +43,7 @@ class TemplateMeta(msgspec.Struct, frozen=True, array_like=True):
     method: Name
     path: Name
     model: Name
-    body_size: int
+    body_size: NonNegative
 
 
 class TemplatesAppended(Event, tag=True, frozen=True):

@@ -66,4 +66,5 @@ Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 #: A completion window as duration text (`24h`, `1h`, `90m`); the allowed set is configuration.
 Window = Annotated[str, msgspec.Meta(pattern="^[0-9]{1,9}[smhd]$")]
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+#: A count or size; the read model keeps it in an ``int`` column, so it fits in 31 bits.
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]

@@ -80,6 +80,13 @@ def _append(custom_id: str) -> bytes:
     return msgspec.json.encode(doc)
 
 
+def test_a_body_size_the_read_model_cannot_hold_is_refused_with_the_line_named() -> None:
+    doc = msgspec.json.decode(_append("fine"))
+    doc["lines"][1][4] = 2**31  # the templates' int column tops out one below
+    with pytest.raises(codec.DecodeErrors, match=r"lines\[1\]"):
+        codec.commands.decode(msgspec.json.encode(doc))
+
+
 @pytest.mark.parametrize("custom_id", ["a\nb", "trailing\n", "a\x00", "a\x1f", "del\x7f"])
 def test_a_control_character_in_a_custom_id_is_refused_with_the_line_named(custom_id: str) -> None:
     with pytest.raises(codec.DecodeErrors, match=r"\$\.lines\[1\]\.custom_id"):
