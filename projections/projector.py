@@ -267,7 +267,10 @@ class Projector:
             log.warning("dead letter from %s[%s]@%s: %s", record.topic, record.partition, record.offset, reason)  # fmt: skip
             value = b"" if record.topic == topics.BODIES.name else (record.value or b"")
             letter = DeadLetter(
-                event_id=ids.event_id("dead-letter", record.topic, record.partition, record.offset),
+                # Several events of one record may be refused, each for its own reason.
+                event_id=ids.event_id(
+                    "dead-letter", record.topic, record.partition, record.offset, reason
+                ),
                 occurred_at=datetime.now(UTC),
                 source_topic=record.topic,
                 partition=record.partition,
