@@ -29,6 +29,7 @@ from schemas.events import (
     BatchPopulationFailed,
     BatchRejected,
     BatchRetried,
+    ChainAborted,
     ChainStarted,
     FileDeleted,
     FileUploaded,
@@ -806,6 +807,8 @@ async def _responses(
             recorded.setdefault(event.step_id, (event, off))
         elif isinstance(event, ResponseFinalized):
             finalized.setdefault(event.response_id, (event, off))
+        elif isinstance(event, ChainAborted):
+            continue  # the gate's word to the chain agent; its ResponseFinalized follows
         else:
             move = moves.setdefault(event.step_id, _StepMove(event.occurred_at, off))
             move.at, move.off = event.occurred_at, off

@@ -655,15 +655,32 @@ class StepFailed(Event, tag=True, frozen=True):
 
 
 class ResponseFinalized(Event, tag=True, frozen=True):
-    """The chain's end (§2.11): status 200 and the assembled response, or the failure."""
+    """The chain's end (§2.11): status 200 and the assembled response, or the failure; a
+    chain aborted by the gate (status 499) leaves no body, as a canceled row has none."""
 
     response_id: Uuid
     status: int
-    body: BodyRef
+    body: BodyRef | None
+
+
+class ChainAborted(Event, tag=True, frozen=True):
+    """The claim gate stopped the claim that holds a chain's head (its batch cancelled or
+    expired, the request cancelled or erased): the chain ends there, reporting the claim
+    canceled; an erased one ends without a trace."""
+
+    response_id: Uuid
+    claim_id: Uuid
+    erased: bool = False
 
 
 ChainEvent = (
-    ChainStarted | StepRecorded | StepStarted | StepCompleted | StepFailed | ResponseFinalized
+    ChainStarted
+    | StepRecorded
+    | StepStarted
+    | StepCompleted
+    | StepFailed
+    | ResponseFinalized
+    | ChainAborted
 )
 
 

@@ -67,10 +67,10 @@ from streams.execution.reporter import FINISHED_DELAY_S, QUEUED_FINISHED_DELAY_S
 from streams.execution.retry import BackoffPolicy, GiveUp, decide
 from streams.metrics import Hooks
 from streams.responses.inputs import decode_body
+from streams.responses.steps import RESPONSES_PATH
 from streams.responses.tools import inject_tools, resolve_tools
 from streams.responses.translate import chat_to_responses, responses_to_chat
 
-RESPONSES_PATH = "/v1/responses"
 CHAT_PATH = "/v1/chat/completions"
 
 log = logging.getLogger(__name__)

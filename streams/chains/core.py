@@ -21,6 +21,10 @@ Rules:
 3. Step facts apply if legal (§1.4) and are dropped otherwise; when the latest round has
    settled, the chain is evaluated again.
 4. Events for a chain that ended are dropped.
+5. ``ChainAborted`` for the claim that holds a live chain's head ends the chain: the rows of
+   model calls not started yet are canceled (a started one's step executor ends its row), the
+   head's claim is reported canceled, and nothing more is evaluated; an erased chain reports
+   nothing (the gate has forgotten the row).
 
 Outputs are a function of (state, event): times are the triggering event's, ids derived, so
 a re-handled event publishes the same facts again (§9.4). Only the reports to the gate carry
@@ -40,12 +44,14 @@ from schemas import bodies, ids, topics
 from schemas.bodies import BodyRef
 from schemas.events import (
     BatchlessFacts,
+    ChainAborted,
     ChainEvent,
     ChainHead,
     ChainStarted,
     ExecutionReport,
     FinishedItem,
     RealtimeCompletionReported,
+    RequestCanceled,
     RequestCreated,
     RequestTransitions,
     ResponseFinalized,
@@ -159,6 +165,8 @@ class ChainCore:
                 return await self._started(event, partition)
             case StepStarted() | StepCompleted() | StepFailed():
                 return await self._step_fact(event)
+            case ChainAborted():
+                return await self._aborted(event)
         # StepRecorded and ResponseFinalized are this agent's own decisions read back: the
         # state already holds them.
         return []
@@ -284,6 +292,7 @@ class ChainCore:
                 request_id=s.request_id,
                 tool=_tool_name(s),
                 payload=ref,
+                row_model=_row_model(chain, s),
             )
             for s, ref in zip(recorded, refs, strict=True)
         ]
@@ -320,10 +329,9 @@ class ChainCore:
         """The `processing` rows of non-head model calls (§1.3), one record per model."""
         by_model: dict[str, list[RequestCreated]] = {}
         for step in recorded:
-            row = sub_request_row(step)
-            if row is None:
+            row, model = sub_request_row(step), _row_model(chain, step)
+            if row is None or model is None:
                 continue
-            model = row.model or chain.model
             by_model.setdefault(model, []).append(
                 RequestCreated(
                     event_id=ids.event_id("sub-request-created", row.id), occurred_at=now,
@@ -337,6 +345,46 @@ class ChainCore:
         ]
 
     # -- termination (§2.11) --------------------------------------------------------------
+
+    async def _aborted(self, event: ChainAborted) -> list[Out]:
+        chain = self.load(event.response_id)
+        if chain is None or chain.terminal or chain.head is None:
+            return []  # no chain (a response without tools), or one that has ended
+        if chain.head.claim_id != event.claim_id:
+            return []  # the abort of an older claim: the head runs under another now
+        now = event.occurred_at
+        outs = self._cancel_unstarted(chain, now)
+        final = FinalOutcome(499, 0)
+        chain.terminal, chain.final = True, final
+        chain.steps = []
+        if not event.erased:
+            finalized = ResponseFinalized(
+                event_id=ids.event_id("response-finalized", chain.response_id),
+                occurred_at=now, response_id=chain.response_id, status=final.status, body=None,
+            )  # fmt: skip
+            outs.append(Out("responses", chain.response_id, finalized))
+            outs.append(self._head_finished(chain, final, result="canceled"))
+        self.held.pop(chain.response_id, None)
+        self._save(chain)
+        return outs
+
+    def _cancel_unstarted(self, chain: ChainState, now: datetime) -> list[Out]:
+        """The `processing` rows of the chain's model calls that no step executor started."""
+        by_model: dict[str, list[RequestCanceled]] = {}
+        for step in chain.steps:
+            row, model = step.request_id, step.row_model
+            if step.state is not StepState.PENDING or row is None or model is None:
+                continue
+            by_model.setdefault(model, []).append(
+                RequestCanceled(
+                    event_id=ids.event_id("sub-request-canceled", row), occurred_at=now,
+                    request_id=row, batch_id=None, model=model, from_state="processing",
+                )
+            )  # fmt: skip
+        return [
+            Out("requests", model, transitions(model, canceled, now))
+            for model, canceled in by_model.items()
+        ]
 
     async def _finish(
         self,
@@ -387,12 +435,20 @@ class ChainCore:
 
     # -- the claimed head (flex, batch lines) ---------------------------------------------
 
-    def _head_finished(self, chain: ChainState, final: FinalOutcome) -> Out:
+    def _head_finished(
+        self, chain: ChainState, final: FinalOutcome, result: str | None = None
+    ) -> Out:
         """The claim's one finished item: completed, or failed NonRetriableHttpStatus, which
-        the gate ends at once (a finalised chain is never retried)."""
+        the gate ends at once (a finalised chain is never retried), or canceled when the
+        gate aborted it (a later claim of the same head is told it failed: the chain does
+        not run again)."""
         head = chain.head
         assert head is not None
-        if 200 <= final.status < 300:
+        if result == "canceled":
+            item = FinishedItem(
+                request_id=chain.response_id, claim_id=head.claim_id, result="canceled"
+            )
+        elif 200 <= final.status < 300:
             item = FinishedItem(
                 request_id=chain.response_id, claim_id=head.claim_id, result="completed",
                 status=final.status, size=final.size, routed_model=head.model,
@@ -481,6 +537,12 @@ def _tool_name(step: Step) -> str | None:
         return None
     name = step.request_payload.get("name")
     return name if isinstance(name, str) else None
+
+
+def _row_model(chain: ChainState, step: Step) -> str | None:
+    """The model of a non-head model call's request row; None for the others."""
+    row = sub_request_row(step)
+    return None if row is None else row.model or chain.model
 
 
 def _step_model(chain: ChainState, step: Step) -> str:

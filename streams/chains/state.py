@@ -27,6 +27,7 @@ class StepEntry(msgspec.Struct, array_like=True):
     tool: str | None
     payload: BodyRef
     result: BodyRef | None = None
+    row_model: str | None = None  # a non-head model call's: the model of its request row
 
 
 class FinalOutcome(msgspec.Struct, array_like=True, frozen=True):

@@ -39,6 +39,7 @@ from schemas.events import (
     BatchFacts,
     BatchlessFacts,
     CancelBatchRequests,
+    ChainAborted,
     ChunkRef,
     DispatchBatch,
     DispatchItem,
@@ -80,6 +81,7 @@ from streams.execution.failure import (
 )
 from streams.gate import scoring
 from streams.lifecycle import IN_FLIGHT, State, next_state
+from streams.responses.steps import RESPONSES_PATH
 
 Abort = Literal["cancel", "expire"]
 #: Rows per published lifecycle record (a population event counts each of its rows): keeps
@@ -521,8 +523,7 @@ class Gate:
                 self._abort_end(request_id, entry, now)
             else:  # in flight: abort the call; its report ends the row
                 self._put_request(request_id, entry)
-                assert entry.claim_id is not None
-                self._abort(request_id, entry.claim_id, entry.partition, now)
+                self._stop(request_id, entry, now)
         elif message.action == "retry" and entry is None and message.facts and message.body:
             self._emit(RequestRetried(
                 event_id=ids.event_id("retried", request_id, message.source.offset),
@@ -549,8 +550,7 @@ class Gate:
         if entry.state in IN_FLIGHT:
             index.leave(request_id, entry)
             self._owner(self._owner_of(entry), -1)
-            if entry.claim_id is not None:
-                self._abort(request_id, entry.claim_id, entry.partition, now)
+            self._stop(request_id, entry, now, erased=True)
         index.loose.discard(request_id)
         self.state.pop(f"R:{request_id}", None)
 
@@ -806,8 +806,7 @@ class Gate:
             elif row.abort is None:
                 row.abort = why
                 self._put_request(request_id, row)
-                assert row.claim_id is not None
-                self._abort(request_id, row.claim_id, row.partition, now)
+                self._stop(request_id, row, now, path=entry.facts.path)
         self._retire(index, batch)
 
     def _rows_of(self, index: _Model, batch: _Batch) -> Iterator[str]:
@@ -859,6 +858,26 @@ class Gate:
             **self._common(request_id, entry, now, "reclaimed", claim), claim_id=claim,
             attempt=attempt, reason=reason,
         ))  # fmt: skip
+
+    def _stop(
+        self,
+        request_id: str,
+        entry: GateRequest,
+        now: datetime,
+        path: str | None = None,
+        erased: bool = False,
+    ) -> None:
+        """Abort an in-flight row's call; a response with tools runs as a chain (which the
+        executor handed it to), so the chain agent is told too. ``path``: a batch row's."""
+        claim = entry.claim_id
+        assert claim is not None
+        self._abort(request_id, claim, entry.partition, now)
+        if (path or (entry.facts and entry.facts.path)) == RESPONSES_PATH:
+            aborted = ChainAborted(
+                event_id=ids.event_id("chain-aborted", claim), occurred_at=now,
+                response_id=request_id, claim_id=claim, erased=erased,
+            )  # fmt: skip
+            self._out.append(Out("responses", request_id, aborted))
 
     def _abort(self, request_id: str, claim_id: str, partition: int, now: datetime) -> None:
         abort = AbortDispatch(

@@ -25,6 +25,8 @@ NS_STEP = uuid.UUID("f2de38fd-d765-5877-826f-3cab2c9fe587")
 NS_SUBREQ = uuid.UUID("d9d6cdbf-1319-5880-82f4-11facfa8ee25")
 
 SUB_REQUEST_PATH = "/v1/chat/completions"
+#: A request on this path that has tools runs as a chain (§7.9).
+RESPONSES_PATH = "/v1/responses"
 
 
 class StepKind(StrEnum):

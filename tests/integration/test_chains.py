@@ -552,3 +552,36 @@ def test_a_responses_batch_line_with_tools_runs_the_chain(
         assert body["output"][-1]["content"][0]["text"] == f"line {line['custom_id']}"
     for mark in marks:
         assert len(tools.received(marker=mark)) == 1
+
+
+def test_cancelling_a_batch_mid_chain_cancels_its_line_and_stops_the_chain(
+    client: OpenAI, services: Services, tools: FakeToolsControl, upstream: FakeUpstreamControl
+) -> None:
+    mark = marker()
+    upstream.script(
+        calls(("call_c", "slow_tool", {"m": mark})), {"content": f"too late {mark}"}, marker=mark
+    )
+    tools.script({"result": {"ok": True}, "latency_ms": 4000}, tool="slow_tool", marker=mark)
+    line = {"custom_id": mark, "method": "POST", "url": "/v1/responses", "body": {"model": MODEL, "input": f"slow {mark}"}}  # fmt: skip
+    uploaded = client.files.create(file=("agentic.jsonl", jsonl([line])), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h"
+    )
+    eventually(lambda: tools.received(marker=mark) or None, "the chain's tool call")
+
+    client.batches.cancel(batch.id)
+
+    # Ended by the abort, not by the chain's answer once the tool returns.
+    done = wait_for_batch(client, batch.id)
+    assert done.status == "cancelled" and done.request_counts.completed == 0
+    rows = db_rows(services, "SELECT state FROM requests WHERE batch_id = $1", uuid.UUID(batch.id))
+    assert rows == [{"state": "canceled"}]
+    tool_step = {"step_kind": "tool_call", "state": "completed"}
+
+    def tool_ended() -> bool:
+        head = db_rows(services, "SELECT id FROM requests WHERE batch_id = $1", uuid.UUID(batch.id))[0]["id"]  # fmt: skip
+        steps = steps_of(services, f"resp_{head}")
+        return any({k: s[k] for k in tool_step} == tool_step for s in steps)
+
+    eventually(tool_ended, "the running tool to finish")
+    assert len(model_calls(upstream, mark)) == 1  # the chain asked the model nothing more

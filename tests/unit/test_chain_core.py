@@ -14,10 +14,12 @@ import pytest
 from schemas import bodies
 from schemas.events import (
     BatchlessFacts,
+    ChainAborted,
     ChainHead,
     ChainStarted,
     ExecutionReport,
     RealtimeCompletionReported,
+    RequestCanceled,
     RequestCreated,
     RequestTransitions,
     ResponseFinalized,
@@ -407,3 +409,58 @@ async def test_held_claims_are_said_again_until_their_chain_ends() -> None:
     await h.complete(head, completion("done"))
     assert h.core.holding() == []
     assert Harness().core.holding() == []  # realtime heads have no claim to hold
+
+
+def aborted(claim: str = "claim-1", erased: bool = False) -> ChainAborted:
+    return ChainAborted(
+        event_id="a", occurred_at=T0 + timedelta(minutes=1), response_id=HEAD, claim_id=claim,
+        erased=erased,
+    )  # fmt: skip
+
+
+async def a_chain_waiting_on_its_second_model_call(h: Harness) -> StepWork:
+    [head] = works(await h.feed(h.chain_started()))
+    [tool] = works(await h.complete(head, completion(calls=[("call_1", "get_weather")])))
+    [follow_up] = works(await h.complete(tool, {"rain": False}))
+    return follow_up
+
+
+async def test_an_aborted_chain_cancels_its_unstarted_rows_and_reports_its_claim_canceled() -> None:
+    h = Harness(head=CLAIM)
+    follow_up = await a_chain_waiting_on_its_second_model_call(h)
+    outs = await h.feed(aborted())
+    [record] = of_type(outs, RequestTransitions)
+    [canceled] = record.events
+    assert isinstance(canceled, RequestCanceled)
+    assert (canceled.request_id, canceled.from_state, canceled.model) == (follow_up.request_id, "processing", "chat-b")  # fmt: skip
+    [finalized] = of_type(outs, ResponseFinalized)
+    assert (finalized.status, finalized.body) == (499, None)  # a canceled row has no body
+    [report] = reports(outs)
+    assert [(i.claim_id, i.result) for i in report.finished] == [("claim-1", "canceled")]
+    assert works(outs) == []
+    assert await h.complete(follow_up, completion("late")) == []  # nothing more is evaluated
+    assert await h.feed(aborted()) == []  # a redelivered abort
+
+
+async def test_a_started_model_call_keeps_its_row_for_its_step_executor_to_end() -> None:
+    h = Harness(head=CLAIM)
+    follow_up = await a_chain_waiting_on_its_second_model_call(h)
+    started = StepStarted(event_id="s", occurred_at=h.tick(), response_id=HEAD, step_id=follow_up.step_id)  # fmt: skip
+    await h.feed(started)
+    outs = await h.feed(aborted())
+    assert of_type(outs, RequestTransitions) == []
+    assert [i.result for i in reports(outs)[0].finished] == ["canceled"]
+
+
+async def test_the_abort_of_an_older_claim_or_an_erased_chain_reports_nothing() -> None:
+    h = Harness(head=CLAIM)
+    await a_chain_waiting_on_its_second_model_call(h)
+    assert await h.feed(aborted(claim="claim-0")) == []  # the head runs under claim-1
+    assert not h.chain().terminal
+    outs = await h.feed(aborted(erased=True))
+    assert [type(o.value) for o in outs] == [RequestTransitions]  # its rows end, nothing else
+    assert h.chain().terminal
+    # A later claim of the same head (the batch retried) is told the chain failed.
+    newer = ChainHead(claim_id="claim-2", model="chat-b")
+    [report] = reports(await h.feed(h.chain_started(head=newer)))
+    assert [(i.claim_id, i.result, i.status) for i in report.finished] == [("claim-2", "failed", 499)]  # fmt: skip

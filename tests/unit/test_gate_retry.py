@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+import pytest
+
 from schemas import ids
 from schemas.bodies import BodyRef
 from schemas.events import (
     BatchFacts,
     BatchlessFacts,
     CancelBatchRequests,
+    ChainAborted,
     ChunkRef,
     DispatchBatch,
     DispatchItem,
@@ -299,3 +303,40 @@ def test_erasing_a_live_flex_request_aborts_it_and_forgets_it() -> None:
     assert request_id not in life.states and f"R:{request_id}" not in state
     assert gate.in_flight("m") == 0
     assert events(gate.handle(report([claim], "completed"), T0)) == []  # fenced out
+
+
+def chain_aborts(outs: list[Out]) -> list[tuple[str, str, bool]]:
+    return [
+        (o.topic, o.value.claim_id, o.value.erased)
+        for o in outs
+        if isinstance(o.value, ChainAborted)
+    ]
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])
+def test_a_cancelled_batch_tells_the_chain_agent_of_its_responses_rows_in_flight(path: str) -> None:
+    gate = Gate({}, {"m": 1}, "gate", config=REFERENCE)
+    population = PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(),
+        batch=msgspec.structs.replace(facts(), path=path), model="m",
+        ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
+    )  # fmt: skip
+    [claim] = dispatched(gate.handle(population, T0))
+    cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
+    expected = [("responses", claim.claim_id, False)] if path == "/v1/responses" else []
+    assert chain_aborts(gate.handle(cancel, T0)) == expected
+
+
+def test_a_cancelled_or_erased_flex_response_tells_the_chain_agent() -> None:
+    gate = Gate({}, {"m": 2}, "gate", config=REFERENCE)
+    first, second = ids.new_id(), ids.new_id()
+    claims = []
+    for request_id in (first, second):
+        submitted = flex(request_id)
+        submitted = msgspec.structs.replace(
+            submitted, facts=msgspec.structs.replace(submitted.facts, path="/v1/responses")
+        )
+        [claim] = dispatched(gate.handle(submitted, T0))
+        claims.append(claim)
+    assert chain_aborts(gate.handle(control(first, "cancel"), T0)) == [("responses", claims[0].claim_id, False)]  # fmt: skip
+    assert chain_aborts(gate.handle(control(second, "erase"), T0)) == [("responses", claims[1].claim_id, True)]  # fmt: skip
