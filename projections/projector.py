@@ -214,6 +214,7 @@ class Projector:
             async with conn.transaction():
                 applied = await writers.apply(conn, records)
                 await self._dead_letter(producer, applied.rejected)
+                await _tombstone(producer, applied.tombstones)
                 await self._save_offsets(conn, batch)
                 await notify_waiters(conn, applied.settled)
             metrics.projector_applied(counts, time.perf_counter() - started)
@@ -228,17 +229,20 @@ class Projector:
         async with conn.transaction():
             rejected: writers.Rejected = []
             settled: set[str] = set()
+            tombstones: list[tuple[bytes, int]] = []
             for record in records:
                 try:
                     async with conn.transaction():
                         applied = await writers.apply(conn, [record])
                         rejected += applied.rejected
                         settled |= applied.settled
+                        tombstones += applied.tombstones
                 except _CONNECTION_ERRORS:
                     raise
                 except asyncpg.PostgresError as exc:
                     rejected.append((record, f"the read model refused it: {exc}"))
             await self._dead_letter(producer, rejected)
+            await _tombstone(producer, tombstones)
             await self._save_offsets(conn, batch)
             await notify_waiters(conn, settled)
         metrics.projector_applied(counts, time.perf_counter() - started)
@@ -286,6 +290,16 @@ class Projector:
             await asyncio.gather(*futures)
             for record, reason in rejected:
                 shared_metrics.dead_letter(record.topic, reason)
+
+
+async def _tombstone(producer: AIOKafkaProducer, keys: Sequence[tuple[bytes, int]]) -> None:
+    """Tombstone bodies again (acknowledged before the offsets that passed them commit)."""
+    sends = [
+        await producer.send(topics.BODIES.name, None, key=key, partition=partition)
+        for key, partition in keys
+    ]
+    if sends:
+        await asyncio.gather(*sends)
 
 
 # Told to the API's waiters, delivered when the transaction commits: that the projection

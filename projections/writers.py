@@ -55,6 +55,8 @@ class Applied(msgspec.Struct):
 
     rejected: Rejected = msgspec.field(default_factory=list)
     settled: set[str] = msgspec.field(default_factory=set)
+    # Bodies to tombstone again, (key, partition): content of erased requests met again.
+    tombstones: list[tuple[bytes, int]] = msgspec.field(default_factory=list)
 
 
 def position(offset: int, index: int) -> int:
@@ -276,6 +278,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     await _responses(conn, by_topic[topics.RESPONSES.name], by_topic[topics.BODIES.name], rejected)
     await _webhooks(conn, by_topic[topics.WEBHOOKS.name], rejected)
     await _webhook_attempts(conn, by_topic[topics.WEBHOOK_DELIVERIES.name], rejected)
+    await _erased_bodies(conn, by_topic[topics.BODIES.name], applied)
     if touched:
         await conn.execute(_FINALIZE, list(touched))
     return applied
@@ -416,9 +419,9 @@ async def _apply_deletions(conn: asyncpg.Connection, file_ids: list[str]) -> Non
 
 # Bodies kept whole, keyed by the id after the kind: a batchless request's body, results and
 # errors, and chain steps' payloads (projected into their steps by _responses as well).
+_REQUEST_BODY_KINDS = (bodies.TEMPLATE, bodies.RESULT, bodies.ERROR)
 _SINGLE_BODY_KINDS = (
-    bodies.TEMPLATE, bodies.RESULT, bodies.ERROR,
-    bodies.STEP_REQUEST, bodies.STEP_RESULT, bodies.STEP_ERROR,
+    *_REQUEST_BODY_KINDS, bodies.STEP_REQUEST, bodies.STEP_RESULT, bodies.STEP_ERROR,
 )  # fmt: skip
 
 
@@ -465,6 +468,30 @@ async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejec
         await conn.execute("DELETE FROM template_chunks WHERE body_key = ANY($1)", erased_chunks)
     if erased:
         await conn.executemany("DELETE FROM bodies WHERE ref = $1 AND kind = $2", erased)
+
+
+async def _erased_bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], applied: Applied) -> None:  # fmt: skip
+    """Bodies of erased requests, met after their erasure (a result that raced it, or a replay
+    that reads the bodies topic first): gone from the read model, and tombstoned again, since
+    such a record on the compacted topic is newer than the erasure's tombstones."""
+    met: dict[str, list[ConsumerRecord]] = {}
+    for record in records:
+        if record.key is None or record.value is None:
+            continue
+        kind, _, ref = record.key.decode("utf-8", "replace").partition(":")
+        if kind in _REQUEST_BODY_KINDS and _is_uuid(ref):
+            met.setdefault(ref, []).append(record)
+    if not met:
+        return
+    erased = [
+        str(r["id"])
+        for r in await conn.fetch(
+            "SELECT id FROM erased_requests WHERE id = ANY($1::uuid[])", list(met)
+        )
+    ]
+    if erased:
+        await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", erased)
+        applied.tombstones += [(r.key, r.partition) for ref in erased for r in met[ref]]
 
 
 def _is_uuid(text: str) -> bool:
@@ -639,6 +666,10 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
         erased = list(fold.erased)
         touched |= {str(r["id"]) for r in await conn.fetch(_ERASE_ROWS, erased)}
         await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", erased)
+        await conn.execute(
+            "INSERT INTO erased_requests (id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING",
+            erased,
+        )
     applied.settled |= settled(fold)
     return touched
 

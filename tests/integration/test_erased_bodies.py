@@ -1,0 +1,87 @@
+"""A result that races its request's erasure (core §5.3), fed to the projector by hand: met
+after the erasure, in a later poll or the same one, it is dropped from the read model and
+tombstoned again, so that the compacted topic forgets it too; a body the erasure met already
+needs nothing more (the erasure's own tombstones are newer)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from compose import stack
+from projections import writers
+from schemas import bodies, codec, topics
+from schemas.events import (
+    BatchlessFacts,
+    RequestCreated,
+    RequestErased,
+    RequestTransitions,
+)
+from tests.integration.conftest import consumer_record, own_database, run
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def dsn(stack_info: stack.StackInfo) -> Iterator[str]:
+    yield from own_database(stack_info, "erased_bodies")
+
+
+class Flex:
+    """One flex request's records: created, erased, and its result."""
+
+    def __init__(self) -> None:
+        self.id = str(uuid.uuid4())
+        self.key = bodies.key(bodies.RESULT, self.id).encode()
+
+    def _lifecycle(self, offset: int, event: RequestCreated | RequestErased) -> ConsumerRecord:
+        record = RequestTransitions(event_id=event.event_id, occurred_at=T0, model="m", events=[event])  # fmt: skip
+        return consumer_record(topics.REQUESTS.name, offset, b"m", codec.encode(record))
+
+    def created(self) -> ConsumerRecord:
+        facts = BatchlessFacts(owner="u", path="/v1/chat/completions", service_tier="flex", created_at=T0, deadline=T0 + timedelta(hours=1))  # fmt: skip
+        return self._lifecycle(0, RequestCreated(event_id="c", occurred_at=T0, request_id=self.id, model="m", state="pending", facts=facts))  # fmt: skip
+
+    def erased(self) -> ConsumerRecord:
+        return self._lifecycle(1, RequestErased(event_id="e", occurred_at=T0, request_id=self.id, batch_id=None, model="m"))  # fmt: skip
+
+    def result(self) -> ConsumerRecord:
+        return consumer_record(topics.BODIES.name, 0, self.key, b'{"secret":"text"}')
+
+
+async def _project(dsn: str, flex: Flex, *polls: list[ConsumerRecord]) -> tuple[list[tuple[bytes, int]], int]:  # fmt: skip
+    """The tombstones the polls asked for, and the request's bodies left in the read model."""
+    conn = await asyncpg.connect(dsn)
+    tombstones: list[tuple[bytes, int]] = []
+    try:
+        for records in polls:
+            async with conn.transaction():
+                applied = await writers.apply(conn, records)
+                assert applied.rejected == []
+                tombstones += applied.tombstones
+        left = await conn.fetchval("SELECT count(*) FROM bodies WHERE ref = $1", uuid.UUID(flex.id))  # fmt: skip
+        return tombstones, left
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("same_poll", [False, True])
+def test_a_result_met_after_its_erasure_is_dropped_and_tombstoned_again(dsn: str, same_poll: bool) -> None:  # fmt: skip
+    flex = Flex()
+    polls = [[flex.created()], [flex.erased(), flex.result()]]
+    if not same_poll:
+        polls = [[flex.created()], [flex.erased()], [flex.result()]]
+    assert run(_project(dsn, flex, *polls)) == ([(flex.key, 0)], 0)
+
+
+def test_a_result_the_erasure_met_needs_no_second_tombstone(dsn: str) -> None:
+    flex = Flex()
+    polls = [[flex.created()], [flex.result()], [flex.erased()]]
+    assert run(_project(dsn, flex, *polls)) == ([], 0)
