@@ -218,6 +218,10 @@ def _apply_completion(response: dict[str, Any], detail: RequestDetail) -> None:
     else:
         body = _decode(detail.response_body) if detail.response_body is not None else None
         if isinstance(body, dict):
+            if body.get("status") == "incomplete":
+                # Cut short (the model's token limit): retrieval says so as creation did.
+                response["status"] = "incomplete"
+                response["incomplete_details"] = body.get("incomplete_details")
             if "output" in body:
                 response["output"] = body["output"]
             if "usage" in body:

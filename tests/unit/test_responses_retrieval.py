@@ -259,6 +259,18 @@ def test_a_completed_single_step_response_copies_output_and_usage() -> None:
     assert parsed.output_text == "hi"
 
 
+def test_a_response_cut_short_is_retrieved_incomplete_as_it_was_created() -> None:
+    request = {"model": "llama", "input": "Hi"}
+    cut = {**CHAT, "choices": [{**CHAT["choices"][0], "finish_reason": "length"}]}  # type: ignore[index]
+    stored = chat_to_responses(cut, request)
+    assert stored["status"] == "incomplete"
+    response = response_object(completed(stored, request=request))
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    parsed = Response.model_validate(response)
+    assert parsed.status == "incomplete" and parsed.output_text == "hi"
+
+
 def test_a_completed_chain_is_retrievable_with_responses_usage() -> None:
     request = {"model": "llama", "input": "x"}
     model = record_step([], ROW, StepDescriptor(StepKind.MODEL_CALL, {}), CREATED)
