@@ -328,20 +328,6 @@ class RequestReclaimed(_Transition, tag=True, frozen=True):
     ]
 
 
-RequestEvent = (
-    RequestsPending
-    | RequestCreated
-    | RealtimeCompletionReported
-    | RequestRetried
-    | RequestErased
-    | RequestClaimed
-    | RequestStarted
-    | RequestCompleted
-    | RequestFailed
-    | RequestRetryScheduled
-    | RequestCanceled
-    | RequestReclaimed
-)
 #: The events that move a row from a state (``from_state``) to the next.
 RequestTransition = (
     RequestRetried
@@ -352,6 +338,13 @@ RequestTransition = (
     | RequestRetryScheduled
     | RequestCanceled
     | RequestReclaimed
+)
+RequestEvent = (
+    RequestsPending
+    | RequestCreated
+    | RealtimeCompletionReported
+    | RequestErased
+    | RequestTransition
 )
 
 

@@ -95,11 +95,15 @@ class Lifecycle:
         return outs
 
 
-def run_batch_to_failure(gate: Gate, life: Lifecycle, n: int = 3) -> list[DispatchItem]:
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
-        ranges=[LineRange(0, n)], chunks=[ChunkRef(0, n, 1, 7)],
+def populated(lines: int, batch: BatchFacts | None = None) -> PendingRequests:
+    return PendingRequests(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=batch or facts(), model="m",
+        ranges=[LineRange(0, lines)], chunks=[ChunkRef(0, lines, 1, 7)],
     )  # fmt: skip
+
+
+def run_batch_to_failure(gate: Gate, life: Lifecycle, n: int = 3) -> list[DispatchItem]:
+    population = populated(n)
     claims = dispatched(life.fold(gate.handle(population, T0)))
     life.fold(gate.handle(report(claims, "failed"), T0))
     return claims
@@ -129,10 +133,7 @@ def test_a_retry_runs_ended_rows_again_under_new_claim_ids() -> None:
 
 def test_a_retry_skips_rows_that_are_still_live() -> None:
     gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
-        ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
-    )  # fmt: skip
+    population = populated(2)
     [claim] = dispatched(life.fold(gate.handle(population, T0)))  # capacity 1: line 1 waits
     retry = RetryRows(
         event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
@@ -144,10 +145,7 @@ def test_a_retry_skips_rows_that_are_still_live() -> None:
 
 def test_cancel_then_retry_is_pause_and_resume() -> None:
     gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
-        ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    population = populated(4)
     [claim] = dispatched(life.fold(gate.handle(population, T0)))
     cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
     life.fold(gate.handle(cancel, T0))
@@ -165,10 +163,7 @@ def test_cancel_then_retry_is_pause_and_resume() -> None:
 def test_a_row_in_flight_at_a_cancel_runs_again_when_the_batch_is_resumed_at_once() -> None:
     state: dict[str, bytes] = {}
     gate, life = Gate(state, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
-        ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    population = populated(4)
     [claim] = dispatched(life.fold(gate.handle(population, T0)))
     cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
     life.fold(gate.handle(cancel, T0))
@@ -196,10 +191,7 @@ def test_a_row_in_flight_at_a_cancel_runs_again_when_the_batch_is_resumed_at_onc
 
 def test_a_result_that_comes_back_after_its_batch_was_resumed_counts() -> None:
     gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(deadline=T0 + HOUR),
-        model="m", ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
-    )  # fmt: skip
+    population = populated(2, facts(deadline=T0 + HOUR))
     [claim] = dispatched(life.fold(gate.handle(population, T0)))
     later = T0 + HOUR + timedelta(seconds=1)
     started = ExecutionReport(
@@ -221,10 +213,7 @@ def test_a_result_that_comes_back_after_its_batch_was_resumed_counts() -> None:
 
 def test_each_run_of_a_retried_row_ends_with_an_event_of_its_own() -> None:
     gate, life = Gate({}, {"m": 5}, "gate", config=REFERENCE), Lifecycle()
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model="m",
-        ranges=[LineRange(0, 1)], chunks=[ChunkRef(0, 1, 1, 7)],
-    )  # fmt: skip
+    population = populated(1)
     ended: list[str] = []
     claims = dispatched(life.fold(gate.handle(population, T0)))
     for version in (1, 2):
@@ -242,10 +231,7 @@ def test_each_run_of_a_retried_row_ends_with_an_event_of_its_own() -> None:
 
 def test_a_retried_expired_batch_runs_under_its_new_deadline() -> None:
     gate, life = Gate({}, {"m": 2}, "gate", config=REFERENCE), Lifecycle()
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(deadline=T0 + HOUR),
-        model="m", ranges=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    population = populated(4, facts(deadline=T0 + HOUR))
     life.fold(gate.handle(population, T0))
     later = T0 + 2 * HOUR
     renewed = facts(version=1, deadline=later + 24 * HOUR)
@@ -316,11 +302,7 @@ def chain_aborts(outs: list[Out]) -> list[tuple[str, str, bool]]:
 @pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])
 def test_a_cancelled_batch_tells_the_chain_agent_of_its_responses_rows_in_flight(path: str) -> None:
     gate = Gate({}, {"m": 1}, "gate", config=REFERENCE)
-    population = PendingRequests(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(),
-        batch=msgspec.structs.replace(facts(), path=path), model="m",
-        ranges=[LineRange(0, 2)], chunks=[ChunkRef(0, 2, 1, 7)],
-    )  # fmt: skip
+    population = populated(2, msgspec.structs.replace(facts(), path=path))
     [claim] = dispatched(gate.handle(population, T0))
     cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
     expected = [("responses", claim.claim_id, False)] if path == "/v1/responses" else []
