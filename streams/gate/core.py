@@ -598,10 +598,13 @@ class Gate:
             entry = self._current(finished.request_id, finished.claim_id)
             if entry is None:
                 continue  # fenced out: a stale claim, or the request already ended
-            if entry.state == "claimed":
-                if finished.result == "not_sent":
+            if finished.result == "not_sent":
+                if entry.state == "claimed":
                     self._not_sent(finished.request_id, entry, now)
-                    continue
+                # else an executor re-read a dispatch that another one runs (it started it):
+                # that run reports it
+                continue
+            if entry.state == "claimed":
                 started = StartedItem(finished.request_id, finished.claim_id)
                 self._start(started, entry, report.worker_id, now)
             self._finish(finished, entry, now)

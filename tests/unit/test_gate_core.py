@@ -780,7 +780,23 @@ def test_a_batch_past_its_deadline_fails_its_unsent_rows() -> None:
     assert step.dispatched == []
 
 
-@pytest.mark.parametrize("result", ["completed", "failed", "retry", "canceled", "not_sent"])
+def test_a_running_claim_is_not_taken_back_by_another_executors_hand_back() -> None:
+    run = Run({"m": 2})
+    started, claimed = run.populate(n=3, left=30 * SEC).dispatched
+    run.start(started)
+    run.tick(T0 + 31 * SEC)
+    (f,) = run.report(claimed, "not_sent").of(RequestFailed)  # unsent, and the batch expired
+    assert f.error_type == "BatchTerminated"
+    # The running claim's dispatch re-read by an executor that took its partition over: the
+    # run goes on, and its own report ends the row.
+    handed_back = run.report(started, "not_sent")
+    assert handed_back.of(RequestFailed) == [] and handed_back.dispatched == []
+    (f,) = run.report(started, "completed", status=200).of(RequestFailed)
+    assert f.error_type == "BatchTerminated"
+    assert run.live_keys() == []
+
+
+@pytest.mark.parametrize("result", ["completed", "failed", "retry", "canceled"])
 def test_expired_in_flight_work_ends_batch_terminated_whatever_it_reports(
     result: ExecutionResult,
 ) -> None:
