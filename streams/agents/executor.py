@@ -53,9 +53,15 @@ from schemas.events import (
 )
 from streams.app import Streams, decode_or_none, utcnow
 from streams.emit import Out
-from streams.execution.bodies import BodyGone, BodyReader, BodySource
+from streams.execution.bodies import BodyGone, BodyReader, BodySource, BodyUnavailable
 from streams.execution.client import AiohttpTransport, Timeouts, UpstreamCall, UpstreamClient
-from streams.execution.failure import FailureReason, RequestBuilderError, TaskTerminated
+from streams.execution.failure import (
+    FailureReason,
+    NetworkError,
+    NonRetriableHttpStatus,
+    RequestBuilderError,
+    TaskTerminated,
+)
 from streams.execution.lanes import Lane
 from streams.execution.outcome import (
     Failure,
@@ -72,6 +78,9 @@ from streams.responses.tools import inject_tools, resolve_tools
 from streams.responses.translate import chat_to_responses, responses_to_chat
 
 CHAT_PATH = "/v1/chat/completions"
+#: The largest result body a record on the bodies topic carries, with room for its key.
+MAX_BODY_BYTES = topics.MAX_MESSAGE_BYTES - 64 * 1024
+_ERROR_BODY_CHARS = 1024 * 1024  # of an upstream error body kept in the error envelope
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +148,7 @@ class Executor:
             headers = batch.batch_headers.get(item.batch_id or "", {})
             task = asyncio.create_task(self._run(item, headers))
             self.running[item.claim_id] = task
-            task.add_done_callback(functools.partial(self._done, item.claim_id))
+            task.add_done_callback(functools.partial(self._done, item))
 
     def abort(self, claim_id: str) -> None:
         """Cancel a running claim; its task reports it canceled. An abort that arrives before
@@ -153,10 +162,23 @@ class Executor:
         self.cancelled.add(claim_id)
         task.cancel()
 
-    def _done(self, claim_id: str, task: asyncio.Task[None]) -> None:
+    async def stop_running(self) -> None:
+        """Shutting down: every claim here stops unreported (the gate takes them back when
+        the worker says it stopped), and none queued in a lane starts its call meanwhile."""
+        running = list(self.running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    def _done(self, item: DispatchItem, task: asyncio.Task[None]) -> None:
+        claim_id = item.claim_id
         self.running.pop(claim_id, None)
+        aborted = claim_id in self.cancelled
         self.cancelled.discard(claim_id)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() and aborted and claim_id not in self.outcomes:
+            # Aborted before its first step: its own handler never ran to report it.
+            self._report(item, FinishedItem(request_id=item.request_id, claim_id=claim_id, result="canceled"))  # fmt: skip
+        elif not task.cancelled() and task.exception() is not None:
             log.error("execution task failed", exc_info=task.exception())
 
     def _report(self, item: DispatchItem, finished: FinishedItem, outs: list[Out] | None = None) -> None:  # fmt: skip
@@ -228,6 +250,8 @@ class Executor:
             template = await self.bodies.template(item.body)
         except BodyGone as exc:
             return self._failed(item, RequestBuilderError(error=f"request body unavailable: {exc}"))  # fmt: skip
+        except BodyUnavailable as exc:  # the broker away: an attempt like any network failure
+            return self._decide(item, NetworkError.of(f"request body unavailable: {exc}"))
         e = self.config.executor
         now = utcnow()
         routed, body = escalate(item.model, template.body, item.deadline, now, e.model_escalations)
@@ -269,6 +293,10 @@ class Executor:
             text = _as_response(text, request, now)
         text = override_response_id(text, item.request_id, item.path)
         raw = text.encode()
+        if len(raw) > MAX_BODY_BYTES:
+            # No record may carry it (a send of it would fail every report queued behind it).
+            too_large = f"the upstream answered {len(raw)} bytes; a result holds at most {MAX_BODY_BYTES}"  # fmt: skip
+            return self._failed(item, NonRetriableHttpStatus(status=502, body=too_large))
         body_out = Out(
             "bodies",
             bodies.key(bodies.RESULT, item.request_id),
@@ -328,6 +356,10 @@ class Executor:
         return retry, []
 
     def _failed(self, item: DispatchItem, reason: FailureReason) -> tuple[FinishedItem, list[Out]]:
+        body = getattr(reason, "body", None)
+        if isinstance(body, str) and len(body) > _ERROR_BODY_CHARS:
+            # An upstream error page too large for a record: its head is what tells.
+            reason = msgspec.structs.replace(reason, body=body[:_ERROR_BODY_CHARS])
         raw = reason.to_json().encode()
         status = getattr(reason, "status", None)
         log.info("attempt %d on %s failed for good (%s)", item.attempt, item.model, type(reason).__name__)  # fmt: skip
@@ -452,7 +484,9 @@ def register(streams: Streams) -> Executor:
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Running calls are abandoned without a result (core §4.1); saying so lets the gate
-        # take their claims back at once instead of after the stale threshold.
+        # take their claims back at once instead of after the stale threshold. They stop
+        # first, so that no claim queued in a lane starts a call after that.
+        await executor.stop_running()
         await reporter.stop()
         await streams.publish(executor.heartbeat(stopped=True), wait=True)
         await reader.stop()

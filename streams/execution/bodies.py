@@ -14,6 +14,8 @@ from collections import OrderedDict
 from typing import Protocol
 
 import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas import bodies, topics
 from schemas.bodies import BodyRef, TemplateChunk
@@ -27,6 +29,11 @@ class Template(msgspec.Struct, frozen=True):
 
 class BodyGone(Exception):
     """The body's record is not on the topic any more (erased), or never was (a bad ref)."""
+
+
+class BodyUnavailable(TimeoutError):
+    """The broker did not hand the body's record over in time, though the topic has it: a
+    broker away for a while, not a bad ref."""
 
 
 class BodySource(Protocol):
@@ -88,7 +95,12 @@ class BodyReader(PausedReader):
                             if records:
                                 break
             except TimeoutError:
-                raise BodyGone(f"no record at {partition}@{offset}") from None
+                if await self._beyond_end(consumer, tp, offset):
+                    raise BodyGone(f"no record at {partition}@{offset}") from None
+                raise BodyUnavailable(
+                    f"the broker did not hand over {partition}@{offset} within"
+                    f" {self._fetch_timeout_s:g} s"
+                ) from None
             for record in records:
                 self._remember(partition, record.offset, record.key, record.value)
             found = self._cache.get((partition, offset))
@@ -96,6 +108,16 @@ class BodyReader(PausedReader):
                 # Offsets survive compaction: a missing one was tombstoned and cleaned away.
                 raise BodyGone(f"the body at {partition}@{offset} was erased")
             return found[0]
+
+    async def _beyond_end(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> bool:  # fmt: skip
+        """Whether the partition ends at or before ``offset`` (so it never held the record);
+        False when the broker does not say."""
+        try:
+            async with asyncio.timeout(self._fetch_timeout_s):
+                end = (await consumer.end_offsets([tp]))[tp]
+        except (TimeoutError, KafkaError):
+            return False
+        return bool(offset >= end)
 
     def _remember(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:  # fmt: skip
         if key is None or value is None or (partition, offset) in self._cache:

@@ -59,9 +59,13 @@ class Reporter:
 
     async def stop(self) -> None:
         """Flush what is left, then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # A send it had under way puts its records back when it ends: wait for that, or
+            # the final flush would miss them.
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._flush(everything=True)
 
     def started(self, model: str, item: StartedItem) -> None:

@@ -68,12 +68,15 @@ class Harness:
         self.changed = asyncio.Condition()  # notified on every call sent and report published
         self.upstream = HeldUpstream(self.changed)
         self.reports: list[FinishedItem] = []
+        self.written: list[bytes] = []  # result and error bodies published
 
         async def publish(outs: Sequence[Out]) -> None:
             for out in outs:
                 if isinstance(out.value, ExecutionReport):
                     self.reports += out.value.finished
                     self.reports_sent += 1
+                elif isinstance(out.value, bytes):
+                    self.written.append(out.value)
             async with self.changed:
                 self.changed.notify_all()
 
