@@ -35,15 +35,19 @@ def item_id(prefix: str, seed: str, index: int) -> str:
 
 
 def message_item(
-    text: str, id: str, role: str = "assistant", status: str = "completed"
+    text: str,
+    id: str,
+    role: str = "assistant",
+    status: str = "completed",
+    refusal: str | None = None,
 ) -> dict[str, Any]:
-    return {
-        "type": "message",
-        "id": id,
-        "status": status,
-        "role": role,
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    }
+    """A message output item: its text, and the model's refusal when it refused."""
+    content: list[dict[str, Any]] = []
+    if text or not refusal:
+        content.append({"type": "output_text", "text": text, "annotations": []})
+    if refusal:
+        content.append({"type": "refusal", "refusal": refusal})
+    return {"type": "message", "id": id, "status": status, "role": role, "content": content}
 
 
 def function_call_item(call: dict[str, Any], id: str) -> dict[str, Any]:
@@ -278,14 +282,18 @@ def _message_items(
     if reasoning is not None:
         items.append(reasoning_item(reasoning, item_id("rs", seed, start + len(items))))
     content = message.get("content")
-    if isinstance(content, str) and content:
+    text = content if isinstance(content, str) else ""
+    refusal = message.get("refusal")
+    refusal = refusal if isinstance(refusal, str) and refusal else None
+    if text or refusal:
         role = message.get("role")
         items.append(
             message_item(
-                content,
+                text,
                 item_id("msg", seed, start + len(items)),
                 role=role if isinstance(role, str) else "assistant",
                 status="incomplete" if status == "incomplete" else "completed",
+                refusal=refusal,
             )
         )
     calls = message.get("tool_calls")

@@ -346,3 +346,12 @@ def test_the_stored_and_returned_id_is_resp_of_the_request() -> None:
     completion = ChatCompletion.model_validate_json(chat_body)
     assert completion.id == f"resp_{REQUEST_ID}"
     assert completion.choices[0].message.content == "Hello!"
+
+
+def test_a_refusal_is_kept_as_the_message_s_refusal_part() -> None:
+    response = chat_to_responses(chat(None, refusal="I can't help with that."), {"model": "m"})
+    [message] = response["output"]
+    assert message["content"] == [{"type": "refusal", "refusal": "I can't help with that."}]
+    parsed = Response.model_validate(response)
+    assert parsed.status == "completed" and parsed.output_text == ""
+    assert parsed.output[0].content[0].type == "refusal"  # type: ignore[union-attr, index]
