@@ -85,6 +85,8 @@ class Context:
 
 CONTEXT: web.AppKey[Context] = web.AppKey("context", Context)
 PRINCIPAL = "principal"
+#: Set once a handler has handed the request to the engine (flex): see :func:`errors`.
+SUBMITTED = "submitted"
 
 
 def context(request: web.Request) -> Context:
@@ -103,6 +105,15 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    if request.get(SUBMITTED) and not response.prepared:
+        # The SDK retries a 429, a 5xx or a timeout by sending the request again, which here
+        # would hand the engine the same work a second time.
+        response.headers["x-should-retry"] = "false"
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:

@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from projections.api import flex, intake, proxy, realtime, stored
-from projections.api.app import context, json_response, principal
+from projections.api.app import SUBMITTED, context, json_response, principal
 from projections.rules.responses import chat_completion_result
 from schemas.errors import ApiError
 from streams.execution.outcome import override_response_id
@@ -43,6 +43,7 @@ async def _create(request: web.Request, path: str) -> web.StreamResponse:
     if intake.is_flex(body):
         if path == CHAT:
             await flex.submit(ctx, who, request_id, name, path, body)
+            request[SUBMITTED] = True
             found = await stored.until_settled(ctx, request_id, who.user, code=504)
             status, answer = chat_completion_result(found.detail)
             return json_response(answer, status)

@@ -15,8 +15,7 @@ from aiohttp import web
 
 from projections import queries
 from projections.api import chains, flex, intake, proxy, realtime, stored
-from projections.api.app import Context, context, json_response, principal
-from projections.api.auth import Principal
+from projections.api.app import SUBMITTED, context, json_response, principal
 from projections.api.chat import CHAT
 from projections.api.response_stream import Event, ResponsesStream
 from projections.rules.responses import (
@@ -60,7 +59,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     request_id = str(uuid.uuid4())
     background = body.get("background") is True
     if intake.is_flex(body):
-        return await _flex(ctx, who, request_id, name, body, background)
+        return await _flex(request, request_id, name, body, background)
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         # §7.4: a multi-step chain, run inline.
@@ -111,15 +110,12 @@ def _translation(
 
 
 async def _flex(
-    ctx: Context,
-    who: Principal,
-    request_id: str,
-    model: str,
-    body: dict[str, Any],
-    background: bool,
+    request: web.Request, request_id: str, model: str, body: dict[str, Any], background: bool
 ) -> web.Response:
     """§7.5 (blocking) and §7.6 (background)."""
+    ctx, who = context(request), principal(request)
     created_at = await flex.submit(ctx, who, request_id, model, PATH, body, background=background)
+    request[SUBMITTED] = True
     if background:
         await stored.until_recorded(ctx, request_id)
         detail = RequestDetail(
@@ -130,7 +126,7 @@ async def _flex(
     found = await stored.until_settled(ctx, request_id, who.user, code=None)
     response = found.response()
     error = response.get("error") or {}
-    status = 200 if response["status"] == "completed" else error.get("code") or 500
+    status = 200 if response["status"] in ("completed", "incomplete") else error.get("code") or 500
     return json_response(response, status)
 
 

@@ -460,6 +460,8 @@ def test_flex_chat_failures_answer_like_the_upstream(alice: OpenAI) -> None:
             extra_body={"x_fake": {"status": 400, "message": f"bad {mark}"}},
         )
     assert info.value.body == {"message": f"bad {mark}", "type": "invalid_request_error", "param": None, "code": 400}  # fmt: skip
+    # The work was handed to the engine: the SDK must not send it again on a retryable status.
+    assert info.value.response.headers["x-should-retry"] == "false"
 
 
 def test_a_cancelled_flex_chat_answers_499(
@@ -511,6 +513,21 @@ async def _cancel(stack_info: stack.StackInfo, request_id: str, model: str) -> N
         await publisher.transitions([record])
     finally:
         await publisher.stop()
+
+
+def test_a_flex_response_cut_short_answers_200_incomplete(
+    alice: OpenAI, upstream: FakeUpstreamControl
+) -> None:
+    mark = marker()
+    upstream.script({"finish_reason": "length"}, marker=mark)
+    raw = alice.responses.with_raw_response.create(
+        model=_MODEL, input=f"say {mark}", service_tier="flex"
+    )
+    assert raw.status_code == 200 and raw.headers["x-should-retry"] == "false"
+    response = raw.parse()
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert alice.responses.retrieve(response.id).status == "incomplete"
 
 
 def test_flex_response_blocks_until_completed(alice: OpenAI) -> None:
