@@ -424,7 +424,10 @@ class RequestSubmitted(Event, tag=True, frozen=True):
 
 class RetryRows(Event, tag=True, frozen=True):
     """A batch's rows of ``model`` to run again (from the commands agent): the gate makes them
-    pending unless they are live, under the batch's new ``retry_version`` and deadline."""
+    pending unless they are live, under the batch's new ``retry_version`` and deadline. Every
+    model of the batch hears of a retry, the ones with no rows named too: the deadline renews
+    everywhere, and a whole-batch retry (``scope`` batch: resume after a cancel) runs again
+    the rows the cancel stopped in flight."""
 
     source: SourceMark
     batch: BatchFacts
@@ -432,6 +435,7 @@ class RetryRows(Event, tag=True, frozen=True):
     failed: list[LineRange]
     canceled: list[LineRange]
     chunks: list[ChunkRef]
+    scope: Literal["batch", "requests"] = "batch"
 
 
 class RequestControl(Event, tag=True, frozen=True):

@@ -431,7 +431,7 @@ def retry(
             ),
         )
     ]
-    for seq, model in enumerate(sorted(set(failed) | set(canceled))):
+    for seq, model in enumerate(sorted(set(record.models) | set(failed) | set(canceled))):
         out.append(
             Out(
                 "gate",
@@ -445,6 +445,7 @@ def retry(
                     failed=failed.get(model, []),
                     canceled=canceled.get(model, []),
                     chunks=record.chunks,
+                    scope=cmd.scope,
                 ),
             )
         )

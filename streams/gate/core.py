@@ -496,7 +496,7 @@ class Gate:
             batch = index.batches[facts.batch_id] = _Batch(f"B:{facts.batch_id}:{model}", entry)
         batch.entry.facts, batch.entry.closed = facts, None
         batch.set_unclaimed(_ranges(sorted(unclaimed | set(again))))
-        for request_id in self._rows_of(index, batch):
+        for request_id in self._rows_of(index, batch) if message.scope == "batch" else ():
             row = self._request(request_id)
             if row is not None and row.batch_id == facts.batch_id and row.abort is not None:
                 # In flight when the batch was cancelled or expired, so the read model did not

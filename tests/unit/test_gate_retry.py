@@ -9,6 +9,7 @@ import pytest
 
 from schemas import ids
 from schemas.bodies import BodyRef
+from schemas.commands import RetryBatch, RowRanges
 from schemas.events import (
     BatchFacts,
     BatchlessFacts,
@@ -34,6 +35,7 @@ from schemas.events import (
     SourceMark,
     StartedItem,
 )
+from streams import population
 from streams.emit import Out
 from streams.gate.core import Gate
 from streams.gate.scoring import GateConfig
@@ -322,3 +324,70 @@ def test_a_cancelled_or_erased_flex_response_tells_the_chain_agent() -> None:
         claims.append(claim)
     assert chain_aborts(gate.handle(control(first, "cancel"), T0)) == [("responses", claims[0].claim_id, False)]  # fmt: skip
     assert chain_aborts(gate.handle(control(second, "erase"), T0)) == [("responses", claims[1].claim_id, True)]  # fmt: skip
+
+
+def two_model_batch(gate: Gate, life: Lifecycle) -> tuple[population.BatchRecord, list[DispatchItem]]:  # fmt: skip
+    """Line 0 on model a, line 1 on model b, each with capacity 1: both claimed at once."""
+    record = population.BatchRecord(populated=True, models=["a", "b"], facts=facts(), chunks=[ChunkRef(0, 2, 1, 7)])  # fmt: skip
+    claims: list[DispatchItem] = []
+    for line, model in enumerate("ab"):
+        pending = PendingRequests(
+            event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(), model=model,
+            ranges=[LineRange(line, line + 1)], chunks=[ChunkRef(0, 2, 1, 7)],
+        )  # fmt: skip
+        claims += dispatched(life.fold(gate.handle(pending, T0)))
+    return record, claims
+
+
+def retry_batch(record: population.BatchRecord, scope: str, failed: list[RowRanges], canceled: list[RowRanges]) -> list[Out]:  # fmt: skip
+    cmd = RetryBatch(
+        command_id="r", issued_at=T0, batch_id=BATCH, retry_version=record.retry_version,
+        scope=scope, failed=failed, canceled=canceled,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return population.retry(record, cmd, (0, next(marks)), T0)
+
+
+def test_resuming_a_batch_runs_again_what_its_cancel_stopped_on_every_model() -> None:
+    gate, life = Gate({}, {"a": 1, "b": 1}, "gate", config=REFERENCE), Lifecycle()
+    record, (on_a, on_b) = two_model_batch(gate, life)
+    for model in "ab":
+        cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model=model)  # fmt: skip
+        life.fold(gate.handle(cancel, T0))
+    life.fold(gate.handle(report([on_a], "canceled"), T0))  # a's call stopped; b's still runs
+    # The read model shows a's row canceled and b's in progress: the retry names a's alone.
+    outs = retry_batch(record, "batch", [], [RowRanges("a", [LineRange(0, 1)])])
+    assert sorted(o.key for o in outs if isinstance(o.value, RetryRows)) == ["a", "b"]
+    queue: list[DispatchItem] = []
+    for out in outs:
+        if isinstance(out.value, RetryRows):
+            queue += dispatched(life.fold(gate.handle(out.value, T0)))
+    b_report = ExecutionReport(
+        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model="b",
+        finished=[FinishedItem(request_id=on_b.request_id, claim_id=on_b.claim_id, result="canceled")],
+    )  # fmt: skip
+    queue += dispatched(life.fold(gate.handle(b_report, T0)))  # b's abort lands after the retry
+    assert sorted(i.request_id for i in queue) == sorted([on_a.request_id, on_b.request_id])
+    for item in queue:
+        done = ExecutionReport(
+            event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model=item.model,
+            finished=[FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="completed")],
+        )  # fmt: skip
+        life.fold(gate.handle(done, T0))
+    assert set(life.states.values()) == {"completed"}
+
+
+def test_retrying_chosen_failed_rows_does_not_resume_rows_a_cancel_stopped() -> None:
+    gate, life = Gate({}, {"a": 1, "b": 1}, "gate", config=REFERENCE), Lifecycle()
+    record, (on_a, on_b) = two_model_batch(gate, life)
+    life.fold(gate.handle(report([on_a], "failed"), T0))  # a's row fails
+    cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="b")  # fmt: skip
+    life.fold(gate.handle(cancel, T0))
+    for out in retry_batch(record, "requests", [RowRanges("a", [LineRange(0, 1)])], []):
+        if isinstance(out.value, RetryRows):
+            life.fold(gate.handle(out.value, T0))
+    b_report = ExecutionReport(
+        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model="b",
+        finished=[FinishedItem(request_id=on_b.request_id, claim_id=on_b.claim_id, result="canceled")],
+    )  # fmt: skip
+    assert dispatched(life.fold(gate.handle(b_report, T0))) == []
+    assert life.states[on_b.request_id] == "canceled"
