@@ -133,6 +133,7 @@ class PopulateBatch(Command, tag=True, frozen=True):
 
 class CancelBatch(Command, tag=True, frozen=True):
     batch_id: Uuid
+    input_deleted: bool = False  # sent for a deletion of its input file: it never runs again
 
 
 class SubmitRequest(Command, tag=True, frozen=True):

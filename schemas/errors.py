@@ -58,6 +58,15 @@ def invalid_request(
     return ApiError(400, message, code=code, param=param)
 
 
+def input_file_deleted(batch_id: str) -> ApiError:
+    """A retry of a batch whose input file was deleted: its lines are gone (core §3.1)."""
+    return ApiError(
+        400,
+        f"The input file of batch {batch_id} was deleted; its requests cannot run again",
+        code="invalid_request",
+    )
+
+
 def invalid_api_key(given: bool = True) -> ApiError:
     """401 for a key that is unknown or revoked, or for none at all (``given`` False)."""
     message = "Invalid API key" if given else "API key required"

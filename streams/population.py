@@ -33,7 +33,7 @@ from schemas.commands import (
     RetryRequest,
     SubmitRequest,
 )
-from schemas.errors import ApiError, invalid_request, not_found
+from schemas.errors import ApiError, input_file_deleted, invalid_request, not_found
 from schemas.events import (
     BatchCancelRequested,
     BatchCreated,
@@ -98,6 +98,7 @@ class BatchRecord(msgspec.Struct):
     facts: BatchFacts | None = None
     chunks: list[ChunkRef] = []
     retry_version: int = 0
+    input_deleted: bool = False  # its file was deleted: nothing of it runs again
 
 
 class BatchRules(msgspec.Struct, frozen=True):
@@ -234,6 +235,7 @@ def delete_file(record: FileRecord, file_id: str, now: datetime) -> list[Out]:
                 command_id=ids.derived("cancel", file_id, batch_id),
                 issued_at=now,
                 batch_id=batch_id,
+                input_deleted=True,
             ),
         )
         for batch_id in record.batches
@@ -401,6 +403,8 @@ def retry(
     version, and an expired batch gets a new deadline (README decisions)."""
     if record.deleted or record.facts is None:
         raise not_found("Batch", cmd.batch_id)
+    if record.input_deleted:
+        raise input_file_deleted(cmd.batch_id)
     if cmd.retry_version != record.retry_version:
         raise ApiError(
             409,
@@ -568,9 +572,12 @@ def control(
     return out
 
 
-def cancel_requested(record: BatchRecord, batch_id: str, now: datetime) -> list[Out]:
+def cancel_requested(
+    record: BatchRecord, batch_id: str, now: datetime, *, input_deleted: bool = False
+) -> list[Out]:
     """A cancel reaches the batch and each gate partition holding its rows."""
     record.cancelled = True
+    record.input_deleted = record.input_deleted or input_deleted
     return [_cancel_requested(batch_id, now)] + [
         Out(
             "gate",

@@ -27,7 +27,7 @@ from projections.rules.retry import parse_request_ids, row_ranges
 from schemas import ids
 from schemas.api import BatchObject
 from schemas.commands import DeleteBatch, RetryBatch
-from schemas.errors import ApiError, invalid_request, not_found
+from schemas.errors import ApiError, input_file_deleted, invalid_request, not_found
 
 Scope = Literal["batch", "requests"]
 # The rows a retry names, read again on each attempt (the argument: is it the first?).
@@ -88,6 +88,8 @@ async def _retry(request: web.Request, batch_id: str, scope: Scope, pick: Picker
         batch = await queries.get_batch(ctx.pool, batch_id, owner)
         if batch is None:
             raise not_found("Batch", batch_id)
+        if batch["input_file_id"] is None:
+            raise input_file_deleted(batch_id)
         rows = await pick(attempt == 0)
         if not rows:  # a concurrent retry ran them all
             return batch_object(facts(batch))

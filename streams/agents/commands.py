@@ -130,7 +130,9 @@ def register(streams: Streams) -> None:
                 elif isinstance(cmd, DeleteBatch):
                     outs = population.delete_batch(state, cmd, now)
                 else:
-                    outs = population.cancel_requested(state, cmd.batch_id, now)
+                    outs = population.cancel_requested(
+                        state, cmd.batch_id, now, input_deleted=cmd.input_deleted
+                    )
                 await streams.publish(outs, wait=True)
                 batches[cmd.batch_id] = msgspec.msgpack.encode(state)
         return outs

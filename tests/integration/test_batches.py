@@ -306,6 +306,12 @@ def test_deleting_an_input_file_cancels_its_running_batch(
     done = wait_for_batch(client, batch.id, {"cancelled"})
     assert done.input_file_id == ""
     assert done.request_counts.completed < 30
+    # Its canceled lines are gone with the file: a retry cannot run them.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.post(f"/batches/{batch.id}/retry", cast_to=object)
+    assert info.value.body["message"] == (  # type: ignore[index]
+        f"The input file of batch {batch.id} was deleted; its requests cannot run again"
+    )
 
 
 def test_batch_validation_errors(client_for: Callable[[str], OpenAI]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from schemas import ids
 from schemas.bodies import BodyRef
 from schemas.commands import RetryBatch, RowRanges
+from schemas.errors import ApiError
 from schemas.events import (
     BatchFacts,
     BatchlessFacts,
@@ -391,3 +392,11 @@ def test_retrying_chosen_failed_rows_does_not_resume_rows_a_cancel_stopped() -> 
     )  # fmt: skip
     assert dispatched(life.fold(gate.handle(b_report, T0))) == []
     assert life.states[on_b.request_id] == "canceled"
+
+
+def test_a_batch_whose_input_file_was_deleted_never_runs_again() -> None:
+    record = population.BatchRecord(populated=True, models=["a"], facts=facts(), chunks=[ChunkRef(0, 1, 1, 7)])  # fmt: skip
+    population.cancel_requested(record, BATCH, T0, input_deleted=True)
+    with pytest.raises(ApiError, match="was deleted") as info:
+        retry_batch(record, "batch", [], [RowRanges("a", [LineRange(0, 1)])])
+    assert info.value.status == 400
