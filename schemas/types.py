@@ -58,7 +58,8 @@ MetadataKey = Annotated[str, excluding(NUL, max_length=64)]
 CustomId = Annotated[str, excluding(CONTROL, max_length=64)]
 
 #: A file name: no NUL, at most 1024 characters.
-FileName = Annotated[str, excluding(NUL, max_length=1024)]
+MAX_FILENAME = 1024
+FileName = Annotated[str, excluding(NUL, max_length=MAX_FILENAME)]
 
 #: A timezone-aware timestamp (RFC 3339 `date-time`).
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]

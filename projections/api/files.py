@@ -50,6 +50,7 @@ from schemas.api import (
 from schemas.api_webhooks import WebhookDeliveryList, WebhookEndpointList
 from schemas.commands import CreateFile, DeleteFile
 from schemas.errors import ApiError, invalid_request, not_found
+from schemas.types import MAX_FILENAME
 from streams import validation
 
 # Chunk records stay well under the message limit; a larger line travels alone.
@@ -152,6 +153,10 @@ async def upload(request: web.Request) -> web.Response:
         raise invalid_request("No file field found in multipart upload")
     filename = fields.get("filename") or f"upload-{file_id}"
     validation.check_storable(filename, "filename")
+    if len(filename) > MAX_FILENAME:  # the commands contract's bound (FileName)
+        raise invalid_request(
+            f"Invalid 'filename': at most {MAX_FILENAME} characters", param="filename"
+        )
     raw: bytes = fields["file"]
 
     def kind(model: str) -> ModelKind | None:

@@ -231,6 +231,15 @@ def test_invalid_json_line_names_its_line(client_for: Callable[[str], OpenAI]) -
     assert info.value.body["message"].startswith("Invalid JSON on line 2:")  # type: ignore[index]
 
 
+def test_a_filename_longer_than_the_contract_allows_is_refused(
+    client_for: Callable[[str], OpenAI],
+) -> None:
+    client = client_for("dave")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.files.create(file=("n" * 1025, jsonl([chat_line("fine")])), purpose="batch")
+    assert info.value.body["message"] == "Invalid 'filename': at most 1024 characters"  # type: ignore[index]
+
+
 def test_another_users_resources_answer_404(client_for: Callable[[str], OpenAI]) -> None:
     owner, stranger = client_for("olivia"), client_for("sam")
     uploaded = owner.files.create(
