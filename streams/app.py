@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import faust
 import mode
+from aiokafka.errors import KafkaError
+from faust.exceptions import ProducerSendError
 from faust.types import EventT
 
 from cannonade import metrics
@@ -35,6 +37,10 @@ T = TypeVar("T")
 
 # A dead letter keeps the head of what it rejected: enough to see what went wrong.
 _DEAD_LETTER_PAYLOAD = 64 * 1024
+#: What an agent meets when the broker is away rather than when its input is bad: it tries the
+#: input again instead of dead-lettering it (Faust wraps a send's KafkaError).
+BROKER_AWAY = (KafkaError, ProducerSendError, TimeoutError, OSError)
+
 _ROLE_TOPICS: dict[TopicRole, Topic] = {
     "commands": topics.COMMANDS,
     "files": topics.FILES,

@@ -22,14 +22,13 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from faust.types import StreamT
 
 from cannonade import __version__
 from schemas import codec, ids, topics
 from schemas.bodies import BodyRef
 from schemas.events import WorkerHeartbeat, WorkerStarted, WorkerStopped
-from streams.app import Streams, decode_or_none, utcnow
+from streams.app import BROKER_AWAY, Streams, decode_or_none, utcnow
 from streams.chains.core import BodyRecord, ChainCore, PayloadUnavailable
 from streams.emit import Out
 from streams.execution.bodies import BodyGone, BodyReader
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 
 ROLE = "chains"
 # What a lost broker connection raises: retried, never dead-lettered.
-TRANSIENT = (KafkaError, TimeoutError, OSError)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.2, 5.0
 
 
@@ -137,7 +135,7 @@ def register(streams: Streams) -> ChainCore:
                     await streams.send_changelog(event.message.partition, keys)
                     assigned["adopt"] = False
                     break
-                except TRANSIENT as exc:
+                except BROKER_AWAY as exc:
                     # The broker is away: decide again once it is back (same facts, same ids).
                     state.discard()
                     core.held = held

@@ -42,7 +42,7 @@ from schemas.commands import (
 )
 from schemas.errors import ApiError
 from streams import population
-from streams.app import Streams, decode_or_none, utcnow
+from streams.app import BROKER_AWAY, Streams, decode_or_none, utcnow
 from streams.emit import Out
 from streams.population import BatchRecord, BatchRules, FileRecord, RequestRecord, RequestRules
 from streams.tables import Utf8Keys
@@ -156,6 +156,13 @@ def register(streams: Streams) -> None:
                     outs = await handle(cmd, event)
                 except ApiError as exc:
                     await streams.dead_letter(event, exc.message, kind="refused")
+                    continue
+                except BROKER_AWAY:
+                    raise  # the broker is away: the command is read again once it is back
+                except Exception as exc:
+                    # A defect one command triggers must not stop its partition for good.
+                    log.exception("commands agent could not apply %s", type(cmd).__name__)
+                    await streams.dead_letter(event, f"commands agent could not apply it: {exc!r}")  # fmt: skip
                     continue
                 finally:
                     await streams.send_changelog(event.message.partition, files, batches, requests)

@@ -19,8 +19,8 @@ from typing import Any, cast
 from faust.types import StreamT
 
 from schemas import codec, ids, topics
-from streams.agents.chains import TRANSIENT, KafkaBodies
-from streams.app import Streams, decode_or_none
+from streams.agents.chains import KafkaBodies
+from streams.app import BROKER_AWAY, Streams, decode_or_none
 from streams.chains.ledger import KafkaLedger
 from streams.chains.runner import AiohttpTools, StepRunner
 from streams.execution.bodies import BodyReader
@@ -70,7 +70,7 @@ def register(streams: Streams) -> StepRunner:
                 try:
                     await runner.accept(work, event.message.partition, event.ack)
                     break
-                except TRANSIENT as exc:
+                except BROKER_AWAY as exc:
                     # Nothing ran yet (or the start may have landed: the ledger then says so).
                     log.warning("step executor: %r; retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)

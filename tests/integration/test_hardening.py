@@ -292,6 +292,7 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
 
     now = datetime.now(UTC).isoformat()
     bad_batch, missing_file, bad_window = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    far_future = str(uuid.uuid4())  # decodes, then overflows the deadline arithmetic
     base: dict[str, object] = {"type": "CreateBatch", "command_id": "x", "issued_at": now, "owner": owner,
                                "endpoint": "/v1/chat/completions", "completion_window": "24h"}  # fmt: skip
     run(
@@ -302,6 +303,9 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
                 (file_id, base | {"batch_id": bad_batch, "input_file_id": file_id, "colour": 1}),
                 (missing_file, base | {"batch_id": str(uuid.uuid4()), "input_file_id": missing_file}),
                 (file_id, base | {"batch_id": bad_window, "input_file_id": file_id, "completion_window": "7d"}),
+                (far_future, {"type": "SubmitRequest", "command_id": "y", "issued_at": now, "request_id": far_future,
+                              "owner": owner, "model": "chat-b", "path": "/v1/chat/completions", "body": [0, 0],
+                              "created_at": "9999-12-31T23:00:00Z"}),
             ],
         )
     )  # fmt: skip
@@ -314,6 +318,7 @@ def test_an_outside_producer_runs_a_batch_and_bad_commands_are_dead_lettered(
     reasons = {x["key"]: x["reason"] for x in letters}
     assert "batch_id" in reasons["f"]
     assert "colour" in reasons[file_id]
+    assert reasons[far_future].startswith("commands agent could not apply it: OverflowError")
     # Well-formed commands that break a rule get a verdict, as the API would answer it.
     rejections = run(_rejections(stack_info.database_url))
     assert rejections[bad_window][0] == 400 and "completion_window" in rejections[bad_window][1]
