@@ -60,19 +60,21 @@ class SlowBroker:
         raise BodyUnavailable(f"the broker did not hand over 0@{ref.offset} within 10 s")
 
 
-def test_a_body_the_broker_is_slow_to_hand_over_is_retried_not_failed() -> None:
-    async def scenario() -> None:
-        h = Harness()
-        h.executor.bodies = SlowBroker()
-        h.reporter.start()
-        item = claim(0, -1)
-        await h.executor.accept(dispatch(item))
-        await h.until(lambda: bool(h.reports))
-        await h.reporter.stop()
-        [report] = h.reports
-        assert report.result == "retry" and report.not_before is not None
+async def one_claim(h: Harness) -> FinishedItem:
+    """Run one claim through the harness's executor; its one report."""
+    h.reporter.start()
+    await h.executor.accept(dispatch(claim(0, -1)))
+    await h.until(lambda: bool(h.reports))
+    await h.reporter.stop()
+    [report] = h.reports
+    return report
 
-    asyncio.run(scenario())
+
+def test_a_body_the_broker_is_slow_to_hand_over_is_retried_not_failed() -> None:
+    h = Harness()
+    h.executor.bodies = SlowBroker()
+    report = asyncio.run(one_claim(h))
+    assert report.result == "retry" and report.not_before is not None
 
 
 class HugeUpstream:
@@ -81,20 +83,12 @@ class HugeUpstream:
 
 
 def test_an_answer_too_large_for_a_record_fails_its_claim_with_a_short_error() -> None:
-    async def scenario() -> None:
-        h = Harness()
-        h.executor.client = UpstreamClient(HugeUpstream())
-        h.reporter.start()
-        item = claim(0, -1)
-        await h.executor.accept(dispatch(item))
-        await h.until(lambda: bool(h.reports))
-        await h.reporter.stop()
-        [report] = h.reports
-        assert (report.result, report.error_type, report.status) == ("failed", "NonRetriableHttpStatus", 502)  # fmt: skip
-        [body] = h.written
-        assert len(body) < 1024 and b"a result holds at most" in body
-
-    asyncio.run(scenario())
+    h = Harness()
+    h.executor.client = UpstreamClient(HugeUpstream())
+    report = asyncio.run(one_claim(h))
+    assert (report.result, report.error_type, report.status) == ("failed", "NonRetriableHttpStatus", 502)  # fmt: skip
+    [body] = h.written
+    assert len(body) < 1024 and b"a result holds at most" in body
 
 
 def test_stopping_the_reporter_sends_what_a_send_under_way_held() -> None:

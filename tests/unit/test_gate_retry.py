@@ -72,7 +72,7 @@ def dispatched(outs: list[Out]) -> list[DispatchItem]:
 
 def report(items: list[DispatchItem], result: str) -> ExecutionReport:
     return ExecutionReport(
-        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model="m",
+        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model=items[0].model if items else "m",
         finished=[FinishedItem(request_id=i.request_id, claim_id=i.claim_id, result=result, size=3)  # type: ignore[arg-type]
                   for i in items],
     )  # fmt: skip
@@ -362,18 +362,12 @@ def test_resuming_a_batch_runs_again_what_its_cancel_stopped_on_every_model() ->
     for out in outs:
         if isinstance(out.value, RetryRows):
             queue += dispatched(life.fold(gate.handle(out.value, T0)))
-    b_report = ExecutionReport(
-        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model="b",
-        finished=[FinishedItem(request_id=on_b.request_id, claim_id=on_b.claim_id, result="canceled")],
-    )  # fmt: skip
-    queue += dispatched(life.fold(gate.handle(b_report, T0)))  # b's abort lands after the retry
+    queue += dispatched(
+        life.fold(gate.handle(report([on_b], "canceled"), T0))
+    )  # b's abort lands late
     assert sorted(i.request_id for i in queue) == sorted([on_a.request_id, on_b.request_id])
     for item in queue:
-        done = ExecutionReport(
-            event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model=item.model,
-            finished=[FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="completed")],
-        )  # fmt: skip
-        life.fold(gate.handle(done, T0))
+        life.fold(gate.handle(report([item], "completed"), T0))
     assert set(life.states.values()) == {"completed"}
 
 
@@ -386,11 +380,7 @@ def test_retrying_chosen_failed_rows_does_not_resume_rows_a_cancel_stopped() -> 
     for out in retry_batch(record, "requests", [RowRanges("a", [LineRange(0, 1)])], []):
         if isinstance(out.value, RetryRows):
             life.fold(gate.handle(out.value, T0))
-    b_report = ExecutionReport(
-        event_id=ids.new_id(), occurred_at=T0, worker_id="ex", model="b",
-        finished=[FinishedItem(request_id=on_b.request_id, claim_id=on_b.claim_id, result="canceled")],
-    )  # fmt: skip
-    assert dispatched(life.fold(gate.handle(b_report, T0))) == []
+    assert dispatched(life.fold(gate.handle(report([on_b], "canceled"), T0))) == []
     assert life.states[on_b.request_id] == "canceled"
 
 
