@@ -94,7 +94,12 @@ def configure(
         ]
     else:
         renderer = [
-            structlog.dev.ConsoleRenderer(colors=choose_format("auto", stream) == "console")
+            structlog.dev.ConsoleRenderer(
+                colors=choose_format("auto", stream) == "console",
+                # structlog's default shows every frame's locals: API keys, prompts, the
+                # database password. A traceback without them says where it failed.
+                exception_formatter=structlog.dev.plain_traceback,
+            )
         ]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

@@ -225,6 +225,23 @@ def test_console_format_is_for_people(restore_logging: None) -> None:
         logs.configure("gate", "xml", "info", out)
 
 
+def test_a_console_traceback_shows_no_frame_s_locals(restore_logging: None) -> None:
+    out = io.StringIO()
+    logs.configure("api", "console", "info", out)
+
+    def handler(header: str) -> None:
+        raise ValueError("boom")
+
+    header = "Bearer " + "cn-secret-key"  # its source line is not in the traceback
+    try:
+        handler(header)
+    except ValueError:
+        logging.getLogger("x").exception("unhandled error")
+    text = out.getvalue()
+    assert "ValueError: boom" in text and "handler" in text
+    assert "cn-secret-key" not in text
+
+
 # -- what ships in compose/ -----------------------------------------------------------------
 
 COMPOSE = Path(__file__).parents[2] / "compose"
