@@ -144,6 +144,9 @@ class WebhooksConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff_factor: float = 2.0
     max_backoff_ms: int = 3_600_000
     batch_size: int = 50  # notifications and deliveries taken per cycle
+    # Deliver to loopback, private and link-local addresses too (a single host, tests); off,
+    # a tenant's URL cannot reach into the deployment's own network.
+    private_hosts: bool = False
 
 
 class ObservabilityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

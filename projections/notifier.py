@@ -42,6 +42,7 @@ from cannonade.config import WebhooksConfig
 from projections import catchup
 from projections.api.publisher import Publisher
 from projections.rules.batches import BatchFacts, derive_status
+from projections.webhook_hosts import PublicResolver, refused_address
 from projections.webhook_signing import SecretBox, SecretError, headers
 from projections.webhooks import message_id
 from schemas import ids, topics
@@ -179,7 +180,9 @@ class Notifier:
         """Cycle until stopped; a failing cycle is logged and retried after the interval."""
         interval = self.config.poll_interval_ms / 1000
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_ms / 1000)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        resolver = None if self.config.private_hosts else PublicResolver()
+        connector = aiohttp.TCPConnector(resolver=resolver)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             self._session = session
             started = False
             try:
@@ -235,11 +238,14 @@ class Notifier:
         self, conn: asyncpg.Connection, row: Any, kind: str, now: datetime
     ) -> BatchNotified:
         batch_id, version = row["id"], row["retry_version"]
+        # An endpoint hears of the batches that end while it exists, not of its owner's past
+        # (webhooks switched on later would otherwise send the whole history).
         endpoints = await conn.fetch(
             "SELECT id::text AS id FROM webhooks WHERE owner = $1 AND deleted_at IS NULL"
-            " AND $2 = ANY(event_types) ORDER BY id",
+            " AND $2 = ANY(event_types) AND created_at <= $3 ORDER BY id",
             row["owner"],
             kind,
+            terminal_at(row, kind),
         )
         return BatchNotified(
             event_id=ids.event_id("batch-notified", batch_id, version),
@@ -322,9 +328,16 @@ class Notifier:
         status: int | None = None
         error: str | None = None
         assert self._session is not None
+        refused = None if self.config.private_hosts else refused_address(row["url"])
         try:
+            if refused is not None:
+                raise ValueError(refused)
             sent = headers(secret, message_id(delivery), int(at.timestamp()), body)
-            async with self._session.post(row["url"], data=body, headers=sent) as response:
+            # A redirect is an answer, not a new destination: following one would turn the
+            # POST into a GET to wherever it points.
+            async with self._session.post(
+                row["url"], data=body, headers=sent, allow_redirects=False
+            ) as response:
                 status = response.status
                 if not 200 <= status < 300:
                     error = (await response.text(errors="replace"))[:_ERROR_TEXT] or None

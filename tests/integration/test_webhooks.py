@@ -52,6 +52,7 @@ backoff_factor = 2.0
 max_backoff_ms = 10000
 max_attempts = {MAX_ATTEMPTS}
 timeout_ms = 3000
+private_hosts = true  # the receivers listen on loopback
 """
 
 
