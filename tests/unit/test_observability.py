@@ -266,3 +266,10 @@ def test_prometheus_scrapes_every_role_that_compose_runs_and_checks() -> None:
     assert ROLES | {"prometheus", "grafana"} <= services.keys()
     for role in ROLES:
         assert "/readyz" in " ".join(services[role]["healthcheck"]["test"]), role
+
+
+def test_the_broker_keeps_its_log_in_a_volume() -> None:
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    kafka = compose["services"]["kafka"]
+    log_dirs = kafka["environment"]["KAFKA_LOG_DIRS"]
+    assert f"kafka-data:{log_dirs}" in kafka["volumes"] and "kafka-data" in compose["volumes"]
