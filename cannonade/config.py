@@ -26,10 +26,11 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+from schemas.types import Window
 from streams.execution.outcome import ModelEscalation
 from streams.gate.scoring import GateConfig
 from streams.responses.tools import ToolConfig
@@ -49,7 +50,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
-    allowed_completion_windows: list[str] = msgspec.field(default_factory=lambda: ["24h", "1h"])
+    # Duration text as the commands contract takes it (`24h`, `90m`): another spelling would
+    # pass the API and then be refused by the commands agent.
+    allowed_completion_windows: list[Window] = msgspec.field(default_factory=lambda: ["24h", "1h"])
     allowed_url_paths: list[str] = msgspec.field(
         default_factory=lambda: [
             "/v1/chat/completions",
@@ -75,7 +78,7 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_in_flight: int = 512
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 512  # 0 would never call
     first_chunk_timeout_ms: int = 540_000
     chunk_timeout_ms: int = 540_000
     body_timeout_ms: int = 60_000

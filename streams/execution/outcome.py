@@ -54,7 +54,7 @@ def classify(status: int, body: str, policy: RetryPolicy = DEFAULT_RETRY_POLICY)
     return Success(status=status, body=body)
 
 
-class ModelEscalation(msgspec.Struct, frozen=True):
+class ModelEscalation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     escalation_model: str
     threshold_s: float = 900.0
 

@@ -35,7 +35,7 @@ LEAK_EPSILON = 1e-9
 DEFAULT_WINDOW_CLASS = "default"
 
 
-class GateConfig(msgspec.Struct, kw_only=True):
+class GateConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The gate's knobs with the reference defaults (§1.7), durations in seconds."""
 
     urgency_weight: float = 0.0
