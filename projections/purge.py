@@ -8,7 +8,8 @@ model-filters log.
   most ``n`` chunk records of uploads that stopped part-way (older than ``stale_upload``, of
   a file that was never created: their API died before creating it or abandoning them),
   whose uploads it abandons (the agent forgets them; the projector deletes their template
-  rows). Rows without a batch are never purged here.
+  rows). Rows without a batch are never purged here, but for the model-call rows of a purged
+  row's chain; rows still in flight wait for their end.
 - :meth:`Purger.model_filter_events` deletes at most ``n`` events, oldest ids first, that are
   both outside the newest ``max(keep, 1)`` of their model and older than the retention: the
   latest event of each model always survives (core §6 inv. 10).
@@ -42,11 +43,20 @@ Tombstoner = Callable[[Sequence[str]], Awaitable[None]]
 #: Sends ``AbandonUpload`` for the given (file id, upload id) pairs, acknowledged.
 Abandoner = Callable[[Sequence[tuple[str, str]]], Awaitable[None]]
 
+# Rows still in flight wait for their end (the deletion cancelled them): a result that came
+# back after its row was gone would be kept by nothing.
 _DELETED_ROWS = """
 SELECT r.id FROM requests r JOIN batches b ON b.id = r.batch_id
-WHERE b.deleted_at IS NOT NULL
+WHERE b.deleted_at IS NOT NULL AND r.state NOT IN ('claimed', 'processing')
 LIMIT $1
 FOR UPDATE OF r SKIP LOCKED
+"""
+# The rows of the model calls of the chains the taken rows headed (a batch line with tools):
+# rows of their own, without a batch.
+_CHAIN_ROWS = """
+SELECT request_id AS id FROM response_steps
+WHERE parent_step_id = ANY($1::uuid[]) AND request_id IS NOT NULL
+  AND NOT request_id = ANY($1::uuid[])
 """
 # Body keys of the taken rows and of the chains they headed (a batch line with tools).
 _ROW_KEYS = """
@@ -126,6 +136,7 @@ class Purger:
         async with self.pool.acquire() as conn, conn.transaction():
             ids = [r["id"] for r in await conn.fetch(_DELETED_ROWS, n)]
             if ids:
+                ids += [r["id"] for r in await conn.fetch(_CHAIN_ROWS, ids)]
                 keys = [r["key"] for r in await conn.fetch(_ROW_KEYS, ids)]
                 await self.tombstone(keys)
                 await conn.execute(
@@ -140,6 +151,12 @@ class Purger:
                 )
                 await conn.execute("DELETE FROM response_chains WHERE id = ANY($1::uuid[])", ids)
                 await conn.execute("DELETE FROM requests WHERE id = ANY($1::uuid[])", ids)
+                # A body of theirs projected later is dropped and tombstoned again.
+                await conn.execute(
+                    "INSERT INTO erased_requests (id) SELECT unnest($1::uuid[])"
+                    " ON CONFLICT DO NOTHING",
+                    ids,
+                )
                 reaped.rows, reaped.tombstones = len(ids), len(keys)
         async with self.pool.acquire() as conn, conn.transaction():
             lines = await conn.fetch(_DELETED_TEMPLATES, n)

@@ -238,3 +238,35 @@ async def test_a_stale_chunk_of_no_uploads_shape_is_reaped_without_an_abandon(po
     sink = Tombstones()
     reaped = await _purger(pool, sink).orphaned_rows(10)
     assert (reaped.stale_chunks, sink.keys, sink.uploads) == (1, [key], [])
+
+
+async def test_a_deleted_batch_s_row_in_flight_waits_and_a_chain_s_rows_go_with_their_head(
+    pool: asyncpg.Pool,
+) -> None:
+    async with pool.acquire() as conn:
+        head, running = await _batch(conn, deleted=True, rows=2)
+        await conn.execute("UPDATE requests SET state = 'processing' WHERE id = $1", running)
+        # The head ran a chain: its second model call has a row (and a result) of its own.
+        call, call_row = str(uuid.uuid4()), str(uuid.uuid4())
+        await conn.executemany(
+            "INSERT INTO response_steps (id, request_id, parent_step_id, step_kind, step_sequence,"
+            " state, created_at, updated_at, last_offset)"
+            " VALUES ($1, $2, $3, 'model_call', $4, 'pending', $5, $5, 0)",
+            [(head, head, None, 1, NOW), (call, call_row, head, 3, NOW)],
+        )
+        await conn.execute(
+            "INSERT INTO requests (id, model, owner, state, deadline, created_at, last_offset)"
+            " VALUES ($1, 'm', 'u', 'completed', $2, $2, 0)",
+            call_row, NOW,
+        )  # fmt: skip
+        await conn.execute("INSERT INTO bodies (ref, kind, body) VALUES ($1, 'res', 'text')", call_row)  # fmt: skip
+
+    sink = Tombstones()
+    while (await _purger(pool, sink).orphaned_rows(10)).total:
+        pass
+    assert sorted(sink.keys) == sorted([f"res:{head}", f"res:{call_row}"])
+    async with pool.acquire() as conn:
+        left = await conn.fetch("SELECT id::text FROM requests WHERE id = ANY($1::uuid[])", [head, running, call_row])  # fmt: skip
+        assert [r["id"] for r in left] == [running]  # in flight: it waits for its end
+        erased = await conn.fetch("SELECT id::text FROM erased_requests WHERE id = ANY($1::uuid[])", [head, running, call_row])  # fmt: skip
+        assert sorted(r["id"] for r in erased) == sorted([head, call_row])
