@@ -82,7 +82,9 @@ SELECT d.id::text AS id, d.webhook_id::text AS webhook_id, d.batch_id::text AS b
 FROM webhook_open o
 JOIN webhook_deliveries d ON d.id = o.delivery_id
 JOIN webhooks w ON w.id = d.webhook_id AND w.deleted_at IS NULL AND w.secret_sealed IS NOT NULL
-WHERE o.due_at <= now()
+-- Only what this process can sign: a secret sealed with a key it lacks (another replica's, or
+-- one dropped from the configuration) must not hold the queue's head for everyone.
+WHERE o.due_at <= now() AND w.secret_key_id = ANY($2::text[])
 ORDER BY o.due_at
 LIMIT $1
 FOR NO KEY UPDATE OF d SKIP LOCKED
@@ -290,7 +292,7 @@ class Notifier:
             log.info("the projector is behind on webhook attempts; deliveries wait")
             return 0
         async with self.pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetch(_DUE, self.config.batch_size)
+            claimed = await conn.fetch(_DUE, self.config.batch_size, self.box.key_ids)
             if not claimed:
                 return 0
             # Under the locks, with a fresh snapshot: a replica that held a row until just now

@@ -98,6 +98,11 @@ class SecretBox:
     def enabled(self) -> bool:
         return self._sealing is not None
 
+    @property
+    def key_ids(self) -> list[str]:
+        """The keys this process opens secrets with."""
+        return list(self._keys)
+
     def seal(self, webhook_id: str, secret: str) -> EncryptedSecret:
         if self._sealing is None:
             raise SecretError("no webhooks.secret_keys configured")
