@@ -76,9 +76,11 @@ class Report(msgspec.Struct):
 # -- what the user owns -------------------------------------------------------------------
 
 
-async def _live_batches(conn: asyncpg.Connection, user: str) -> list[str]:
+async def _batches_to_erase(conn: asyncpg.Connection, user: str) -> list[str]:
+    """Their batches to delete, and those deleted already that still hold their metadata."""
     rows = await conn.fetch(
-        "SELECT id::text AS id FROM batches WHERE owner = $1 AND deleted_at IS NULL ORDER BY id",
+        "SELECT id::text AS id FROM batches WHERE owner = $1"
+        " AND (deleted_at IS NULL OR metadata IS NOT NULL) ORDER BY id",
         user,
     )
     return [r["id"] for r in rows]
@@ -192,7 +194,7 @@ async def erase(
     # 1. Delete what they own; batchless rows go with their bodies (the read model forgets a
     #    row's bodies with the row, so their keys are taken now).
     batch_ids, file_ids, batchless = (
-        await _live_batches(conn, user), await _live_files(conn, user), await _batchless(conn, user),
+        await _batches_to_erase(conn, user), await _live_files(conn, user), await _batchless(conn, user),
     )  # fmt: skip
     rows = [r for r in batchless if _erasable(r)]
     report.still_running = len(batchless) - len(rows)
@@ -243,7 +245,8 @@ async def erase(
     await _until(
         lambda: _shown(
             conn,
-            "SELECT NOT EXISTS (SELECT 1 FROM batches WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL)"
+            "SELECT NOT EXISTS (SELECT 1 FROM batches WHERE id = ANY($1::uuid[])"
+            " AND (deleted_at IS NULL OR metadata IS NOT NULL))"
             " AND NOT EXISTS (SELECT 1 FROM files WHERE id = ANY($2::uuid[]) AND deleted_at IS NULL)"
             " AND NOT EXISTS (SELECT 1 FROM requests WHERE id = ANY($3::uuid[]))",
             batch_ids, file_ids, [r["id"] for r in rows],

@@ -459,9 +459,18 @@ def retry(
 
 
 def delete_batch(record: BatchRecord, cmd: DeleteBatch, now: datetime) -> list[Out]:
-    """Soft delete, and a cancel of whatever still runs (core §2.3 delete_batch)."""
+    """Soft delete, and a cancel of whatever still runs (core §2.3 delete_batch). An erasure
+    of a batch deleted before clears what the deletion kept (its metadata)."""
     if record.deleted:
-        return []
+        if not cmd.erase:
+            return []
+        erased = BatchDeleted(
+            event_id=ids.event_id("batch-erased", cmd.batch_id),
+            occurred_at=now,
+            batch_id=cmd.batch_id,
+            erase=True,
+        )
+        return [Out("batches", cmd.batch_id, erased)]
     record.deleted = True
     deleted = BatchDeleted(
         event_id=ids.event_id("batch-deleted", cmd.batch_id),

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -54,13 +55,13 @@ def _line(custom_id: str, text: str, **fake: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
-def _batch(client: OpenAI, lines: list[dict[str, Any]]) -> Any:
+def _batch(client: OpenAI, lines: list[dict[str, Any]], note: str = "erasure-test") -> Any:
     uploaded = client.files.create(file=("lines.jsonl", jsonl(lines)), purpose="batch")
     return client.batches.create(
         input_file_id=uploaded.id,
         endpoint="/v1/chat/completions",
         completion_window="24h",
-        metadata={"project": "erasure-test"},
+        metadata={"project": note},
     )
 
 
@@ -169,6 +170,10 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     # and flex chat completions, and a chain with a server-side tool.
     done = _batch(user, [_line(f"c{i}", f"say {mark} {i}") for i in range(3)])
     assert wait_for_batch(user, done.id).status == "completed"
+    # A batch they deleted themselves keeps its metadata until the erasure.
+    deleted = _batch(user, [_line("d0", "say nothing")], note=f"about {mark}")
+    assert wait_for_batch(user, deleted.id).status == "completed"
+    assert user.delete(f"/batches/{deleted.id}", cast_to=httpx.Response).status_code == 204
     running = _batch(user, [_line(f"s{i}", f"slowly {mark}", latency_ms=120_000) for i in range(2)])  # fmt: skip
     wait_for_batch(user, running.id, {"in_progress"})
     user.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"rt {mark}"}])
