@@ -170,8 +170,10 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     # and flex chat completions, and a chain with a server-side tool.
     done = _batch(user, [_line(f"c{i}", f"say {mark} {i}") for i in range(3)])
     assert wait_for_batch(user, done.id).status == "completed"
-    # A batch they deleted themselves keeps its metadata until the erasure.
-    deleted = _batch(user, [_line("d0", "say nothing")], note=f"about {mark}")
+    # A batch they deleted themselves keeps its metadata until the erasure (metadata is not
+    # content: it stays on the batches topic, the read model forgets it).
+    meta = f"meta{uuid.uuid4().hex}"
+    deleted = _batch(user, [_line("d0", "say nothing")], note=f"about {meta}")
     assert wait_for_batch(user, deleted.id).status == "completed"
     assert user.delete(f"/batches/{deleted.id}", cast_to=httpx.Response).status_code == 204
     running = _batch(user, [_line(f"s{i}", f"slowly {mark}", latency_ms=120_000) for i in range(2)])  # fmt: skip
@@ -194,6 +196,7 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
     run(caught_up(dsn, bootstrap, "projector"))
     before = run(_tables_holding(dsn, mark))
     assert {"template_chunks", "bodies", "response_steps"} <= set(before), before
+    assert "batches" in run(_tables_holding(dsn, meta))  # the deleted batch's metadata
     assert topics.BODIES.name in _topics_holding(bootstrap, mark)
 
     assert _erase(services, ERASED) > 0
@@ -201,6 +204,7 @@ def test_erasing_a_user_leaves_none_of_their_text_in_the_read_model_or_on_any_to
 
     # The read model holds none of it at once; the other user's content is untouched.
     assert run(_tables_holding(dsn, mark)) == {}
+    assert run(_tables_holding(dsn, meta)) == {}
     assert "bodies" in run(_tables_holding(dsn, keep))
     assert user.batches.list().data == [] and user.files.list().data == []
     assert [b.id for b in other.batches.list().data][:1] == [kept.id]
