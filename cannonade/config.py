@@ -4,7 +4,7 @@ Sources, later wins:
 1. the defaults below;
 2. the TOML file named by ``CANNONADE_CONFIG`` (if set);
 3. environment variables: ``CANNONADE_KAFKA``, ``CANNONADE_DATABASE_URL``, ``CANNONADE_MODELS``
-   (a JSON object shaped like the ``[models]`` table), ``CANNONADE_API_PORT``,
+   (a JSON object shaped like the ``[models]`` table), ``CANNONADE_API_HOST``, ``CANNONADE_API_PORT``,
    ``CANNONADE_WEBHOOK_SECRET_KEYS``, ``CANNONADE_METRICS_PORT``, ``CANNONADE_METRICS_HOST``,
    ``CANNONADE_LOG_FORMAT``.
 
@@ -215,10 +215,12 @@ def load(environ: dict[str, str] | None = None) -> Config:
             k.strip() for k in env["CANNONADE_WEBHOOK_SECRET_KEYS"].split(",") if k.strip()
         ]
         raw["webhooks"] = webhooks
+    api = dict(raw.get("api", {}))  # type: ignore[call-overload]
+    if "CANNONADE_API_HOST" in env:
+        api["host"] = env["CANNONADE_API_HOST"]
     if "CANNONADE_API_PORT" in env:
-        api = dict(raw.get("api", {}))  # type: ignore[call-overload]
         api["port"] = int(env["CANNONADE_API_PORT"])
-        raw["api"] = api
+    raw["api"] = api
     observability = dict(raw.get("observability", {}))  # type: ignore[call-overload]
     if "CANNONADE_METRICS_PORT" in env:
         port = int(env["CANNONADE_METRICS_PORT"])

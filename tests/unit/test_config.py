@@ -3,12 +3,14 @@ refused when the file loads, naming the option."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import yaml
 
-from cannonade.config import Config
+from cannonade.config import Config, load
 
 
 @pytest.mark.parametrize(
@@ -24,3 +26,12 @@ def test_a_configuration_the_engine_would_trip_on_later_is_refused_at_load(
 ) -> None:
     with pytest.raises(msgspec.ValidationError, match=named):
         msgspec.convert(table, Config)
+
+
+def test_the_api_address_can_come_from_the_environment_as_compose_sets_it() -> None:
+    loaded = load({"CANNONADE_API_HOST": "0.0.0.0", "CANNONADE_API_PORT": "9000"})
+    assert (loaded.api.host, loaded.api.port) == ("0.0.0.0", 9000)
+    compose = yaml.safe_load((Path(__file__).parents[2] / "compose" / "docker-compose.yml").read_text())  # fmt: skip
+    api = compose["services"]["api"]["environment"]
+    assert api["CANNONADE_API_HOST"] == "0.0.0.0" and api["CANNONADE_API_PORT"] == "8080"
+    assert api["CANNONADE_KAFKA"] == compose["services"]["gate"]["environment"]["CANNONADE_KAFKA"]
