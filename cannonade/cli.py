@@ -107,9 +107,14 @@ async def _with_keys(action: Any) -> Any:
 @click.option("--user", required=True, help="The user the key belongs to (created if new).")
 def keys_create(user: str) -> None:
     """Create an API key and print its secret (shown once; only its hash is stored)."""
-    from projections.api.auth import issue_key
+    from projections.api.auth import KeyNotShownYet, issue_key
 
-    _, secret = asyncio.run(_with_keys(lambda p, c: issue_key(p, c, user)))
+    try:
+        _, secret = asyncio.run(_with_keys(lambda p, c: issue_key(p, c, user)))
+    except KeyNotShownYet as exc:  # the secret exists nowhere else: print it anyway
+        click.echo(exc.secret)
+        click.echo(f"warning: {exc}", err=True)
+        return
     click.echo(secret)
 
 

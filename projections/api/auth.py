@@ -59,6 +59,18 @@ async def _until(check: asyncpg.Connection, query: str, *args: object, timeout_s
         await asyncio.sleep(0.05)
 
 
+class KeyNotShownYet(TimeoutError):
+    """The key went out but the read model did not show it in time (is the projector
+    running?): it works once projected. Carries the secret, which exists nowhere else."""
+
+    def __init__(self, key_id: str, secret: str) -> None:
+        super().__init__(
+            f"key {key_id} was published but is not in the read model yet; it works once the"
+            " projector has applied it"
+        )
+        self.key_id, self.secret = key_id, secret
+
+
 async def issue_key(
     publisher: Publisher, conn: asyncpg.Connection, user: str, timeout_s: float = 60.0
 ) -> tuple[str, str]:
@@ -75,7 +87,10 @@ async def issue_key(
         created_at=now,
     )
     await publisher.key(record)
-    await _until(conn, "SELECT 1 FROM api_keys WHERE id = $1", key_id, timeout_s=timeout_s)
+    try:
+        await _until(conn, "SELECT 1 FROM api_keys WHERE id = $1", key_id, timeout_s=timeout_s)
+    except TimeoutError:
+        raise KeyNotShownYet(key_id, secret) from None
     return key_id, secret
 
 
