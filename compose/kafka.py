@@ -404,7 +404,7 @@ async def wait_ready(
     ceiling_s: float = _READY_TIMEOUT_S,
 ) -> None:
     """Wait until the TCP port accepts, then until an admin metadata call succeeds."""
-    host, port_s = bootstrap.rsplit(":", 1)
+    host, port_s = first_address(bootstrap)
     deadline = time.monotonic() + ceiling_s
 
     def check_alive() -> None:
@@ -435,6 +435,17 @@ async def wait_ready(
     raise TimeoutError(f"kafka at {bootstrap} not ready after {ceiling_s:.0f}s: {last!r}")
 
 
+def first_address(bootstrap: str) -> tuple[str, str]:
+    """(host, port) of the first broker of a ``host:port[,host:port…]`` list."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host, port
+
+
+def replication_for(brokers: int) -> int:
+    """Copies of each partition: three where the cluster has them, else one per broker."""
+    return max(1, min(3, brokers))
+
+
 def _topic_config(topic: Topic) -> dict[str, str]:
     config = {"max.message.bytes": str(topic.max_message_bytes), **topic.config}
     if topic.compacted:
@@ -454,8 +465,9 @@ async def create_topics(
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        copies = replication_for(len((await admin.describe_cluster()).get("brokers", [])))
         new = [
-            NewTopic(t.name, t.partitions, 1, topic_configs=_topic_config(t))
+            NewTopic(t.name, t.partitions, copies, topic_configs=_topic_config(t))
             for t in topics
             if t.name not in existing
         ]

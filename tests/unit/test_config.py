@@ -1,5 +1,7 @@
-"""The service configuration (cannonade/config.py): what the engine would trip on later is
-refused when the file loads, naming the option."""
+"""The service configuration and how it meets a deployment (cannonade/config.py, compose/):
+what the engine would trip on later is refused when the file loads, naming the option; the
+environment and docker-compose set what the containers need; external brokers are met as
+operators list them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from cannonade.config import Config, load
+from compose.kafka import first_address, replication_for
 
 
 @pytest.mark.parametrize(
@@ -35,3 +38,9 @@ def test_the_api_address_can_come_from_the_environment_as_compose_sets_it() -> N
     api = compose["services"]["api"]["environment"]
     assert api["CANNONADE_API_HOST"] == "0.0.0.0" and api["CANNONADE_API_PORT"] == "8080"
     assert api["CANNONADE_KAFKA"] == compose["services"]["gate"]["environment"]["CANNONADE_KAFKA"]
+
+
+def test_external_brokers_are_probed_at_the_first_of_a_list_and_topics_get_three_copies() -> None:
+    assert first_address("k1.internal:9092, k2.internal:9092") == ("k1.internal", "9092")
+    assert first_address("127.0.0.1:29092") == ("127.0.0.1", "29092")
+    assert [replication_for(n) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 3, 3]
