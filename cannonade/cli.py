@@ -412,8 +412,13 @@ def webhooks_delete(webhook_id: str, user: str) -> None:
 @click.option("--requests", "count", default=300, show_default=True)
 def demo(count: int) -> None:
     """Bring up the local stack and run a demo batch against the fake upstream."""
-    from compose.demo import run
-
+    try:
+        from compose.demo import run
+    except ModuleNotFoundError as exc:  # the demo drives the stack with the dev extras' SDK
+        raise click.ClickException(
+            f"the demo needs the development extras ({exc.name} is missing):"
+            " pip install 'cannonade[dev]', or run ./compose/demo.sh"
+        ) from None
     run(count)
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 
 import click
 import msgspec
 import pytest
+from click.testing import CliRunner
 
 from cannonade.api_client import Batch, base_url
+from cannonade.cli import main
 from cannonade.cli_user import parse_metadata
 from cannonade.watch import Estimate, clock, line
 from projections.api.dashboard.stats import BUCKET_S, BUCKETS, first_minute, series
@@ -75,3 +78,11 @@ def test_the_throughput_series_has_every_minute_of_the_hour_oldest_first() -> No
     assert all(p.completed == p.failed == 0 for p in points[1:-1])
     doc = msgspec.json.encode(Throughput(object="dashboard.throughput", bucket_s=60, data=points))
     assert msgspec.json.decode(doc, type=Throughput).data == points
+
+
+def test_the_demo_says_what_it_needs_where_the_sdk_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setitem(sys.modules, "openai", None)  # as on an install without the dev extras
+    monkeypatch.delitem(sys.modules, "compose.demo", raising=False)
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 1
+    assert "needs the development extras (openai is missing)" in result.output
