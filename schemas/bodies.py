@@ -23,6 +23,8 @@ import zlib
 
 import msgspec
 
+from schemas.topics import MAX_MESSAGE_BYTES
+
 CHUNK = "tplc"
 TEMPLATE = "tpl"
 RESULT = "res"
@@ -30,6 +32,9 @@ ERROR = "err"
 STEP_REQUEST = "sreq"
 STEP_RESULT = "sres"
 STEP_ERROR = "serr"
+#: The largest body one record of the bodies topic carries, with room for its key: a larger
+#: answer cannot be kept (its send would fail every time).
+MAX_BODY_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 
 
 class BodyRef(msgspec.Struct, frozen=True, array_like=True):

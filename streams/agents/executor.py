@@ -78,8 +78,6 @@ from streams.responses.tools import inject_tools, resolve_tools
 from streams.responses.translate import chat_to_responses, responses_to_chat
 
 CHAT_PATH = "/v1/chat/completions"
-#: The largest result body a record on the bodies topic carries, with room for its key.
-MAX_BODY_BYTES = topics.MAX_MESSAGE_BYTES - 64 * 1024
 _ERROR_BODY_CHARS = 1024 * 1024  # of an upstream error body kept in the error envelope
 
 log = logging.getLogger(__name__)
@@ -293,9 +291,9 @@ class Executor:
             text = _as_response(text, request, now)
         text = override_response_id(text, item.request_id, item.path)
         raw = text.encode()
-        if len(raw) > MAX_BODY_BYTES:
+        if len(raw) > bodies.MAX_BODY_BYTES:
             # No record may carry it (a send of it would fail every report queued behind it).
-            too_large = f"the upstream answered {len(raw)} bytes; a result holds at most {MAX_BODY_BYTES}"  # fmt: skip
+            too_large = f"the upstream answered {len(raw)} bytes; a result holds at most {bodies.MAX_BODY_BYTES}"  # fmt: skip
             return self._failed(item, NonRetriableHttpStatus(status=502, body=too_large))
         body_out = Out(
             "bodies",

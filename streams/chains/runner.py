@@ -216,6 +216,7 @@ class StepRunner:
         except Exception as exc:  # a defect must not leave the step in flight for ever
             log.exception("step %s failed unexpectedly", work.step_id)
             result, row = executor_error(repr(exc)), None
+        result, row = _bounded(result, row)
         if row is None and _is_sub_request(work):
             assert isinstance(result, StepErrored)
             row = Failure(NetworkError.of(result.error.get("message", "")))
@@ -313,6 +314,17 @@ class StepRunner:
             )  # fmt: skip
             outs.append(Out("requests", work.model, transitions(work.model, [reported], now)))
         await self.io.publish(outs)
+
+
+def _bounded(result: StepResult, row: Outcome | None) -> tuple[StepResult, Outcome | None]:
+    """A result no record can carry fails the step instead: its send would fail every time,
+    and the step would hold its slot, and its chain wait, for good."""
+    held = result.payload if isinstance(result, StepSucceeded) else result.error
+    size = max(len(_bytes(held)), len(row.body.encode()) if isinstance(row, Success) else 0)
+    if size <= bodies.MAX_BODY_BYTES:
+        return result, row
+    message = f"the step's result of {size} bytes exceeds the {bodies.MAX_BODY_BYTES} a record holds"  # fmt: skip
+    return executor_error(message), None
 
 
 def _is_sub_request(work: StepWork) -> bool:

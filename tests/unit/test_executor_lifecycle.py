@@ -10,9 +10,8 @@ import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from schemas.bodies import BodyRef
+from schemas.bodies import MAX_BODY_BYTES, BodyRef
 from schemas.events import DispatchBatch, ExecutionReport, FinishedItem, StartedItem
-from streams.agents.executor import MAX_BODY_BYTES
 from streams.emit import Out
 from streams.execution.bodies import BodyUnavailable, Template
 from streams.execution.client import Timeouts, UpstreamClient, UpstreamRequest, UpstreamResponse

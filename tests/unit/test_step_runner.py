@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from cannonade.config import Config, ModelConfig
+from schemas.bodies import MAX_BODY_BYTES
 from schemas.events import (
     RealtimeCompletionReported,
     RequestTransitions,
@@ -196,6 +197,18 @@ async def test_a_transport_failure_fails_the_step_with_its_cause() -> None:
     assert "no first event within 5ms" in stored(bodies, failed)["message"]
     [record] = of_type(bodies.published, RequestTransitions)
     assert record.events[0].status == 502
+
+
+async def test_a_result_too_large_for_a_record_fails_the_step_and_its_row() -> None:
+    huge = {"choices": [{"message": {"role": "assistant", "content": "x" * MAX_BODY_BYTES}}]}
+    runner, bodies, _ = make(Upstream(body=huge))
+    work = model_work(bodies, 3)
+    await run(runner, [work], Acks())
+    [failed] = of_type(bodies.published, StepFailed)
+    assert "exceeds the" in stored(bodies, failed)["message"]
+    [record] = of_type(bodies.published, RequestTransitions)
+    assert record.events[0].status != 200  # the row fails too, with a short error
+    assert len(bodies.latest(f"err:{work.request_id}") or b"") < 1024
 
 
 async def test_a_tool_call_posts_its_args_with_the_tool_key() -> None:
