@@ -417,6 +417,7 @@ def retry(
     window = timedelta(seconds=facts.window_s)
     deadline = facts.deadline if facts.deadline > now else now + window
     facts = msgspec.structs.replace(facts, retry_version=version, deadline=deadline)
+    _check_rows(record, cmd)
     failed = {r.model: r.ranges for r in cmd.failed}
     canceled = {r.model: r.ranges for r in cmd.canceled}
     rows = sum(r.end - r.start for ranges in (*failed.values(), *canceled.values()) for r in ranges)
@@ -454,8 +455,21 @@ def retry(
             )
         )
     record.retry_version, record.facts, record.cancelled = version, facts, False
-    record.models = sorted(set(record.models) | set(failed) | set(canceled))
     return out
+
+
+def _check_rows(record: BatchRecord, cmd: RetryBatch) -> None:
+    """The rows a retry names are lines of the batch on models it runs: a command from
+    outside that named others would have the gate build every one of them."""
+    lines = sum(c.count for c in record.chunks)
+    for rows in (*cmd.failed, *cmd.canceled):
+        if rows.model not in record.models:
+            raise invalid_request(f"Batch {cmd.batch_id} has no rows on model '{rows.model}'")
+        for r in rows.ranges:
+            if not 0 <= r.start < r.end <= lines:
+                raise invalid_request(
+                    f"Rows {r.start}–{r.end} are not lines of batch {cmd.batch_id} ({lines} lines)"
+                )
 
 
 def delete_batch(record: BatchRecord, cmd: DeleteBatch, now: datetime) -> list[Out]:
