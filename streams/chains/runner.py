@@ -234,11 +234,23 @@ class StepRunner:
     # -- execution (§2.9) -----------------------------------------------------------------
 
     async def _execute(self, work: StepWork) -> tuple[StepResult, Outcome | None]:
-        payload = _decode(await self.io.read_body(work.payload))
+        payload = _decode(await self._read(work.payload))
         if work.kind == "model_call":
             outcome = await self._model_call(work, payload)
             return outcome.step, outcome.row if _is_sub_request(work) else None
         return await self._tool_call(payload), None
+
+    async def _read(self, ref: BodyRef) -> bytes:
+        """The step's payload; a broker slow to hand it over is waited out (the step has
+        started: failing it now would fail its chain for a broker's pause)."""
+        delay = self.retry_s
+        while True:
+            try:
+                return await self.io.read_body(ref)
+            except TimeoutError as exc:  # BodyUnavailable: the record is there
+                log.warning("step payload %s: %s; retrying in %.1fs", ref, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _model_call(self, work: StepWork, payload: Any) -> ModelCallOutcome:
         model = self.config.model(work.model)

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from cannonade.config import Config, ModelConfig
-from schemas.bodies import MAX_BODY_BYTES
+from schemas.bodies import MAX_BODY_BYTES, BodyRef
 from schemas.events import (
     RealtimeCompletionReported,
     RequestTransitions,
@@ -24,6 +24,7 @@ from schemas.events import (
     StepWork,
 )
 from streams.chains.runner import StepRunner, StepStatus, ToolTransportError
+from streams.execution.bodies import BodyUnavailable
 from streams.execution.client import Timeouts, TransportTimeout, UpstreamRequest, UpstreamResponse
 from streams.responses.steps import step_id, sub_request_id
 from streams.responses.tools import ToolConfig, ToolHttpRequest
@@ -209,6 +210,22 @@ async def test_a_result_too_large_for_a_record_fails_the_step_and_its_row() -> N
     [record] = of_type(bodies.published, RequestTransitions)
     assert record.events[0].status != 200  # the row fails too, with a short error
     assert len(bodies.latest(f"err:{work.request_id}") or b"") < 1024
+
+
+async def test_a_payload_the_broker_is_slow_to_hand_over_is_waited_for_not_failed() -> None:
+    runner, bodies, _ = make()
+    runner.retry_s = 0.01
+    read = bodies.read_body
+    slow = [BodyUnavailable("the broker did not hand over 0@0 within 10 s")] * 2
+
+    async def read_later(ref: BodyRef) -> bytes:
+        if slow:
+            raise slow.pop()
+        return await read(ref)
+
+    bodies.read_body = read_later  # type: ignore[method-assign]
+    await run(runner, [model_work(bodies, 3)], Acks())
+    assert len(of_type(bodies.published, StepCompleted)) == 1 and not slow
 
 
 async def test_a_tool_call_posts_its_args_with_the_tool_key() -> None:
