@@ -269,7 +269,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     applied = Applied()
     rejected = applied.rejected
     await _files(conn, by_topic[topics.FILES.name], rejected)
-    await _bodies(conn, by_topic[topics.BODIES.name], rejected)
+    stored = await _bodies(conn, by_topic[topics.BODIES.name], rejected)
     touched = await _batches(conn, by_topic[topics.BATCHES.name], rejected)
     touched |= await _requests(conn, by_topic[topics.REQUESTS.name], applied)
     await _model_filters(conn, by_topic[topics.MODEL_FILTERS.name], rejected)
@@ -278,7 +278,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     await _responses(conn, by_topic[topics.RESPONSES.name], by_topic[topics.BODIES.name], rejected)
     await _webhooks(conn, by_topic[topics.WEBHOOKS.name], rejected)
     await _webhook_attempts(conn, by_topic[topics.WEBHOOK_DELIVERIES.name], rejected)
-    await _erased_bodies(conn, by_topic[topics.BODIES.name], applied)
+    await _erased_bodies(conn, stored, applied)
     if touched:
         await conn.execute(_FINALIZE, list(touched))
     return applied
@@ -425,7 +425,8 @@ _SINGLE_BODY_KINDS = (
 )  # fmt: skip
 
 
-async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> None:  # fmt: skip
+async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejected: Rejected) -> dict[str, list[ConsumerRecord]]:  # fmt: skip
+    """Apply a poll's body records; returns the requests' bodies it stored, by request id."""
     latest: dict[bytes, ConsumerRecord] = {}
     for record in records:
         if record.key is None:
@@ -436,6 +437,7 @@ async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejec
     single: list[tuple[str, str, bytes]] = []
     erased_chunks: list[str] = []
     erased: list[tuple[str, str]] = []
+    stored: dict[str, list[ConsumerRecord]] = {}
     for raw_key, record in latest.items():
         key = raw_key.decode("utf-8", "replace")
         kind, _, ref = key.partition(":")
@@ -452,6 +454,8 @@ async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejec
             erased.append((ref, kind))
         else:
             single.append((ref, kind, record.value))
+            if kind in _REQUEST_BODY_KINDS:
+                stored.setdefault(ref, []).append(record)
     if chunks:
         await conn.executemany(
             "INSERT INTO template_chunks (body_key, body) VALUES ($1, $2)"
@@ -468,19 +472,14 @@ async def _bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], rejec
         await conn.execute("DELETE FROM template_chunks WHERE body_key = ANY($1)", erased_chunks)
     if erased:
         await conn.executemany("DELETE FROM bodies WHERE ref = $1 AND kind = $2", erased)
+    return stored
 
 
-async def _erased_bodies(conn: asyncpg.Connection, records: list[ConsumerRecord], applied: Applied) -> None:  # fmt: skip
-    """Bodies of erased requests, met after their erasure (a result that raced it, or a replay
-    that reads the bodies topic first): gone from the read model, and tombstoned again, since
-    such a record on the compacted topic is newer than the erasure's tombstones."""
-    met: dict[str, list[ConsumerRecord]] = {}
-    for record in records:
-        if record.key is None or record.value is None:
-            continue
-        kind, _, ref = record.key.decode("utf-8", "replace").partition(":")
-        if kind in _REQUEST_BODY_KINDS and _is_uuid(ref):
-            met.setdefault(ref, []).append(record)
+async def _erased_bodies(conn: asyncpg.Connection, met: dict[str, list[ConsumerRecord]], applied: Applied) -> None:  # fmt: skip
+    """Bodies of erased requests (``met``: the poll's, by request id), met after their erasure
+    (a result that raced it, or a replay that reads the bodies topic first): gone from the read
+    model, and tombstoned again, since such a record on the compacted topic is newer than the
+    erasure's tombstones (the latest record of each key: a tombstone hides every earlier one)."""
     if not met:
         return
     erased = [
