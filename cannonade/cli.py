@@ -278,7 +278,7 @@ def purge(once: bool) -> None:
 
     from projections import tombstones
     from projections.api.publisher import Publisher
-    from projections.purge import Purger, run_once, serve
+    from projections.purge import Purger, describe, run_once, serve
 
     cfg = _process("purge")
 
@@ -297,10 +297,7 @@ def purge(once: bool) -> None:
         )
         try:
             if once:
-                rows, events = await run_once(purger, cfg.purge, stop)
-                click.echo(
-                    f"purged {rows} rows, templates and chunks; {events} model-filter events"
-                )
+                click.echo(f"purged {describe(await run_once(purger, cfg.purge, stop))}")
             else:
                 await serve(purger, cfg, stop)
         finally:

@@ -130,6 +130,9 @@ class PurgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stale_upload_ms: int = 86_400_000  # 1 day
     model_filters_keep_per_model: int = 50
     model_filters_retention_ms: int = 604_800_000  # 7 days
+    # Ended webhook deliveries and their attempts (what GET .../deliveries lists) are kept
+    # this long; 0 keeps them for good. A deleted endpoint's go at once.
+    webhook_history_retention_ms: int = 2_592_000_000  # 30 days
 
 
 class WebhooksConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

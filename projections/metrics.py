@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
 from cannonade.metrics import method_label, status_label
+
+if TYPE_CHECKING:  # the purge imports this module
+    from projections.purge import Round
 
 UNMATCHED = "unmatched"
 
@@ -38,7 +42,8 @@ HTTP_DURATION = Histogram(
 )
 PURGED = Counter(
     "cannonade_purged_total",
-    "What the purge worker reaped: rows, templates and chunks (rows), model-filter events",
+    "What the purge worker reaped: rows, templates and chunks (rows), model-filter events,"
+    " webhook deliveries",
     ["what"],
 )
 # An answer never sent: the client went away while it was being made (nginx's convention).
@@ -57,9 +62,10 @@ def projector_lag(lags: Mapping[str, int]) -> None:
         PROJECTOR_LAG.labels(topic).set(lag)
 
 
-def purged(rows: int, events: int) -> None:
-    PURGED.labels("rows").inc(rows)
-    PURGED.labels("model_filter_events").inc(events)
+def purged(reaped: Round) -> None:
+    PURGED.labels("rows").inc(reaped.rows)
+    PURGED.labels("model_filter_events").inc(reaped.model_filter_events)
+    PURGED.labels("webhook_deliveries").inc(reaped.webhook_deliveries)
 
 
 def route_label(request: web.Request) -> str:

@@ -13,6 +13,9 @@ model-filters log.
 - :meth:`Purger.model_filter_events` deletes at most ``n`` events, oldest ids first, that are
   both outside the newest ``max(keep, 1)`` of their model and older than the retention: the
   latest event of each model always survives (core §6 inv. 10).
+- :meth:`Purger.webhook_history` deletes at most ``n`` webhook deliveries that have ended
+  (delivered or given up), with their attempts, once they are older than the retention, or at
+  once when their endpoint is deleted (nobody can list them then); one still open stays.
 
 Each pass runs in one transaction that locks what it takes with ``FOR UPDATE SKIP LOCKED``,
 so concurrent purgers take disjoint rows, and sends the tombstones (acknowledged) before it
@@ -90,6 +93,15 @@ WHERE c.body_key LIKE 'tplc:%' AND c.projected_at < $2
 LIMIT $1
 FOR UPDATE OF c SKIP LOCKED
 """
+# Ended deliveries past the retention or of deleted endpoints. The notifier holds an open
+# delivery's row while it sends; open ones are never taken, and SKIP LOCKED passes it by.
+_OLD_DELIVERIES = """
+SELECT d.id FROM webhook_deliveries d
+WHERE (d.created_at < $2 OR d.webhook_id IN (SELECT id FROM webhooks WHERE deleted_at IS NOT NULL))
+  AND NOT EXISTS (SELECT 1 FROM webhook_open o WHERE o.delivery_id = d.id)
+LIMIT $1
+FOR UPDATE OF d SKIP LOCKED
+"""
 _MODEL_FILTER_EVENTS = """
 DELETE FROM model_filters WHERE id IN (
     SELECT m.id FROM model_filters m
@@ -114,6 +126,14 @@ class Reaped(msgspec.Struct):
     @property
     def total(self) -> int:
         return self.rows + self.templates + self.chunks + self.stale_chunks
+
+
+class Round(msgspec.Struct, frozen=True):
+    """What one purge round reaped."""
+
+    rows: int = 0  # rows, templates and chunks
+    model_filter_events: int = 0
+    webhook_deliveries: int = 0
 
 
 class Purger:
@@ -199,29 +219,47 @@ class Purger:
         async with self.pool.acquire() as conn, conn.transaction():
             return len(await conn.fetch(_MODEL_FILTER_EVENTS, n, max(keep, 1), cutoff))
 
+    async def webhook_history(self, n: int, retention: timedelta) -> int:
+        cutoff = datetime.now(UTC) - retention
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = [r["id"] for r in await conn.fetch(_OLD_DELIVERIES, n, cutoff)]
+            if ids:
+                await conn.execute(
+                    "DELETE FROM webhook_attempts WHERE delivery_id = ANY($1::uuid[])", ids
+                )
+                await conn.execute("DELETE FROM webhook_deliveries WHERE id = ANY($1::uuid[])", ids)
+            return len(ids)
 
-async def run_once(purger: Purger, config: PurgeConfig, stop: asyncio.Event | None = None) -> tuple[int, int]:  # fmt: skip
+
+async def run_once(purger: Purger, config: PurgeConfig, stop: asyncio.Event | None = None) -> Round:  # fmt: skip
     """One purge round (core §4.9): passes until one reaps nothing, pausing ``throttle_ms``
-    after each pass that reaped something; then the same for model-filter events. Returns
-    (rows, templates and chunks reaped; model-filter events deleted)."""
+    after each pass that reaped something; then the same for model-filter events, and for
+    webhook history unless its retention is 0."""
     stop = stop or asyncio.Event()
     pause = config.throttle_ms / 1000
-    rows = 0
-    while not stop.is_set():
-        reaped = await purger.orphaned_rows(config.batch_size)
-        rows += reaped.total
-        if not reaped.total or await _stopped(stop, pause):
-            break
-    events = 0
-    retention = timedelta(milliseconds=config.model_filters_retention_ms)
-    while not stop.is_set():
-        found = await purger.model_filter_events(
-            config.batch_size, config.model_filters_keep_per_model, retention
-        )
-        events += found
-        if not found or await _stopped(stop, pause):
-            break
-    return rows, events
+
+    async def drain(one_pass: Callable[[], Awaitable[int]]) -> int:
+        total = 0
+        while not stop.is_set():
+            found = await one_pass()
+            total += found
+            if not found or await _stopped(stop, pause):
+                break
+        return total
+
+    async def rows() -> int:
+        return (await purger.orphaned_rows(config.batch_size)).total
+
+    n, keep = config.batch_size, config.model_filters_keep_per_model
+    filters = timedelta(milliseconds=config.model_filters_retention_ms)
+    history = timedelta(milliseconds=config.webhook_history_retention_ms)
+    return Round(
+        rows=await drain(rows),
+        model_filter_events=await drain(lambda: purger.model_filter_events(n, keep, filters)),
+        webhook_deliveries=(
+            await drain(lambda: purger.webhook_history(n, history)) if history else 0
+        ),
+    )
 
 
 async def run_forever(purger: Purger, config: PurgeConfig, stop: asyncio.Event) -> None:
@@ -233,14 +271,21 @@ async def run_forever(purger: Purger, config: PurgeConfig, stop: asyncio.Event) 
     log.info("purge every %d ms", config.interval_ms)
     while not await _stopped(stop, config.interval_ms / 1000):
         try:
-            rows, events = await run_once(purger, config, stop)
-            metrics.purged(rows, events)
-            if rows or events:
-                log.info("purged %d rows, templates and chunks, %d model-filter events", rows, events)  # fmt: skip
+            reaped = await run_once(purger, config, stop)
+            metrics.purged(reaped)
+            if reaped != Round():
+                log.info("purged %s", describe(reaped))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("purge round failed (%r); next round after the interval", exc)
         except Exception:
             log.exception("purge round failed; next round after the interval")
+
+
+def describe(reaped: Round) -> str:
+    return (
+        f"{reaped.rows} rows, templates and chunks; {reaped.model_filter_events} model-filter"
+        f" events; {reaped.webhook_deliveries} webhook deliveries"
+    )
 
 
 async def serve(purger: Purger, config: Config, stop: asyncio.Event) -> None:

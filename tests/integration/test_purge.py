@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
 from cannonade.config import PurgeConfig
 from compose import postgres, stack
-from projections.purge import Purger, run_once
+from projections.purge import Purger, Round, run_once
 
 pytestmark = pytest.mark.integration
 
@@ -194,11 +195,66 @@ async def test_a_purge_round_drains_everything_and_stops_on_request(pool: asyncp
         await _batch(conn, deleted=True, rows=7)
         await _file(conn, deleted=True, lines=3)
     config = PurgeConfig(batch_size=3, throttle_ms=1)
-    rows, events = await run_once(_purger(pool, Tombstones()), config)
-    assert (rows, events) == (7 + 3 + 1, 0)
+    assert await run_once(_purger(pool, Tombstones()), config) == Round(rows=7 + 3 + 1)
     stop = asyncio.Event()
     stop.set()
-    assert await run_once(_purger(pool, Tombstones()), config, stop) == (0, 0)
+    assert await run_once(_purger(pool, Tombstones()), config, stop) == Round()
+
+
+async def _endpoint(conn: asyncpg.Connection, *, deleted: bool) -> str:
+    return str(
+        await conn.fetchval(
+            "INSERT INTO webhooks (id, owner, url, name, event_types, secret_hint, created_at,"
+            " deleted_at) VALUES ($1, 'u', 'https://example.com/hook', 'h', '{}', 'whsec_…',"
+            " $2, $3) RETURNING id",
+            uuid.uuid4(),
+            NOW - timedelta(days=90),
+            NOW if deleted else None,
+        )  # fmt: skip
+    )
+
+
+async def _delivery(conn: asyncpg.Connection, endpoint: str, at: datetime, *, ended: bool) -> str:
+    """A delivery made at ``at`` with one attempt: delivered if ``ended``, else due again."""
+    delivery = str(uuid.uuid4())
+    await conn.execute(
+        "INSERT INTO webhook_deliveries (id, webhook_id, batch_id, owner, event_type,"
+        " notification_id, terminal_at, created_at)"
+        " VALUES ($1, $2, $3, 'u', 'batch.completed', 'n', $4, $4)",
+        delivery, endpoint, uuid.uuid4(), at,
+    )  # fmt: skip
+    await conn.execute(
+        "INSERT INTO webhook_attempts (delivery_id, attempt, webhook_id, attempted_at, outcome)"
+        " VALUES ($1, 1, $2, $3, $4)",
+        delivery, endpoint, at, "delivered" if ended else "retry",
+    )  # fmt: skip
+    if not ended:
+        await conn.execute(
+            "INSERT INTO webhook_open (delivery_id, attempts, due_at) VALUES ($1, 1, $2)",
+            delivery, NOW,
+        )  # fmt: skip
+    return delivery
+
+
+async def test_webhook_history_goes_after_its_retention_or_with_its_endpoint(pool: asyncpg.Pool) -> None:  # fmt: skip
+    old, recent = NOW - timedelta(days=31), NOW - timedelta(days=1)
+    async with pool.acquire() as conn:
+        live, gone = await _endpoint(conn, deleted=False), await _endpoint(conn, deleted=True)
+        kept = [
+            await _delivery(conn, live, recent, ended=True),
+            await _delivery(conn, live, old, ended=False),  # still being delivered
+        ]
+        # Past the retention, or of a deleted endpoint: these go.
+        for endpoint, at in ((live, old), (live, old - timedelta(days=1)), (gone, recent)):
+            await _delivery(conn, endpoint, at, ended=True)
+    config = PurgeConfig(batch_size=2, throttle_ms=1)
+    # Retention 0 keeps the history for good.
+    assert await run_once(_purger(pool, Tombstones()), msgspec.structs.replace(config, webhook_history_retention_ms=0)) == Round()  # fmt: skip
+    assert await run_once(_purger(pool, Tombstones()), config) == Round(webhook_deliveries=3)
+    async with pool.acquire() as conn:
+        deliveries = {str(r["id"]) for r in await conn.fetch("SELECT id FROM webhook_deliveries")}
+        attempts = {str(r["delivery_id"]) for r in await conn.fetch("SELECT delivery_id FROM webhook_attempts")}  # fmt: skip
+    assert deliveries == attempts == set(kept)
 
 
 async def test_an_upload_that_stopped_part_way_is_abandoned_and_its_chunks_reaped(pool: asyncpg.Pool) -> None:  # fmt: skip
