@@ -481,10 +481,13 @@ class ExecutionReport(Event, tag=True, frozen=True):
 
 
 class CancelBatchRequests(Event, tag=True, frozen=True):
-    """Tells the gate partition owning ``model`` to cancel the batch's rows."""
+    """Tells the gate partition owning ``model`` to cancel the batch's rows. The gate applies
+    its ``source`` once (a cancel read again after a crash must not stop a resumed batch);
+    one without a source is applied whenever it comes."""
 
     batch_id: Uuid
     model: Name
+    source: SourceMark | None = None
 
 
 class GateTick(Event, tag=True, frozen=True):

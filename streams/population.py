@@ -99,6 +99,9 @@ class BatchRecord(msgspec.Struct):
     chunks: list[ChunkRef] = []
     retry_version: int = 0
     input_deleted: bool = False  # its file was deleted: nothing of it runs again
+    # The commands offset of the last command applied: a batch's commands share one commands
+    # partition (its id is their key), so a command read again after a crash is at or below.
+    applied: int = -1
 
 
 class BatchRules(msgspec.Struct, frozen=True):
@@ -472,7 +475,33 @@ def _check_rows(record: BatchRecord, cmd: RetryBatch) -> None:
                 )
 
 
-def delete_batch(record: BatchRecord, cmd: DeleteBatch, now: datetime) -> list[Out]:
+def batch_command(
+    record: BatchRecord,
+    cmd: PopulateBatch | CancelBatch | RetryBatch | DeleteBatch,
+    source: tuple[int, int],
+    now: datetime,
+) -> list[Out]:
+    """Apply a batch command once. One the agent applied and saved before a crash, but whose
+    offset it had not committed, is read again; applied again after the commands that
+    followed it, a cancel would stop a batch they resumed (and the resume be refused)."""
+    if source[1] <= record.applied:
+        return []
+    match cmd:
+        case PopulateBatch():
+            outs = populate(record, cmd, source, now)
+        case RetryBatch():
+            outs = retry(record, cmd, source, now)
+        case DeleteBatch():
+            outs = delete_batch(record, cmd, source, now)
+        case CancelBatch():
+            outs = cancel_requested(record, cmd.batch_id, source, now, input_deleted=cmd.input_deleted)  # fmt: skip
+    record.applied = source[1]
+    return outs
+
+
+def delete_batch(
+    record: BatchRecord, cmd: DeleteBatch, source: tuple[int, int], now: datetime
+) -> list[Out]:
     """Soft delete, and a cancel of whatever still runs (core §2.3 delete_batch). An erasure
     of a batch deleted before clears what the deletion kept (its metadata)."""
     if record.deleted:
@@ -492,7 +521,8 @@ def delete_batch(record: BatchRecord, cmd: DeleteBatch, now: datetime) -> list[O
         batch_id=cmd.batch_id,
         erase=cmd.erase,
     )
-    return [*cancel_requested(record, cmd.batch_id, now), Out("batches", cmd.batch_id, deleted)]
+    cancel = cancel_requested(record, cmd.batch_id, source, now)
+    return [*cancel, Out("batches", cmd.batch_id, deleted)]
 
 
 # -- requests without a batch -----------------------------------------------------------------
@@ -596,7 +626,12 @@ def control(
 
 
 def cancel_requested(
-    record: BatchRecord, batch_id: str, now: datetime, *, input_deleted: bool = False
+    record: BatchRecord,
+    batch_id: str,
+    source: tuple[int, int],
+    now: datetime,
+    *,
+    input_deleted: bool = False,
 ) -> list[Out]:
     """A cancel reaches the batch and each gate partition holding its rows."""
     record.cancelled = True
@@ -610,9 +645,10 @@ def cancel_requested(
                 occurred_at=now,
                 batch_id=batch_id,
                 model=model,
+                source=SourceMark(source[0], source[1], seq),
             ),
         )
-        for model in record.models
+        for seq, model in enumerate(record.models)
     ]
 
 

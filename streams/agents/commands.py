@@ -123,16 +123,7 @@ def register(streams: Streams) -> None:
             case PopulateBatch() | CancelBatch() | RetryBatch() | DeleteBatch():
                 state = batch(cmd.batch_id)
                 source = (event.message.partition, event.message.offset)
-                if isinstance(cmd, PopulateBatch):
-                    outs = population.populate(state, cmd, source, now)
-                elif isinstance(cmd, RetryBatch):
-                    outs = population.retry(state, cmd, source, now)
-                elif isinstance(cmd, DeleteBatch):
-                    outs = population.delete_batch(state, cmd, now)
-                else:
-                    outs = population.cancel_requested(
-                        state, cmd.batch_id, now, input_deleted=cmd.input_deleted
-                    )
+                outs = population.batch_command(state, cmd, source, now)
                 await streams.publish(outs, wait=True)
                 batches[cmd.batch_id] = msgspec.msgpack.encode(state)
         return outs

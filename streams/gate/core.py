@@ -372,7 +372,8 @@ class Gate:
                 self._on_report(message, now)
                 model = message.model
             case CancelBatchRequests():
-                self._close(message.model, message.batch_id, "cancel", now)
+                if message.source is None or self._fresh(message.source):
+                    self._close(message.model, message.batch_id, "cancel", now)
                 model = message.model
             case ModelFilterAppended():
                 self.state[f"M:{message.model}"] = message.state.encode()

@@ -25,11 +25,11 @@ def delete(erase: bool) -> DeleteBatch:
 
 def test_an_erasure_clears_a_batch_its_owner_had_deleted_and_a_second_delete_does_nothing() -> None:  # fmt: skip
     record = population.BatchRecord(populated=True, models=["m"])
-    first = [o.value for o in population.delete_batch(record, delete(False), NOW)]
+    first = [o.value for o in population.delete_batch(record, delete(False), (0, 1), NOW)]
     [deleted] = [e for e in first if isinstance(e, BatchDeleted)]
     assert not deleted.erase
-    assert population.delete_batch(record, delete(False), NOW) == []
-    [erased] = [o.value for o in population.delete_batch(record, delete(True), NOW)]
+    assert population.delete_batch(record, delete(False), (0, 1), NOW) == []
+    [erased] = [o.value for o in population.delete_batch(record, delete(True), (0, 2), NOW)]
     assert isinstance(erased, BatchDeleted) and erased.erase
     assert erased.event_id != deleted.event_id  # an event of its own
 

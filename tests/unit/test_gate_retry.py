@@ -9,7 +9,7 @@ import pytest
 
 from schemas import ids
 from schemas.bodies import BodyRef
-from schemas.commands import RetryBatch, RowRanges
+from schemas.commands import CancelBatch, RetryBatch, RowRanges
 from schemas.errors import ApiError
 from schemas.events import (
     BatchFacts,
@@ -386,7 +386,37 @@ def test_retrying_chosen_failed_rows_does_not_resume_rows_a_cancel_stopped() -> 
 
 def test_a_batch_whose_input_file_was_deleted_never_runs_again() -> None:
     record = population.BatchRecord(populated=True, models=["a"], facts=facts(), chunks=[ChunkRef(0, 1, 1, 7)])  # fmt: skip
-    population.cancel_requested(record, BATCH, T0, input_deleted=True)
+    population.cancel_requested(record, BATCH, (0, next(marks)), T0, input_deleted=True)
     with pytest.raises(ApiError, match="was deleted") as info:
         retry_batch(record, "batch", [], [RowRanges("a", [LineRange(0, 1)])])
     assert info.value.status == 400
+
+
+def test_a_cancel_read_again_after_the_resume_that_followed_it_changes_nothing() -> None:
+    """Both agents run at least once: after a crash the cancel and the retry that resumed the
+    batch are read again, the tables already holding what they did."""
+    gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
+    record = population.BatchRecord(populated=True, models=["m"], facts=facts(), chunks=[ChunkRef(0, 4, 1, 7)])  # fmt: skip
+    [claim] = dispatched(life.fold(gate.handle(populated(4), T0)))
+    cancel_cmd = CancelBatch(command_id="c", issued_at=T0, batch_id=BATCH)
+    resume_cmd = RetryBatch(
+        command_id="r", issued_at=T0, batch_id=BATCH, retry_version=0, scope="batch",
+        failed=[], canceled=[RowRanges("m", [LineRange(0, 4)])],
+    )  # fmt: skip
+    cancel_at, resume_at = (0, next(marks)), (0, next(marks))
+    outs = population.batch_command(record, cancel_cmd, cancel_at, T0)
+    [cancel] = [o.value for o in outs if isinstance(o.value, CancelBatchRequests)]
+    life.fold(gate.handle(cancel, T0))
+    life.fold(gate.handle(report([claim], "canceled"), T0))
+    for out in population.batch_command(record, resume_cmd, resume_at, T0):
+        if isinstance(out.value, RetryRows):
+            life.fold(gate.handle(out.value, T0))
+    resumed = dict(life.states)
+    assert "canceled" not in resumed.values()
+    # The commands agent reads both commands again: nothing is published, nothing refused.
+    assert population.batch_command(record, cancel_cmd, cancel_at, T0) == []
+    assert population.batch_command(record, resume_cmd, resume_at, T0) == []
+    assert not record.cancelled and record.retry_version == 1
+    # The gate reads the cancel again (its own crash): the resumed rows stay as they are.
+    assert events(life.fold(gate.handle(cancel, T0))) == []
+    assert life.states == resumed
