@@ -26,6 +26,7 @@ from schemas.types import (
     CustomId,
     FileName,
     MetadataKey,
+    MetadataValue,
     Name,
     NonNegative,
     Text,
@@ -36,7 +37,7 @@ from schemas.types import (
 
 Purpose = Literal["batch"]
 Metadata = Annotated[
-    dict[MetadataKey, Text],
+    dict[MetadataKey, MetadataValue],
     msgspec.Meta(max_length=16),
 ]
 

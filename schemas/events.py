@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from schemas.bodies import BodyRef
-from schemas.types import Name, NonNegative, Text, Timestamp, Uuid, Window
+from schemas.types import MAX_INT4, Name, NonNegative, Text, Timestamp, Uuid, Window
 
 SCHEMA_VERSION = 1
 
@@ -52,10 +52,15 @@ class TemplatesAppended(Event, tag=True, frozen=True):
     is named by its file and line."""
 
     file_id: Uuid
-    first_line: int
+    first_line: NonNegative
     body_key: str
     body: BodyRef
     templates: list[TemplateMeta]
+
+    def __post_init__(self) -> None:
+        # Line numbers are int4 in the read model, whose COPY cannot refuse one per record.
+        if self.first_line + len(self.templates) > MAX_INT4 + 1:
+            raise ValueError(f"lines past {MAX_INT4}")
 
 
 class FileUploaded(Event, tag=True, frozen=True):

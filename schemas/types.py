@@ -51,8 +51,9 @@ Text = Annotated[str, excluding(NUL)]
 #: A short identifier-like text (owners, models, paths): no NUL, bounded length.
 Name = Annotated[str, excluding(NUL, min_length=1, max_length=256)]
 
-#: A metadata key: no NUL, at most 64 characters.
+#: A metadata key: no NUL, at most 64 characters; a value at most 512.
 MetadataKey = Annotated[str, excluding(NUL, max_length=64)]
+MetadataValue = Annotated[str, excluding(NUL, max_length=512)]
 
 #: A line's custom_id: no control character but tab, at most 64 characters.
 CustomId = Annotated[str, excluding(CONTROL, max_length=64)]
@@ -68,4 +69,5 @@ Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 Window = Annotated[str, msgspec.Meta(pattern="^[0-9]{1,9}[smhd]$")]
 
 #: A count or size; the read model keeps it in an ``int`` column, so it fits in 31 bits.
-NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+MAX_INT4 = 2**31 - 1
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)]

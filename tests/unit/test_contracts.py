@@ -12,6 +12,7 @@ import pytest
 from schemas import codec, export
 from schemas.bodies import BodyRef, encode_chunk
 from schemas.commands import AppendFileLines, CreateBatch, FileLine
+from schemas.events import TemplateMeta, TemplatesAppended
 from schemas.excluded import Decoder
 from schemas.types import Text
 
@@ -62,6 +63,7 @@ def test_a_well_formed_command_decodes() -> None:
         ({"completion_window": "7 days"}, "completion_window"),
         ({"owner": "ali\x00ce"}, "owner"),
         ({"metadata": {"k": "v\x00"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
         ({"unexpected": 1}, "unexpected"),
     ],
 )
@@ -85,6 +87,20 @@ def test_a_body_size_the_read_model_cannot_hold_is_refused_with_the_line_named()
     doc["lines"][1][4] = 2**31  # the templates' int column tops out one below
     with pytest.raises(codec.DecodeErrors, match=r"lines\[1\]"):
         codec.commands.decode(msgspec.json.encode(doc))
+
+
+@pytest.mark.parametrize(
+    ("first_line", "named"), [(2**31, "first_line"), (2**31 - 1, "lines past")]
+)
+def test_an_appended_line_number_the_read_model_cannot_hold_is_refused(first_line: int, named: str) -> None:  # fmt: skip
+    # The projector COPYs template rows, where a number its int column cannot hold would fail
+    # every retry of the poll instead of dead-lettering the one record.
+    meta = TemplateMeta("ok", "POST", "/v1/chat/completions", "m", 2)
+    event = TemplatesAppended(event_id="e", occurred_at=NOW, file_id=FILE, first_line=0, body_key="tplc:x", body=BodyRef(0, 7), templates=[meta, meta])  # fmt: skip
+    doc = msgspec.json.decode(codec.encode(event))
+    doc["first_line"] = first_line
+    with pytest.raises(codec.DecodeErrors, match=named):
+        codec.file_events.decode(msgspec.json.encode(doc))
 
 
 @pytest.mark.parametrize("custom_id", ["a\nb", "trailing\n", "a\x00", "a\x1f", "del\x7f"])
