@@ -154,8 +154,9 @@ def parse_time(raw: str | None, name: str) -> datetime | None:
         return None
     try:
         at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-    except ValueError:
+        # In UTC now: a time at the calendar's edge that UTC cannot hold is the caller's error.
+        return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ApiError(
             400, f"{name} must be an RFC 3339 timestamp", code="invalid_request", param=name
         ) from None

@@ -105,7 +105,14 @@ async def _read_multipart(request: web.Request) -> dict[str, Any]:
                 fields["filename"] = part.filename
             else:
                 fields[part.name] = await part.text()
-    except (ValueError, AssertionError, KeyError, UnicodeDecodeError, HttpProcessingError) as exc:
+    # LookupError: a part's charset Python does not know.
+    except (
+        ValueError,
+        AssertionError,
+        LookupError,
+        UnicodeDecodeError,
+        HttpProcessingError,
+    ) as exc:
         raise invalid_request(f"Invalid multipart request: {exc}") from None
     return fields
 
