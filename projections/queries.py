@@ -301,9 +301,13 @@ async def batch_rejection(pool: asyncpg.Pool, batch_id: str) -> asyncpg.Record |
     return await pool.fetchrow("SELECT * FROM batch_rejections WHERE batch_id = $1", batch_id)
 
 
-async def batch_cancelling(pool: asyncpg.Pool, batch_id: str) -> bool:
+async def batch_cancelling_or_ended(pool: asyncpg.Pool, batch_id: str) -> bool:
     return bool(
-        await pool.fetchval("SELECT cancelling_at IS NOT NULL FROM batches WHERE id = $1", batch_id)
+        await pool.fetchval(
+            "SELECT cancelling_at IS NOT NULL OR completed_at IS NOT NULL"
+            " OR failed_at IS NOT NULL FROM batches WHERE id = $1",
+            batch_id,
+        )
     )
 
 

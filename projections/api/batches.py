@@ -168,12 +168,23 @@ async def cancel(request: web.Request) -> web.Response:
     row = await queries.get_batch(ctx.pool, batch_id, who.user)
     if row is None:
         raise not_found("Batch", batch_id)
-    status = derive_status(facts(row))
-    if status in ("completed", "failed", "expired"):
-        raise ApiError(409, f"Cannot cancel a batch with status '{status}'", code="invalid_state")
+    _check_cancellable(row)
     if row["cancelling_at"] is None:
         await ctx.publisher.commands(
             [CancelBatch(command_id=ids.new_id(), issued_at=datetime.now(UTC), batch_id=batch_id)]
         )
-        await ctx.wait_for(lambda: queries.batch_cancelling(ctx.pool, batch_id), "the cancellation")
-    return json_response(await _batch_json(request, batch_id))
+        # The batch may end before the cancel reaches it, and then the cancel does nothing.
+        await ctx.wait_for(
+            lambda: queries.batch_cancelling_or_ended(ctx.pool, batch_id), "the cancellation"
+        )
+        row = await queries.get_batch(ctx.pool, batch_id, who.user)
+        if row is None:
+            raise not_found("Batch", batch_id)
+        _check_cancellable(row)
+    return json_response(batch_object(facts(row)))
+
+
+def _check_cancellable(row: Any) -> None:
+    status = derive_status(facts(row))
+    if status in ("completed", "failed", "expired"):
+        raise ApiError(409, f"Cannot cancel a batch with status '{status}'", code="invalid_state")

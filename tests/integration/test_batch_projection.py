@@ -14,6 +14,7 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from compose import stack
+from projections import queries
 from schemas import codec, topics
 from schemas.events import (
     BatchCancelRequested,
@@ -189,6 +190,23 @@ def test_a_cancel_after_every_row_ended_leaves_the_batch_completed(dsn: str) -> 
     assert in_order["completed_at"] == T0 + timedelta(seconds=3)
     assert (in_order["cancelling_at"], in_order["cancelled_at"]) == (None, None)
     assert cancel_first == in_order
+
+
+def test_a_cancel_the_batch_ended_before_ends_the_cancel_s_wait(dsn: str) -> None:
+    """POST .../cancel waits to see its cancel; one that the batch's end beat never shows, and
+    the API must see the end instead (it waited its full five minutes, then answered 503)."""
+
+    async def settled(batch: Batch, *polls: list[ConsumerRecord]) -> bool:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool:
+            async with pool.acquire() as conn:
+                await apply_polls(conn, *polls)
+            return await queries.batch_cancelling_or_ended(pool, batch.id)
+
+    ended, running = Batch(), Batch()
+    assert run(settled(ended, ended.created(), [ended.completed(0, 2), ended.completed(1, 3)], [ended.cancel(5)]))  # fmt: skip
+    assert run(_outcome(dsn, ended))["cancelling_at"] is None  # the cancel did nothing
+    assert not run(settled(running, running.created(), [running.completed(0, 2)]))
+    assert run(settled(running, [running.cancel(5)]))
 
 
 def test_replaying_a_cancelled_then_retried_batch_over_its_tables_changes_nothing(dsn: str) -> None:

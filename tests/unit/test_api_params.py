@@ -3,15 +3,22 @@ a 500 (§8.2)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
+from projections import queries
+from projections.api import batches
+from projections.api.auth import Principal
 from projections.api.batches import parse_time
 from projections.api.files import _read_multipart
 from schemas.errors import ApiError
+
+BATCH = "1f0e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
 
 
 @pytest.mark.parametrize(
@@ -57,3 +64,48 @@ async def test_a_multipart_part_in_an_unknown_charset_is_a_400() -> None:
         )
         assert answer.status == 400
         assert "Invalid multipart request" in await answer.text()
+
+
+def _batch_row(**changes: Any) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    row: dict[str, Any] = dict(
+        id=BATCH, owner="alice", endpoint="/v1/chat/completions", input_file_id=BATCH,
+        completion_window="24h", metadata=None, output_file_id=BATCH, error_file_id=BATCH,
+        created_at=now, expires_at=now + timedelta(hours=24), requests_started_at=now,
+        cancelling_at=None, cancelled_at=None, finalizing_at=None, completed_at=None,
+        failed_at=None, errors_message=None, total=2, pending=0, in_progress=1, completed=1,
+        failed=0, canceled=0, retry_version=0, counts_frozen_at=None, completed_requests=None,
+        failed_requests=None, canceled_requests=None,
+    )  # fmt: skip
+    row.update(changes)
+    return row
+
+
+async def test_a_cancel_the_batch_s_end_beat_is_a_409(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch read in progress, its last row ends before the cancel reaches it: the cancel
+    does nothing, and the caller hears so, as for a batch that had ended before it asked."""
+    now = datetime.now(UTC)
+    rows = iter([_batch_row(), _batch_row(in_progress=0, completed=2, completed_at=now, counts_frozen_at=now, completed_requests=2, failed_requests=0, canceled_requests=0)])  # fmt: skip
+    sent: list[object] = []
+
+    async def get_batch(pool: object, batch_id: str, owner: str) -> dict[str, Any]:
+        return next(rows)
+
+    class Publisher:
+        async def commands(self, commands: list[object]) -> None:
+            sent.extend(commands)
+
+    class Context:
+        pool, publisher = None, Publisher()
+
+        async def wait_for(self, check: Callable[[], Awaitable[bool]], what: str) -> bool:
+            return True  # what the projection showed: the batch's end
+
+    monkeypatch.setattr(queries, "get_batch", get_batch)
+    request = make_mocked_request("POST", f"/v1/batches/{BATCH}/cancel", match_info={"id": BATCH})
+    monkeypatch.setattr(batches, "principal", lambda _: Principal(user="alice", key_id=BATCH))
+    monkeypatch.setattr(batches, "context", lambda _: Context())
+    with pytest.raises(ApiError) as info:
+        await batches.cancel(request)
+    assert (info.value.status, info.value.code) == (409, "invalid_state")
+    assert "completed" in info.value.message and len(sent) == 1
