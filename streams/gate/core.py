@@ -179,31 +179,46 @@ class _Model:
         self.loose: set[str] = set()  # batchless rows claimable now
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
-        self.lanes: list[int] = []  # claims in flight in each lane, with prefetch
+        self.lanes: list[int] = []  # claims in flight in each lane used yet, with prefetch
+        # (claims, lane) of every used lane, stale pairs left in: picking a lane is then
+        # logarithmic in the model's limit, which may be set huge for an unlimited upstream.
+        self._counts: list[tuple[int, int]] = []
 
     def pick_lane(self, limit: int) -> int:
         """The lane with the fewest claims in it (the lowest of equals): an empty lane
         starts its claim at once, a busy one queues it behind the fewest calls."""
-        self._grow(limit)
-        return min(range(limit), key=self.lanes.__getitem__)
+        counts, lanes = self._counts, self.lanes
+        while counts and not (counts[0][1] < limit and lanes[counts[0][1]] == counts[0][0]):
+            heapq.heappop(counts)  # stale, or a lane past a lowered limit
+        if len(lanes) < limit and (not counts or counts[0][0] > 0):
+            return len(lanes)  # the first lane never used: empty, and below any busy one
+        return counts[0][1]
 
     def join(self, request_id: str, entry: GateRequest) -> None:
         """The row is in flight, in its lane if it has one."""
         self.in_flight.add(request_id)
         if entry.lane >= 0:
-            self._grow(entry.lane + 1)
-            self.lanes[entry.lane] += 1
+            while len(self.lanes) <= entry.lane:
+                self._count(len(self.lanes), 0, grow=True)
+            self._count(entry.lane, self.lanes[entry.lane] + 1)
 
     def leave(self, request_id: str, entry: GateRequest) -> None:
         """The row is no longer in flight: its lane has room again."""
         self.in_flight.discard(request_id)
         if 0 <= entry.lane < len(self.lanes):
-            self.lanes[entry.lane] -= 1
+            self._count(entry.lane, self.lanes[entry.lane] - 1)
         entry.lane = -1
 
-    def _grow(self, lanes: int) -> None:
-        if len(self.lanes) < lanes:
-            self.lanes += [0] * (lanes - len(self.lanes))
+    def _count(self, lane: int, claims: int, *, grow: bool = False) -> None:
+        if grow:
+            self.lanes.append(claims)
+        else:
+            self.lanes[lane] = claims
+        heapq.heappush(self._counts, (claims, lane))
+        if len(self._counts) > 2 * len(self.lanes) + 64:
+            # Pairs of counts no lane holds any longer may never surface to be dropped.
+            self._counts = [(n, i) for i, n in enumerate(self.lanes)]
+            heapq.heapify(self._counts)
 
 
 class Gate:

@@ -59,7 +59,7 @@ from schemas.events import (
 )
 from streams.emit import Out
 from streams.execution.failure import BatchTerminated, parse
-from streams.gate.core import Gate, Liveness
+from streams.gate.core import Gate, GateRequest, Liveness, _Model
 from streams.gate.scoring import GateConfig
 from streams.lifecycle import IN_FLIGHT, TERMINAL, next_state
 
@@ -602,6 +602,25 @@ def test_with_prefetch_claims_queue_in_the_models_lanes_beyond_its_limit() -> No
     run.report(step.dispatched[5])  # lane 1 holds one call now, and nothing is pending
     run.restart()  # a fresh gate counts the lanes from its table
     assert [d.lane for d in run.populate("c", n=3).dispatched] == [1]
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 12), st.lists(st.floats(0, 1), min_size=1, max_size=300))
+def test_a_claim_takes_the_emptiest_lane_whatever_came_before(limit: int, moves: list[float]) -> None:  # fmt: skip
+    """The lane picked is the emptiest, the lowest of equals, over all ``limit`` lanes, while
+    what the model keeps to pick it stays in proportion to the lanes in use."""
+    model, running = _Model(), list[GateRequest]()
+    for move in moves:
+        if running and move < 0.45:
+            model.leave("r", running.pop(int(move * 1000) % len(running)))
+            continue
+        counts = model.lanes + [0] * (limit - len(model.lanes))
+        lane = model.pick_lane(limit)
+        assert counts[lane] == min(counts) and counts.index(min(counts)) == lane
+        entry = GateRequest(model="m", state="claimed", batch_id="b", line=0, lane=lane)
+        model.join("r", entry)
+        running.append(entry)
+        assert len(model._counts) <= 2 * len(model.lanes) + 65
 
 
 def test_without_prefetch_claims_have_no_lane() -> None:
