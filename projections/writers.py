@@ -235,6 +235,26 @@ WHERE $2 >= COALESCE(batches.retried_at, '-infinity')
                          WHERE c.batch_id = batches.id), 0) <= batches.retry_version
            AND (batches.canceled_requests > 0 OR batches.counts_frozen_at >= $2)))
 """
+# A retry: the version moves on and a cancel is lifted (cancel then retry is pause and resume);
+# the stamps go with the rows' own RequestRetried (see _REOPEN), so the outcome does not depend
+# on which topic a poll read first. When those came first (the requests topic read ahead), an
+# outcome frozen since stood under the cancel lifted here: it goes, and the poll's _FINALIZE
+# makes it again without the cancel.
+_RETRIED = """
+UPDATE batches b SET retry_version = $2, expires_at = $3, cancelling_at = NULL,
+    cancelled_at = NULL, retried_at = $4,
+    finalizing_at = CASE WHEN v.stale THEN NULL ELSE b.finalizing_at END,
+    completed_at = CASE WHEN v.stale THEN NULL ELSE b.completed_at END,
+    failed_at = CASE WHEN v.stale THEN NULL ELSE b.failed_at END,
+    completed_requests = CASE WHEN v.stale THEN NULL ELSE b.completed_requests END,
+    failed_requests = CASE WHEN v.stale THEN NULL ELSE b.failed_requests END,
+    canceled_requests = CASE WHEN v.stale THEN NULL ELSE b.canceled_requests END,
+    counts_frozen_at = CASE WHEN v.stale THEN NULL ELSE b.counts_frozen_at END
+FROM (SELECT b.cancelling_at IS NOT NULL AND COALESCE(
+        (SELECT c.reopened_version FROM batch_counts c WHERE c.batch_id = $1), 0) >= $2 AS stale
+      FROM batches b WHERE b.id = $1) v
+WHERE b.id = $1 AND b.retry_version < $2
+"""
 # Erasure: the rows go, and leave their batches' counters and totals, so a batch can finish.
 _ERASE_ROWS = """
 WITH gone AS (
@@ -537,14 +557,7 @@ async def _batches(conn: asyncpg.Connection, records: list[ConsumerRecord], reje
                 event.batch_id, event.owner, event.status, event.message, event.code, event.param,
             )  # fmt: skip
         elif isinstance(event, BatchRetried):
-            # The version moves on and a cancel is lifted (cancel then retry is pause and
-            # resume); the stamps go with the rows' own RequestRetried (see _REOPEN), so the
-            # outcome does not depend on which topic a poll read first.
-            await conn.execute(
-                "UPDATE batches SET retry_version = $2, expires_at = $3, cancelling_at = NULL,"
-                " cancelled_at = NULL, retried_at = $4 WHERE id = $1 AND retry_version < $2",
-                event.batch_id, event.retry_version, event.expires_at, event.occurred_at,
-            )  # fmt: skip
+            await conn.execute(_RETRIED, event.batch_id, event.retry_version, event.expires_at, event.occurred_at)  # fmt: skip
         elif isinstance(event, BatchDeleted):
             await conn.execute(
                 "INSERT INTO batches (id, deleted_at) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE"

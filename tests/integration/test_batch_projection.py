@@ -4,6 +4,7 @@ cancel and the rows' ends it caused can arrive either way round and must end the
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -238,3 +239,28 @@ def test_a_retried_run_finished_before_the_replay_meets_the_cancel_stays_complet
     rebuilt = run(_outcome(dsn, replay, created, requests_first, batches_after))
     assert in_order["completed_at"] == T0 + timedelta(seconds=6)
     assert rebuilt == in_order
+
+
+def test_every_interleaving_of_a_cancelled_then_resumed_batch_ends_as_the_live_run(dsn: str) -> None:  # fmt: skip
+    """The projector reads the batches and the requests topics independently: a replay may meet
+    the two in any interleaving of their own orders, and must end where the live run did."""
+
+    def log(batch: Batch) -> list[ConsumerRecord]:
+        return [*batch.created(), batch.completed(0, 2), batch.cancel(3), batch.row_canceled(4), *batch.retried(5), batch.completed(1, 6)]  # fmt: skip
+
+    live = Batch()
+    in_order = run(_outcome(dsn, live, *([record] for record in log(live))))
+    assert in_order["completed_at"] == T0 + timedelta(seconds=6)
+    shape = log(Batch())
+    positions = [i for i, r in enumerate(shape) if r.topic == topics.BATCHES.name]
+    differ = []
+    for chosen in itertools.combinations(range(len(shape)), len(positions)):
+        replay = Batch()
+        records = log(replay)
+        own = iter([r for r in records if r.topic == topics.BATCHES.name])
+        others = iter([r for r in records if r.topic != topics.BATCHES.name])
+        order = [next(own) if i in chosen else next(others) for i in range(len(records))]
+        rebuilt = run(_outcome(dsn, replay, *([record] for record in order)))
+        if rebuilt != in_order:
+            differ.append(([r.topic.split(".")[1][0] for r in order], rebuilt))
+    assert differ == []
