@@ -25,8 +25,13 @@ class Topic(msgspec.Struct, frozen=True):
     carries: str
     compacted: bool = False
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    # Extra topic configuration (compaction pace of changelogs).
+    # Extra topic configuration (compaction pace of changelogs, retention of the record).
     config: dict[str, str] = {}
+
+
+# The system of record: a replay into an empty database rebuilds every read model from these,
+# so nothing on them may expire (the broker's default deletes segments after seven days).
+_KEPT = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
 COMMANDS = Topic(
@@ -43,6 +48,7 @@ FILES = Topic(
     partitions=4,
     carries="TemplatesAppended, FileUploaded, UploadAbandoned, FileDeleted (ids, custom_ids, models, sizes, "
     "body refs; no bodies)",
+    config=_KEPT,
 )
 BATCHES = Topic(
     "cannonade.batches.v1",
@@ -50,6 +56,7 @@ BATCHES = Topic(
     partitions=4,
     carries="BatchCreated, BatchRejected, BatchPopulated, BatchPopulationFailed, "
     "BatchCancelRequested, BatchRetried, BatchDeleted, BatchNotified",
+    config=_KEPT,
 )
 REQUESTS = Topic(
     "cannonade.requests.v1",
@@ -59,6 +66,7 @@ REQUESTS = Topic(
     "each a list of RequestsPending, RequestClaimed, RequestStarted, RequestCompleted, "
     "RequestFailed, RequestRetryScheduled, RequestCanceled, RequestReclaimed events (ids, "
     "states, codes, sizes, times)",
+    config=_KEPT,
 )
 GATE = Topic(
     "cannonade.gate.v1",
@@ -103,6 +111,7 @@ RESPONSES = Topic(
     carries="multi-step chains: ChainStarted, StepRecorded, StepStarted, StepCompleted, "
     "StepFailed, ResponseFinalized (ids, kinds, states, times, body refs; payloads are on the "
     "bodies topic)",
+    config=_KEPT,
 )
 STEP_WORK = Topic(
     "cannonade.step-work.v1",
@@ -199,6 +208,7 @@ WEBHOOK_DELIVERIES = Topic(
     carries="WebhookAttempted: each attempt to deliver a batch notification to an endpoint "
     "(HTTP status or error, outcome, next attempt); the notifications themselves are "
     "BatchNotified on the batches topic",
+    config=_KEPT,
 )
 
 ALL: tuple[Topic, ...] = (

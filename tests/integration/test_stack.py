@@ -19,7 +19,16 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from compose import kafka, postgres, stack
 from compose.services import ModelSpec, Services
-from schemas.topics import ALL, COMMANDS, Topic
+from schemas.topics import (
+    ALL,
+    BATCHES,
+    COMMANDS,
+    FILES,
+    REQUESTS,
+    RESPONSES,
+    WEBHOOK_DELIVERIES,
+    Topic,
+)
 from tests.integration.conftest import own_stack, read_topic, until
 
 pytestmark = pytest.mark.integration
@@ -34,8 +43,9 @@ def _port_open(address: str) -> bool:
         return False
 
 
-async def _topic_settings(bootstrap: str) -> dict[str, tuple[int, str, str]]:
-    """name -> (partitions, cleanup.policy, max.message.bytes) as the broker reports them."""
+async def _topic_settings(bootstrap: str) -> dict[str, tuple[int, str, str, str]]:
+    """name -> (partitions, cleanup.policy, max.message.bytes, retention.ms) as the broker
+    reports them."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -46,7 +56,7 @@ async def _topic_settings(bootstrap: str) -> dict[str, tuple[int, str, str]]:
         )
     finally:
         await admin.close()
-    settings: dict[str, tuple[int, str, str]] = {}
+    settings: dict[str, tuple[int, str, str, str]] = {}
     for response in responses:
         # Positional: field names differ between DescribeConfigs versions.
         for _err, _msg, _type, name, entries, *_ in response.resources:
@@ -55,6 +65,7 @@ async def _topic_settings(bootstrap: str) -> dict[str, tuple[int, str, str]]:
                 partitions.get(name, 0),
                 config["cleanup.policy"],
                 config["max.message.bytes"],
+                config["retention.ms"],
             )
     return settings
 
@@ -129,10 +140,14 @@ async def test_stack_up_use_down(tmp_path: Path) -> None:
         settings = await _topic_settings(info.kafka_bootstrap)
         for topic in ALL:
             policy = "compact" if topic.compacted else "delete"
+            # What a replay rebuilds the read models from never expires; the rest keeps the
+            # broker's default (seven days).
+            kept = topic in (FILES, BATCHES, REQUESTS, RESPONSES, WEBHOOK_DELIVERIES)
             assert settings[topic.name] == (
                 topic.partitions,
                 policy,
                 str(topic.max_message_bytes),
+                "-1" if kept else topic.config.get("retention.ms", "604800000"),
             ), topic.name
         await _query_postgres(info)
     finally:
