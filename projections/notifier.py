@@ -9,6 +9,9 @@ Two steps per cycle, both safe to run in several processes at once:
    ``notification_sent_at`` and opens the deliveries. A replica takes a batch under a
    transaction-scoped advisory lock and waits until the stamp is projected before letting go
    (the batches row is the projector's to write: a row lock on it would stall the projector).
+   Before looking, the notifier waits until the projector has applied every record already
+   on the batches and requests topics, so a read model being rebuilt cannot show a batch as
+   ended that the log goes on to delete (or to retry).
    Ids are derived from (batch, retry_version, endpoint), and the projector keeps only the
    first notification of a version, so a race that still published twice changes nothing.
 2. **Deliver.** Due deliveries are claimed with ``FOR NO KEY UPDATE SKIP LOCKED`` on their
@@ -212,6 +215,13 @@ class Notifier:
     async def notify(self) -> int:
         """Publish the notification of every terminal batch not notified yet; returns how
         many this process published."""
+        # A read model rebuilt from the log shows a batch deleted while it ran as ended and
+        # not deleted until its deletion is projected: notifying it then would add to the log
+        # a notification the live run never made.
+        ends = await catchup.end_offsets(self._offsets, [topics.BATCHES, topics.REQUESTS])
+        if not await catchup.until_projected(self.pool, ends, _PROJECTION_WAIT_S):
+            log.info("the projector is behind on batches; notifications wait")
+            return 0
         now = datetime.now(UTC)
         candidates = await self.pool.fetch(_CANDIDATES, self.config.batch_size)
         due = [(r, kind) for r in candidates if (kind := event_type(r, now)) is not None]
