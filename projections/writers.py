@@ -291,7 +291,7 @@ async def apply(conn: asyncpg.Connection, records: Iterable[ConsumerRecord]) -> 
     await _files(conn, by_topic[topics.FILES.name], rejected)
     stored = await _bodies(conn, by_topic[topics.BODIES.name], rejected)
     touched = await _batches(conn, by_topic[topics.BATCHES.name], rejected)
-    touched |= await _requests(conn, by_topic[topics.REQUESTS.name], applied)
+    touched |= await _requests(conn, by_topic[topics.REQUESTS.name], applied, stored)
     await _model_filters(conn, by_topic[topics.MODEL_FILTERS.name], rejected)
     await _workers(conn, by_topic[topics.WORKERS.name], rejected)
     await _keys(conn, by_topic[topics.KEYS.name], rejected)
@@ -626,7 +626,7 @@ async def _write_rows(conn: asyncpg.Connection, writes: list[RowWrite], touched:
     return [str(r["missed"]) for r in found if r["missed"] is not None]
 
 
-async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], applied: Applied) -> set[str]:  # fmt: skip
+async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], applied: Applied, stored: dict[str, list[ConsumerRecord]]) -> set[str]:  # fmt: skip
     rejected = applied.rejected
     fold = Fold()
     origin: dict[int, ConsumerRecord] = {}
@@ -677,7 +677,21 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
     if fold.erased:
         erased = list(fold.erased)
         touched |= {str(r["id"]) for r in await conn.fetch(_ERASE_ROWS, erased)}
-        await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", erased)
+        # A body stored before the erasure may be newer on the topic than the commands agent's
+        # tombstones (a result that raced the erasure): tombstoned again, or compaction keeps
+        # it. This poll's own bodies are _erased_bodies' (it knows their partitions).
+        gone = await conn.fetch(
+            "DELETE FROM bodies WHERE ref = ANY($1::uuid[]) RETURNING kind, ref::text AS ref",
+            erased,
+        )
+        applied.tombstones += [
+            (
+                bodies.key(r["kind"], r["ref"]).encode(),
+                bodies.partition_for(r["ref"], topics.BODIES.partitions),
+            )  # fmt: skip
+            for r in gone
+            if r["ref"] not in stored
+        ]
         await conn.execute(
             "INSERT INTO erased_requests (id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING",
             erased,
