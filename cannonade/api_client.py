@@ -76,6 +76,10 @@ class Key(msgspec.Struct):
     current: bool = False
 
 
+class _Created(msgspec.Struct):
+    id: str
+
+
 class _Page(msgspec.Struct):
     data: list[Any]
     has_more: bool = False
@@ -88,7 +92,12 @@ def base_url(api_url: str) -> str:
 
 
 class Client:
-    def __init__(self, api_url: str, api_key: str, timeout_s: float = 60.0) -> None:
+    # Above the API's own wait for its writes to show (`api.projection_wait_s`, 300 s): a
+    # create or cancel may take that long before it answers.
+    def __init__(self, api_url: str, api_key: str, timeout_s: float = 330.0) -> None:
+        if not (api_key.isascii() and api_key.isprintable()):
+            raise ClientError("the API key holds a character a header cannot carry (pasted a space?)")  # fmt: skip
+        self._timeout_s = timeout_s
         self._http = httpx.Client(
             base_url=base_url(api_url) + "/v1",
             headers={
@@ -111,6 +120,11 @@ class Client:
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.ReadTimeout:
+            raise ClientError(
+                f"the API did not answer within {self._timeout_s:.0f} s; what was asked may have"
+                " been done: look before asking again"
+            ) from None
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach the API at {self._http.base_url}: {exc}") from None
         _check(response)
@@ -127,7 +141,7 @@ class Client:
                 headers={"Idempotency-Key": str(uuid.uuid4())},
                 timeout=httpx.Timeout(None, connect=10.0),  # a large file takes what it takes
             )  # fmt: skip
-        return str(response.json()["id"])
+        return _decode(response, _Created).id
 
     def create_batch(
         self, file_id: str, endpoint: str, window: str, metadata: dict[str, str] | None
@@ -201,4 +215,9 @@ def _check(response: httpx.Response) -> None:
 
 
 def _decode(response: httpx.Response, kind: type[T]) -> T:
-    return msgspec.json.decode(response.content, type=kind)
+    try:
+        return msgspec.json.decode(response.content, type=kind)
+    except msgspec.DecodeError as exc:  # a proxy's page, another service on that port
+        raise ClientError(
+            f"the answer from {response.url} is not the API's ({exc}); is --api-url right?"
+        ) from None

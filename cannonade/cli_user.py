@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # the HTTP client is imported when a user command runs, not b
 
 EXIT_NOT_COMPLETED = 3
 EXIT_INTERRUPTED = 130
-BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled")  # fmt: skip
+# The listing's filters (the API's): `cancelled` takes in the batches still cancelling.
+BATCH_STATUSES = ("in_progress", "completed", "failed", "cancelled", "expired")
 
 
 def with_client(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,11 +35,11 @@ def with_client(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(api_url: str, api_key: str, **kwargs: Any) -> Any:
         from cannonade.api_client import Client, ClientError
 
-        with Client(api_url, api_key) as client:
-            try:
+        try:
+            with Client(api_url, api_key) as client:
                 return command(client, **kwargs)
-            except ClientError as exc:
-                raise click.ClickException(str(exc)) from None
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
 
     return run
 
@@ -68,6 +69,8 @@ def follow_and_finish(client: Client, batch_id: str, output: Path | None, interv
 
     from cannonade.watch import follow
 
+    if output is not None:
+        output_dir(output)  # before the wait: a bad path found once the batch ended costs it
     try:
         batch = follow(client, batch_id, Console(stderr=True), interval_s)
     except KeyboardInterrupt:
@@ -83,10 +86,17 @@ def follow_and_finish(client: Client, batch_id: str, output: Path | None, interv
         raise SystemExit(EXIT_NOT_COMPLETED)
 
 
+def output_dir(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write results into {output}: {exc}") from None
+
+
 def download_results(client: Client, batch: Batch, output: Path) -> None:
     """Write the batch's output and error files into ``output`` as output.jsonl and
     errors.jsonl; prints each path."""
-    output.mkdir(parents=True, exist_ok=True)
+    output_dir(output)
     if not batch.ended:
         note(f"batch {batch.id} is {batch.status}: the files hold the results so far")
     files = ((batch.output_file_id, "output.jsonl"), (batch.error_file_id, "errors.jsonl"))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import click
 import msgspec
@@ -86,3 +91,94 @@ def test_the_demo_says_what_it_needs_where_the_sdk_is_missing(monkeypatch: pytes
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 1
     assert "needs the development extras (openai is missing)" in result.output
+
+
+def test_the_status_filters_offered_are_the_ones_the_api_takes() -> None:
+    from cannonade.cli_user import BATCH_STATUSES
+    from projections.queries import STATUS_FILTERS
+
+    assert set(BATCH_STATUSES) == set(STATUS_FILTERS)
+
+
+class _NotTheApi(BaseHTTPRequestHandler):
+    """What answers on a wrong port: a web page, 200."""
+
+    hits = 0
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        body = b"<html>log in</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_the_api() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotTheApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _NotTheApi.hits = 0
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "says"),
+    [
+        (["batch", "list"], "sk-1", "is not the API's"),
+        (["keys", "list"], "sk-1", "is not the API's"),
+        (["batch", "list"], "sk-\xa01", "a character a header cannot carry"),
+    ],
+)
+def test_a_wrong_address_or_key_is_an_error_message_not_a_traceback(
+    not_the_api: str, args: list[str], key: str, says: str
+) -> None:
+    result = CliRunner().invoke(main, [*args, "--api-url", not_the_api, "--api-key", key])
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_an_output_directory_that_cannot_be_made_fails_before_the_wait(
+    not_the_api: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            "watch",
+            "b",
+            "--output",
+            str(blocker / "sub"),
+            "--api-url",
+            not_the_api,
+            "--api-key",
+            "sk-1",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 1 and "cannot write results into" in result.output
+    assert _NotTheApi.hits == 0  # nothing was followed first
+
+
+def test_an_api_slower_than_the_client_is_told_apart_from_one_that_is_down() -> None:
+    from cannonade.api_client import Client, ClientError
+    from cannonade.config import ApiConfig
+
+    quiet = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        url = f"http://127.0.0.1:{quiet.getsockname()[1]}"
+        with Client(url, "sk-1", timeout_s=0.2) as client, pytest.raises(ClientError) as info:
+            client.batch("b")
+        assert "may have been done" in str(info.value)
+    finally:
+        quiet.close()
+    # By default the client outwaits the API's own wait for its writes to show.
+    (default,) = Client.__init__.__defaults__ or (0,)
+    assert default > ApiConfig().projection_wait_s
