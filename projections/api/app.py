@@ -85,7 +85,8 @@ class Context:
 
 CONTEXT: web.AppKey[Context] = web.AppKey("context", Context)
 PRINCIPAL = "principal"
-#: Set once a handler has handed the request to the engine (flex): see :func:`errors`.
+#: Set once a handler has handed the request to the engine (flex, a chain, a background
+#: call): see :func:`errors`.
 SUBMITTED = "submitted"
 
 

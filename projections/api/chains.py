@@ -25,7 +25,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from projections.api.app import Context, json_response
+from projections.api.app import SUBMITTED, Context, json_response
 from projections.api.auth import Principal
 from schemas import bodies, ids, topics
 from schemas.errors import ApiError
@@ -64,6 +64,7 @@ async def respond(
     background = body.get("background") is True
     facts = _facts(ctx, who, background)
     await _start(ctx, request_id, model, body, resolved_tool_names, facts)
+    request[SUBMITTED] = True  # the chain runs whatever the caller hears next
     if background:
         await ctx.wait_for(lambda: _head_exists(ctx.pool, request_id), "the response")
         return json_response(_in_progress(request_id, body, facts, background=True), 202)

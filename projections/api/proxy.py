@@ -17,7 +17,7 @@ from aiohttp import web
 
 from cannonade.config import ModelConfig
 from projections.api import stored
-from projections.api.app import CONTEXT, Context, context
+from projections.api.app import CONTEXT, SUBMITTED, Context, context
 from projections.api.realtime import RealtimeRequest, Recorder, Recording
 from projections.api.upstream import Reply, Upstream
 from projections.rules.responses import RequestDetail, chat_completion_result, openai_envelope
@@ -131,6 +131,7 @@ async def start_background(request: web.Request, job: Job) -> None:
     ctx, proxy = context(request), request.app[PROXY]
     recording = await proxy.recorder.begin_now(job)
     proxy.detach(_detached(proxy, job, recording))
+    request[SUBMITTED] = True  # the upstream call runs whatever the caller hears next
     await stored.until_recorded(ctx, job.request_id)
 
 

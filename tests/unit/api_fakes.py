@@ -1,0 +1,98 @@
+"""The realtime `/v1/responses` and `/v1/chat/completions` handlers served on loopback, with the
+error middleware but the read model and the broker faked, for tests that call them with the
+`openai` SDK as a user would."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import asyncpg
+import openai
+from aiohttp import web
+
+from cannonade.config import ApiConfig, Config, ModelConfig, ResponsesConfig
+from cannonade.testing.fake_upstream import LoopbackServer
+from projections.api import app as api
+from projections.api import chat, proxy, responses
+from projections.api.auth import Principal
+from projections.api.publisher import Publisher
+from projections.api.wakeups import Wakeups
+from schemas.bodies import BodyRef
+from schemas.events import ChainEvent, RequestTransitions
+
+
+class FakePool:
+    """The read model: `head` is every row read (a chain's head, ended or not), `projected`
+    whether a created row shows; the projector never advances."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] | None = None
+        self.projected = False
+
+    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
+        return self.head
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        return []
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        if "projection_offsets" in query:
+            return 0
+        return True if self.projected else None
+
+
+class FakePublisher:
+    """The broker, keeping the chains started and the lifecycle records."""
+
+    def __init__(self) -> None:
+        self.chains: list[str] = []
+        self.records: list[RequestTransitions] = []
+
+    async def bodies(self, records: Sequence[tuple[str, bytes | None, int]]) -> list[BodyRef]:
+        return [BodyRef(0, offset) for offset in range(len(records))]
+
+    async def transitions(self, records: Sequence[RequestTransitions]) -> None:
+        self.records += records
+
+    async def chain(self, response_id: str, event: ChainEvent) -> None:
+        self.chains.append(response_id)
+
+
+@web.middleware
+async def _as_ana(request: web.Request, handler: api.Handler) -> web.StreamResponse:
+    request[api.PRINCIPAL] = Principal("ana", "key-1")
+    return await handler(request)
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    upstream: str,
+    pool: FakePool,
+    publisher: FakePublisher,
+    *,
+    wait_s: float = 5.0,
+    max_retries: int = 0,
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    """An SDK client of the handlers, whose model `m` is answered by `upstream`; a wait on the
+    read model gives up after `wait_s`."""
+    config = Config(
+        models={"m": ModelConfig(upstream=upstream)},
+        api=ApiConfig(projection_stall_s=wait_s),
+        responses=ResponsesConfig(poll_timeout_s=wait_s),
+    )
+    app = web.Application(middlewares=[api.errors, _as_ana])
+    database = cast(asyncpg.Pool, pool)
+    app[api.CONTEXT] = api.Context(config, database, cast(Publisher, publisher), Wakeups(""))
+    proxy.setup(app)
+    responses.routes(app.router)
+    chat.routes(app.router)
+    server = LoopbackServer(app)
+    await server.start()
+    client = openai.AsyncOpenAI(api_key="k", base_url=f"{server.url}/v1", max_retries=max_retries)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await server.close()
