@@ -38,8 +38,8 @@ class ResponsesStream:
         """The events for one chat chunk: text of the first choice, as it comes."""
         if not isinstance(chunk, dict):
             return []
-        if self._seed is None and isinstance(chunk.get("id"), str):
-            self._seed = chunk["id"]
+        if self._seed is None and isinstance(chunk.get("id"), str) and chunk["id"]:
+            self._seed = chunk["id"]  # a blank one opens some streams (Azure's metadata)
         events: list[Event] = []
         choices = chunk.get("choices")
         for choice in choices if isinstance(choices, list) else []:

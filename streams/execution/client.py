@@ -420,7 +420,7 @@ def reassemble(payloads: Sequence[str]) -> str | None:
     for chunk in chunks:
         if chunk.get("type") == "response.completed" and isinstance(chunk.get("response"), dict):
             return msgspec.json.encode(chunk["response"]).decode()
-    kind = chunks[0].get("object")
+    kind = _first(chunks, "object")
     if kind == "chat.completion.chunk":
         return msgspec.json.encode(_merge_chunks(chunks, "chat.completion")).decode()
     if kind == "text_completion":
@@ -428,8 +428,13 @@ def reassemble(payloads: Sequence[str]) -> str | None:
     return None
 
 
+def _first(chunks: list[dict[str, Any]], key: str) -> Any:
+    """`key` of the first chunk where it is set: some upstreams open with a metadata chunk
+    whose fields are blank (Azure OpenAI's `prompt_filter_results`, with `"object": ""`)."""
+    return next((chunk[key] for chunk in chunks if chunk.get(key)), chunks[0].get(key))
+
+
 def _merge_chunks(chunks: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    first = chunks[0]
     choices: dict[int, _ChoiceAccumulator] = {}
     usage: Any = None
     fingerprint: Any = None
@@ -441,10 +446,10 @@ def _merge_chunks(chunks: list[dict[str, Any]], kind: str) -> dict[str, Any]:
             choices.setdefault(index, _ChoiceAccumulator(index, chat=kind == "chat.completion"))
             choices[index].add(choice)
     merged: dict[str, Any] = {
-        "id": first.get("id"),
+        "id": _first(chunks, "id"),
         "object": kind,
-        "created": first.get("created"),
-        "model": first.get("model"),
+        "created": _first(chunks, "created"),
+        "model": _first(chunks, "model"),
         "choices": [choices[index].result() for index in sorted(choices)],
         "usage": usage,
     }

@@ -4,11 +4,13 @@ error middleware but the read model and the broker faked, for tests that call th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import asyncpg
+import msgspec
 import openai
 from aiohttp import web
 
@@ -44,20 +46,68 @@ class FakePool:
 
 
 class FakePublisher:
-    """The broker, keeping the chains started and the lifecycle records."""
+    """The broker, keeping the chains started, the lifecycle records and the bodies."""
 
     def __init__(self) -> None:
         self.chains: list[str] = []
         self.records: list[RequestTransitions] = []
+        self.stored: dict[str, bytes | None] = {}
+        self._sent = asyncio.Condition()
 
     async def bodies(self, records: Sequence[tuple[str, bytes | None, int]]) -> list[BodyRef]:
+        async with self._sent:
+            self.stored |= {key: value for key, value, _ in records}
+            self._sent.notify_all()
         return [BodyRef(0, offset) for offset in range(len(records))]
+
+    async def body(self, key: str) -> bytes | None:
+        """The body recorded under `key`, once the recorder (running on after the answer)
+        sent it."""
+        async with asyncio.timeout(5), self._sent:
+            await self._sent.wait_for(lambda: key in self.stored)
+        return self.stored[key]
 
     async def transitions(self, records: Sequence[RequestTransitions]) -> None:
         self.records += records
 
     async def chain(self, response_id: str, event: ChainEvent) -> None:
         self.chains.append(response_id)
+
+
+#: An upstream reply: the data of each server-sent event (objects sent as JSON), or a JSON
+#: answer as (status, body).
+Reply = list[Any] | tuple[int, Any]
+
+
+class ScriptedUpstream(LoopbackServer):
+    """A chat-completions upstream answering each call with the next of its replies."""
+
+    def __init__(self, *replies: Reply) -> None:
+        super().__init__(web.Application())
+        self.app.router.add_post("/v1/chat/completions", self._answer)
+        self.replies = list(replies)
+        self.received: list[Any] = []
+
+    async def __aenter__(self) -> ScriptedUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        self.received.append(await request.json())
+        reply = self.replies.pop(0)
+        if isinstance(reply, tuple):
+            status, body = reply
+            return web.json_response(body, status=status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for data in reply:
+            text = data if isinstance(data, str) else msgspec.json.encode(data).decode()
+            await response.write(f"data: {text}\n\n".encode())
+        await response.write_eof()
+        return response
 
 
 @web.middleware

@@ -308,6 +308,9 @@ def test_chat_stream_reassembles_into_a_chat_completion() -> None:
         ],
         "usage": {"prompt_tokens": 3, "total_tokens": 5},
     }
+    # A blank metadata chunk first (Azure OpenAI's prompt filter results) changes nothing.
+    opening = '{"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[]}'
+    assert stream_outcome(200, [opening, *events]) == (status, body)
 
 
 def test_unrecognised_successful_stream_keeps_its_data() -> None:

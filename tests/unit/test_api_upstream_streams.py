@@ -1,0 +1,64 @@
+"""Realtime answers (§7.2, §7.8) to upstreams that stream in their own way, read by the
+`openai` SDK as a user would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+
+from schemas import bodies
+from streams.responses.steps import parse_response_id
+from tests.unit.api_fakes import FakePool, FakePublisher, ScriptedUpstream, serve
+from tests.unit.test_api_response_stream import USAGE, chunk
+
+# Azure OpenAI opens a stream with the prompt's filter results, every other field blank.
+AZURE_OPENING = {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                 "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}  # fmt: skip
+HELLO: list[Any] = [
+    AZURE_OPENING,
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"content": "Hel"}),
+    chunk({"content": "lo"}),
+    chunk({}, "stop"),
+    USAGE,
+    "[DONE]",
+]
+
+
+async def _stored(publisher: FakePublisher, response_id: str) -> Any:
+    request_id = parse_response_id(response_id)
+    assert request_id is not None
+    body = await publisher.body(bodies.key(bodies.RESULT, request_id))
+    assert body is not None
+    return msgspec.json.decode(body)
+
+
+async def test_a_responses_stream_opened_by_a_metadata_chunk_completes() -> None:
+    publisher = FakePublisher()
+    async with (
+        ScriptedUpstream(HELLO) as upstream,
+        serve(upstream.url, FakePool(), publisher) as sdk,
+    ):
+        async with sdk.responses.stream(model="m", input="hi") as stream:
+            final = await stream.get_final_response()
+    assert (final.status, final.output_text) == ("completed", "Hello")
+    assert final.usage is not None and final.usage.total_tokens == 5
+    retrieved = Response.model_validate(await _stored(publisher, final.id))  # what GET reads
+    assert (retrieved.status, retrieved.output_text) == ("completed", "Hello")
+
+
+async def test_a_chat_stream_opened_by_a_metadata_chunk_is_stored_as_a_completion() -> None:
+    publisher = FakePublisher()
+    async with (
+        ScriptedUpstream(HELLO) as upstream,
+        serve(upstream.url, FakePool(), publisher) as sdk,
+    ):
+        chunks = await sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        [chat_id] = {c.id async for c in chunks}
+    stored = ChatCompletion.model_validate(await _stored(publisher, chat_id))
+    assert stored.choices[0].message.content == "Hello" and stored.model == "m"
