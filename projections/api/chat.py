@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -62,6 +63,7 @@ async def _create(request: web.Request, path: str) -> web.StreamResponse:
         upstream_body=raw,
         success=success,
         relay=ChatRelay(request_id) if path == CHAT else None,
+        stream=body.get("stream") is True,
     )
     return await proxy.answer(request, job)
 
@@ -71,16 +73,51 @@ class ChatRelay:
 
     def __init__(self, request_id: str) -> None:
         self._request_id = request_id
+        self._streamed = False
 
     def opening(self) -> bytes:
         return b""
 
     def forward(self, data: str) -> tuple[str, bytes]:
+        self._streamed = True
         data = override_response_id(data, self._request_id, CHAT)
         return data, proxy.sse(data)
 
     def closing(self, status: int, body: bytes) -> bytes:
-        return b""  # `[DONE]`, or the upstream's error event, came with the stream
+        if self._streamed:
+            return b""  # `[DONE]`, or the upstream's error event, came with the stream
+        # The upstream answered whole: its completion as the one chunk that streams it.
+        try:
+            completion = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            completion = None
+        data = body if not isinstance(completion, dict) else msgspec.json.encode(_chunk(completion))
+        return proxy.sse(data) + proxy.sse("[DONE]")
 
     def broken(self, error: ApiError) -> bytes:
         return proxy.sse(msgspec.json.encode(error.envelope()))
+
+
+def _chunk(completion: dict[str, Any]) -> dict[str, Any]:
+    choices = completion.get("choices")
+    return completion | {
+        "object": "chat.completion.chunk",
+        "choices": [
+            _delta_choice(choice) if isinstance(choice, dict) else choice
+            for choice in (choices if isinstance(choices, list) else [])
+        ],
+    }
+
+
+def _delta_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice's message as one delta; a delta's tool calls carry their index."""
+    delta = choice.get("message")
+    delta = dict(delta) if isinstance(delta, dict) else {}
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [
+            {"index": index, **call} if isinstance(call, dict) else call
+            for index, call in enumerate(calls)
+        ]
+    rest = {key: value for key, value in choice.items() if key != "message"}
+    return rest | {"delta": delta}

@@ -47,7 +47,8 @@ class Relay(Protocol):
         ...
 
     def closing(self, status: int, body: bytes) -> bytes:
-        """Sent once the stream ended; `body` is what was recorded for `status`."""
+        """Sent once the stream ended, or after the opening when the upstream answered a
+        streaming caller whole; `body` is what was recorded for `status`."""
         ...
 
     def broken(self, error: ApiError) -> bytes:
@@ -65,6 +66,7 @@ class Job(RealtimeRequest):
     # A 2xx upstream body → what the caller gets and what is stored (§8.8, §7.8).
     success: Callable[[bytes], bytes]
     relay: Relay | None = None  # None: an SSE answer is read whole
+    stream: bool = False  # the caller asked for server-sent events
 
 
 # -- shared resources ----------------------------------------------------------------------
@@ -156,7 +158,10 @@ async def _exchange(
             job.model, job.config, job.upstream_path, job.upstream_body, job.request_id
         )
         async with reply:
-            if request is not None and job.relay is not None and reply.streamed:
+            # A streaming caller gets events even from an upstream that answered it whole; an
+            # error answers with its status, as OpenAI's own does.
+            whole = job.stream and 200 <= reply.status < 300
+            if request is not None and job.relay is not None and (reply.streamed or whole):
                 return await _relay(request, job, job.relay, reply, recording)
             raw = await reply.read()
         if 200 <= reply.status < 300:
@@ -201,20 +206,25 @@ async def _relay(
     request: web.Request, job: Job, relay: Relay, reply: Reply, recording: Recording
 ) -> web.StreamResponse:
     """Streams the upstream's events to the caller as they come, and records their reassembly
-    (a mid-stream upstream failure ends the stream with an error event)."""
+    (a mid-stream upstream failure ends the stream with an error event); a whole answer is
+    recorded as it is, and streamed by the relay's closing."""
     response = web.StreamResponse(
         status=reply.status,
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
     )
     await _write(request, response, relay.opening())
-    kept: list[str] = []
     try:
-        async for data in reply.events():
-            keep, send = relay.forward(data)
-            kept.append(keep)
-            await _write(request, response, send)
-        status, outcome = stream_outcome(reply.status, kept)
-        body = job.success(outcome.encode()) if 200 <= status < 300 else outcome.encode()
+        if reply.streamed:
+            kept: list[str] = []
+            async for data in reply.events():
+                keep, send = relay.forward(data)
+                kept.append(keep)
+                await _write(request, response, send)
+            status, outcome = stream_outcome(reply.status, kept)
+            raw = outcome.encode()
+        else:
+            status, raw = reply.status, await reply.read()
+        body = job.success(raw) if 200 <= status < 300 else raw
         recording.complete(status, body)
         ending = relay.closing(status, body)
     except ApiError as exc:

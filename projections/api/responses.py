@@ -80,6 +80,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         upstream_body=msgspec.json.encode(chat),
         success=_translation(request_id, body, created_at, background),
         relay=None if background else ResponsesRelay(body, response_id(request_id), created_at),
+        stream=chat.get("stream") is True,
     )
     if not background:
         return await proxy.answer(request, job)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import openai
+import pytest
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
@@ -13,6 +15,7 @@ from schemas import bodies
 from streams.responses.steps import parse_response_id
 from tests.unit.api_fakes import FakePool, FakePublisher, ScriptedUpstream, serve
 from tests.unit.test_api_response_stream import USAGE, chunk
+from tests.unit.test_responses_translate import chat
 
 # Azure OpenAI opens a stream with the prompt's filter results, every other field blank.
 AZURE_OPENING = {"id": "", "object": "", "created": 0, "model": "", "choices": [],
@@ -62,3 +65,34 @@ async def test_a_chat_stream_opened_by_a_metadata_chunk_is_stored_as_a_completio
         [chat_id] = {c.id async for c in chunks}
     stored = ChatCompletion.model_validate(await _stored(publisher, chat_id))
     assert stored.choices[0].message.content == "Hello" and stored.model == "m"
+
+
+async def test_a_responses_stream_answered_whole_upstream_still_streams() -> None:
+    rate_limited = (429, {"error": {"message": "slow down", "type": "rate_limit_error"}})
+    async with ScriptedUpstream((200, chat()), rate_limited) as upstream:
+        async with serve(upstream.url, FakePool(), FakePublisher()) as sdk:
+            async with sdk.responses.stream(model="m", input="hi") as stream:
+                kinds = [event.type async for event in stream]
+                final = await stream.get_final_response()
+            # An error answers with its status, streamed or not (as OpenAI's own API does).
+            with pytest.raises(openai.RateLimitError):
+                await sdk.responses.create(model="m", input="hi", stream=True)
+    assert kinds[-1] == "response.completed"
+    assert (final.status, final.output_text) == ("completed", "Hello!")
+    assert final.usage is not None and final.usage.total_tokens == 16
+
+
+async def test_a_chat_stream_answered_whole_upstream_still_streams() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    async with ScriptedUpstream((200, chat("Let me see", "tool_calls", [call]))) as upstream:
+        async with serve(upstream.url, FakePool(), FakePublisher()) as sdk:
+            async with sdk.chat.completions.stream(
+                model="m", messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                final = await stream.get_final_completion()
+    [choice] = final.choices
+    assert final.id.startswith("resp_") and choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me see"
+    [made] = choice.message.tool_calls or []
+    assert (made.id, made.function.arguments) == ("call_1", '{"a":1}')
+    assert final.usage is not None and final.usage.total_tokens == 16
