@@ -207,6 +207,7 @@ class ChainEvents:
         self.next_step = 1  # the first step not yet streamed
         self.output_index = 0
         self.count = 0
+        self.output: list[dict[str, Any]] = []  # the items streamed whole so far
 
     def created(self) -> bytes:
         response = {**self.base, "status": "in_progress"}
@@ -290,6 +291,7 @@ class ChainEvents:
         return self._event(sequence, "response.output_item.added", {"output_index": index, "item": added})  # fmt: skip
 
     def _done(self, sequence: int, index: int, item: dict[str, Any]) -> bytes:
+        self.output.append(item)
         return self._event(sequence, "response.output_item.done", {"output_index": index, "item": item})  # fmt: skip
 
     def _index(self) -> int:
@@ -301,13 +303,15 @@ class ChainEvents:
         if status == 200:
             return self._event(self.next_step, "response.completed", {"response": answer})
         error = answer["error"]
-        failure = {
-            "type": error.get("type", "server_error")
-            if isinstance(error, dict)
-            else "server_error",
-            "message": error.get("message", "") if isinstance(error, dict) else str(error),
-        }
-        response = {**self.base, "status": "failed", "error": failure}
+        if isinstance(error, dict):
+            return self.failed(error.get("type", "server_error"), error.get("message", ""))
+        return self.failed("server_error", str(error))
+
+    def failed(self, kind: str, message: str) -> bytes:
+        """`response.failed` with what streamed before it (the SDK keeps a failed response's
+        `output` as sent) and a `code` the SDK's `ResponseError` names."""
+        failure = {"type": kind, "code": "server_error", "message": message}
+        response = {**self.base, "status": "failed", "output": self.output, "error": failure}
         return self._event(self.next_step, "response.failed", {"response": response})
 
     def _event(self, sse_id: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -362,11 +366,7 @@ async def _stream(
                 break
             await poll.wait(request_id)
     except ApiError as exc:  # the poll's timeout, after the headers went out
-        failure = {"type": "server_error", "message": exc.message}
-        response_body = {**events.base, "status": "failed", "error": failure}
-        await response.write(
-            events._event(events.next_step, "response.failed", {"response": response_body})
-        )
+        await response.write(events.failed("server_error", exc.message))
     except ConnectionResetError:
         return response  # the caller went away; the chain runs on
     await response.write_eof()

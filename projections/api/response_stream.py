@@ -26,6 +26,7 @@ class ResponsesStream:
         self._seed: str | None = None  # the chat id, as the reassembled completion keeps it
         self._reasoning = False
         self._message: tuple[int, str] | None = None  # (output index, item id) once text flows
+        self._parts: dict[str, str] = {}  # the message's content so far: part type → text
 
     def opening(self) -> list[Event]:
         snapshot = self._snapshot("in_progress")
@@ -73,8 +74,16 @@ class ResponsesStream:
         return events
 
     def failed(self, error: dict[str, Any]) -> list[Event]:
-        response = self._snapshot("failed") | {"error": error}
+        """The failure, with what streamed before it: the SDK keeps a failed response's
+        `output` as sent."""
+        response = self._snapshot("failed") | {"error": error, "output": self._streamed()}
         return [self._event("response.failed", response=response)]
+
+    def _streamed(self) -> list[dict[str, Any]]:
+        if self._message is None:
+            return []
+        content = [{"type": "output_text", "text": self._parts["output_text"], "annotations": []}]
+        return [message_item("", self._message[1], status="incomplete") | {"content": content}]
 
     def _text(self, text: str) -> list[Event]:
         events: list[Event] = []
@@ -96,6 +105,7 @@ class ResponsesStream:
                 ),
             ]
         index, message_id = self._message
+        self._parts["output_text"] = self._parts.get("output_text", "") + text
         events.append(
             self._event(
                 "response.output_text.delta",

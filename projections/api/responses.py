@@ -23,6 +23,7 @@ from projections.rules.responses import (
     backing_request_id,
     openai_message,
     response_object,
+    status_error_code,
     status_error_type,
 )
 from schemas.errors import ApiError, not_found
@@ -184,11 +185,13 @@ class ResponsesRelay:
             return _sse(self._stream.finished(msgspec.json.decode(body)))
         text = body.decode("utf-8", "replace")
         message = openai_message(text) or text
-        error = {"type": status_error_type(status), "code": status, "message": message}
+        code = status_error_code(status)
+        error = {"type": status_error_type(status), "code": code, "message": message}
         return _sse(self._stream.failed(error))
 
     def broken(self, error: ApiError) -> bytes:
-        failure = {"type": error.type, "code": error.status, "message": error.message}
+        code = status_error_code(error.status)
+        failure = {"type": error.type, "code": code, "message": error.message}
         return _sse(self._stream.failed(failure))
 
 

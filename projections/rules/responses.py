@@ -89,6 +89,12 @@ def status_error_type(status: int) -> str:
     return _ERROR_TYPES.get(status, "server_error")
 
 
+def status_error_code(status: int) -> str:
+    """A failed Responses object's `error.code` for an HTTP status: one the `openai` SDK's
+    `ResponseError` names (a string, never the status)."""
+    return "rate_limit_exceeded" if status == 429 else "server_error"
+
+
 def _decode(text: str) -> Any:
     try:
         return msgspec.json.decode(text)

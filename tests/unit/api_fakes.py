@@ -23,21 +23,30 @@ from projections.api.publisher import Publisher
 from projections.api.wakeups import Wakeups
 from schemas.bodies import BodyRef
 from schemas.events import ChainEvent, RequestTransitions
+from streams.execution.failure import NonRetriableHttpStatus
 
 
 class FakePool:
-    """The read model: `head` is every row read (a chain's head, ended or not), `projected`
-    whether a created row shows; the projector never advances."""
+    """The read model: `head` is every row read (a chain's head, ended or not), `steps` every
+    list of rows (a chain's steps), `projected` whether a created row shows; the projector
+    never advances."""
 
     def __init__(self) -> None:
         self.head: dict[str, Any] | None = None
+        self.steps: list[dict[str, Any]] = []
         self.projected = False
+
+    def chain_failed(self, payload: dict[str, Any]) -> None:
+        """The head row as a chain's finalisation fails it with `payload` (§2.11)."""
+        body = msgspec.json.encode(payload).decode()
+        failure = NonRetriableHttpStatus(status=500, body=body).to_json().encode()
+        self.head = {"state": "failed", "body": failure}
 
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
         return self.head
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
-        return []
+        return self.steps
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         if "projection_offsets" in query:

@@ -13,6 +13,8 @@ from projections.api.chains import ChainEvents, Ended, failure_payload
 from streams.execution.failure import NonRetriableHttpStatus
 from streams.responses.chain import assemble_output
 from streams.responses.steps import Step, StepKind, StepState, step_id
+from tests.unit.api_fakes import FakePool, FakePublisher, serve
+from tests.unit.test_api_no_retry import TOOLS
 
 HEAD = "0d9f1c7e-2b3a-4c5d-8e9f-0a1b2c3d4e5f"
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -113,5 +115,23 @@ def test_a_failed_chain_ends_with_response_failed() -> None:
     envelope = NonRetriableHttpStatus(status=500, body=msgspec.json.encode(payload).decode())
     [(_, kind, data)] = parse(events.ended(Ended("failed", envelope.to_json().encode())))
     assert kind == "response.failed"
-    assert data["response"]["status"] == "failed" and data["response"]["error"] == payload
+    assert data["response"]["status"] == "failed"
+    assert data["response"]["error"] == payload | {"code": "server_error"}
     assert "error" not in data  # the SDK raises on a top-level error; the event carries it inside
+
+
+async def test_a_stream_whose_chain_failed_keeps_what_streamed() -> None:
+    pool = FakePool()
+    pool.steps = [row(1, "model_call", "completed", {}, MODEL_REPLY)]
+    pool.chain_failed({"type": "executor_error", "message": "executor error: boom"})
+    async with serve("http://127.0.0.1:9", pool, FakePublisher()) as sdk:
+        async with sdk.responses.stream(model="m", input="weather?", tools=TOOLS) as stream:
+            events = [event async for event in stream]
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.output_text == "checking"
+    assert [item.type for item in failed.response.output] == ["message", "function_call"]
+    assert failed.response.error is not None
+    assert (failed.response.error.code, failed.response.error.message) == (
+        "server_error", "executor error: boom",
+    )  # fmt: skip

@@ -6,37 +6,30 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import openai
 import pytest
 
 from schemas.events import RequestCreated
-from streams.execution.failure import NonRetriableHttpStatus
 from tests.unit.api_fakes import FakePool, FakePublisher, serve
 
 TOOLS: Any = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
-FAILED = {"type": "executor_error", "message": "executor error: tool 'get_weather' timed out"}
-FAILED_HEAD = {
-    "state": "failed",
-    "body": NonRetriableHttpStatus(status=500, body=msgspec.json.encode(FAILED).decode())
-    .to_json()
-    .encode(),
-}
+TIMED_OUT = {"type": "executor_error", "message": "executor error: tool 'get_weather' timed out"}
 
 
 @pytest.mark.parametrize(
-    ("head", "background", "status"),
+    ("failed", "background", "status"),
     [
-        (FAILED_HEAD, False, 502),  # the chain failed
-        (None, False, 504),  # the chain outlasted the wait
-        (None, True, 503),  # the head row was not projected in time
+        (True, False, 502),  # the chain failed
+        (False, False, 504),  # the chain outlasted the wait
+        (False, True, 503),  # the head row was not projected in time
     ],
 )
 async def test_a_tool_chain_that_failed_is_not_started_again(
-    head: dict[str, Any] | None, background: bool, status: int
+    failed: bool, background: bool, status: int
 ) -> None:
     pool, publisher = FakePool(), FakePublisher()
-    pool.head = head
+    if failed:
+        pool.chain_failed(TIMED_OUT)
     async with serve("http://127.0.0.1:9", pool, publisher, wait_s=0.05, max_retries=1) as sdk:
         with pytest.raises(openai.APIStatusError) as raised:
             await sdk.responses.create(

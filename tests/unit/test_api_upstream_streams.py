@@ -96,3 +96,18 @@ async def test_a_chat_stream_answered_whole_upstream_still_streams() -> None:
     [made] = choice.message.tool_calls or []
     assert (made.id, made.function.arguments) == ("call_1", '{"a":1}')
     assert final.usage is not None and final.usage.total_tokens == 16
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "server_error"), (429, "rate_limit_exceeded")])
+async def test_a_stream_failing_half_way_keeps_what_streamed(status: int, code: str) -> None:
+    error = {"error": {"message": "overloaded", "type": "server_error", "code": status}}
+    failing = [chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}), error]
+    async with ScriptedUpstream(failing) as upstream:
+        async with serve(upstream.url, FakePool(), FakePublisher()) as sdk:
+            async with sdk.responses.stream(model="m", input="hi") as stream:
+                events = [event async for event in stream]
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.output_text == "Hello"
+    assert failed.response.error is not None
+    assert (failed.response.error.code, failed.response.error.message) == (code, "overloaded")
