@@ -128,7 +128,9 @@ async def _flex(
     found = await stored.until_settled(ctx, request_id, who.user, code=None)
     response = found.response()
     error = response.get("error") or {}
-    status = 200 if response["status"] in ("completed", "incomplete") else error.get("code") or 500
+    # 200 once the model answered, whatever its answer's status (as the realtime call does).
+    answered = found.detail.state == "completed" and "error" not in response
+    status = 200 if answered else error.get("code") or 500
     return json_response(response, status)
 
 

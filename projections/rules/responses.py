@@ -31,6 +31,9 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     499: "client_disconnected",
 }
+# A stored Responses object that did not simply complete: cut short by the token limit,
+# stopped by a content filter, or waiting on the caller's own tools.
+_ENDED_SHORT = ("incomplete", "failed", "requires_action")
 _STATUSES = {
     "pending": "queued",
     "claimed": "in_progress",
@@ -224,9 +227,11 @@ def _apply_completion(response: dict[str, Any], detail: RequestDetail) -> None:
     else:
         body = _decode(detail.response_body) if detail.response_body is not None else None
         if isinstance(body, dict):
-            if body.get("status") == "incomplete":
-                # Cut short (the model's token limit): retrieval says so as creation did.
-                response["status"] = "incomplete"
+            created_as = body.get("status")
+            if created_as in _ENDED_SHORT:
+                # Retrieval says what creation did (§7.8's status from the finish reason).
+                response["status"] = created_as
+            if created_as == "incomplete":
                 response["incomplete_details"] = body.get("incomplete_details")
             if "output" in body:
                 response["output"] = body["output"]

@@ -22,6 +22,7 @@ from projections.api.auth import Principal
 from projections.api.publisher import Publisher
 from projections.api.wakeups import Wakeups
 from schemas.bodies import BodyRef
+from schemas.commands import AnyCommand
 from schemas.events import ChainEvent, RequestTransitions
 from streams.execution.failure import NonRetriableHttpStatus
 
@@ -81,6 +82,9 @@ class FakePublisher:
 
     async def chain(self, response_id: str, event: ChainEvent) -> None:
         self.chains.append(response_id)
+
+    async def commands(self, commands: Sequence[AnyCommand]) -> None:
+        pass  # a flex request's row is what the test's read model shows
 
 
 #: An upstream reply: the data of each server-sent event (objects sent as JSON), or a JSON
