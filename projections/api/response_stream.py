@@ -4,7 +4,8 @@ chunks as the Responses event stream the `openai` SDK reads.
 Text deltas are sent as they come; every item's final form, and the terminal event, follow once
 the reassembled chat completion is translated. The message item streamed live has the id
 the translation derives for it (from the chat id and its output index), so the live deltas and
-the final object name the same item.
+the final object name the same item; should the translation place it elsewhere (reasoning that
+came after the text), the final object keeps it where and as the stream announced it.
 """
 
 from __future__ import annotations
@@ -47,15 +48,30 @@ class ResponsesStream:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict) or choice.get("index", 0) != 0:
                 continue
-            if delta.get("reasoning_content") or delta.get("reasoning"):
-                self._reasoning = True
+            if any(_is_text(delta.get(key)) for key in ("reasoning_content", "reasoning")):
+                self._reasoning = True  # text, as the translation counts it
             text = delta.get("content")
             if isinstance(text, str) and text:
                 events += self._text(text)
         return events
 
+    def arranged(self, response: dict[str, Any]) -> dict[str, Any]:
+        """The translated response with the streamed message where the stream announced it
+        (index and id), the other items around it in their order: the translation puts a
+        reasoning item first even when the reasoning came after the text."""
+        output = response.get("output")
+        if self._message is None or not isinstance(output, list):
+            return response
+        at, message_id = self._message
+        found = next((k for k, item in enumerate(output) if item.get("type") == "message"), None)
+        if found is None:
+            return response
+        rest = output[:found] + output[found + 1 :]
+        return response | {"output": rest[:at] + [output[found] | {"id": message_id}] + rest[at:]}
+
     def finished(self, response: dict[str, Any]) -> list[Event]:
-        """The final items and the terminal event, from the translated response."""
+        """The final items and the terminal event, from the translated response as
+        `arranged`."""
         events: list[Event] = []
         output = response.get("output")
         for index, item in enumerate(output if isinstance(output, list) else []):
@@ -127,3 +143,7 @@ class ResponsesStream:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return event
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)

@@ -71,6 +71,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     if background:  # answered 202 and polled: nothing streams
         chat.pop("stream", None)
         chat.pop("stream_options", None)
+    relay = None if background else ResponsesRelay(body, response_id(request_id), created_at)
+    translation = _translation(request_id, body, created_at, background)
     job = proxy.Job(
         request_id=request_id,
         model=name,
@@ -79,8 +81,8 @@ async def create(request: web.Request) -> web.StreamResponse:
         body=raw,
         upstream_path=CHAT,
         upstream_body=msgspec.json.encode(chat),
-        success=_translation(request_id, body, created_at, background),
-        relay=None if background else ResponsesRelay(body, response_id(request_id), created_at),
+        success=translation if relay is None else relay.arranging(translation),
+        relay=relay,
         stream=chat.get("stream") is True,
     )
     if not background:
@@ -174,6 +176,16 @@ class ResponsesRelay:
 
     def opening(self) -> bytes:
         return _sse(self._stream.opening())
+
+    def arranging(self, translation: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+        """`translation`, with the items in the order they streamed: the caller's GET then
+        lists them as the stream did."""
+
+        def arranged(upstream: bytes) -> bytes:
+            response = msgspec.json.decode(translation(upstream))
+            return msgspec.json.encode(self._stream.arranged(response))
+
+        return arranged
 
     def forward(self, data: str) -> tuple[str, bytes]:
         try:

@@ -42,7 +42,7 @@ def run(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         events += stream.chunk(c)
     chat = msgspec.json.decode(reassemble([msgspec.json.encode(c).decode() for c in chunks]) or "")
     final = chat_to_responses(chat, REQUEST, created_at=1_717_000_000) | {"id": RESPONSE_ID}
-    events += stream.finished(final)
+    events += stream.finished(stream.arranged(final))
     for event in events:
         _EVENT.validate_python(event)  # every event is what the SDK expects, strictly
     return events

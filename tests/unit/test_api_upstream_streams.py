@@ -111,3 +111,30 @@ async def test_a_stream_failing_half_way_keeps_what_streamed(status: int, code: 
     assert failed.response.output_text == "Hello"
     assert failed.response.error is not None
     assert (failed.response.error.code, failed.response.error.message) == (code, "overloaded")
+
+
+TEXT, STOP = chunk({"role": "assistant", "content": "Hi"}), chunk({}, "stop")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "kinds"),
+    [
+        ([TEXT, chunk({"reasoning_content": "hmm"}), STOP], ["message", "reasoning"]),
+        ([chunk({"reasoning": {"summary": "hmm"}}), TEXT, STOP], ["message"]),  # not text
+    ],
+)
+async def test_reasoning_streams_wherever_it_comes_and_is_stored_in_stream_order(
+    chunks: list[Any], kinds: list[str]
+) -> None:
+    publisher = FakePublisher()
+    async with (
+        ScriptedUpstream(chunks) as upstream,
+        serve(upstream.url, FakePool(), publisher) as sdk,
+    ):
+        async with sdk.responses.stream(model="m", input="hi") as stream:
+            final = await stream.get_final_response()
+    assert [item.type for item in final.output] == kinds and final.output_text == "Hi"
+    retrieved = Response.model_validate(await _stored(publisher, final.id))
+    assert [(item.type, getattr(item, "id", None)) for item in retrieved.output] == [
+        (item.type, getattr(item, "id", None)) for item in final.output
+    ]
