@@ -1,11 +1,12 @@
 """A streamed single-step response (§7.8, `stream: true`): the upstream's chat-completion
 chunks as the Responses event stream the `openai` SDK reads.
 
-Text deltas are sent as they come; every item's final form, and the terminal event, follow once
-the reassembled chat completion is translated. The message item streamed live has the id
-the translation derives for it (from the chat id and its output index), so the live deltas and
-the final object name the same item; should the translation place it elsewhere (reasoning that
-came after the text), the final object keeps it where and as the stream announced it.
+Text and refusal deltas are sent as they come, each in a content part of the one message;
+every item's final form, and the terminal event, follow once the reassembled chat completion is
+translated. The message item streamed live has the id the translation derives for it (from the
+chat id and its output index), so the live deltas and the final object name the same item;
+should the translation place it or its parts elsewhere (reasoning that came after the text, a
+refusal before it), the final object keeps them where and as the stream announced them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ class ResponsesStream:
         self._sequence = 0
         self._seed: str | None = None  # the chat id, as the reassembled completion keeps it
         self._reasoning = False
-        self._message: tuple[int, str] | None = None  # (output index, item id) once text flows
-        self._parts: dict[str, str] = {}  # the message's content so far: part type → text
+        self._message: tuple[int, str] | None = None  # (output index, item id) once it opened
+        # The message's content parts as they opened (their content index) → text so far.
+        self._parts: dict[str, str] = {}
 
     def opening(self) -> list[Event]:
         snapshot = self._snapshot("in_progress")
@@ -37,7 +39,7 @@ class ResponsesStream:
         ]
 
     def chunk(self, chunk: Any) -> list[Event]:
-        """The events for one chat chunk: text of the first choice, as it comes."""
+        """The events for one chat chunk: text and refusal of the first choice, as they come."""
         if not isinstance(chunk, dict):
             return []
         if self._seed is None and isinstance(chunk.get("id"), str) and chunk["id"]:
@@ -50,15 +52,16 @@ class ResponsesStream:
                 continue
             if any(_is_text(delta.get(key)) for key in ("reasoning_content", "reasoning")):
                 self._reasoning = True  # text, as the translation counts it
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                events += self._text(text)
+            for kind, key in (("output_text", "content"), ("refusal", "refusal")):
+                if _is_text(delta.get(key)):
+                    events += self._delta(kind, delta[key])
         return events
 
     def arranged(self, response: dict[str, Any]) -> dict[str, Any]:
-        """The translated response with the streamed message where the stream announced it
-        (index and id), the other items around it in their order: the translation puts a
-        reasoning item first even when the reasoning came after the text."""
+        """The translated response with the streamed message as the stream announced it: at
+        its index, with its id and its parts in the order they opened, the other items around
+        it in their order (the translation puts a reasoning item first even when the
+        reasoning came after the text, and the text before the refusal)."""
         output = response.get("output")
         if self._message is None or not isinstance(output, list):
             return response
@@ -66,8 +69,14 @@ class ResponsesStream:
         found = next((k for k, item in enumerate(output) if item.get("type") == "message"), None)
         if found is None:
             return response
+        opened = list(self._parts)
+        content = sorted(
+            output[found]["content"],
+            key=lambda part: opened.index(part["type"]) if part["type"] in opened else len(opened),
+        )
+        message = output[found] | {"id": message_id, "content": content}
         rest = output[:found] + output[found + 1 :]
-        return response | {"output": rest[:at] + [output[found] | {"id": message_id}] + rest[at:]}
+        return response | {"output": rest[:at] + [message] + rest[at:]}
 
     def finished(self, response: dict[str, Any]) -> list[Event]:
         """The final items and the terminal event, from the translated response as
@@ -76,12 +85,7 @@ class ResponsesStream:
         output = response.get("output")
         for index, item in enumerate(output if isinstance(output, list) else []):
             if self._message == (index, item.get("id")):
-                at = {"item_id": item["id"], "output_index": index, "content_index": 0}
-                part = item["content"][0]
-                events += [
-                    self._event("response.output_text.done", **at, text=part["text"], logprobs=[]),
-                    self._event("response.content_part.done", **at, part=part),
-                ]
+                events += self._parts_done(index, item)
             else:
                 events.append(self._event("response.output_item.added", output_index=index, item=item))  # fmt: skip
             events.append(self._event("response.output_item.done", output_index=index, item=item))
@@ -98,40 +102,43 @@ class ResponsesStream:
     def _streamed(self) -> list[dict[str, Any]]:
         if self._message is None:
             return []
-        content = [{"type": "output_text", "text": self._parts["output_text"], "annotations": []}]
+        content = [_part(kind, text) for kind, text in self._parts.items()]
         return [message_item("", self._message[1], status="incomplete") | {"content": content}]
 
-    def _text(self, text: str) -> list[Event]:
+    def _delta(self, kind: str, text: str) -> list[Event]:
+        """A piece of the message's text or refusal; the message and the part open first."""
         events: list[Event] = []
         if self._message is None:
             # A reasoning item, when there is one, comes first in the translation.
             index = 1 if self._reasoning else 0
-            item = message_item("", item_id("msg", self._seed or "", index), status="in_progress")
-            self._message = (index, item["id"])
-            events += [
-                self._event(
-                    "response.output_item.added", output_index=index, item=item | {"content": []}
-                ),  # fmt: skip
-                self._event(
-                    "response.content_part.added",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=item["content"][0],
-                ),
-            ]
+            self._message = (index, item_id("msg", self._seed or "", index))
+            item = message_item("", self._message[1], status="in_progress") | {"content": []}
+            events.append(self._event("response.output_item.added", output_index=index, item=item))  # fmt: skip
         index, message_id = self._message
-        self._parts["output_text"] = self._parts.get("output_text", "") + text
-        events.append(
-            self._event(
-                "response.output_text.delta",
-                item_id=message_id,
-                output_index=index,
-                content_index=0,
-                delta=text,
-                logprobs=[],
-            )
-        )
+        opened = kind in self._parts
+        self._parts[kind] = self._parts.get(kind, "") + text
+        at = {"item_id": message_id, "output_index": index,
+              "content_index": list(self._parts).index(kind)}  # fmt: skip
+        if not opened:
+            events.append(self._event("response.content_part.added", **at, part=_part(kind, "")))
+        if kind == "refusal":
+            events.append(self._event("response.refusal.delta", **at, delta=text))
+        else:
+            events.append(self._event("response.output_text.delta", **at, delta=text, logprobs=[]))  # fmt: skip
+        return events
+
+    def _parts_done(self, index: int, item: dict[str, Any]) -> list[Event]:
+        """The done events of the streamed message's parts, final text in hand."""
+        events: list[Event] = []
+        for content_index, part in enumerate(item["content"]):
+            at = {"item_id": item["id"], "output_index": index, "content_index": content_index}
+            if part["type"] not in self._parts:
+                continue  # never opened: the item's own done event carries it
+            if part["type"] == "refusal":
+                events.append(self._event("response.refusal.done", **at, refusal=part["refusal"]))  # fmt: skip
+            else:
+                events.append(self._event("response.output_text.done", **at, text=part["text"], logprobs=[]))  # fmt: skip
+            events.append(self._event("response.content_part.done", **at, part=part))
         return events
 
     def _snapshot(self, status: str) -> dict[str, Any]:
@@ -147,3 +154,9 @@ class ResponsesStream:
 
 def _is_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": text}
+    return {"type": "output_text", "text": text, "annotations": []}

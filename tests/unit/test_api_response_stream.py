@@ -127,3 +127,30 @@ def test_a_failure_ends_the_stream_with_the_error() -> None:
     assert event["type"] == "response.failed" and event["sequence_number"] == 0
     assert event["response"]["status"] == "failed" and event["response"]["error"] == error
     assert stream.chunk("[DONE]") == [] and stream.chunk({"choices": None}) == []
+
+
+def test_a_refusal_streams_in_a_part_of_its_own() -> None:
+    events = run(
+        [
+            chunk({"role": "assistant", "refusal": "No."}),
+            chunk({"content": "Hi"}),
+            chunk({}, "stop"),
+        ]
+    )
+    assert [(e["type"], e.get("content_index")) for e in events[2:]] == [
+        ("response.output_item.added", None),
+        ("response.content_part.added", 0),
+        ("response.refusal.delta", 0),
+        ("response.content_part.added", 1),
+        ("response.output_text.delta", 1),
+        ("response.refusal.done", 0),
+        ("response.content_part.done", 0),
+        ("response.output_text.done", 1),
+        ("response.content_part.done", 1),
+        ("response.output_item.done", None),
+        ("response.completed", None),
+    ]
+    assert events[-1]["response"]["output"][0]["content"] == [
+        {"type": "refusal", "refusal": "No."},
+        {"type": "output_text", "text": "Hi", "annotations": []},
+    ]

@@ -9,7 +9,12 @@ import msgspec
 import openai
 import pytest
 from openai.types.chat import ChatCompletion
-from openai.types.responses import Response
+from openai.types.responses import (
+    Response,
+    ResponseCompletedEvent,
+    ResponseOutputMessage,
+    ResponseOutputText,
+)
 
 from schemas import bodies
 from streams.responses.steps import parse_response_id
@@ -137,4 +142,46 @@ async def test_reasoning_streams_wherever_it_comes_and_is_stored_in_stream_order
     retrieved = Response.model_validate(await _stored(publisher, final.id))
     assert [(item.type, getattr(item, "id", None)) for item in retrieved.output] == [
         (item.type, getattr(item, "id", None)) for item in final.output
+    ]
+
+
+@pytest.mark.parametrize(
+    ("deltas", "content"),
+    [
+        ([{"refusal": "I can't"}, {"refusal": " help"}], [("refusal", "I can't help")]),
+        ([{"refusal": "No."}, {"content": "Hi"}], [("refusal", "No."), ("output_text", "Hi")]),
+    ],
+)
+async def test_a_refusal_streams_as_it_comes(
+    deltas: list[dict[str, Any]], content: list[tuple[str, str]]
+) -> None:
+    chunks = [chunk(delta) for delta in deltas] + [STOP]
+    publisher = FakePublisher()
+    async with ScriptedUpstream(chunks, chunks) as upstream:
+        async with serve(upstream.url, FakePool(), publisher) as sdk:
+            async with await sdk.responses.create(model="m", input="hi", stream=True) as raw:
+                events = [event async for event in raw]
+            async with sdk.responses.stream(model="m", input="hi") as stream:
+                final = await stream.get_final_response()
+    deltas_of = {kind: "" for kind, _ in content}
+    for event in events:
+        if event.type in ("response.output_text.delta", "response.refusal.delta"):
+            kind = event.type.split(".")[1]
+            assert content[event.content_index][0] == kind
+            deltas_of[kind] += event.delta
+    assert list(deltas_of.items()) == content
+    completed = events[-1]
+    assert isinstance(completed, ResponseCompletedEvent)
+    retrieved = Response.model_validate(await _stored(publisher, final.id))
+    for response in (completed.response, final, retrieved):
+        assert _message_parts(response) == content
+
+
+def _message_parts(response: Response) -> list[tuple[str, str]]:
+    """(type, text) of each content part of a response's one message."""
+    [message] = response.output
+    assert isinstance(message, ResponseOutputMessage)
+    return [
+        (part.type, part.text if isinstance(part, ResponseOutputText) else part.refusal)
+        for part in message.content
     ]
