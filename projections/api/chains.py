@@ -30,6 +30,7 @@ from projections.api.auth import Principal
 from schemas import bodies, ids, topics
 from schemas.errors import ApiError
 from schemas.events import BatchlessFacts, ChainStarted, RequestCreated, RequestTransitions
+from streams.responses.chain import with_unique_call_ids
 from streams.responses.inputs import compact_json
 from streams.responses.steps import response_id
 from streams.responses.translate import function_call_item, item_id, message_item, tool_fields
@@ -208,6 +209,7 @@ class ChainEvents:
         self.output_index = 0
         self.count = 0
         self.output: list[dict[str, Any]] = []  # the items streamed whole so far
+        self.call_ids: set[str] = set()  # the tool calls' ids so far (assembly's names)
 
     def created(self) -> bytes:
         response = {**self.base, "status": "in_progress"}
@@ -252,7 +254,7 @@ class ChainEvents:
             index = self._index()
             return self._added(sequence, index, item) + self._done(sequence, index, item)
         out = b""
-        message = _message(payload)
+        message = _message(with_unique_call_ids(payload, sequence, self.call_ids))
         content = message.get("content")
         if isinstance(content, str) and content:
             out += self._text(sequence, message_item(content, item_id("msg", step, 0)))

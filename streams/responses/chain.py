@@ -84,11 +84,12 @@ def initial_payload(parent: ParentRequest) -> dict[str, Any]:
 def follow_up_payload(parent: ParentRequest, chain: Sequence[Step]) -> dict[str, Any]:
     """The initial messages plus every completed step's turn, in sequence order."""
     messages = list(parent.messages)
+    payloads = _model_payloads(chain)
     for step in _ordered(chain):
         if step.state is not StepState.COMPLETED:
             continue
         if step.step_kind is StepKind.MODEL_CALL:
-            message = _first_message(_model_payload(step))
+            message = _first_message(payloads[step.id])
             if message is not None:
                 messages.append(message)
         else:
@@ -155,6 +156,48 @@ def _model_payload(step: Step) -> Any:
     return {} if payload is None else payload
 
 
+def _model_payloads(chain: Sequence[Step]) -> dict[str, Any]:
+    """Each completed model call's payload by step id, its tool calls' ids unique."""
+    taken: set[str] = set()
+    payloads: dict[str, Any] = {}
+    for step in _ordered(chain):
+        if step.step_kind is StepKind.MODEL_CALL and step.state is StepState.COMPLETED:
+            payloads[step.id] = with_unique_call_ids(
+                _model_payload(step), step.step_sequence, taken
+            )
+    return payloads
+
+
+def with_unique_call_ids(payload: Any, sequence: int, taken: set[str]) -> Any:
+    """A model call's `payload` whose tool calls have ids no earlier call of the chain had.
+
+    Deviation (§2.7, §3): a call without an id, or with one an earlier call took (upstreams
+    that count from `call_0` every round), is named `call_<sequence>_<index>` rather than
+    `call_unknown` or the repeat, so that its tool step, the follow-up messages, the assembled
+    items and the stream each name one call (the `openai` SDK refuses a response naming two
+    alike). `taken` holds the ids of the chain's earlier calls and gains these: the ids follow
+    from the chain alone, and a replay names them alike.
+    """
+    message = _first_message(payload)
+    calls = message.get("tool_calls") if message is not None else None
+    if message is None or not isinstance(calls, list):
+        return payload
+    unique: list[Any] = []
+    for index, call in enumerate(calls):
+        if isinstance(call, dict):
+            if not isinstance(call.get("id"), str) or call["id"] in taken:
+                name = f"call_{sequence}_{index}"
+                while name in taken:
+                    name += "_"
+                call = call | {"id": name}
+            taken.add(call["id"])
+        unique.append(call)
+    if unique == calls:
+        return payload
+    choices = payload["choices"]
+    return payload | {"choices": [choices[0] | {"message": message | {"tool_calls": unique}}, *choices[1:]]}  # fmt: skip
+
+
 def _payload_or_none(step: Step) -> Any:
     return step.response_payload if step.has_response_payload else None
 
@@ -211,7 +254,7 @@ def next_action(
     last = completed[-1]
     if last.step_kind is StepKind.TOOL_CALL:
         return AppendSteps((StepDescriptor(StepKind.MODEL_CALL, follow_up_payload(parent, steps)),))
-    payload = _model_payload(last)
+    payload = _model_payloads(steps)[last.id]
     calls = extract_tool_calls(payload)
     # A round with any client-side function goes back to the client whole, never half-run.
     if calls and all(call["name"] in resolved_tool_names for call in calls):
@@ -346,6 +389,7 @@ def assemble_output(chain: Sequence[Step]) -> tuple[list[dict[str, Any]], Any]:
     """(output items, merged chat usage or None) from the completed steps in order."""
     output: list[dict[str, Any]] = []
     usage: Any = None
+    payloads = _model_payloads(chain)
     for step in _ordered(chain):
         if step.state is not StepState.COMPLETED:
             continue
@@ -360,7 +404,7 @@ def assemble_output(chain: Sequence[Step]) -> tuple[list[dict[str, Any]], Any]:
                 }
             )
             continue
-        payload = _model_payload(step)
+        payload = payloads[step.id]
         message = _first_message(payload)
         if message is not None:
             content = message.get("content")

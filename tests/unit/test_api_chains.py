@@ -5,16 +5,20 @@ item ids of the assembled response (§3)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
+import pytest
 
+from projections.api import responses as api_responses
 from projections.api.chains import ChainEvents, Ended, failure_payload
 from streams.execution.failure import NonRetriableHttpStatus
-from streams.responses.chain import assemble_output
+from streams.responses.chain import Complete, HeadCompleted, assemble_output, conclude
 from streams.responses.steps import Step, StepKind, StepState, step_id
 from tests.unit.api_fakes import FakePool, FakePublisher, serve
 from tests.unit.test_api_no_retry import TOOLS
+from tests.unit.test_responses_chain import PARENT, Loop, completion, tool_call
 
 HEAD = "0d9f1c7e-2b3a-4c5d-8e9f-0a1b2c3d4e5f"
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -135,3 +139,49 @@ async def test_a_stream_whose_chain_failed_keeps_what_streamed() -> None:
     assert (failed.response.error.code, failed.response.error.message) == (
         "server_error", "executor error: boom",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rounds",
+    [
+        [["call_0"], ["call_0"]],  # an upstream that counts from call_0 every round
+        [[None, None]],  # calls without an id
+    ],
+)
+async def test_every_tool_call_of_a_chain_has_an_id_of_its_own(
+    rounds: list[list[str | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = Loop()
+    for ids in rounds:
+        [model] = loop.record(loop.evaluate())
+        loop.finish(model, completion(calls=[tool_call(call_id) for call_id in ids]))
+        for tool in loop.record(loop.evaluate()):
+            loop.finish(tool, {"temp_c": 18})
+    [model] = loop.record(loop.evaluate())
+    loop.finish(model, completion("done"))
+    # What the last model call was sent: each tool message answers the call named before it.
+    messages = loop.chain[-1].request_payload["messages"]
+    called = [c.get("id") for m in messages if m["role"] == "assistant" for c in m["tool_calls"]]
+    answered = [m["tool_call_id"] for m in messages if m["role"] == "tool"]
+    assert answered == called and len(set(called)) == len(called)
+    outcome = loop.evaluate()
+    assert isinstance(outcome, Complete)
+    head = conclude(outcome, HEAD, loop.chain, PARENT, created_at=1, completed_at=2)
+    assert isinstance(head, HeadCompleted)
+    pool = FakePool()
+    pool.steps = [_row_of(step) for step in loop.chain]
+    pool.head = {"state": "completed", "body": head.body.encode()}
+    # The response the handler starts is the chain above.
+    monkeypatch.setattr(api_responses, "uuid", SimpleNamespace(uuid4=lambda: HEAD))
+    async with serve("http://127.0.0.1:9", pool, FakePublisher()) as sdk:
+        async with sdk.responses.stream(model="m", input="weather?", tools=TOOLS) as stream:
+            final = await stream.get_final_response()
+    calls = [i.call_id for i in final.output if i.type == "function_call"]
+    outputs = [i.call_id for i in final.output if i.type == "function_call_output"]
+    assert calls == outputs == called
+
+
+def _row_of(step: Step) -> dict[str, Any]:
+    """A step as the read model lists it."""
+    return row(step.step_sequence, step.step_kind.value, step.state.value, step.request_payload,
+               step.response_payload) | {"id": step.id}  # fmt: skip

@@ -661,7 +661,7 @@ def test_assembly_fallbacks_for_sparse_payloads() -> None:
     loop.finish(tool_step, None)
     output, usage = assemble_output(loop.chain)
     assert [shape(i) for i in output] == [
-        ("function_call", "call_unknown", "", "{}"),
+        ("function_call", "call_1_0", "", "{}"),  # named by its step and place (not unknown)
         ("function_call", "x", "get_weather", "{}"),
         ("function_call_output", "call_step_2", "null"),
     ]
