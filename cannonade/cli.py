@@ -20,7 +20,31 @@ def run() -> None:
     # policy: uvloop cut the executor's CPU per request by ~15 % in bench.peer. Set here, per
     # process, not in the group, so that invoking a command in-process leaves the caller's.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    main()
+    try:
+        main()
+    except Exception as exc:
+        message = _operational(exc)
+        if message is None:
+            raise  # a defect: its traceback is what finds it
+        click.echo(f"Error: {message}", err=True)
+        raise SystemExit(1) from None
+
+
+def _operational(exc: Exception) -> str | None:
+    """What went wrong in operation, in a line: a service that does not answer, a configuration
+    that does not load, input the rules refuse. None for anything else."""
+    import asyncpg
+    from aiokafka.errors import KafkaError
+
+    from schemas.errors import ApiError
+
+    if isinstance(exc, config_module.ConfigError):
+        return str(exc)
+    if isinstance(exc, ApiError):
+        return exc.message
+    if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | KafkaError):
+        return f"{exc} ({type(exc).__name__}): is the broker or the database reachable?"
+    return None
 
 
 @click.group()
@@ -222,8 +246,11 @@ def pending_counts_cmd(
 
     parsed = []
     for spec in windows:
-        label, start, end = spec.split(":")
-        parsed.append(Window(label, float(start) if start else None, float(end)))
+        try:
+            label, start, end = spec.split(":")
+            parsed.append(Window(label, float(start) if start else None, float(end)))
+        except ValueError:
+            raise click.BadParameter(f"{spec!r} is not LABEL:START:END", param_hint="--window") from None  # fmt: skip
 
     async def go() -> dict[str, dict[str, int]]:
         conn = await asyncpg.connect(config_module.load().database_url)

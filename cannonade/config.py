@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -198,8 +199,20 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.models.get(name)
 
 
+class ConfigError(ValueError):
+    """The configuration cannot be loaded: the message says where and why."""
+
+
 def load(environ: dict[str, str] | None = None) -> Config:
     env = os.environ if environ is None else environ
+    try:
+        return _load(env)
+    except (OSError, ValueError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+        where = env.get("CANNONADE_CONFIG") or "the CANNONADE_* environment"
+        raise ConfigError(f"cannot load the configuration ({where}): {exc}") from exc
+
+
+def _load(env: Mapping[str, str]) -> Config:
     raw: dict[str, object] = {}
     path = env.get("CANNONADE_CONFIG")
     if path:

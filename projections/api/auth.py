@@ -15,7 +15,8 @@ import asyncpg
 import msgspec
 
 from projections.api.publisher import Publisher
-from schemas import ids
+from schemas import codec, ids
+from schemas.errors import ApiError
 from schemas.events import ApiKey
 
 KEY_PREFIX = "cn-"
@@ -86,6 +87,10 @@ async def issue_key(
         key_hash=hash_key(secret).hex(),
         created_at=now,
     )
+    try:  # the projector's own check, before anything is published (a key it refuses never works)
+        codec.api_keys.decode(codec.encode(record))
+    except codec.DecodeErrors as exc:
+        raise ApiError(400, f"Invalid user {user[:64]!r}: {exc}", param="user") from None
     await publisher.key(record)
     try:
         await _until(conn, "SELECT 1 FROM api_keys WHERE id = $1", key_id, timeout_s=timeout_s)
