@@ -156,14 +156,16 @@ class Client:
 
     def batches(
         self, limit: int, status: str | None = None, after: str | None = None
-    ) -> tuple[list[Batch], bool]:
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of batches as the API answered them (see :func:`as_batch`), and whether more
+        follow."""
         params: dict[str, str | int] = {"limit": limit}
         if status is not None:
             params["status"] = status
         if after is not None:
             params["after"] = after
         page = _decode(self._request("GET", "/batches", params=params), _Page)
-        return msgspec.convert(page.data, list[Batch]), page.has_more
+        return msgspec.convert(page.data, list[dict[str, Any]]), page.has_more
 
     def cancel(self, batch_id: str) -> Batch:
         return _decode(self._request("POST", f"/batches/{batch_id}/cancel"), Batch)
@@ -200,6 +202,14 @@ class Client:
 
     def revoke_key(self, key_id: str) -> Key:
         return _decode(self._request("DELETE", f"/keys/{key_id}"), Key)
+
+
+def as_batch(answered: dict[str, Any]) -> Batch:
+    """The fields of a batch object the CLI shows."""
+    try:
+        return msgspec.convert(answered, Batch)
+    except msgspec.ValidationError as exc:
+        raise ClientError(f"the API answered a batch this client cannot read: {exc}") from None
 
 
 def _check(response: httpx.Response) -> None:

@@ -183,11 +183,14 @@ def list_batches(client: Client, status: str | None, limit: int, as_json: bool) 
     """List your batches, newest first."""
     import msgspec
 
+    from cannonade.api_client import as_batch
+
     found, more = client.batches(limit, status)
-    for b in found:
-        if as_json:
-            click.echo(msgspec.json.encode(b))
+    for answered in found:
+        if as_json:  # the API's object as it came, every field of it
+            click.echo(msgspec.json.encode(answered))
             continue
+        b = as_batch(answered)
         c = b.request_counts
         meta = "" if not b.metadata else "  " + json.dumps(b.metadata, ensure_ascii=False)
         click.echo(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -159,6 +160,12 @@ def test_watch_list_download_and_cancel_piped(
     assert listed.returncode == 0, listed.stderr
     row = next(r for r in listed.stdout.splitlines() if r.startswith(batch_id))
     assert re.search(r"completed\s+32/32\s+failed 0", row), listed.stdout
+    # --json: the API's batch objects whole, as the SDK reads them.
+    listed = cli(services, key, "batch", "list", "--limit", "5", "--json")
+    assert listed.returncode == 0, listed.stderr
+    objects = [openai.types.Batch.model_validate_json(line) for line in listed.stdout.splitlines()]  # fmt: skip
+    found = next(b for b in objects if b.id == batch_id)
+    assert found.object == "batch" and found.completed_at is not None
 
     downloaded = cli(services, key, "batch", "download", batch_id, "--output", str(tmp_path / "d"))
     assert downloaded.returncode == 0, downloaded.stderr
