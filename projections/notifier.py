@@ -352,7 +352,9 @@ class Notifier:
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:
-                    error = (await response.text(errors="replace"))[:_ERROR_TEXT] or None
+                    # The head only: a receiver may answer gigabytes, read into every replica.
+                    head = await response.content.read(4 * _ERROR_TEXT)
+                    error = head.decode("utf-8", "replace")[:_ERROR_TEXT] or None
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             error = (f"{type(exc).__name__}: {exc}")[:_ERROR_TEXT]
         if error is not None:  # the receiver's words, kept in a PostgreSQL text column

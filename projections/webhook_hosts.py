@@ -8,23 +8,34 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+# IPv6 ranges that carry an IPv4 address to a gateway (NAT64): the address is where it goes.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def public_address(text: str) -> bool:
-    address = ipaddress.ip_address(text)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        else:
+            address = address.ipv4_mapped or address.sixtofour or address
     return address.is_global
 
 
 def refused_address(url: str) -> str | None:
     """Why a URL that names an address may not be called, or None (names are left to
     :class:`PublicResolver`)."""
-    host = urlsplit(url).hostname or ""
+    try:
+        # The host as aiohttp will connect to it: yarl folds full-width digits and dots
+        # (`１２７．０．０．１`) to ASCII, which it then takes for an address, not a name.
+        host = URL(url).host or ""
+    except ValueError:
+        return "the endpoint's URL cannot be read"
     try:
         allowed = public_address(host)
     except ValueError:

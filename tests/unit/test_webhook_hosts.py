@@ -27,6 +27,9 @@ from projections.webhook_hosts import PublicResolver, public_address, refused_ad
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),  # an IPv4 loopback in IPv6 clothing
         ("0.0.0.0", False),
+        ("64:ff9b::a00:1", False),  # NAT64 to 10.0.0.1
+        ("64:ff9b::5db8:d70e", True),  # NAT64 to 93.184.215.14
+        ("2002:a00:1::1", False),  # 6to4 from 10.0.0.1
     ],
 )
 def test_only_public_addresses_may_be_called(address: str, public: bool) -> None:
@@ -38,6 +41,10 @@ def test_a_url_naming_a_private_address_is_refused_and_a_name_is_left_to_the_res
     assert refused_address("http://[::1]:8080/hook") is not None
     assert refused_address("https://93.184.215.14/hook") is None
     assert refused_address("https://hooks.example.com/x") is None
+    # Full-width digits and ideographic dots: the URL library makes them 127.0.0.1, and aiohttp
+    # connects to that address without asking a resolver.
+    for url in ("http://１２７.0.0.1:8/x", "http://127。0。0。1/x", "http://127．0．0．1/x"):
+        assert refused_address(url) is not None, url
 
 
 class Answers:
