@@ -93,19 +93,37 @@ def file_json(row: Any) -> FileObject:
     )
 
 
-async def _read_multipart(request: web.Request) -> dict[str, Any]:
+# The form fields an upload reads besides the file; any other part is read past, not kept.
+_FORM_FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
+_FIELD_BYTES = 4096
+
+
+async def _read_multipart(request: web.Request, limit: int) -> dict[str, Any]:
+    """The upload's file and form fields. Every part counts against ``limit``, however the
+    body is framed (a chunked one has no Content-Length to refuse up front)."""
     fields: dict[str, Any] = {}
+    room = limit + len(_FORM_FIELDS) * _FIELD_BYTES
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                continue
-            if part.name == "file":
-                fields["file"] = bytes(await part.read())
-                fields["filename"] = part.filename
+            if not isinstance(part, BodyPartReader):
+                raise invalid_request("Invalid multipart request: a nested multipart part")
+            if part.name in _FORM_FIELDS:
+                data = await _part_bytes(part, _FIELD_BYTES)
+                if len(data) > _FIELD_BYTES:
+                    raise invalid_request(f"Invalid multipart request: '{part.name}' is too long")
+                fields[part.name] = part.decode(data).decode(part.get_charset(default="utf-8"))
             else:
-                fields[part.name] = await part.text()
-    # LookupError: a part's charset Python does not know.
+                data = await _part_bytes(part, room)
+                if part.name == "file":
+                    fields["file"], fields["filename"] = data, part.filename
+            room -= len(data)
+            if room < 0:
+                raise ApiError(
+                    413,
+                    f"File exceeds the maximum allowed size of {limit} bytes",
+                    code="file_too_large",
+                )
     except (
         ValueError,
         AssertionError,
@@ -115,6 +133,14 @@ async def _read_multipart(request: web.Request) -> dict[str, Any]:
     ) as exc:
         raise invalid_request(f"Invalid multipart request: {exc}") from None
     return fields
+
+
+async def _part_bytes(part: BodyPartReader, cap: int) -> bytes:
+    """The part's bytes, read no further than just past ``cap``."""
+    data = bytearray()
+    while len(data) <= cap and (chunk := await part.read_chunk(1 << 16)):
+        data += chunk
+    return bytes(data)
 
 
 def _limits(config: Config) -> UploadLimits:
@@ -150,7 +176,7 @@ async def upload(request: web.Request) -> web.Response:
                 " has expired; send a new key",
                 code="idempotency_key_reused",
             )
-    fields = await _read_multipart(request)
+    fields = await _read_multipart(request, limits.max_file_size)
     now = datetime.now(UTC)
     validate_purpose(fields.get("purpose"))
     expires_at = validate_expires_after(

@@ -3,7 +3,7 @@ a 500 (§8.2)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,28 +42,65 @@ def test_a_time_filter_utc_cannot_hold_is_a_400(raw: str) -> None:
     assert (info.value.status, info.value.param) == (400, "created_after")
 
 
-async def test_a_multipart_part_in_an_unknown_charset_is_a_400() -> None:
+async def _upload_answer(*parts: tuple[str, bytes], chunked: bool = False, limit: int = 1 << 20) -> tuple[int, str]:  # fmt: skip
+    """(status, text) of an upload's form read: the fields it kept, or the error."""
+
     async def handler(request: web.Request) -> web.Response:
         try:
-            await _read_multipart(request)
+            fields = await _read_multipart(request, limit)
         except ApiError as exc:
             return web.Response(status=exc.status, text=exc.message)
-        return web.Response(text="read")
+        return web.Response(text=repr(sorted((k, len(v or "")) for k, v in fields.items())))
 
     app = web.Application()
     app.router.add_post("/", handler)
     boundary = "XyZ"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n'
-        "Content-Type: text/plain; charset=x-nope\r\n\r\nbatch\r\n"
-        f"--{boundary}--\r\n"
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+            + (b'; filename="a.jsonl"' if name == "file" else b"")
+            + b"\r\n"
+            + head
+            + b"\r\n"
+            for name, head in parts
+        )
+        + f"--{boundary}--\r\n".encode()
     )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for at in range(0, len(body), 1 << 16):
+            yield body[at : at + (1 << 16)]
+
     async with TestClient(TestServer(app)) as client:
         answer = await client.post(
-            "/", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        )
-        assert answer.status == 400
-        assert "Invalid multipart request" in await answer.text()
+            "/", data=chunks() if chunked else body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )  # fmt: skip
+        return answer.status, await answer.text()
+
+
+async def test_an_upload_form_keeps_its_file_and_fields() -> None:
+    status, text = await _upload_answer(
+        ("purpose", b"\r\nbatch"), ("file", b"\r\n" + b"x" * 1000), ("note", b"\r\nignored")
+    )
+    assert (status, text) == (200, "[('file', 1000), ('filename', 7), ('purpose', 5)]")
+
+
+async def test_a_multipart_part_in_an_unknown_charset_is_a_400() -> None:
+    status, text = await _upload_answer(("purpose", b"Content-Type: text/plain; charset=x-nope\r\n\r\nbatch"))  # fmt: skip
+    assert status == 400 and "Invalid multipart request" in text
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_upload_whose_parts_pass_the_limit_is_a_413_however_it_is_framed(chunked: bool) -> None:  # fmt: skip
+    # Parts the upload does not read count too: they were each kept whole, without a bound
+    # on the whole body when it came chunked (no Content-Length to refuse up front).
+    many = [(f"junk{i}", b"\r\n" + b"j" * 300_000) for i in range(8)]
+    assert (await _upload_answer(*many, chunked=chunked))[0] == 413
+    big = ("file", b"\r\n" + b"x" * 1_100_000)
+    assert (await _upload_answer(big, chunked=chunked))[0] == 413
+    long = ("purpose", b"\r\n" + b"p" * 5000)
+    assert (await _upload_answer(long, chunked=chunked)) == (400, "Invalid multipart request: 'purpose' is too long")  # fmt: skip
 
 
 def _batch_row(**changes: Any) -> dict[str, Any]:
