@@ -123,6 +123,14 @@ class ChainIO(Protocol):
         ...
 
 
+def _oversized(records: Sequence[BodyRecord], what: str) -> str | None:
+    """Why ``records`` cannot be written (one is larger than a record holds), or None."""
+    size = max((len(r.value) for r in records), default=0)
+    if size <= bodies.MAX_BODY_BYTES:
+        return None
+    return f"{what} of {size} bytes exceeds the {bodies.MAX_BODY_BYTES} a record holds"
+
+
 def unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
@@ -279,9 +287,12 @@ class ChainCore:
             raise PayloadUnavailable(f"the body at {ref.partition}@{ref.offset}: {exc}") from exc
 
     async def _append(self, chain: ChainState, recorded: list[Step], now: datetime) -> list[Out]:
-        refs = await self.io.write_bodies(
-            [body_record(bodies.STEP_REQUEST, s.id, _json(s.request_payload)) for s in recorded]
-        )
+        records = [body_record(bodies.STEP_REQUEST, s.id, _json(s.request_payload)) for s in recorded]  # fmt: skip
+        if (too_large := _oversized(records, "the next step's request")) is not None:
+            # Each tool output fits a record, but a follow-up carries all of them: no record
+            # could hold this one, and its send would fail for good.
+            return await self._finish(chain, LoopError(too_large), now)
+        refs = await self.io.write_bodies(records)
         entries = [
             StepEntry(
                 id=s.id,
@@ -410,6 +421,10 @@ class ChainCore:
             record = body_record(bodies.RESULT, head, finalization.body.encode())
         else:
             record = body_record(bodies.ERROR, head, finalization.error.encode())
+        if (too_large := _oversized([record], "the chain's response")) is not None:
+            failed = finalize(500, loop_error_payload(too_large))
+            assert not isinstance(failed, HeadCompleted)
+            finalization, record = failed, body_record(bodies.ERROR, head, failed.error.encode())
         (ref,) = await self.io.write_bodies([record])
         final = FinalOutcome(finalization.status, len(record.value))
         chain.terminal, chain.final = True, final

@@ -232,6 +232,24 @@ async def test_the_cap_allows_five_model_calls_and_five_tool_rounds_across_resta
     assert body == {"type": "loop_error", "message": ITERATION_CAP_MESSAGE}
 
 
+async def test_tool_outputs_too_large_together_for_a_record_end_the_chain() -> None:
+    """Each output fits a record, and the follow-up that carries both does not: the chain ends
+    with a loop error instead of failing its write for good (which held every chain of its
+    partition back while the agent took it for a broker away)."""
+    h = Harness()
+    [head] = works(await h.feed(h.chain_started()))
+    calls = completion(None, [("call_a", "lookup"), ("call_b", "lookup")])
+    first, second = works(await h.complete(head, calls))
+    big = {"result": "x" * (9 * 1024 * 1024)}
+    await h.complete(first, big)
+    assert works(await h.complete(second, big)) == []
+    status, envelope = h.result()
+    assert status == 500
+    body = msgspec.json.decode(envelope["details"]["body"])
+    assert body["type"] == "loop_error" and "exceeds the" in body["message"]
+    assert max(len(value) for _, value in h.bodies.records) <= bodies.MAX_BODY_BYTES
+
+
 async def test_redelivered_step_facts_never_record_a_step_twice() -> None:
     h = Harness()
     [head] = works(await h.feed(h.chain_started()))
