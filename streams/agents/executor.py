@@ -264,7 +264,7 @@ class Executor:
                 resolved = resolve_tools(self.config.tools, item.model, item.owner)
                 request = inject_tools(request, resolved)
                 if request.get("tools"):
-                    await self._hand_to_chain(item, request, sorted(resolved), body)
+                    await self._hand_to_chain(item, request, sorted(resolved), template.body)
                     return None, []
                 body, path = msgspec.json.encode(responses_to_chat(request)), CHAT_PATH
             except ValueError as exc:  # InputError included: the intake checks the same rules
@@ -308,13 +308,14 @@ class Executor:
         return finished, [body_out]
 
     async def _hand_to_chain(
-        self, item: DispatchItem, request: dict[str, Any], resolved: list[str], sent: bytes
+        self, item: DispatchItem, request: dict[str, Any], resolved: list[str], stored: bytes
     ) -> None:
-        """Start the multi-step chain headed by this claimed row (§7.9). A body that gained
-        server-side tools here is written again, so the chain reads what it runs."""
+        """Start the multi-step chain headed by this claimed row (§7.9). A body that changed
+        here from the one ``stored`` (escalated, given a deadline priority, or server-side
+        tools) is written again, so the chain reads what it runs."""
         parent = item.body
         encoded = msgspec.json.encode(request)
-        if encoded != sent:
+        if encoded != stored:
             key = bodies.key(bodies.TEMPLATE, item.request_id)
             partition = bodies.partition_for(item.request_id, topics.BODIES.partitions)
             [parent] = await self.write_bodies([(key, encoded, partition)])

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import msgspec
+
+from cannonade.config import Config, ExecutorConfig, ModelConfig
 from schemas.bodies import MAX_BODY_BYTES, BodyRef
-from schemas.events import DispatchBatch, ExecutionReport, FinishedItem, StartedItem
+from schemas.events import ChainStarted, DispatchBatch, ExecutionReport, FinishedItem, StartedItem
 from streams.emit import Out
 from streams.execution.bodies import BodyUnavailable, Template
 from streams.execution.client import Timeouts, UpstreamClient, UpstreamRequest, UpstreamResponse
+from streams.execution.outcome import ModelEscalation
 from streams.execution.reporter import Reporter
+from streams.responses.tools import ToolConfig
 from tests.unit.test_executor_lanes import Harness, claim
 
 
@@ -112,3 +117,47 @@ def test_stopping_the_reporter_sends_what_a_send_under_way_held() -> None:
         assert delivered == [item]
 
     asyncio.run(scenario())
+
+
+def test_a_chain_reads_the_escalated_body_whether_or_not_tools_were_added() -> None:
+    """A /v1/responses line near its deadline on a model that escalates: its chain runs the
+    escalated model, with the caller's own tools as with server-side tools injected."""
+    own_tools = {"model": "small", "input": "hi", "tools": [{"type": "function", "name": "mine"}]}
+    injected = {"model": "small", "input": "hi"}
+    stored = [msgspec.json.encode(own_tools), msgspec.json.encode(injected)]
+
+    class Bodies:
+        async def template(self, ref: BodyRef) -> Template:
+            return Template(custom_id=None, body=stored[ref.offset])
+
+    async def scenario() -> list[str]:
+        h = Harness()
+        h.executor.bodies = Bodies()
+        h.executor.config = Config(
+            models={m: ModelConfig(upstream="http://u", api_key="k") for m in ("small", "big")},
+            executor=ExecutorConfig(
+                model_escalations={"small": ModelEscalation(escalation_model="big")}
+            ),  # fmt: skip
+            tools={
+                "lookup": ToolConfig(
+                    description="l", url="http://t", models=("small",), users=("tina",)
+                )
+            },
+        )
+        started: list[ChainStarted] = []
+
+        async def publish(outs: Sequence[Out]) -> None:
+            started.extend(o.value for o in outs if isinstance(o.value, ChainStarted))
+
+        async def write_bodies(records: Sequence[tuple[str, bytes, int]]) -> list[BodyRef]:
+            stored.extend(value for _, value, _ in records)
+            return [BodyRef(0, len(stored) - len(records) + i) for i in range(len(records))]
+
+        h.executor.publish, h.executor.write_bodies = publish, write_bodies
+        near = datetime.now(UTC) + timedelta(seconds=60)
+        for line in (0, 1):
+            item = msgspec.structs.replace(claim(line, -1), model="small", path="/v1/responses", deadline=near, body=BodyRef(0, line), owner="tina")  # fmt: skip
+            await h.executor._execute(item, {})
+        return [msgspec.json.decode(stored[s.parent.offset])["model"] for s in started]
+
+    assert asyncio.run(scenario()) == ["big", "big"]
