@@ -20,7 +20,8 @@ from projections import catchup, notifier
 from projections.notifier import Notifier
 from projections.projector import CONSUMER
 from projections.webhook_signing import SecretBox, new_key
-from schemas import topics
+from schemas import codec, topics
+from schemas.events import BatchRejected
 from tests.integration.conftest import own_database, run
 
 pytestmark = pytest.mark.integration
@@ -48,8 +49,15 @@ async def _notified(dsn: str, bootstrap: str) -> tuple[int, int]:
     now = datetime.now(UTC)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
-    try:  # a record the projector of this database has not applied
-        await producer.send_and_wait(topics.BATCHES.name, b"{}", key=uuid.uuid4().bytes)
+    # A record the projector of this database has not applied: an event of the batches topic
+    # like any other (the session's other tests read that topic back, and their projector
+    # applies it: a verdict on a batch nobody has).
+    rejected = BatchRejected(
+        event_id=str(uuid.uuid4()), occurred_at=now, batch_id=str(uuid.uuid4()),
+        owner="notifier-catchup", status=400, message="a record for the notifier to wait on",
+    )  # fmt: skip
+    try:
+        await producer.send_and_wait(topics.BATCHES.name, codec.encode(rejected), key=rejected.batch_id.encode())  # fmt: skip
     finally:
         await producer.stop()
     async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as pool:
