@@ -94,7 +94,11 @@ def register(streams: Streams) -> Gate:
                 continue
             decided = time.perf_counter() - started
             if outs:
-                await streams.publish(outs)
+                # Acknowledged before the table's changelog goes: a changelog that landed ahead
+                # of the decisions it records (a batch lingering apart, another broker) would
+                # leave a gate killed in between sure of what nobody was told, and the rows it
+                # moved on stuck for good in the read model.
+                await streams.publish(outs, wait=True)
             hooks.gate_published(outs, decided)
             state.flush()
             await streams.send_changelog(event.message.partition, keys)
