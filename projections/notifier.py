@@ -196,12 +196,16 @@ class Notifier:
                         if not started:
                             await self._offsets.start()
                             started = True
-                        await self.notify()
-                        await self.deliver()
                     except Exception:
-                        log.exception("webhook notifier cycle failed")
-                        if not started:  # a consumer whose start failed is not reused
-                            self._offsets = catchup.offsets_reader(self.bootstrap)
+                        log.exception("webhook notifier could not start")
+                        self._offsets = catchup.offsets_reader(self.bootstrap)  # not reused
+                    else:
+                        # Each step on its own: one that fails for good must not stop the other.
+                        for step in (self.notify, self.deliver):
+                            try:
+                                await step()
+                            except Exception:
+                                log.exception("webhook notifier step %s failed", step.__name__)
                     try:
                         await asyncio.wait_for(self._stop.wait(), interval)
                     except TimeoutError:

@@ -38,6 +38,9 @@ from schemas.events import WebhookEndpoint
 
 MAX_URL = 2048
 MAX_NAME = 256
+# Endpoints per user: every endpoint is a delivery of each of the user's batches, all made from
+# one queue every user shares, and named in one notification record.
+MAX_ENDPOINTS = 16
 
 
 def check_registration(reg: WebhookRegistration) -> WebhookRegistration:
@@ -120,6 +123,15 @@ async def register(
             501,
             "Webhooks are not enabled on this server (no webhooks.secret_keys configured)",
             code="webhooks_disabled",
+        )
+    live = await pool.fetchval(
+        "SELECT count(*) FROM webhooks WHERE owner = $1 AND deleted_at IS NULL", owner
+    )
+    if live >= MAX_ENDPOINTS:
+        raise ApiError(
+            400,
+            f"At most {MAX_ENDPOINTS} webhook endpoints per user; delete one first",
+            code="too_many_webhooks",
         )
     secret = reg.signing_secret or generate_secret()
     webhook_id = str(uuid.uuid4())

@@ -47,7 +47,13 @@ def error_file_id(batch_id: str) -> str:
 
 
 def file_id_for(owner: str, idempotency_key: str) -> str:
-    """The file an upload with an ``Idempotency-Key`` creates: a retry names the same file."""
+    """The file an upload with an ``Idempotency-Key`` creates: a retry names the same file.
+
+    The parts are joined with ``/``, so an owner holding one would share ids with another
+    (``acme`` + ``ml/k`` and ``acme/ml`` + ``k``): such an owner's ids take its length too, in
+    a namespace of their own, and every other owner's stay as they were."""
+    if "/" in owner:
+        return derived("file-owner-length", len(owner), owner, idempotency_key)
     return derived("file", owner, idempotency_key)
 
 

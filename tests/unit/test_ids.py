@@ -22,3 +22,11 @@ def test_request_and_claim_ids_a_consumer_can_recompute() -> None:
     request = ids.request_id("batch-1", 7)
     assert request == str(uuid.uuid5(ids.NAMESPACE, "request/batch-1/7"))
     assert ids.claim_id(request, 2, 1) == str(uuid.uuid5(ids.NAMESPACE, f"claim/{request}/v1/2"))
+
+
+def test_an_idempotency_key_names_one_owner_s_file_whatever_the_owner_s_name() -> None:
+    # Joined with "/", "acme" + "ml/k1" and "acme/ml" + "k1" named one file: one user could
+    # learn, or take, the id another's upload would create.
+    assert ids.file_id_for("acme", "ml/k1") != ids.file_id_for("acme/ml", "k1")
+    assert ids.file_id_for("a/b", "c/d") != ids.file_id_for("a/b/c", "d")
+    assert ids.file_id_for("acme", "k1") == ids.derived("file", "acme", "k1")  # ids kept
