@@ -129,10 +129,18 @@ async def metrics(_: web.Request) -> web.Response:
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})  # fmt: skip
 
 
-def add_routes(router: web.UrlDispatcher, readiness: Readiness) -> None:
+def add_routes(router: web.UrlDispatcher, readiness: Readiness, *, public: bool = False) -> None:
+    """The health routes; ``public`` (the API's own port, open to its callers) names a failed
+    check without its reason, which holds internal addresses, and logs the reason instead."""
+
     async def readyz(_: web.Request) -> web.Response:
         verdicts = await readiness.evaluate()
         ready = all(v == "ok" for v in verdicts.values())
+        if public and not ready:
+            for name, verdict in verdicts.items():
+                if verdict != "ok":
+                    log.warning("not ready: %s: %s", name, verdict)
+            verdicts = {name: "ok" if v == "ok" else "unavailable" for name, v in verdicts.items()}
         body = {"status": "ready" if ready else "not ready", "checks": verdicts}
         return web.Response(
             body=msgspec.json.encode(body),

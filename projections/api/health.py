@@ -15,7 +15,7 @@ def setup(app: web.Application, config: Config) -> None:
     postgres, kafka = health.PostgresCheck(config.database_url), health.KafkaCheck(config.kafka)
     readiness.add("postgres", postgres, postgres.close)
     readiness.add("kafka", kafka, kafka.close)
-    health.add_routes(app.router, readiness)
+    health.add_routes(app.router, readiness, public=True)
 
     async def close(_: web.Application) -> None:
         await readiness.close()

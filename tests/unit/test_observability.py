@@ -166,6 +166,13 @@ async def test_readyz_is_503_with_the_reason_until_every_check_passes(monkeypatc
         assert checks["broken"] == "RuntimeError: bug" and checks["slow"].startswith("no answer")
         metrics = await client.get("/metrics")
         assert metrics.status == 200 and "cannonade_dead_letters_total" in await metrics.text()
+    # On the API's own port, open to its callers, a reason (internal addresses) is not shown.
+    public = web.Application()
+    health.add_routes(public.router, readiness, public=True)
+    async with TestClient(TestServer(public)) as client:
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert (await response.json())["checks"] == {"db": "ok", "broken": "unavailable", "slow": "unavailable"}  # fmt: skip
 
 
 # -- configuration --------------------------------------------------------------------------
