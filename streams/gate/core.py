@@ -627,7 +627,10 @@ class Gate:
 
     def _start(self, item: StartedItem, entry: GateRequest, worker: str, now: datetime) -> None:
         if entry.state != "claimed":
-            entry.worker_id = worker  # another executor took the claim over after a rebalance
+            # Said again: another worker took the claim over after a rebalance, or a chain
+            # worker, which says every claim it holds with each heartbeat, still runs it. The
+            # processing timeout counts from then: a long chain is judged by its holder's life.
+            entry.worker_id, entry.started_at = worker, now
             self._put_request(item.request_id, entry)
             return
         entry.worker_id, entry.started_at = worker, now

@@ -772,6 +772,28 @@ def test_processing_claims_are_reclaimed_when_stale(
     assert limit < run.now - T0 <= limit + 20 * SEC
 
 
+def test_a_chain_said_again_with_each_heartbeat_is_not_taken_back_for_running_long() -> None:
+    """A chain worker holds a claimed head for the whole chain and says so with every
+    heartbeat: the gate took it back every processing timeout (an attempt, an abort, a
+    re-dispatch each ten minutes); once the saying stops, the timeout applies again."""
+    run = Run({"m": 1}, liveness=Liveness(processing_timeout=600 * SEC, stale_worker=HOUR))
+    (item,) = run.populate(n=1).dispatched
+    run.start(item, worker="ex-1")  # the executor starts it, then hands it to the chain
+    for second in range(0, 1300, 20):
+        run.now = T0 + second * SEC
+        run.heartbeat(worker="chains:w1")
+        run.start(item, worker="chains:w1")  # holding(): the claim said again
+        assert run.tick().of(RequestReclaimed) == [], second
+    said_last = run.now
+    for second in range(20, 700, 20):  # the worker lives on, but holds it no longer
+        run.now = said_last + second * SEC
+        run.heartbeat(worker="chains:w1")
+        if back := run.tick().of(RequestReclaimed):
+            break
+    assert [b.reason for b in back] == ["processing_timeout"]
+    assert 600 * SEC < run.now - said_last <= 620 * SEC
+
+
 def test_reclaim_gives_up_after_max_retries() -> None:
     run = Run({"m": 1}, liveness=Liveness(claim_timeout=60 * SEC, max_retries=1))
     run.populate(n=1)
