@@ -9,7 +9,7 @@ model-filters log.
   a file that was never created: their API died before creating it or abandoning them),
   whose uploads it abandons (the agent forgets them; the projector deletes their template
   rows). Rows without a batch are never purged here, but for the model-call rows of a purged
-  row's chain; rows still in flight wait for their end.
+  row's chain; rows not ended yet wait for their end.
 - :meth:`Purger.model_filter_events` deletes at most ``n`` events, oldest ids first, that are
   both outside the newest ``max(keep, 1)`` of their model and older than the retention: the
   latest event of each model always survives (core §6 inv. 10).
@@ -46,11 +46,13 @@ Tombstoner = Callable[[Sequence[str]], Awaitable[None]]
 #: Sends ``AbandonUpload`` for the given (file id, upload id) pairs, acknowledged.
 Abandoner = Callable[[Sequence[tuple[str, str]]], Awaitable[None]]
 
-# Rows still in flight wait for their end (the deletion cancelled them): a result that came
-# back after its row was gone would be kept by nothing.
+# Only ended rows: the deletion cancelled the rest, and the projector, which applies their ends,
+# must not wait on this pass's locks (held while the broker acknowledges its tombstones); a row
+# still in flight ends later, and a result that came back after its row was gone would be kept
+# by nothing.
 _DELETED_ROWS = """
 SELECT r.id FROM requests r JOIN batches b ON b.id = r.batch_id
-WHERE b.deleted_at IS NOT NULL AND r.state NOT IN ('claimed', 'processing')
+WHERE b.deleted_at IS NOT NULL AND r.state IN ('completed', 'failed', 'canceled')
 LIMIT $1
 FOR UPDATE OF r SKIP LOCKED
 """
@@ -61,16 +63,18 @@ SELECT request_id AS id FROM response_steps
 WHERE parent_step_id = ANY($1::uuid[]) AND request_id IS NOT NULL
   AND NOT request_id = ANY($1::uuid[])
 """
-# Body keys of the taken rows and of the chains they headed (a batch line with tools).
+# The steps of the chains the taken rows headed (each a bitmap OR of two index probes).
+_CHAIN_STEPS = """
+SELECT id FROM response_steps WHERE id = ANY($1::uuid[]) OR parent_step_id = ANY($1::uuid[])
+"""
+# Body keys of the taken rows and of their chains' steps ($1: rows and steps, $2: steps). Each
+# arm probes a primary key: an `IN (subquery)` inside an OR read the whole bodies table.
 _ROW_KEYS = """
-WITH steps AS (
-    SELECT s.id, s.request_payload IS NOT NULL AS req, s.response_payload IS NOT NULL AS res
-    FROM response_steps s WHERE s.id = ANY($1::uuid[]) OR s.parent_step_id = ANY($1::uuid[])
-)
-SELECT b.kind || ':' || b.ref::text AS key FROM bodies b
-WHERE b.ref = ANY($1::uuid[]) OR b.ref IN (SELECT id FROM steps)
-UNION SELECT 'sreq:' || id::text FROM steps WHERE req
-UNION SELECT 'sres:' || id::text FROM steps WHERE res
+SELECT kind || ':' || ref::text AS key FROM bodies WHERE ref = ANY($1::uuid[])
+UNION SELECT 'sreq:' || id::text FROM response_steps
+    WHERE id = ANY($2::uuid[]) AND request_payload IS NOT NULL
+UNION SELECT 'sres:' || id::text FROM response_steps
+    WHERE id = ANY($2::uuid[]) AND response_payload IS NOT NULL
 """
 _DELETED_TEMPLATES = """
 SELECT t.file_id, t.line_number FROM request_templates t JOIN files f ON f.id = t.file_id
@@ -157,13 +161,10 @@ class Purger:
             ids = [r["id"] for r in await conn.fetch(_DELETED_ROWS, n)]
             if ids:
                 ids += [r["id"] for r in await conn.fetch(_CHAIN_ROWS, ids)]
-                keys = [r["key"] for r in await conn.fetch(_ROW_KEYS, ids)]
+                steps = [r["id"] for r in await conn.fetch(_CHAIN_STEPS, ids)]
+                keys = [r["key"] for r in await conn.fetch(_ROW_KEYS, ids + steps, steps)]
                 await self.tombstone(keys)
-                await conn.execute(
-                    "DELETE FROM bodies WHERE ref = ANY($1::uuid[]) OR ref IN (SELECT id FROM"
-                    " response_steps WHERE id = ANY($1::uuid[]) OR parent_step_id = ANY($1::uuid[]))",
-                    ids,
-                )
+                await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", ids + steps)
                 await conn.execute(
                     "DELETE FROM response_steps WHERE id = ANY($1::uuid[])"
                     " OR parent_step_id = ANY($1::uuid[])",

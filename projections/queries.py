@@ -121,7 +121,7 @@ async def input_page(
         rows = await conn.fetch(
             "SELECT line_number, custom_id, method, path, body_key FROM request_templates"
             " WHERE file_id = $1 AND ($2::text IS NULL OR custom_id ILIKE $2)"
-            " AND ($3::int IS NULL OR line_number > $3)"
+            " AND line_number > COALESCE($3::int, -1)"  # a range the index seeks to
             " ORDER BY line_number OFFSET $4 LIMIT $5",
             file_id,
             None if search is None else like_pattern(search),
@@ -457,7 +457,7 @@ async def results_page(
             "   ON t.file_id = r.file_id AND t.line_number = r.line_number"
             " WHERE r.batch_id = $1 AND ($2::text[] IS NULL OR r.state = ANY($2::text[]))"
             " AND ($3::text IS NULL OR t.custom_id ILIKE $3)"
-            " AND ($4::int IS NULL OR r.line_number > $4)"
+            " AND r.line_number > COALESCE($4::int, -1)"  # a range requests_batch_line seeks to
             " ORDER BY r.line_number OFFSET $5 LIMIT $6",
             batch_id,
             states,
