@@ -59,7 +59,7 @@ from schemas.events import (
 )
 from streams.emit import Out
 from streams.execution.failure import BatchTerminated, parse
-from streams.gate.core import Gate, GateRequest, Liveness, _Model
+from streams.gate.core import Gate, GateRequest, Liveness, _Model, _ranges, _with_line
 from streams.gate.scoring import GateConfig
 from streams.lifecycle import IN_FLIGHT, TERMINAL, next_state
 
@@ -621,6 +621,12 @@ def test_a_claim_takes_the_emptiest_lane_whatever_came_before(limit: int, moves:
         model.join("r", entry)
         running.append(entry)
         assert len(model._counts) <= 2 * len(model.lanes) + 65
+
+
+@given(st.sets(st.integers(0, 60), max_size=40), st.integers(0, 61))
+def test_a_line_put_back_joins_the_ranges_it_touches(lines: set[int], line: int) -> None:
+    ranges = _ranges(sorted(lines))
+    assert _with_line(ranges, line) == _ranges(sorted(lines | {line}))
 
 
 def test_without_prefetch_claims_have_no_lane() -> None:
