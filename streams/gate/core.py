@@ -154,13 +154,14 @@ _mark_decoder = msgspec.msgpack.Decoder(tuple[int, int])
 class _Batch:
     """A live batch's rows of one model, as the claim cycle sees them."""
 
-    __slots__ = ("key", "entry", "returned", "live", "unclaimed_lines")
+    __slots__ = ("key", "entry", "returned", "live", "in_flight", "unclaimed_lines")
 
     def __init__(self, key: str, entry: GateBatch) -> None:
         self.key = key
         self.entry = entry
         self.returned: list[int] = []  # heap of lines back to pending and claimable now
         self.live = 0  # rows with an ``R:`` record
+        self.in_flight: set[str] = set()  # its rows in flight: a cancel visits these alone
         # Lines in ``entry.unclaimed``, kept as they are taken: every claim cycle reads it, and
         # a file that interleaves models leaves each model's batch hundreds of one-line ranges.
         self.unclaimed_lines = _count(entry.unclaimed)
@@ -198,6 +199,8 @@ class _Model:
     def join(self, request_id: str, entry: GateRequest) -> None:
         """The row is in flight, in its lane if it has one."""
         self.in_flight.add(request_id)
+        if batch := self.batches.get(entry.batch_id):
+            batch.in_flight.add(request_id)
         if entry.lane >= 0:
             while len(self.lanes) <= entry.lane:
                 self._count(len(self.lanes), 0, grow=True)
@@ -206,6 +209,8 @@ class _Model:
     def leave(self, request_id: str, entry: GateRequest) -> None:
         """The row is no longer in flight: its lane has room again."""
         self.in_flight.discard(request_id)
+        if batch := self.batches.get(entry.batch_id):
+            batch.in_flight.discard(request_id)
         if 0 <= entry.lane < len(self.lanes):
             self._count(entry.lane, self.lanes[entry.lane] - 1)
         entry.lane = -1
@@ -837,7 +842,8 @@ class Gate:
         batch_id = batch.entry.facts.batch_id
         yield from (ids.request_id(batch_id, line) for line in set(batch.returned))
         yield from (request_id for _, request_id in index.delayed)
-        yield from index.in_flight
+        # A copy: ending a row takes it out of the set.
+        yield from list(batch.in_flight)
 
     def _expire(self, index: _Model, model: str, now: datetime) -> None:
         """Expiry (README decisions): once a batch's deadline passes it claims nothing more;
