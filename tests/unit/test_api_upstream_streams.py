@@ -44,14 +44,20 @@ async def _stored(publisher: FakePublisher, response_id: str) -> Any:
     return msgspec.json.decode(body)
 
 
-async def test_a_responses_stream_opened_by_a_metadata_chunk_completes() -> None:
+async def _streamed(chunks: list[Any]) -> tuple[Response, FakePublisher]:
+    """A /v1/responses stream of ``chunks`` read by the SDK: its final response, and where
+    the result was stored."""
     publisher = FakePublisher()
     async with (
-        ScriptedUpstream(HELLO) as upstream,
+        ScriptedUpstream(chunks) as upstream,
         serve(upstream.url, FakePool(), publisher) as sdk,
     ):
         async with sdk.responses.stream(model="m", input="hi") as stream:
-            final = await stream.get_final_response()
+            return await stream.get_final_response(), publisher
+
+
+async def test_a_responses_stream_opened_by_a_metadata_chunk_completes() -> None:
+    final, publisher = await _streamed(HELLO)
     assert (final.status, final.output_text) == ("completed", "Hello")
     assert final.usage is not None and final.usage.total_tokens == 5
     retrieved = Response.model_validate(await _stored(publisher, final.id))  # what GET reads
@@ -131,13 +137,7 @@ TEXT, STOP = chunk({"role": "assistant", "content": "Hi"}), chunk({}, "stop")
 async def test_reasoning_streams_wherever_it_comes_and_is_stored_in_stream_order(
     chunks: list[Any], kinds: list[str]
 ) -> None:
-    publisher = FakePublisher()
-    async with (
-        ScriptedUpstream(chunks) as upstream,
-        serve(upstream.url, FakePool(), publisher) as sdk,
-    ):
-        async with sdk.responses.stream(model="m", input="hi") as stream:
-            final = await stream.get_final_response()
+    final, publisher = await _streamed(chunks)
     assert [item.type for item in final.output] == kinds and final.output_text == "Hi"
     retrieved = Response.model_validate(await _stored(publisher, final.id))
     assert [(item.type, getattr(item, "id", None)) for item in retrieved.output] == [
