@@ -941,16 +941,19 @@ async def _step_bodies(conn: asyncpg.Connection, records: list[ConsumerRecord]) 
 # -- webhooks (batch notifications, core §4.9) ----------------------------------------------
 
 # A delivery is open until an attempt delivers it or gives up; an attempt projected before its
-# notification (the topics are read independently) is taken into account when it arrives.
+# notification (the topics are read independently) is taken into account when it arrives, and
+# so is its endpoint's deletion (a replay may read the compacted webhooks topic, which holds the
+# deleted record only, first: the delivery would stay open, never sent and never purged).
 _OPEN_DELIVERIES = """
 INSERT INTO webhook_open (delivery_id, attempts, due_at)
 SELECT u.id, COALESCE(a.attempt, 0), COALESCE(a.next_attempt_at, $2)
-FROM unnest($1::uuid[]) AS u(id)
+FROM unnest($1::uuid[], $3::uuid[]) AS u(id, webhook_id)
 LEFT JOIN LATERAL (
     SELECT attempt, outcome, next_attempt_at FROM webhook_attempts w
     WHERE w.delivery_id = u.id ORDER BY attempt DESC LIMIT 1
 ) a ON true
-WHERE a.outcome IS NULL OR a.outcome = 'retry'
+WHERE (a.outcome IS NULL OR a.outcome = 'retry')
+  AND NOT EXISTS (SELECT 1 FROM webhooks e WHERE e.id = u.webhook_id AND e.deleted_at IS NOT NULL)
 ON CONFLICT (delivery_id) DO NOTHING
 """
 
@@ -978,7 +981,10 @@ async def _batch_notified(conn: asyncpg.Connection, event: BatchNotified) -> Non
         ],
     )  # fmt: skip
     await conn.execute(
-        _OPEN_DELIVERIES, [d.delivery_id for d in event.deliveries], event.occurred_at
+        _OPEN_DELIVERIES,
+        [d.delivery_id for d in event.deliveries],
+        event.occurred_at,
+        [d.webhook_id for d in event.deliveries],
     )
 
 
