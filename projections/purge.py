@@ -165,11 +165,7 @@ class Purger:
                 keys = [r["key"] for r in await conn.fetch(_ROW_KEYS, ids + steps, steps)]
                 await self.tombstone(keys)
                 await conn.execute("DELETE FROM bodies WHERE ref = ANY($1::uuid[])", ids + steps)
-                await conn.execute(
-                    "DELETE FROM response_steps WHERE id = ANY($1::uuid[])"
-                    " OR parent_step_id = ANY($1::uuid[])",
-                    ids,
-                )
+                await conn.execute("DELETE FROM response_steps WHERE id = ANY($1::uuid[])", steps)
                 await conn.execute("DELETE FROM response_chains WHERE id = ANY($1::uuid[])", ids)
                 await conn.execute("DELETE FROM requests WHERE id = ANY($1::uuid[])", ids)
                 # A body of theirs projected later is dropped and tombstoned again.

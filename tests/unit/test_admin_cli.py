@@ -49,14 +49,14 @@ def test_a_window_that_is_not_label_start_end_is_a_usage_error() -> None:
 
 
 async def test_a_key_for_a_user_the_read_model_would_refuse_is_never_published() -> None:
-    class Publisher:
-        sent: list[object] = []
+    sent: list[object] = []
 
+    class Publisher:
         async def key(self, record: object) -> None:
-            self.sent.append(record)
+            sent.append(record)
 
     for user in ("", "u" * 257, "a\x00b"):
         with pytest.raises(ApiError) as info:
             await issue_key(Publisher(), None, user)  # type: ignore[arg-type]
         assert (info.value.status, info.value.param) == (400, "user")
-    assert Publisher.sent == []
+    assert sent == []
