@@ -26,8 +26,6 @@ own (module scope); each drill starts only once every service is ready again.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import signal
 import time
 import uuid
@@ -37,12 +35,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import msgspec
 import openai
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 from openai import OpenAI
 
 from compose import stack
@@ -55,12 +51,12 @@ from tests.integration.conftest import (
     eventually,
     http_get,
     jsonl,
-    log_path,
     own_services,
     own_stack,
     read_topic,
     upstream_stats,
 )
+from tests.integration.stuck import active_partitions, model_partition, stuck
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
@@ -250,49 +246,6 @@ def drill_batch(
         svc for svc, count in services.restarts.items() if count != restarts.get(svc)
     )
     return client, done, happened
-
-
-def stuck(services: Services, info: stack.StackInfo, batch_id: str, model: str) -> str:
-    """What a batch that never ended was waiting for, for the failure message (the CI keeps
-    only the output): its unended rows by state from the read model, who owns the model's
-    gate partition, the upstream's view of the model, and each worker's latest errors."""
-
-    async def rows() -> list[Any]:
-        conn = await asyncpg.connect(info.database_url)
-        try:
-            return list(await conn.fetch(
-                "SELECT state, count(*) AS n, min(claimed_at) AS first_claim,"
-                " max(claimed_at) AS last_claim, min(not_before) AS due,"
-                " array_agg(DISTINCT daemon_id) AS daemons FROM requests"
-                " WHERE batch_id = $1 AND state NOT IN ('completed', 'failed', 'canceled')"
-                " GROUP BY state", uuid.UUID(batch_id),
-            ))  # fmt: skip
-        finally:
-            await conn.close()
-
-    lines = [f"at {now().isoformat()}"]
-    try:
-        for row in asyncio.run(rows()):
-            shown = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
-            lines.append(f"rows {shown}")
-    except (OSError, asyncpg.PostgresError) as exc:
-        lines.append(f"rows: {exc!r}")
-    workers = sorted(n for n in services.procs if n.startswith(("gate-", "executor-")))
-    gates = [name for name in workers if name.startswith("gate-")]
-    owners = {gate: sorted(active_partitions(services, gate)) for gate in gates}
-    lines.append(f"gate partition {model_partition(model)}; owned: {owners}")
-    try:
-        figures = upstream_stats(services)["models"].get(model) or {}
-        calls = {key: figures.get(key) for key in ("calls", "in_flight")}
-        lines.append(f"upstream {calls}")
-    except OSError as exc:
-        lines.append(f"upstream: {exc!r}")
-    for name in workers:
-        logged = log_path(services, name).read_text(errors="replace").splitlines()
-        errors = [line[:300] for line in logged if '"level": "error"' in line]
-        lines += [f"{name}: {len(logged)} log lines, last {logged[-1][:120] if logged else None}"]
-        lines += [f"  {line}" for line in errors[-3:]]
-    return "\n".join(lines)
 
 
 # -- reading what happened ------------------------------------------------------------------
@@ -493,31 +446,6 @@ def verify(
 
 
 # -- which process to kill ------------------------------------------------------------------
-
-
-def model_partition(model: str) -> int:
-    """The gate/lifecycle partition of ``model`` (records are keyed by model)."""
-    every = list(range(topics.GATE_PARTITIONS))
-    return int(DefaultPartitioner()(model.encode(), every, every))
-
-
-_ASSIGNED = "Executing _on_partitions_assigned"
-_ACTIVE_TABLE = "Highwater for active changelog partitions"
-_ROW = re.compile(r"^\|[^|]+\|\s*(\d+)\s*\|", re.MULTILINE)
-
-
-def active_partitions(services: Services, name: str) -> set[int]:
-    """The gate table partitions ``name`` owns since its latest assignment, from its log
-    (Faust logs the active changelog partitions it recovers, as a table, on every
-    assignment; each log line is a JSON object)."""
-    messages = [
-        str(json.loads(line).get("message", ""))
-        for line in log_path(services, name).read_text(errors="replace").splitlines()
-        if line.startswith("{")
-    ]
-    assigned = max((i for i, m in enumerate(messages) if _ASSIGNED in m), default=0)
-    table = next((m for m in messages[assigned:] if _ACTIVE_TABLE in m), "")
-    return {int(p) for p in _ROW.findall(table)}
 
 
 def gate_owning(services: Services, model: str) -> str:

@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     run,
     wait_for_batch,
 )
+from tests.integration.stuck import stuck
 
 pytestmark = pytest.mark.integration
 
@@ -219,7 +220,10 @@ def test_killing_the_gate_mid_batch_still_ends_every_request_exactly_once(
         "the batch to be under way",
     )
     services.wait_restarted("gate-0", services.kill("gate-0", signal.SIGKILL))
-    done = wait_for_batch(client, batch.id, timeout_s=180)
+    try:
+        done = wait_for_batch(client, batch.id, timeout_s=180)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{stuck(services, stack_info, batch.id, 'chat-a')}") from exc
 
     assert done.status == "completed" and done.request_counts.completed == 40
     output = content_lines(client, done.output_file_id)
