@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ from schemas.excluded import Decoder
 from schemas.topics import Topic
 from streams import fetch_guard, fetch_wait
 from streams.emit import Out, TopicRole
+from streams.gapless import Gapless, broker_fetch
 from streams.metrics import Hooks
 from streams.stall_watch import StallWatchdog
 from streams.tables import Utf8Keys
@@ -99,6 +100,15 @@ class Streams:
         self.metrics = Hooks(config.models)
         # Services the agents need beside them in the worker (their stall watchdogs).
         self.services: list[mode.ServiceT] = []
+        self._gapless: Gapless | None = None
+
+    def events(self, events: AsyncIterator[Any], *, acks: bool = True) -> AsyncIterator[Any]:
+        """An agent's stream events (``stream.events()``), none of them skipped: what the
+        consumer dropped is read again (:mod:`streams.gapless`). ``acks``: False for a
+        ``noack`` stream, whose agent acknowledges by hand."""
+        if self._gapless is None:
+            self._gapless = Gapless(self.app.consumer, broker_fetch(self.config.kafka))
+        return self._gapless.events(events, acks=acks)
 
     def bind(self, topic: Topic) -> faust.TopicT:
         return self.app.topic(

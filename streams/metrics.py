@@ -78,6 +78,11 @@ UPSTREAM_RESPONSES = Counter(
 )
 EXECUTOR_RUNNING = Gauge("cannonade_executor_running_calls", "Claims this executor is running now")
 COMMANDS = Counter("cannonade_commands_total", "Commands handled, by type", ["command"])
+REFETCHED = Counter(
+    "cannonade_input_records_refetched_total",
+    "Input records the consumer dropped that an agent read again (streams.gapless)",
+    ["topic"],
+)
 
 _FAILURE_VARIANTS = frozenset(variant.__name__ for variant in get_args(FailureReason))
 

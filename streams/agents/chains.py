@@ -111,7 +111,7 @@ def register(streams: Streams) -> ChainCore:
 
     @app.agent(streams.bind(topics.RESPONSES), name="chains")
     async def chains(stream: StreamT[Any]) -> None:
-        async for event in stream.events():
+        async for event in streams.events(stream.events()):
             message, reason = decode_or_none(codec.chain_events, event.value)
             if message is None:
                 await streams.dead_letter(event, reason or "undecodable")

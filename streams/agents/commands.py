@@ -130,7 +130,7 @@ def register(streams: Streams) -> None:
 
     @app.agent(streams.bind(topics.COMMANDS), name="commands")
     async def commands(stream: StreamT[Any]) -> None:
-        async for event in stream.events():
+        async for event in streams.events(stream.events()):
             cmd, reason = decode_or_none(codec.commands, event.value)
             if cmd is None:
                 await streams.dead_letter(event, reason or "undecodable")

@@ -459,7 +459,7 @@ def register(streams: Streams) -> Executor:
 
     @app.agent(source, name="executor")
     async def execute(stream: StreamT[Any]) -> None:
-        async for event in stream.events():
+        async for event in streams.events(stream.events()):
             watch.took(event.message.tp, event.message.offset)
             work, reason = decode_or_none(codec.dispatches, event.value)
             if work is None:

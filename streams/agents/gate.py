@@ -72,7 +72,7 @@ def register(streams: Streams) -> Gate:
 
     @app.agent(source, name="gate")
     async def gate_agent(stream: StreamT[Any]) -> None:
-        async for event in stream.events():
+        async for event in streams.events(stream.events()):
             watch.took(event.message.tp, event.message.offset)
             message, reason = decode_or_none(codec.gate_inputs, event.value)
             if message is None:

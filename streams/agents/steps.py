@@ -59,7 +59,7 @@ def register(streams: Streams) -> StepRunner:
     @app.agent(streams.bind(topics.STEP_WORK), name="steps")
     async def steps(stream: StreamT[Any]) -> None:
         # Acknowledged by hand (see the module docstring); StreamT does not declare noack.
-        async for event in cast(Any, stream).noack().events():
+        async for event in streams.events(cast(Any, stream).noack().events(), acks=False):
             work, reason = decode_or_none(codec.step_work, event.value)
             if work is None:
                 await streams.dead_letter(event, reason or "undecodable")

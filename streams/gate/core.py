@@ -389,7 +389,7 @@ class Gate:
                     self._on_control(message, now)
                 model = message.model
             case ExecutionReport():
-                self.worker_seen[message.worker_id] = message.occurred_at
+                self._seen(message.worker_id, message.occurred_at)
                 self._on_report(message, now)
                 model = message.model
             case CancelBatchRequests():
@@ -400,7 +400,7 @@ class Gate:
                 self.state[f"M:{message.model}"] = message.state.encode()
                 model = message.model
             case WorkerHeartbeat():
-                self.worker_seen[message.worker_id] = message.occurred_at
+                self._seen(message.worker_id, message.occurred_at)
                 self._observe(message.occurred_at)
             case WorkerStopped():
                 self.workers_dead.add(message.worker_id)
@@ -411,6 +411,13 @@ class Gate:
         if model is not None:
             self._claim(model, now)
         return self._flush(now)
+
+    def _seen(self, worker_id: str, at: datetime) -> None:
+        # The newest word wins: a partition taken over brings its backlog's older heartbeats,
+        # which must not make a worker heard from since look stale on every partition here.
+        seen = self.worker_seen.get(worker_id)
+        if seen is None or at > seen:
+            self.worker_seen[worker_id] = at
 
     def _observe(self, at: datetime) -> None:
         if self.clock is None or at > self.clock:

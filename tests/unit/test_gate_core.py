@@ -778,6 +778,20 @@ def test_processing_claims_are_reclaimed_when_stale(
     assert limit < run.now - T0 <= limit + 20 * SEC
 
 
+def test_an_old_heartbeat_read_late_does_not_make_a_live_worker_stale() -> None:
+    """A gate taking a partition over reads that partition's backlog: its heartbeats are
+    older than the ones the gate has had from the same worker on its other partitions."""
+    run = Run({"m": 1}, liveness=Liveness(stale_worker=6 * SEC, processing_timeout=HOUR))
+    (item,) = run.populate(n=1).dispatched
+    run.start(item)
+    run.now = T0 + 20 * SEC
+    run.heartbeat()
+    backlog = T0 + 5 * SEC
+    run.send(WorkerHeartbeat(event_id=ids.new_id(), occurred_at=backlog, worker_id="ex-1", role="executor"))  # fmt: skip
+    run.send(ExecutionReport(event_id=ids.new_id(), occurred_at=backlog, worker_id="ex-1", model="m"))  # fmt: skip
+    assert run.tick().of(RequestReclaimed) == []
+
+
 def test_a_chain_said_again_with_each_heartbeat_is_not_taken_back_for_running_long() -> None:
     """A chain worker holds a claimed head for the whole chain and says so with every
     heartbeat: the gate took it back every processing timeout (an attempt, an abort, a

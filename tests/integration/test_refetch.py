@@ -1,0 +1,51 @@
+"""Reading dropped input records again from the real broker (streams.gapless.broker_fetch)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from faust.types import TP
+
+from compose import stack
+from schemas import codec, ids, topics
+from schemas.events import WorkerHeartbeat
+from streams.gapless import broker_fetch
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_range_of_a_partition_is_read_again_exactly(stack_info: stack.StackInfo) -> None:
+    # Heartbeats of a worker no one runs: well-formed records the gates read and forget.
+    sent = [
+        codec.encode(
+            WorkerHeartbeat(
+                event_id=ids.new_id(),
+                occurred_at=datetime.now(UTC),
+                worker_id=f"refetch-probe-{n}",
+                role="executor",
+            )
+        )  # fmt: skip
+        for n in range(4)
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=stack_info.kafka_bootstrap)
+    await producer.start()
+    try:
+        landed = [
+            await producer.send_and_wait(topics.GATE.name, value, key=b"refetch", partition=1)
+            for value in sent
+        ]
+    finally:
+        await producer.stop()
+    first = landed[0].offset
+    assert [m.offset for m in landed] == list(range(first, first + 4))
+
+    fetch = broker_fetch(stack_info.kafka_bootstrap)
+    # The middle two: the bounds of the range are kept exactly, whatever lies beside it.
+    records = await fetch(TP(topics.GATE.name, 1), first + 1, first + 3)
+    assert [(r.offset, r.key, r.value) for r in records] == [
+        (first + 1, b"refetch", sent[1]),
+        (first + 2, b"refetch", sent[2]),
+    ]
+    assert await fetch(TP(topics.GATE.name, 1), first + 4, first + 4) == []
