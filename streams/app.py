@@ -107,7 +107,10 @@ class Streams:
         consumer dropped is read again (:mod:`streams.gapless`). ``acks``: False for a
         ``noack`` stream, whose agent acknowledges by hand."""
         if self._gapless is None:
-            self._gapless = Gapless(self.app.consumer, broker_fetch(self.config.kafka))
+            app = self.app
+            self._gapless = Gapless(
+                app.consumer, lambda: app.consumer_generation_id, broker_fetch(self.config.kafka)
+            )
         return self._gapless.events(events, acks=acks)
 
     def bind(self, topic: Topic) -> faust.TopicT:

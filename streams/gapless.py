@@ -59,20 +59,27 @@ Fetch = Callable[[TP, int, int], Awaitable[list[Record]]]  # partition, from, to
 class Refetched:
     """A dropped record read again, shaped like the Faust event an agent takes."""
 
-    __slots__ = ("message", "key", "value", "_gapless")
+    __slots__ = ("message", "key", "value", "_gapless", "_generation")
 
-    def __init__(self, record: Record, gapless: Gapless) -> None:
+    def __init__(self, record: Record, gapless: Gapless, generation: int) -> None:
         self.message = record
         self.key, self.value = record.key, record.value
-        self._gapless = gapless
+        self._gapless, self._generation = gapless, generation
 
     def ack(self) -> None:
-        self._gapless.acknowledge(self.message)
+        self._gapless.acknowledge(self.message, self._generation)
 
 
 class Gapless:
-    def __init__(self, consumer: Any, fetch: Fetch, contiguous: frozenset[str] = CONTIGUOUS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        consumer: Any,
+        generation: Callable[[], int],
+        fetch: Fetch,
+        contiguous: frozenset[str] = CONTIGUOUS,
+    ) -> None:
         self._consumer = consumer  # Faust's: committed offsets and acknowledgements
+        self._generation = generation  # the consumer group generation now
         self._fetch = fetch
         self._contiguous = contiguous
         self._next: dict[TP, tuple[int, int]] = {}  # partition -> (generation, next offset)
@@ -93,17 +100,24 @@ class Gapless:
                 continue  # read again by hand already
             if message.offset > expected:
                 missing = await self._read(message.tp, expected, message.offset)
+                if self._generation() != message.generation_id:
+                    # A rebalance came meanwhile: the partition's next owner reads it all from
+                    # the committed offset, which has not passed these.
+                    continue
                 for record in missing:
-                    again = Refetched(record, self)
+                    again = Refetched(record, self, message.generation_id)
                     yield again
                     if acks:
                         again.ack()
             self._next[message.tp] = (message.generation_id, message.offset + 1)
             yield event
 
-    def acknowledge(self, record: Record) -> None:
-        """As Faust acknowledges a message it handed over, so that commits move past it."""
+    def acknowledge(self, record: Record, generation: int) -> None:
+        """As Faust acknowledges a message it handed over, so that commits move past it (not
+        after the partition was reassigned: the new assignment starts from its commit)."""
         consumer, tp = self._consumer, record.tp
+        if self._generation() != generation:
+            return
         with ack_lock:
             committed = consumer._committed_offset[tp]
             if committed is None or record.offset >= committed:

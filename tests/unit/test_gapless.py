@@ -42,6 +42,7 @@ class Consumer:
             self._committed_offset[TP0] = committed
         self._acked_index: defaultdict[TP, set[int]] = defaultdict(set)
         self._acked: defaultdict[TP, list[int]] = defaultdict(list)
+        self.generation = 1  # the group generation now
 
 
 class Broker:
@@ -74,9 +75,13 @@ def offsets(items: list[Any]) -> list[int]:
     return [item.message.offset for item in items]
 
 
+def gapless(consumer: Consumer, broker: Broker, **options: Any) -> Gapless:
+    return Gapless(consumer, lambda: consumer.generation, broker.fetch, **options)
+
+
 async def test_a_record_dropped_mid_stream_is_read_again_and_handed_over_in_order() -> None:
     consumer, broker = Consumer(committed=10), Broker()
-    got = await taken(Gapless(consumer, broker.fetch), [Event(TOPIC, o) for o in (10, 11, 14, 15)])
+    got = await taken(gapless(consumer, broker), [Event(TOPIC, o) for o in (10, 11, 14, 15)])
     assert offsets(got) == [10, 11, 12, 13, 14, 15]
     assert [item.value for item in got[2:4]] == [b"v12", b"v13"]
     assert broker.reads == [(12, 14)]
@@ -86,14 +91,14 @@ async def test_a_record_dropped_mid_stream_is_read_again_and_handed_over_in_orde
 
 async def test_the_first_record_after_an_assignment_is_checked_against_the_committed_offset() -> None:  # fmt: skip
     consumer, broker = Consumer(committed=10), Broker()
-    got = await taken(Gapless(consumer, broker.fetch), [Event(TOPIC, 11), Event(TOPIC, 12)])
+    got = await taken(gapless(consumer, broker), [Event(TOPIC, 11), Event(TOPIC, 12)])
     assert offsets(got) == [10, 11, 12]
 
 
 async def test_a_dropped_record_that_comes_again_is_passed_over() -> None:
     consumer, broker = Consumer(committed=10), Broker()
     late = Event(TOPIC, 11)
-    got = await taken(Gapless(consumer, broker.fetch), [Event(TOPIC, 10), Event(TOPIC, 12), late])
+    got = await taken(gapless(consumer, broker), [Event(TOPIC, 10), Event(TOPIC, 12), late])
     assert offsets(got) == [10, 11, 12]
     assert isinstance(got[1], Refetched) and late not in got
 
@@ -101,7 +106,7 @@ async def test_a_dropped_record_that_comes_again_is_passed_over() -> None:
 async def test_by_hand_the_agent_acknowledges_what_was_read_again_and_what_was_passed_over() -> None:  # fmt: skip
     consumer, broker = Consumer(committed=10), Broker()
     late = Event(TOPIC, 11)
-    got = await taken(Gapless(consumer, broker.fetch), [Event(TOPIC, 12), late], acks=False)
+    got = await taken(gapless(consumer, broker), [Event(TOPIC, 12), late], acks=False)
     assert offsets(got) == [10, 11, 12] and consumer._acked[TP0] == []
     got[0].ack()
     got[1].ack()
@@ -112,17 +117,17 @@ async def test_by_hand_the_agent_acknowledges_what_was_read_again_and_what_was_p
 async def test_after_a_rebalance_records_read_before_are_handed_over_again() -> None:
     """At least once: a new assignment starts again from the committed offset."""
     consumer, broker = Consumer(committed=10), Broker()
-    gapless = Gapless(consumer, broker.fetch)
-    await taken(gapless, [Event(TOPIC, 10), Event(TOPIC, 11), Event(TOPIC, 12)])
+    reader = gapless(consumer, broker)
+    await taken(reader, [Event(TOPIC, 10), Event(TOPIC, 11), Event(TOPIC, 12)])
     again = [Event(TOPIC, 11, generation=2), Event(TOPIC, 12, generation=2)]
-    consumer._committed_offset[TP0] = 11
-    assert offsets(await taken(gapless, again)) == [11, 12]
+    consumer._committed_offset[TP0], consumer.generation = 11, 2
+    assert offsets(await taken(reader, again)) == [11, 12]
     assert broker.reads == []
 
 
 async def test_without_a_committed_offset_the_first_record_starts_the_partition() -> None:
     broker = Broker()
-    got = await taken(Gapless(Consumer(), broker.fetch), [Event(TOPIC, 7), Event(TOPIC, 8)])
+    got = await taken(gapless(Consumer(), broker), [Event(TOPIC, 7), Event(TOPIC, 8)])
     assert offsets(got) == [7, 8] and broker.reads == []
 
 
@@ -131,8 +136,8 @@ async def test_holes_in_a_compacted_topic_are_left_alone() -> None:
     consumer, broker = Consumer(), Broker()
     consumer._committed_offset[TP(COMPACTED, 0)] = 3
     events = [Event(COMPACTED, 5), Event(COMPACTED, 9)]
-    gapless = Gapless(consumer, broker.fetch, contiguous=frozenset({TOPIC}))
-    assert offsets(await taken(gapless, events)) == [5, 9] and broker.reads == []
+    reader = gapless(consumer, broker, contiguous=frozenset({TOPIC}))
+    assert offsets(await taken(reader, events)) == [5, 9] and broker.reads == []
 
 
 async def test_while_the_broker_is_away_the_agent_waits_rather_than_skip(
@@ -140,5 +145,22 @@ async def test_while_the_broker_is_away_the_agent_waits_rather_than_skip(
 ) -> None:
     monkeypatch.setattr("streams.gapless._BACKOFF_FIRST_S", 0.0)
     consumer, broker = Consumer(committed=10), Broker(failures=2)
-    got = await taken(Gapless(consumer, broker.fetch), [Event(TOPIC, 12)])
+    got = await taken(gapless(consumer, broker), [Event(TOPIC, 12)])
     assert offsets(got) == [10, 11, 12] and broker.reads == [(10, 12)] * 3
+
+
+async def test_what_was_read_again_is_dropped_if_a_rebalance_came_meanwhile() -> None:
+    """The partition may be another worker's now: it reads from the commit, which these never
+    passed; a late acknowledgement of the old assignment's record changes nothing either."""
+    consumer = Consumer(committed=10)
+
+    class Rebalanced(Broker):
+        async def fetch(self, tp: TP, start: int, end: int) -> list[Record]:
+            consumer.generation = 2
+            return await super().fetch(tp, start, end)
+
+    got = await taken(gapless(consumer, Rebalanced()), [Event(TOPIC, 12), Event(TOPIC, 13)])
+    assert got == []  # the event's generation is over too
+    stale = Refetched(Record(TOPIC, 0, 11, None, None), gapless(consumer, Broker()), 1)
+    stale.ack()
+    assert consumer._acked[TP0] == []
