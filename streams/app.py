@@ -26,7 +26,7 @@ from schemas.bodies import BodyRef
 from schemas.events import DeadLetter
 from schemas.excluded import Decoder
 from schemas.topics import Topic
-from streams import fetch_guard, fetch_wait
+from streams import fetch_guard, fetch_wait, offset_guard
 from streams.emit import Out, TopicRole
 from streams.gapless import Gapless, broker_fetch
 from streams.metrics import Hooks
@@ -67,6 +67,7 @@ class Streams:
     def __init__(self, role: str, config: Config) -> None:
         fetch_wait.install()
         fetch_guard.install()
+        offset_guard.install()
         self.config = config
         self.app = faust.App(
             f"cannonade-{role}",

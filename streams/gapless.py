@@ -9,9 +9,12 @@ report, and the row that report ended stayed ``processing`` until the processing
 So every agent reads its input through :meth:`Gapless.events`. Per partition, the offsets an
 agent takes must follow on from the one it took last or, first after an assignment, from the
 committed offset the assignment sought to. Records missing in between are read again from the
-broker and handed over first, in order, and acknowledged as Faust would have; a record that
-arrives again after that is passed over. Compacted topics are not checked: holes in their
-offsets are by design.
+broker and handed over first, in order, and acknowledged as Faust would have (a record that
+arrives again after that is handed over again: taking an input twice is what every agent
+already survives, skipping one is not). A drop is noticed when the next record of its
+partition arrives; until then :mod:`streams.offset_guard` keeps the commit from passing it.
+Compacted topics are not checked: holes in their offsets are by design. Nor is a partition's
+first record when the group has no committed offset for it yet (a new deployment).
 """
 
 from __future__ import annotations
@@ -94,22 +97,15 @@ class Gapless:
                 yield event
                 continue
             expected = self._expected(message)
-            if message.offset < expected:
-                if not acks:
-                    event.ack()
-                continue  # read again by hand already
             if message.offset > expected:
-                missing = await self._read(message.tp, expected, message.offset)
-                if self._generation() != message.generation_id:
-                    # A rebalance came meanwhile: the partition's next owner reads it all from
-                    # the committed offset, which has not passed these.
-                    continue
-                for record in missing:
+                # The event held here is not acknowledged yet, so no rebalance can finish
+                # (Faust waits for it) while the missing records are read and handed over.
+                for record in await self._read(message.tp, expected, message.offset):
                     again = Refetched(record, self, message.generation_id)
                     yield again
                     if acks:
                         again.ack()
-            self._next[message.tp] = (message.generation_id, message.offset + 1)
+            self._next[message.tp] = (message.generation_id, max(expected, message.offset + 1))
             yield event
 
     def acknowledge(self, record: Record, generation: int) -> None:
@@ -157,21 +153,24 @@ def broker_fetch(bootstrap: str) -> Fetch:
 
     async def fetch(tp: TP, start: int, end: int) -> list[Record]:
         if start >= end:
-            # Nothing to read; and a consumer stopped before it ever waited raises
-            # CancelledError from its stop (aiokafka's committed-offset task).
             return []
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             enable_auto_commit=False,
+            # Offsets below the log's start were deleted: read from what is left.
+            auto_offset_reset="earliest",
             max_partition_fetch_bytes=topics.MAX_MESSAGE_BYTES,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             part = TopicPartition(tp.topic, tp.partition)
             consumer.assign([part])
             consumer.seek(part, start)
+            # Not past the log's end: a log cut short (lost with a broker) must not hold the
+            # agent for good.
+            stop = min(end, (await consumer.end_offsets([part]))[part])
             records: list[Record] = []
-            while await consumer.position(part) < end:
+            while await consumer.position(part) < stop:
                 for batch in (await consumer.getmany(part, timeout_ms=1000)).values():
                     records += [
                         Record(r.topic, r.partition, r.offset, r.key, r.value)
@@ -180,6 +179,17 @@ def broker_fetch(bootstrap: str) -> Fetch:
                     ]
             return records
         finally:
-            await consumer.stop()
+            await _stopped(consumer)
 
     return fetch
+
+
+async def _stopped(consumer: AIOKafkaConsumer) -> None:
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        # aiokafka's stop can re-raise the cancellation of its own tasks (one cancelled before
+        # it ever ran); a cancellation of this task goes on.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise

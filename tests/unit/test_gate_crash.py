@@ -96,6 +96,7 @@ class World:
     outcomes: dict[str, FinishedItem] = field(default_factory=dict)  # the executor's memory
     dispatched: list[DispatchItem] = field(default_factory=list)  # not yet run
     aborted: set[str] = field(default_factory=set)
+    endings: dict[str, set[str]] = field(default_factory=dict)  # request -> terminal event ids
     kills: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +158,8 @@ class World:
                         self.read_model.setdefault(item.request_id, "pending")
                     continue
                 assert isinstance(event, RequestTransition)  # batch rows only here
+                if next_state(event.from_state, event) in TERMINAL:
+                    self.endings.setdefault(event.request_id, set()).add(event.event_id)
                 current = self.read_model.get(event.request_id)
                 # The projector: an event applies only from the state it says it leaves.
                 if current == event.from_state and (after := next_state(current, event)):
@@ -248,4 +251,6 @@ def test_a_gate_killed_anywhere_still_ends_every_row_once(
     stuck = {r: s for r, s in world.read_model.items() if s not in TERMINAL}
     assert len(world.read_model) == lines
     assert not stuck, f"rows never ended in the read model: {stuck}"
+    # A decision made again after a kill publishes the same ending again, never another one.
+    assert {r: len(e) for r, e in world.endings.items()} == dict.fromkeys(world.read_model, 1)
     assert [k for k in world.table if k[:2] in ("R:", "B:")] == []
