@@ -1,12 +1,10 @@
 """Keeps an agent from skipping an input record that Faust dropped.
 
-Faust can drop a fetched record around a rebalance, never handing it to the agent, and then
-commit past it: its stream iterator discards a record taken while flow control is suspended or
-from an older generation, and its commit lets the first acknowledged offset run one past the
-committed one. Seen in a fault drill: a gate partition kept across a rebalance lost one executor
-report, and the row that report ended stayed ``processing`` until the processing timeout.
-
-So every agent reads its input through :meth:`Gapless.events`. Per partition, the offsets an
+Faust could drop a fetched record around a rebalance, never handing it to the agent, and then
+commit past it (seen in a fault drill: a gate partition kept across a rebalance lost one
+executor report, and the row that report ended stayed ``processing`` until the processing
+timeout). :mod:`streams.offset_guard` closes the paths found; this is the backstop for any
+other: every agent reads its input through :meth:`Gapless.events`. Per partition, the offsets an
 agent takes must follow on from the one it took last or, first after an assignment, from the
 committed offset the assignment sought to. Records missing in between are read again from the
 broker and handed over first, in order, and acknowledged as Faust would have (a record that
