@@ -257,6 +257,7 @@ class Gate:
         # because that worker's newer heartbeats are still queued behind the backlog.
         self.clock: datetime | None = None
         self.buckets: dict[str, datetime] = {}  # mirror of the K: records
+        self.asked: dict[str, datetime] = {}  # quiet calls dispatched again (_ask_again), when
         self._events: dict[str, list[RequestEvent]] = {}
         self._dispatch: dict[int, list[DispatchItem]] = {}
         self._headers: dict[int, dict[str, dict[str, str]]] = {}
@@ -312,7 +313,7 @@ class Gate:
 
     def rebuild(self) -> None:
         """Derive every index from the state records (after a rebalance)."""
-        self.models, self.owner_active, self.buckets = {}, {}, {}
+        self.models, self.owner_active, self.buckets, self.asked = {}, {}, {}, {}
         items = list(self.state.items())
         for key, raw in items:
             if key.startswith("K:"):
@@ -743,6 +744,7 @@ class Gate:
         if was in IN_FLIGHT and state not in IN_FLIGHT:
             index.leave(request_id, entry)
             self._owner(owner, -1)
+            self.asked.pop(request_id, None)
         elif was not in IN_FLIGHT and state in IN_FLIGHT:
             index.join(request_id, entry)
             self._owner(owner, +1)
@@ -872,6 +874,39 @@ class Gate:
             reason = self._stale_reason(entry, now)
             if reason is not None:
                 self._take_back(request_id, entry, reason, now)
+            elif entry.state == "processing":
+                self._ask_again(request_id, entry, now)
+
+    def _ask_again(self, request_id: str, entry: GateRequest, now: datetime) -> None:
+        """Dispatch a call quiet for a claim timeout again, same claim, same partition. Its
+        executor ignores a claim it runs, answers one it ended from its memory of outcomes and
+        hands back one it never saw (ignored while the row is processing): only a report
+        lost on the way changes anything, and then the row ends without waiting for the
+        processing timeout. Asked at most once a claim timeout (in memory: a rebuilt gate may
+        ask once more)."""
+        quiet = self.liveness.claim_timeout
+        since = max(filter(None, (entry.started_at, self.asked.get(request_id))), default=now)
+        if now - since <= quiet or entry.claim_id is None or entry.claimed_at is None:
+            return
+        if entry.batch_id:
+            batch = self._model(entry.model).batches.get(entry.batch_id)
+            if batch is None:
+                return
+            facts, body = batch.entry.facts, batch.entry.body_ref(entry.line)
+            owner, path, deadline = facts.owner, facts.path, facts.deadline
+            if facts.headers:
+                self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
+        elif entry.facts is not None and entry.body is not None:
+            owner, path, deadline = entry.facts.owner, entry.facts.path, entry.facts.deadline
+            body = entry.body
+        else:
+            return
+        self.asked[request_id] = now
+        self._dispatch.setdefault(entry.partition, []).append(DispatchItem(
+            request_id=request_id, claim_id=entry.claim_id, batch_id=entry.batch_id or None,
+            model=entry.model, path=path, attempt=entry.attempt, deadline=deadline,
+            claimed_at=entry.claimed_at, body=body, owner=owner, lane=entry.lane,
+        ))  # fmt: skip
 
     def _take_back(self, request_id: str, entry: GateRequest, reason: Any, now: datetime) -> None:
         """Return a claim to pending as a new attempt (core §4.8), or end it."""

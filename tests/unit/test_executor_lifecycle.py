@@ -161,3 +161,25 @@ def test_a_chain_reads_the_escalated_body_whether_or_not_tools_were_added() -> N
         return [msgspec.json.decode(stored[s.parent.offset])["model"] for s in started]
 
     assert asyncio.run(scenario()) == ["big", "big"]
+
+
+def test_a_claim_dispatched_again_is_answered_not_called_again() -> None:
+    """The gate sends a long-quiet call's dispatch again (its report may have been lost): while
+    the call runs that changes nothing; once it ended, its outcome is said again."""
+
+    async def scenario() -> None:
+        h = Harness()
+        h.reporter.start()
+        item = claim(0, -1)
+        await h.executor.accept(dispatch(item))
+        await h.until(lambda: h.upstream.sent == ["call-0"])
+        await h.executor.accept(dispatch(item))  # while it runs
+        h.upstream.answer("call-0")
+        await h.until(lambda: len(h.reports) == 1)
+        await h.executor.accept(dispatch(item))  # after it ended
+        await h.until(lambda: len(h.reports) == 2)
+        await h.reporter.stop()
+        assert h.upstream.sent == ["call-0"]
+        assert [(r.claim_id, r.result) for r in h.reports] == [(item.claim_id, "completed")] * 2
+
+    asyncio.run(scenario())

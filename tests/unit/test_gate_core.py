@@ -778,6 +778,35 @@ def test_processing_claims_are_reclaimed_when_stale(
     assert limit < run.now - T0 <= limit + 20 * SEC
 
 
+def test_a_call_quiet_for_a_claim_timeout_is_dispatched_again_as_it_was() -> None:
+    """Its executor answers a claim it ended from memory (a report lost on the way ends the
+    row now, not at the processing timeout) and ignores one it still runs."""
+    run = Run({"m": 2}, liveness=Liveness(claim_timeout=20 * SEC, stale_worker=HOUR, processing_timeout=HOUR), partitions=3)  # fmt: skip
+    first, second = run.populate(n=2).dispatched
+    run.start(first, second)
+    where = _partitions(run.tick(T0 + 15 * SEC))
+    assert where == {}  # not quiet long enough
+    again = run.tick(T0 + 25 * SEC)
+    items = sorted((i for r in again.records for i in r.items), key=lambda i: i.claim_id)
+    assert items == sorted(
+        [first, second], key=lambda i: i.claim_id
+    )  # as dispatched, claim time and all
+    assert _partitions(again) == {first.claim_id: run.gate._request(first.request_id).partition, second.claim_id: run.gate._request(second.request_id).partition}  # type: ignore[union-attr]  # fmt: skip
+    assert again.events == []  # nothing changes in the lifecycle
+    assert run.tick(T0 + 35 * SEC).records == []  # asked once a claim timeout
+    run.report(first)  # the answer comes
+    assert [d.claim_id for r in run.tick(T0 + 50 * SEC).records for d in r.items] == [second.claim_id]  # fmt: skip
+    assert run.states[first.request_id] == "completed"
+
+
+def test_a_claim_not_started_is_taken_back_not_dispatched_again() -> None:
+    run = Run({"m": 1}, liveness=Liveness(claim_timeout=20 * SEC, stale_worker=HOUR))
+    (item,) = run.populate(n=1).dispatched
+    step = run.tick(T0 + 25 * SEC)
+    assert [type(e).__name__ for e in step.events] == ["RequestReclaimed", "RequestClaimed"]
+    assert [d.claim_id for d in step.dispatched] != [item.claim_id]
+
+
 def test_an_old_heartbeat_read_late_does_not_make_a_live_worker_stale() -> None:
     """A gate taking a partition over reads that partition's backlog: its heartbeats are
     older than the ones the gate has had from the same worker on its other partitions."""
