@@ -888,25 +888,11 @@ class Gate:
         since = max(filter(None, (entry.started_at, self.asked.get(request_id))), default=now)
         if now - since <= quiet or entry.claim_id is None or entry.claimed_at is None:
             return
-        if entry.batch_id:
-            batch = self._model(entry.model).batches.get(entry.batch_id)
-            if batch is None:
-                return
-            facts, body = batch.entry.facts, batch.entry.body_ref(entry.line)
-            owner, path, deadline = facts.owner, facts.path, facts.deadline
-            if facts.headers:
-                self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
-        elif entry.facts is not None and entry.body is not None:
-            owner, path, deadline = entry.facts.owner, entry.facts.path, entry.facts.deadline
-            body = entry.body
-        else:
-            return
+        batch = self._model(entry.model).batches.get(entry.batch_id)
+        if batch is None and (entry.batch_id or entry.facts is None or entry.body is None):
+            return  # nothing left to dispatch it from
         self.asked[request_id] = now
-        self._dispatch.setdefault(entry.partition, []).append(DispatchItem(
-            request_id=request_id, claim_id=entry.claim_id, batch_id=entry.batch_id or None,
-            model=entry.model, path=path, attempt=entry.attempt, deadline=deadline,
-            claimed_at=entry.claimed_at, body=body, owner=owner, lane=entry.lane,
-        ))  # fmt: skip
+        self._send(request_id, entry, batch)
 
     def _take_back(self, request_id: str, entry: GateRequest, reason: Any, now: datetime) -> None:
         """Return a claim to pending as a new attempt (core §4.8), or end it."""
@@ -1054,23 +1040,8 @@ class Gate:
         index.loose.discard(request_id)
         if entry is None or entry.facts is None or entry.body is None:
             return False
-        facts, body = entry.facts, entry.body
-        claim_id = self._new_claim(request_id, entry, now)
-        self._dispatch.setdefault(entry.partition, []).append(
-            DispatchItem(
-                request_id=request_id,
-                claim_id=claim_id,
-                batch_id=None,
-                model=entry.model,
-                path=facts.path,
-                attempt=entry.attempt,
-                deadline=facts.deadline,
-                claimed_at=now,
-                body=body,
-                owner=facts.owner,
-                lane=entry.lane,
-            )  # fmt: skip
-        )
+        self._new_claim(request_id, entry, now)
+        self._send(request_id, entry, None)
         return True
 
     def _cooldown(self, model: str, now: datetime) -> set[tuple[str, str]]:
@@ -1129,15 +1100,27 @@ class Gate:
                 version=facts.retry_version,
             )  # fmt: skip
             batch.live += 1
-        claim_id = self._new_claim(request_id, entry, now)
-        item = DispatchItem(
-            request_id=request_id, claim_id=claim_id, batch_id=facts.batch_id,
+        self._new_claim(request_id, entry, now)
+        self._send(request_id, entry, batch)
+
+    def _send(self, request_id: str, entry: GateRequest, batch: _Batch | None) -> None:
+        """Dispatch the row's current claim to its partition: a batch row's facts and body
+        are its batch's (``batch``), a batchless row's its own."""
+        assert entry.claim_id is not None and entry.claimed_at is not None
+        facts: BatchFacts | BatchlessFacts
+        if batch is not None:
+            facts = batch.entry.facts
+            body = batch.entry.body_ref(entry.line)
+            if facts.headers:
+                self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
+        else:
+            assert entry.facts is not None and entry.body is not None
+            facts, body = entry.facts, entry.body
+        self._dispatch.setdefault(entry.partition, []).append(DispatchItem(
+            request_id=request_id, claim_id=entry.claim_id, batch_id=entry.batch_id or None,
             model=entry.model, path=facts.path, attempt=entry.attempt, deadline=facts.deadline,
-            claimed_at=now, body=batch.entry.body_ref(line), owner=facts.owner, lane=entry.lane,
-        )  # fmt: skip
-        self._dispatch.setdefault(entry.partition, []).append(item)
-        if facts.headers:
-            self._headers.setdefault(entry.partition, {})[facts.batch_id] = facts.headers
+            claimed_at=entry.claimed_at, body=body, owner=facts.owner, lane=entry.lane,
+        ))  # fmt: skip
 
     def _new_claim(self, request_id: str, entry: GateRequest, now: datetime) -> str:
         """Make a pending row claimed by a new claim; returns the claim id."""
