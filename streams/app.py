@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from streams.emit import Out, TopicRole
 from streams.gapless import Gapless, broker_fetch
 from streams.metrics import Hooks
 from streams.stall_watch import StallWatchdog
-from streams.tables import Utf8Keys
+from streams.tables import Change, Utf8Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,17 +135,21 @@ class Streams:
 
         Inside an agent there is no need to wait: Faust flushes its producer before it commits
         the source offset, so an event is never committed ahead of what it published (at least
-        once). Work that runs outside the stream (executor tasks) waits. Records go straight to
-        the app's producer: a Faust ``Topic.send`` would hold them until the source offset
-        commits (a commit interval on every hop) unless forced, and costs more CPU per record
-        than the rest of a gate decision."""
+        once). Work that runs outside the stream (executor tasks) waits."""
+        futures = await self.send(outs)
+        if wait:
+            await asyncio.gather(*futures)
+
+    async def send(self, outs: Sequence[Out]) -> list[Awaitable[Any]]:
+        """Hand ``outs`` to the producer in order; each future resolves when the broker has
+        its record. Records go straight to the app's producer: a Faust ``Topic.send`` would
+        hold them until the source offset commits (a commit interval on every hop) unless
+        forced, and costs more CPU per record than the rest of a gate decision."""
         send = self.app.producer.send
-        futures = [
+        return [
             await send(_ROLE_TOPICS[o.topic].name, o.key.encode(), _value(o), o.partition, None, None)
             for o in outs
         ]  # fmt: skip
-        if wait:
-            await asyncio.gather(*futures)
 
     async def write_bodies(self, records: Sequence[tuple[str, bytes, int]]) -> list[BodyRef]:
         """Write (key, value, partition) records to the bodies topic and return where each
@@ -161,13 +165,16 @@ class Streams:
     async def send_changelog(self, partition: int, *tables: Utf8Keys) -> None:
         """Send the changelog records the tables' writes queued, to the partition of the event
         that made them, as Faust's own path would; an agent calls it once per event."""
-        send = self.app.producer.send
         for keys in tables:
-            if keys.changes:
-                topic = keys.table.changelog_topic.get_topic_name()
-                for key, value in keys.changes:
-                    await send(topic, key, value, partition, None, None)
-                keys.sent(partition)
+            await self.send_changes(keys, partition, keys.take())
+
+    async def send_changes(self, keys: Utf8Keys, partition: int, changes: list[Change]) -> None:
+        """Send changelog records ``keys`` queued earlier (:meth:`Utf8Keys.take`)."""
+        if changes:
+            send, topic = self.app.producer.send, keys.table.changelog_topic.get_topic_name()
+            for key, value in changes:
+                await send(topic, key, value, partition, None, None)
+            keys.sent(partition, changes)
 
     async def dead_letter(self, event: EventT[Any], reason: str, kind: str | None = None) -> None:
         """Record a message the agent cannot apply, with the reason, and go on. User content

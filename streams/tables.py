@@ -37,20 +37,24 @@ class Utf8Keys(MutableMapping[str, bytes]):
         del self.table.data[raw]
         self.changes.append((raw, None))
 
-    def sent(self, partition: int) -> None:
-        """The queued changelog records went out, every one to ``partition``: the queue empties
-        and the store learns that partition of each key, as it does for the keys recovery
-        reads. Faust's memory store drops a partition's keys once a recovery ends without it,
-        but only the keys it knows the partition of; the ones written here would otherwise
-        outlive the partition moving to another worker, and come back as live if it moved back
-        after their tombstones were compacted away."""
+    def take(self) -> list[Change]:
+        """The changelog records queued so far, to send; the queue starts again empty."""
+        changes, self.changes = self.changes, []
+        return changes
+
+    def sent(self, partition: int, changes: list[Change]) -> None:
+        """``changes`` (from :meth:`take`) went out, every one to ``partition``: the store
+        learns that partition of each key, as it does for the keys recovery reads. Faust's
+        memory store drops a partition's keys once a recovery ends without it, but only the
+        keys it knows the partition of; the ones written here would otherwise outlive the
+        partition moving to another worker, and come back as live if it moved back after their
+        tombstones were compacted away."""
         partitions = self.table.data._key_partition
-        for key, value in self.changes:
+        for key, value in changes:
             if value is None:
                 partitions.pop(key, None)
             else:
                 partitions[key] = partition
-        self.changes = []
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.table.get(key.encode()) is not None

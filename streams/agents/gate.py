@@ -13,16 +13,18 @@ import os
 import socket
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from faust.types import StreamT
 
 from schemas import codec, ids, topics
 from schemas.events import GateTick
 from streams.app import Streams, decode_or_none, utcnow
+from streams.changelog_follower import ChangelogFollower
 from streams.emit import Out
 from streams.gate.core import Gate, Liveness
 from streams.metrics import Backlog
+from streams.recovery_watch import end_worker
 from streams.tables import Utf8Keys, WriteBehind
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,24 @@ def register(streams: Streams) -> Gate:
     )
     watch = streams.watch_stalls(source)
 
+    def _follower_failed(exc: BaseException) -> NoReturn:
+        log.critical("gate: a decision or its changelog did not land (%r); restarting", exc)
+        end_worker()
+
+    follower = ChangelogFollower(
+        lambda partition, changes: streams.send_changes(keys, partition, changes),
+        _follower_failed,
+    )
+
     @app.agent(source, name="gate")
     async def gate_agent(stream: StreamT[Any]) -> None:
-        async for event in streams.events(stream.events()):
+        # Acknowledged by hand, by the follower, once what an input decided is on record.
+        async for event in streams.events(cast(Any, stream).noack().events(), acks=False):
             watch.took(event.message.tp, event.message.offset)
             message, reason = decode_or_none(codec.gate_inputs, event.value)
             if message is None:
                 await streams.dead_letter(event, reason or "undecodable")
+                await follower.hand_over(event, event.message.partition, (), [])
                 continue
             if rebuild["needed"]:
                 gate.rebuild()
@@ -91,17 +104,17 @@ def register(streams: Streams) -> Gate:
                 state.discard()
                 gate.rebuild()
                 await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
+                await follower.hand_over(event, event.message.partition, (), [])
                 continue
             decided = time.perf_counter() - started
-            if outs:
-                # Acknowledged before the table's changelog goes: a changelog that landed ahead
-                # of the decisions it records (a batch lingering apart, another broker) would
-                # leave a gate killed in between sure of what nobody was told, and the rows it
-                # moved on stuck for good in the read model.
-                await streams.publish(outs, wait=True)
+            # The changelog goes once the decisions are acknowledged: one that landed ahead of
+            # them (a batch lingering apart, another broker) would leave a gate killed in
+            # between sure of what nobody was told, and the rows it moved on stuck for good in
+            # the read model. The follower waits for that, so the next input need not.
+            sent = await streams.send(outs)
             hooks.gate_published(outs, decided)
             state.flush()
-            await streams.send_changelog(event.message.partition, keys)
+            await follower.hand_over(event, event.message.partition, sent, keys.take())
 
     @app.timer(interval=TICK_INTERVAL_S, on_leader=True)
     async def tick() -> None:

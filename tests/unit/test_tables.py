@@ -60,11 +60,11 @@ async def test_keys_written_for_a_partition_go_when_it_moves_to_another_worker()
     table = app.Table("gate", default=None, key_type=bytes, value_type=bytes, partitions=4)
     keys = Utf8Keys(table)
     keys["R:kept"] = b"pending"
-    keys.sent(2)
+    keys.sent(2, keys.take())
     keys["R:moved"] = b"claimed"
     keys["R:ended"] = b"claimed"
     del keys["R:ended"]
-    keys.sent(3)
+    keys.sent(3, keys.take())
     assert keys.changes == []
 
     changelog = table.changelog_topic.get_topic_name()
