@@ -166,7 +166,8 @@ class Streams:
         """Send the changelog records the tables' writes queued, to the partition of the event
         that made them, as Faust's own path would; an agent calls it once per event."""
         for keys in tables:
-            await self.send_changes(keys, partition, keys.take())
+            await self.send_changes(keys, partition, keys.changes)
+            keys.changes = []  # only once all went: after a failed send they go again
 
     async def send_changes(self, keys: Utf8Keys, partition: int, changes: list[Change]) -> None:
         """Send changelog records ``keys`` queued earlier (:meth:`Utf8Keys.take`)."""

@@ -13,7 +13,8 @@ A rebalance waits for every input taken to be acknowledged (Faust's ``stream_wai
 a partition's changelog has all gone before another worker recovers it. A send that fails
 (aiokafka retries until the producer's request timeout) leaves the table ahead of what landed:
 ``on_failure`` must end the worker, whose successor recovers from the changelog and takes the
-unacknowledged inputs again.
+unacknowledged inputs again. A follower that stopped so refuses any more inputs: the agent
+would otherwise wait for good on a queue nobody empties, and a rebalance on its inputs.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class ChangelogFollower:
         table writes ``changes``, to go to the changelog's ``partition``."""
         if self._task is None:
             self._task = asyncio.create_task(self._run())
+        elif self._task.done():
+            raise RuntimeError("the changelog follower has stopped")
         await self._queue.put(_Handed(event, partition, decided, changes))
 
     async def _run(self) -> None:
@@ -65,7 +68,11 @@ class ChangelogFollower:
                 if handed.decided:
                     await asyncio.gather(*handed.decided)
                 await self._send(handed.partition, handed.changes)
-            except Exception as exc:
+                handed.event.ack()
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the worker is stopping
+                # A decision's send cancelled is a failure too, not this task's end.
                 self._on_failure(exc)
                 return
-            handed.event.ack()

@@ -15,7 +15,7 @@ import time
 from datetime import timedelta
 from typing import Any, NoReturn, cast
 
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 
 from schemas import codec, ids, topics
 from schemas.events import GateTick
@@ -72,49 +72,58 @@ def register(streams: Streams) -> Gate:
     )
     watch = streams.watch_stalls(source)
 
-    def _follower_failed(exc: BaseException) -> NoReturn:
-        log.critical("gate: a decision or its changelog did not land (%r); restarting", exc)
+    def _restart(exc: BaseException) -> NoReturn:
+        # An input left unacknowledged would hold every later commit of its partition, and a
+        # decision that did not land leaves the table ahead of the log: a fresh worker takes the
+        # inputs again from the commit, its table from the changelog.
+        log.critical("gate: %r; restarting from the commit and the changelog", exc)
         end_worker()
 
     follower = ChangelogFollower(
-        lambda partition, changes: streams.send_changes(keys, partition, changes),
-        _follower_failed,
+        lambda partition, changes: streams.send_changes(keys, partition, changes), _restart
     )
+
+    async def take(event: EventT[Any]) -> None:
+        watch.took(event.message.tp, event.message.offset)
+        partition = event.message.partition
+        message, reason = decode_or_none(codec.gate_inputs, event.value)
+        if message is None:
+            await streams.dead_letter(event, reason or "undecodable")
+            await follower.hand_over(event, partition, (), [])
+            return
+        if rebuild["needed"]:
+            gate.rebuild()
+            rebuild["needed"] = False
+        gate.partition = partition
+        started = time.perf_counter()
+        try:
+            outs = gate.handle(message, utcnow())
+        except Exception as exc:
+            # A defect triggered by one input must not stop the model's gate for good.
+            log.exception("gate could not apply %s", type(message).__name__)
+            state.discard()
+            gate.rebuild()
+            await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
+            await follower.hand_over(event, partition, (), [])
+            return
+        decided = time.perf_counter() - started
+        # The changelog goes once the decisions are acknowledged: one that landed ahead of them
+        # (a batch lingering apart, another broker) would leave a gate killed in between sure
+        # of what nobody was told, and the rows it moved on stuck for good in the read model.
+        # The follower waits for that, so the next input need not.
+        sent = await streams.send(outs)
+        hooks.gate_published(outs, decided)
+        state.flush()
+        await follower.hand_over(event, partition, sent, keys.take())
 
     @app.agent(source, name="gate")
     async def gate_agent(stream: StreamT[Any]) -> None:
         # Acknowledged by hand, by the follower, once what an input decided is on record.
         async for event in streams.events(cast(Any, stream).noack().events(), acks=False):
-            watch.took(event.message.tp, event.message.offset)
-            message, reason = decode_or_none(codec.gate_inputs, event.value)
-            if message is None:
-                await streams.dead_letter(event, reason or "undecodable")
-                await follower.hand_over(event, event.message.partition, (), [])
-                continue
-            if rebuild["needed"]:
-                gate.rebuild()
-                rebuild["needed"] = False
-            gate.partition = event.message.partition
-            started = time.perf_counter()
             try:
-                outs = gate.handle(message, utcnow())
+                await take(event)
             except Exception as exc:
-                # A defect triggered by one input must not stop the model's gate for good.
-                log.exception("gate could not apply %s", type(message).__name__)
-                state.discard()
-                gate.rebuild()
-                await streams.dead_letter(event, f"gate could not apply it: {exc!r}")
-                await follower.hand_over(event, event.message.partition, (), [])
-                continue
-            decided = time.perf_counter() - started
-            # The changelog goes once the decisions are acknowledged: one that landed ahead of
-            # them (a batch lingering apart, another broker) would leave a gate killed in
-            # between sure of what nobody was told, and the rows it moved on stuck for good in
-            # the read model. The follower waits for that, so the next input need not.
-            sent = await streams.send(outs)
-            hooks.gate_published(outs, decided)
-            state.flush()
-            await follower.hand_over(event, event.message.partition, sent, keys.take())
+                _restart(exc)
 
     @app.timer(interval=TICK_INTERVAL_S, on_leader=True)
     async def tick() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from streams.changelog_follower import ChangelogFollower
 from streams.tables import Change
 
@@ -111,3 +113,39 @@ async def test_an_agent_far_ahead_of_its_acknowledgements_waits() -> None:
         "ack e3",
         "ack e4",
     ]
+
+
+async def test_a_changelog_that_did_not_go_acknowledges_nothing_and_stops_the_follower() -> None:
+    w = World()
+
+    async def broker_away(partition: int, changes: list[Change]) -> None:
+        raise TimeoutError("the broker is away")
+
+    w.follower = ChangelogFollower(broker_away, w.failures.append)
+    await w.follower.hand_over(Event("e1", w.log), 0, (), [(b"R:1", b"claimed")])
+    await w.settle()
+    assert w.log == [] and [type(e) for e in w.failures] == [TimeoutError]
+
+    # Stopped, it refuses more: the agent would otherwise wait on a queue nobody empties.
+    with pytest.raises(RuntimeError, match="stopped"):
+        await w.follower.hand_over(Event("e2", w.log), 0, (), [])
+
+
+async def test_a_cancelled_send_or_a_failing_acknowledgement_is_a_failure_not_a_silent_end() -> (
+    None
+):
+    w = World()
+    cancelled = w.decision()
+    cancelled.cancel()
+    await w.follower.hand_over(Event("e1", w.log), 0, [cancelled], [])
+    await w.settle()
+    assert [type(e) for e in w.failures] == [asyncio.CancelledError]
+
+    class Unacknowledgeable(Event):
+        def ack(self) -> None:
+            raise ValueError("consumer gone")
+
+    w = World()
+    await w.follower.hand_over(Unacknowledgeable("e1", w.log), 0, (), [])
+    await w.settle()
+    assert [type(e) for e in w.failures] == [ValueError]

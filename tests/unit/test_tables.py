@@ -3,9 +3,14 @@ table only after its events were published."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any, cast
+
 import faust
+import pytest
 from faust.types import TP
 
+from streams.app import Streams
 from streams.tables import Utf8Keys, WriteBehind
 
 
@@ -70,3 +75,30 @@ async def test_keys_written_for_a_partition_go_when_it_moves_to_another_worker()
     changelog = table.changelog_topic.get_topic_name()
     await table.on_recovery_completed({TP(changelog, 2)}, set())
     assert dict(table.data.items()) == {b"R:kept": b"pending"}
+
+
+async def test_changelog_records_whose_send_failed_part_way_are_sent_again() -> None:
+    # The chains and commands agents retry a decision when the broker is away; the state is in
+    # the store already, so a retry may write nothing new, and the records must still go.
+    app = faust.App("test-tables-retry", store="memory://")
+    table = app.Table("chains", default=None, key_type=bytes, value_type=bytes, partitions=4)
+    keys = Utf8Keys(table)
+    landed: list[bytes] = []
+    failures = [TimeoutError("the broker is away")]  # for the first send of b
+
+    async def send(topic: str, key: bytes, value: bytes | None, partition: int, *_: Any) -> Any:
+        if key == b"b" and failures:
+            raise failures.pop()
+        landed.append(key)
+        return None
+
+    streams = object.__new__(Streams)  # the producer is the only part it needs
+    streams.app = cast(Any, SimpleNamespace(producer=SimpleNamespace(send=send)))
+    keys["a"] = b"1"
+    keys["b"] = b"2"
+    with pytest.raises(TimeoutError):
+        await streams.send_changelog(1, keys)
+    assert keys.changes == [(b"a", b"1"), (b"b", b"2")]
+
+    await streams.send_changelog(1, keys)
+    assert landed == [b"a", b"a", b"b"] and keys.changes == []
