@@ -35,6 +35,7 @@ from streams.responses.translate import (
     responses_tool_choice,
     responses_tools,
     responses_usage,
+    unique_call,
 )
 
 DEFAULT_MAX_RESPONSE_ITERATIONS = 10
@@ -182,16 +183,10 @@ def with_unique_call_ids(payload: Any, sequence: int, taken: set[str]) -> Any:
     calls = message.get("tool_calls") if message is not None else None
     if message is None or not isinstance(calls, list):
         return payload
-    unique: list[Any] = []
-    for index, call in enumerate(calls):
-        if isinstance(call, dict):
-            if not isinstance(call.get("id"), str) or call["id"] in taken:
-                name = f"call_{sequence}_{index}"
-                while name in taken:
-                    name += "_"
-                call = call | {"id": name}
-            taken.add(call["id"])
-        unique.append(call)
+    unique = [
+        unique_call(call, f"call_{sequence}_{index}", taken) if isinstance(call, dict) else call
+        for index, call in enumerate(calls)
+    ]
     if unique == calls:
         return payload
     choices = payload["choices"]

@@ -72,6 +72,20 @@ def function_call_item(call: dict[str, Any], id: str) -> dict[str, Any]:
     }
 
 
+def unique_call(call: dict[str, Any], name: str, taken: set[str]) -> dict[str, Any]:
+    """A chat `tool_calls[]` entry with its own id, or named `name` (`name_`, … while taken)
+    when it has none or one an earlier call of the answer took (upstreams that count from
+    `call_0` every round). The `openai` SDK refuses a response naming two calls alike, and a
+    call named `call_unknown` could not be told from another. `taken` gains the id."""
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or call_id in taken:
+        while name in taken:
+            name += "_"
+        call, call_id = call | {"id": name}, name
+    taken.add(call_id)
+    return call
+
+
 def reasoning_item(text: str, id: str) -> dict[str, Any]:
     return {
         "type": "reasoning",
@@ -250,10 +264,11 @@ def chat_to_responses(
     choices = chat.get("choices")
     status = status_from_choices(choices)
     output: list[dict[str, Any]] = []
-    for choice in choices if isinstance(choices, list) else []:
+    calls: set[str] = set()
+    for number, choice in enumerate(choices if isinstance(choices, list) else []):
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict):
-            output += _message_items(message, seed, len(output), status)
+            output += _message_items(message, seed, len(output), status, (number, calls))
     created = chat.get("created")
     created = created if is_int(created) else created_at
     tier = chat.get("service_tier")
@@ -275,8 +290,9 @@ def chat_to_responses(
 
 
 def _message_items(
-    message: dict[str, Any], seed: str, start: int, status: str
+    message: dict[str, Any], seed: str, start: int, status: str, calls: tuple[int, set[str]]
 ) -> list[dict[str, Any]]:
+    """``calls``: the choice's number and the call ids the answer's items have taken."""
     items: list[dict[str, Any]] = []
     reasoning = _reasoning_text(message)
     if reasoning is not None:
@@ -296,8 +312,10 @@ def _message_items(
                 refusal=refusal,
             )
         )
-    calls = message.get("tool_calls")
-    for call in calls if isinstance(calls, list) else []:
+    number, taken = calls
+    tool_calls = message.get("tool_calls")
+    for index, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
         if isinstance(call, dict):
+            call = unique_call(call, f"call_{number}_{index}", taken)
             items.append(function_call_item(call, item_id("fc", seed, start + len(items))))
     return items

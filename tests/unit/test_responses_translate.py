@@ -355,3 +355,19 @@ def test_a_refusal_is_kept_as_the_message_s_refusal_part() -> None:
     parsed = Response.model_validate(response)
     assert parsed.status == "completed" and parsed.output_text == ""
     assert parsed.output[0].content[0].type == "refusal"  # type: ignore[union-attr, index]
+
+
+def test_calls_without_an_id_or_with_a_repeated_one_are_named_apart() -> None:
+    def call(call_id: str | None) -> dict[str, Any]:
+        return {"id": call_id, "type": "function", "function": {"name": "w", "arguments": "{}"}}
+
+    upstream = chat(
+        content=None,
+        finish_reason="tool_calls",
+        calls=[call(None), call(None), call("call_0"), call("call_0"), call("call_0_1")],
+    )
+    response = chat_to_responses(upstream, {"model": "m"})
+    ids = [item["call_id"] for item in response["output"]]
+    # The SDK's own function-call outputs name the call they answer: each must name one.
+    assert ids == ["call_0_0", "call_0_1", "call_0", "call_0_3", "call_0_4"]
+    assert chat_to_responses(upstream, {"model": "m"}) == response  # a replay names them alike
