@@ -22,6 +22,7 @@ from projections import queries
 from projections.api.app import Context, context, json_response, principal
 from projections.api.batches import facts
 from projections.api.files import parse_uuid
+from projections.api.intake import read_body
 from projections.rules.batches import batch_object
 from projections.rules.retry import parse_request_ids, row_ranges
 from schemas import ids
@@ -62,7 +63,7 @@ async def retry_requests(request: web.Request) -> web.Response:
     """The named rows, which must be failed, run again."""
     ctx, batch_id = context(request), _batch_id(request)
     try:
-        body = msgspec.json.decode(await request.read())
+        body = msgspec.json.decode(await read_body(request, ctx.config.api.max_request_body_size))
     except (msgspec.DecodeError, RecursionError) as exc:
         raise invalid_request(f"Invalid JSON body: {exc}") from None
     wanted = parse_request_ids(body)

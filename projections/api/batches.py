@@ -12,6 +12,7 @@ from aiohttp import web
 from projections import queries
 from projections.api.app import context, json_response, principal
 from projections.api.files import list_limit, list_page, optional_uuid, parse_uuid, query_text
+from projections.api.intake import read_body
 from projections.rules.batches import (
     BatchFacts,
     Counts,
@@ -70,7 +71,7 @@ def expired_at(row: Any, now: datetime) -> datetime | None:
 async def create(request: web.Request) -> web.Response:
     ctx, who = context(request), principal(request)
     body = validate_create_batch(
-        await request.read(),
+        await read_body(request, ctx.config.api.max_request_body_size),
         ctx.config.api.allowed_completion_windows,
         ctx.config.api.allowed_url_paths,
     )

@@ -31,14 +31,27 @@ def model_kind(config: Config, model: str, user: str) -> ModelKind | None:
     return found.kind
 
 
-async def read_object(request: web.Request, config: Config) -> tuple[bytes, dict[str, Any]]:
-    """The raw body and its JSON object. Every body must fit one record on the bodies topic."""
-    limit = config.api.max_request_body_size
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is over ``limit`` bytes: a body sent in
+    chunks names no length, and the server's own cap is the file upload's (~200 MiB)."""
     if (request.content_length or 0) > limit:  # refused before it is read
         raise _too_large(request.content_length or 0, limit)
-    raw = await request.read()
-    if len(raw) > limit:
-        raise _too_large(len(raw), limit)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                413,
+                f"Request body exceeds the maximum allowed size of {limit} bytes",
+                code="request_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_object(request: web.Request, config: Config) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON object. Every body must fit one record on the bodies topic."""
+    raw = await read_body(request, config.api.max_request_body_size)
     try:
         document = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:

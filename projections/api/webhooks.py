@@ -21,6 +21,7 @@ from aiohttp import web
 from projections import webhooks
 from projections.api.app import CONTEXT, context, json_response, principal
 from projections.api.files import list_limit, list_page
+from projections.api.intake import read_body
 from projections.notifier import Notifier
 from projections.webhook_signing import SecretBox
 from schemas.api_webhooks import (
@@ -72,7 +73,7 @@ def _webhook_id(request: web.Request) -> str:
 async def create(request: web.Request) -> web.Response:
     ctx, who = context(request), principal(request)
     try:
-        registration = _decode(await request.read())
+        registration = _decode(await read_body(request, ctx.config.api.max_request_body_size))
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         raise invalid_request(f"Invalid request body: {exc}") from None
     endpoint = await webhooks.register(

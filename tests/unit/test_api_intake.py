@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from cannonade.config import Config, ModelConfig
-from projections.api.intake import flex_body, is_flex, requested_model, usable_model
+from projections.api.intake import flex_body, is_flex, read_body, requested_model, usable_model
 from schemas.errors import ApiError
 
 CONFIG = Config(
@@ -68,3 +72,36 @@ def test_a_flex_body_keeps_what_the_upstream_computes_and_drops_how_it_is_run() 
     assert msgspec.json.decode(flex_body(body)) == {
         "model": "chat", "messages": [], "temperature": 0,
     }  # fmt: skip
+
+
+async def test_a_body_sent_in_chunks_is_refused_once_it_passes_the_limit() -> None:
+    # A chunked body names no length: without a limit of its own a JSON endpoint would buffer
+    # up to the server's cap, the file upload's (~200 MiB), before any check.
+    read: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            body = await read_body(request, 1000)
+        except ApiError as exc:
+            return web.json_response({"code": exc.code, "message": exc.message}, status=exc.status)
+        read.append(len(body))
+        return web.json_response({"read": len(body)})
+
+    async def chunks(count: int) -> AsyncIterator[bytes]:
+        for _ in range(count):
+            yield b"x" * 400
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    async with TestClient(TestServer(app)) as client:
+        small = await client.post("/", data=chunks(2))
+        assert small.status == 200 and await small.json() == {"read": 800}
+        large = await client.post("/", data=chunks(2_000))  # 800 KB
+        assert large.status == 413
+        assert await large.json() == {
+            "code": "request_too_large",
+            "message": "Request body exceeds the maximum allowed size of 1000 bytes",
+        }
+        sized = await client.post("/", data=b"x" * 1001)  # refused on its Content-Length
+        assert sized.status == 413 and (await sized.json())["code"] == "request_too_large"
+    assert read == [800]
