@@ -90,6 +90,7 @@ def register(streams: Streams) -> StepRunner:
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await runner.stop()
         await ledger.stop()
         await reader.stop()
         await tools.close()

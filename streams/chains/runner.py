@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import msgspec
@@ -123,6 +123,17 @@ class ToolTransportError(Exception):
 
 Ack = Callable[[], object]
 
+#: How long running steps may go on finishing once their worker is stopping: within the
+#: supervisors' stop timeouts (Docker's 10 s, the local stack's 15 s), so that the steps it
+#: abandons are still reported before the worker is killed.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class _Running(NamedTuple):
+    task: asyncio.Task[None]
+    ack: Ack
+    work: StepWork
+
 
 class StepRunner:
     def __init__(
@@ -145,7 +156,7 @@ class StepRunner:
         self.timeouts = timeouts
         self.slots = asyncio.Semaphore(max_in_flight)
         self.retry_s = retry_s
-        self.running: dict[str, tuple[asyncio.Task[None], Ack]] = {}
+        self.running: dict[str, _Running] = {}
         self.done: OrderedDict[str, None] = OrderedDict()  # steps ended here (recently)
         self.processed = 0
         self.failed = 0
@@ -164,8 +175,7 @@ class StepRunner:
             return
         if status is StepStatus.STARTED:
             log.warning("step %s was started and never finished: abandoned", work.step_id)
-            row = Failure(NonRetriableHttpStatus(status=500, body=_text(STEP_ABANDONED)))
-            await self._report(work, StepErrored(dict(STEP_ABANDONED)), row)
+            await self._abandon(work)
             self._remember(work.step_id)
             ack()
             return
@@ -180,14 +190,37 @@ class StepRunner:
             self.slots.release()
             raise
         task = asyncio.create_task(self._run(work))
-        self.running[work.step_id] = (task, ack)
+        self.running[work.step_id] = _Running(task, ack, work)
         task.add_done_callback(lambda _: self._ended(work.step_id))
 
     def release(self) -> None:
         """Let the offsets of running steps commit (a rebalance must not wait for slow
         calls): they still finish and report here."""
-        for _, ack in self.running.values():
-            ack()
+        for entry in self.running.values():
+            entry.ack()
+
+    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Shutting down: give running steps ``grace_s`` to finish, then end the rest
+        ``step_abandoned`` from here. Faust waited for the steps whose work was not let go;
+        the ones let go at a rebalance would come back to no one, and their chains would wait
+        for good."""
+        running = [entry.task for entry in self.running.values()]
+        if running:
+            await asyncio.wait(running, timeout=grace_s)
+        left = list(self.running.values())
+        for entry in left:
+            entry.task.cancel()
+        await asyncio.gather(*(entry.task for entry in left), return_exceptions=True)
+        for entry in left:
+            log.warning("step %s still running at shutdown: abandoned", entry.work.step_id)
+            try:
+                await self._abandon(entry.work)
+            except Exception:
+                log.exception("could not report step %s abandoned", entry.work.step_id)
+
+    async def _abandon(self, work: StepWork) -> None:
+        row = Failure(NonRetriableHttpStatus(status=500, body=_text(STEP_ABANDONED)))
+        await self._report(work, StepErrored(dict(STEP_ABANDONED)), row)
 
     def _ended(self, step_id: str) -> None:
         entry = self.running.pop(step_id, None)
@@ -195,9 +228,9 @@ class StepRunner:
         self._remember(step_id)
         if entry is None:
             return
-        task, ack = entry
+        task, ack, _ = entry
         if task.cancelled():
-            return  # shutting down: the work is redelivered and found abandoned
+            return  # shutting down: reported abandoned, or found so when its work comes back
         if task.exception() is not None:
             log.error("step task failed", exc_info=task.exception())
             return

@@ -132,7 +132,7 @@ def tool_work(bodies: MemoryBodies, sequence: int, name: str, args: Any = None) 
 async def drain(runner: StepRunner) -> None:
     """Wait for every step the runner is running."""
     while runner.running:
-        await asyncio.gather(*(task for task, _ in list(runner.running.values())))
+        await asyncio.gather(*(entry.task for entry in list(runner.running.values())))
 
 
 async def run(runner: StepRunner, works: Iterable[StepWork], acks: Acks) -> None:
@@ -341,3 +341,33 @@ async def test_release_lets_running_work_commit_while_it_still_reports() -> None
     tools.all_in.set()
     await drain(runner)
     assert len(of_type(bodies.published, StepCompleted)) == 1
+
+
+async def test_a_step_still_running_at_shutdown_is_reported_abandoned_not_left_in_flight() -> None:
+    # Its work was let go at a rebalance: no other worker will get it, so without a report
+    # here its chain would wait for good.
+    tools = Tools(gate=2)  # never answers: one call only
+    runner, bodies, _ = make(tools=tools)
+    acks = Acks()
+    work = tool_work(bodies, 2, "get_weather")
+    await runner.accept(work, 0, acks.for_(work))
+    runner.release()
+    await runner.stop(grace_s=0.05)
+    [failed] = of_type(bodies.published, StepFailed)
+    assert failed.step_id == work.step_id and stored(bodies, failed)["type"] == "step_abandoned"
+    assert of_type(bodies.published, StepCompleted) == [] and runner.running == {}
+
+
+async def test_a_step_that_finishes_within_the_grace_reports_its_result() -> None:
+    tools = Tools(gate=2)
+    runner, bodies, _ = make(tools=tools)
+    acks = Acks()
+    work = tool_work(bodies, 2, "get_weather")
+    await runner.accept(work, 0, acks.for_(work))
+    runner.release()
+    stopping = asyncio.ensure_future(runner.stop(grace_s=30))
+    await asyncio.sleep(0.01)
+    tools.all_in.set()  # the call answers while the worker is stopping
+    await asyncio.wait_for(stopping, timeout=5)
+    assert len(of_type(bodies.published, StepCompleted)) == 1
+    assert of_type(bodies.published, StepFailed) == []
