@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from faust.types import StreamT
@@ -99,7 +100,13 @@ def register(streams: Streams) -> ChainCore:
     state = WriteBehind(keys)
     reader = BodyReader(config.kafka)
     worker_id = f"{ROLE}:{socket.gethostname()}:{os.getpid()}:{ids.new_id()[:8]}"
-    core = ChainCore(state, KafkaBodies(streams, reader), worker_id, clock=utcnow)
+    core = ChainCore(
+        state,
+        KafkaBodies(streams, reader),
+        worker_id,
+        clock=utcnow,
+        step_deadline=timedelta(milliseconds=config.liveness.processing_timeout_ms),
+    )
     assigned: dict[str, Any] = {"partitions": set(), "adopt": False}
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -165,6 +172,11 @@ def register(streams: Streams) -> ChainCore:
             outs += core.adopt(assigned["partitions"])
         else:
             outs += core.holding()
+        try:
+            outs += await core.overdue()
+        except Exception:
+            # Reading a chain's payloads failed: the next beat looks again.
+            log.exception("chain agent: overdue steps not handed out again")
         await streams.publish(outs)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]

@@ -25,6 +25,11 @@ Rules:
    model calls not started yet are canceled (a started one's step executor ends its row), the
    head's claim is reported canceled, and nothing more is evaluated; an erased chain reports
    nothing (the gate has forgotten the row).
+6. A step still in flight a step deadline after its work was handed out has its work handed
+   out again, with its first time (:meth:`ChainCore.overdue`): the worker that ran it may
+   have let its work go at a rebalance and died, and no one would ever end it. A step
+   executor running it ignores the copy; any other finds it started and never finished in
+   the chain log and fails it ``step_abandoned``; one never started runs.
 
 Outputs are a function of (state, event): times are the triggering event's, ids derived, so
 a re-handled event publishes the same facts again (§9.4). Only the reports to the gate carry
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import msgspec
@@ -82,6 +87,7 @@ from streams.responses.chain import (
 )
 from streams.responses.inputs import InputError, ParentRequest, parse_parent
 from streams.responses.steps import (
+    IN_FLIGHT_STEP_STATES,
     SUB_REQUEST_PATH,
     Step,
     StepFact,
@@ -95,6 +101,8 @@ from streams.responses.steps import (
 log = logging.getLogger(__name__)
 
 REALTIME_TIER = "priority"
+#: As long as the claim gate gives a `processing` row (the reference's processing timeout).
+DEFAULT_STEP_DEADLINE = timedelta(minutes=10)
 
 
 class BodyRecord(msgspec.Struct, frozen=True):
@@ -147,11 +155,17 @@ class ChainCore:
         worker_id: str,
         *,
         clock: Callable[[], datetime],
+        step_deadline: timedelta = DEFAULT_STEP_DEADLINE,
     ) -> None:
         self.state = state
         self.io = io
         self.worker_id = worker_id
         self.clock = clock
+        self.step_deadline = step_deadline
+        # Live chains of this worker's partitions with steps in flight: the earliest time one
+        # was handed out (in memory, like `held`: rebuilt by adopt() after a rebalance).
+        self.waiting: dict[str, datetime] = {}
+        self._handed_again: dict[str, datetime] = {}  # step id -> when, at most once a deadline
         # The live claimed heads this worker holds, by response (in memory: after a restart or
         # a rebalance the new holder takes them over again, see adopt()).
         self.held: dict[str, ChainHead] = {}
@@ -164,6 +178,55 @@ class ChainCore:
 
     def _save(self, chain: ChainState) -> None:
         self.state[chain.response_id] = encode_state(chain)
+        self._watch(chain)
+
+    def _watch(self, chain: ChainState) -> None:
+        times = []
+        for entry in chain.steps:
+            if entry.state in IN_FLIGHT_STEP_STATES and not chain.terminal:
+                if entry.recorded_at is not None:
+                    times.append(entry.recorded_at)
+            else:
+                self._handed_again.pop(entry.id, None)
+        if times:
+            self.waiting[chain.response_id] = min(times)
+        else:
+            self.waiting.pop(chain.response_id, None)
+
+    async def overdue(self) -> list[Out]:
+        """The work of every step still in flight a step deadline after it was handed out,
+        handed out again (rule 6)."""
+        now, deadline = self.clock(), self.step_deadline
+        outs: list[Out] = []
+        for response_id, since in list(self.waiting.items()):
+            if since + deadline > now:
+                continue
+            chain = self.load(response_id)
+            if chain is None or chain.terminal:
+                self.waiting.pop(response_id, None)
+                continue
+            late = [
+                entry
+                for entry in chain.steps
+                if entry.state in IN_FLIGHT_STEP_STATES
+                and entry.recorded_at is not None
+                and entry.recorded_at + deadline <= now
+                and self._handed_again.get(entry.id, entry.recorded_at) + deadline <= now
+            ]
+            if not late:
+                continue
+            try:
+                steps = {step.id: step for step in await self._steps(chain, now)}
+            except PayloadUnavailable as exc:
+                log.warning("chain %s: overdue steps not handed out again: %s", response_id, exc)
+                continue
+            for entry in late:
+                assert entry.recorded_at is not None
+                log.warning("step %s of chain %s overdue: its work goes out again", entry.id, response_id)  # fmt: skip
+                self._handed_again[entry.id] = now
+                work = self._work(chain, steps[entry.id], entry, entry.recorded_at)
+                outs.append(Out("step_work", chain.response_id, work))
+        return outs
 
     # -- events ---------------------------------------------------------------------------
 
@@ -304,6 +367,7 @@ class ChainCore:
                 tool=_tool_name(s),
                 payload=ref,
                 row_model=_row_model(chain, s),
+                recorded_at=now,
             )
             for s, ref in zip(recorded, refs, strict=True)
         ]
@@ -516,11 +580,15 @@ class ChainCore:
             chain = decode_state(raw)
             if chain.partition in wanted:
                 outs += self._take_over(chain)
+                self._watch(chain)
         return outs
 
     def forget(self) -> None:
-        """After a rebalance: claims must be taken over again by whoever holds them now."""
+        """After a rebalance: claims must be taken over again by whoever holds them now, and
+        overdue steps handed out again by whoever holds their chains."""
         self.held.clear()
+        self.waiting.clear()
+        self._handed_again.clear()
 
 
 _FACTS: dict[type, StepFact] = {

@@ -7,6 +7,8 @@ outcome), not its steps.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import msgspec
 
 from schemas.bodies import BodyRef
@@ -28,6 +30,9 @@ class StepEntry(msgspec.Struct, array_like=True):
     payload: BodyRef
     result: BodyRef | None = None
     row_model: str | None = None  # a non-head model call's: the model of its request row
+    # When its work was first handed out (None in entries stored before it was kept): the
+    # time its step executor's ledger reads the chain log from, and its deadline's start.
+    recorded_at: datetime | None = None
 
 
 class FinalOutcome(msgspec.Struct, array_like=True, frozen=True):

@@ -30,6 +30,7 @@ from schemas.events import (
     StepWork,
 )
 from streams.chains import state as chain_state
+from streams.chains.core import DEFAULT_STEP_DEADLINE as DEADLINE
 from streams.chains.core import ChainCore
 from streams.emit import Out
 from streams.responses.chain import ITERATION_CAP_MESSAGE, STEP_ABANDONED
@@ -482,3 +483,51 @@ async def test_the_abort_of_an_older_claim_or_an_erased_chain_reports_nothing() 
     newer = ChainHead(claim_id="claim-2", model="chat-b")
     [report] = reports(await h.feed(h.chain_started(head=newer)))
     assert [(i.claim_id, i.result, i.status) for i in report.finished] == [("claim-2", "failed", 499)]  # fmt: skip
+
+
+async def test_a_step_still_in_flight_a_deadline_later_has_its_work_handed_out_again() -> None:
+    # Its executor may have let the work go at a rebalance and died: no one would end it, and
+    # the chain would hold its head for good.
+    h = Harness()
+    [work] = works(await h.feed(h.chain_started()))
+    h.now = work.occurred_at + DEADLINE - timedelta(seconds=1)
+    assert await h.core.overdue() == []
+
+    h.now = work.occurred_at + DEADLINE
+    [again] = works(await h.core.overdue())
+    # The same work, with its first time: the ledger reads the chain log from there, so a
+    # start the dead worker logged is found (step_abandoned), never fired twice.
+    assert again == work
+    h.now += DEADLINE / 2
+    assert await h.core.overdue() == []  # at most once a deadline
+    h.now += DEADLINE / 2
+    assert works(await h.core.overdue()) == [work]
+
+    await h.complete(work, completion("sunny"))
+    h.now += DEADLINE
+    assert await h.core.overdue() == []  # it ended: the chain is over
+
+
+async def test_overdue_steps_are_handed_out_by_whoever_holds_the_chain_after_a_restart() -> None:
+    h = Harness()
+    [work] = works(await h.feed(h.chain_started()))
+    h.core = h.new_core()
+    h.now = work.occurred_at + DEADLINE
+    assert await h.core.overdue() == []  # not this worker's chain until it adopts it
+    h.core.adopt([0, 1, 3])
+    assert await h.core.overdue() == []  # another partition's
+    h.core.adopt([2])
+    assert works(await h.core.overdue()) == [work]
+    h.core.forget()  # a rebalance: the next holder decides
+    assert await h.core.overdue() == []
+
+
+async def test_a_step_started_and_running_is_not_handed_out_again_before_its_deadline() -> None:
+    h = Harness()
+    [work] = works(await h.feed(h.chain_started()))
+    started = StepStarted(event_id="s", occurred_at=h.tick(), response_id=HEAD, step_id=HEAD)
+    await h.feed(started)
+    h.now = work.occurred_at + DEADLINE - timedelta(seconds=1)
+    assert await h.core.overdue() == []
+    h.now = work.occurred_at + DEADLINE
+    assert works(await h.core.overdue()) == [work]
