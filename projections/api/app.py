@@ -84,10 +84,10 @@ class Context:
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("context", Context)
-PRINCIPAL = "principal"
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 #: Set once a handler has handed the request to the engine (flex, a chain, a background
 #: call): see :func:`errors`.
-SUBMITTED = "submitted"
+SUBMITTED: web.RequestKey[bool] = web.RequestKey("submitted", bool)
 
 
 def context(request: web.Request) -> Context:
@@ -95,7 +95,7 @@ def context(request: web.Request) -> Context:
 
 
 def principal(request: web.Request) -> Principal:
-    return request[PRINCIPAL]  # type: ignore[no-any-return]
+    return request[PRINCIPAL]
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
