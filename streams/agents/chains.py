@@ -172,12 +172,9 @@ def register(streams: Streams) -> ChainCore:
             outs += core.adopt(assigned["partitions"])
         else:
             outs += core.holding()
-        try:
-            outs += await core.overdue()
-        except Exception:
-            # Reading a chain's payloads failed: the next beat looks again.
-            log.exception("chain agent: overdue steps not handed out again")
         await streams.publish(outs)
+        # After the beat, which must not wait on the payload reads this may make.
+        await streams.publish(await core.overdue())
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:

@@ -25,11 +25,11 @@ Rules:
    model calls not started yet are canceled (a started one's step executor ends its row), the
    head's claim is reported canceled, and nothing more is evaluated; an erased chain reports
    nothing (the gate has forgotten the row).
-6. A step still in flight a step deadline after its work was handed out has its work handed
-   out again, with its first time (:meth:`ChainCore.overdue`): the worker that ran it may
-   have let its work go at a rebalance and died, and no one would ever end it. A step
-   executor running it ignores the copy; any other finds it started and never finished in
-   the chain log and fails it ``step_abandoned``; one never started runs.
+6. A live chain with steps in flight that heard nothing for a step deadline has their work
+   handed out again, each with its first time (:meth:`ChainCore.overdue`): the worker that
+   ran one may have let its work go at a rebalance and died, and no one would ever end it.
+   A step executor running it ignores the copy; any other finds it started and never
+   finished in the chain log and fails it ``step_abandoned``; one never started runs.
 
 Outputs are a function of (state, event): times are the triggering event's, ids derived, so
 a re-handled event publishes the same facts again (§9.4). Only the reports to the gate carry
@@ -162,10 +162,10 @@ class ChainCore:
         self.worker_id = worker_id
         self.clock = clock
         self.step_deadline = step_deadline
-        # Live chains of this worker's partitions with steps in flight: the earliest time one
-        # was handed out (in memory, like `held`: rebuilt by adopt() after a rebalance).
+        # Live chains of this worker's partitions with steps in flight: since when each has
+        # been quiet, by this worker's clock (in memory, like `held`: rebuilt by adopt() after
+        # a rebalance; the events' own times would make every step late after a lag).
         self.waiting: dict[str, datetime] = {}
-        self._handed_again: dict[str, datetime] = {}  # step id -> when, at most once a deadline
         # The live claimed heads this worker holds, by response (in memory: after a restart or
         # a rebalance the new holder takes them over again, see adopt()).
         self.held: dict[str, ChainHead] = {}
@@ -181,49 +181,36 @@ class ChainCore:
         self._watch(chain)
 
     def _watch(self, chain: ChainState) -> None:
-        times = []
-        for entry in chain.steps:
-            if entry.state in IN_FLIGHT_STEP_STATES and not chain.terminal:
-                if entry.recorded_at is not None:
-                    times.append(entry.recorded_at)
-            else:
-                self._handed_again.pop(entry.id, None)
-        if times:
-            self.waiting[chain.response_id] = min(times)
+        if not chain.terminal and any(e.state in IN_FLIGHT_STEP_STATES for e in chain.steps):
+            self.waiting[chain.response_id] = self.clock()
         else:
             self.waiting.pop(chain.response_id, None)
 
     async def overdue(self) -> list[Out]:
-        """The work of every step still in flight a step deadline after it was handed out,
-        handed out again (rule 6)."""
-        now, deadline = self.clock(), self.step_deadline
+        """The work of the steps in flight of every chain quiet for a step deadline, handed
+        out again (rule 6); the chain is then quiet again from now."""
+        now = self.clock()
         outs: list[Out] = []
-        for response_id, since in list(self.waiting.items()):
-            if since + deadline > now:
+        for response_id, quiet_since in list(self.waiting.items()):
+            if quiet_since + self.step_deadline > now:
                 continue
             chain = self.load(response_id)
-            if chain is None or chain.terminal:
+            late = [] if chain is None or chain.terminal else [
+                e for e in chain.steps
+                if e.state in IN_FLIGHT_STEP_STATES and e.recorded_at is not None
+            ]  # fmt: skip
+            if chain is None or not late:
                 self.waiting.pop(response_id, None)
-                continue
-            late = [
-                entry
-                for entry in chain.steps
-                if entry.state in IN_FLIGHT_STEP_STATES
-                and entry.recorded_at is not None
-                and entry.recorded_at + deadline <= now
-                and self._handed_again.get(entry.id, entry.recorded_at) + deadline <= now
-            ]
-            if not late:
                 continue
             try:
                 steps = {step.id: step for step in await self._steps(chain, now)}
-            except PayloadUnavailable as exc:
-                log.warning("chain %s: overdue steps not handed out again: %s", response_id, exc)
+            except Exception as exc:  # a payload the broker does not hand over: next beat
+                log.warning("chain %s: overdue steps not handed out again: %r", response_id, exc)
                 continue
+            self.waiting[response_id] = now
             for entry in late:
                 assert entry.recorded_at is not None
                 log.warning("step %s of chain %s overdue: its work goes out again", entry.id, response_id)  # fmt: skip
-                self._handed_again[entry.id] = now
                 work = self._work(chain, steps[entry.id], entry, entry.recorded_at)
                 outs.append(Out("step_work", chain.response_id, work))
         return outs
@@ -588,7 +575,6 @@ class ChainCore:
         overdue steps handed out again by whoever holds their chains."""
         self.held.clear()
         self.waiting.clear()
-        self._handed_again.clear()
 
 
 _FACTS: dict[type, StepFact] = {

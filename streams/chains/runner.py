@@ -157,6 +157,7 @@ class StepRunner:
         self.slots = asyncio.Semaphore(max_in_flight)
         self.retry_s = retry_s
         self.running: dict[str, _Running] = {}
+        self._reporting: set[str] = set()  # running steps whose outcome is being reported
         self.done: OrderedDict[str, None] = OrderedDict()  # steps ended here (recently)
         self.processed = 0
         self.failed = 0
@@ -207,11 +208,13 @@ class StepRunner:
         running = [entry.task for entry in self.running.values()]
         if running:
             await asyncio.wait(running, timeout=grace_s)
-        left = list(self.running.values())
+        left, reporting = list(self.running.values()), set(self._reporting)
         for entry in left:
             entry.task.cancel()
         await asyncio.gather(*(entry.task for entry in left), return_exceptions=True)
-        for entry in left:
+        # Not one that ended as the grace did, nor one whose report had begun: that may have
+        # landed, and if not, the chain agent hands the work out again after its deadline.
+        for entry in (e for e in left if e.task.cancelled() and e.work.step_id not in reporting):
             log.warning("step %s still running at shutdown: abandoned", entry.work.step_id)
             try:
                 await self._abandon(entry.work)
@@ -224,6 +227,7 @@ class StepRunner:
 
     def _ended(self, step_id: str) -> None:
         entry = self.running.pop(step_id, None)
+        self._reporting.discard(step_id)
         self.slots.release()
         self._remember(step_id)
         if entry is None:
@@ -254,6 +258,7 @@ class StepRunner:
             assert isinstance(result, StepErrored)
             row = Failure(NetworkError.of(result.error.get("message", "")))
         delay = self.retry_s
+        self._reporting.add(work.step_id)
         while True:
             try:
                 await self._report(work, result, row)

@@ -30,8 +30,8 @@ class StepEntry(msgspec.Struct, array_like=True):
     payload: BodyRef
     result: BodyRef | None = None
     row_model: str | None = None  # a non-head model call's: the model of its request row
-    # When its work was first handed out (None in entries stored before it was kept): the
-    # time its step executor's ledger reads the chain log from, and its deadline's start.
+    # When its work was first handed out (None in entries stored before it was kept): its
+    # step executor's ledger reads the chain log from there, so it goes out again with it.
     recorded_at: datetime | None = None
 
 

@@ -515,19 +515,34 @@ async def test_overdue_steps_are_handed_out_by_whoever_holds_the_chain_after_a_r
     h.now = work.occurred_at + DEADLINE
     assert await h.core.overdue() == []  # not this worker's chain until it adopts it
     h.core.adopt([0, 1, 3])
-    assert await h.core.overdue() == []  # another partition's
     h.core.adopt([2])
+    h.now += DEADLINE - timedelta(seconds=1)
+    assert await h.core.overdue() == []  # quiet since it adopted it, by its own clock
+    h.now += timedelta(seconds=1)
     assert works(await h.core.overdue()) == [work]
     h.core.forget()  # a rebalance: the next holder decides
+    h.now += DEADLINE
     assert await h.core.overdue() == []
 
 
-async def test_a_step_started_and_running_is_not_handed_out_again_before_its_deadline() -> None:
+async def test_a_step_started_and_running_goes_out_again_a_deadline_after_its_start() -> None:
     h = Harness()
     [work] = works(await h.feed(h.chain_started()))
     started = StepStarted(event_id="s", occurred_at=h.tick(), response_id=HEAD, step_id=HEAD)
     await h.feed(started)
-    h.now = work.occurred_at + DEADLINE - timedelta(seconds=1)
-    assert await h.core.overdue() == []
-    h.now = work.occurred_at + DEADLINE
+    h.now = started.occurred_at + DEADLINE - timedelta(seconds=1)
+    assert await h.core.overdue() == []  # quiet for less than a deadline since it started
+    h.now = started.occurred_at + DEADLINE
     assert works(await h.core.overdue()) == [work]
+
+
+async def test_only_the_steps_still_in_flight_go_out_again_once_the_chain_is_quiet() -> None:
+    h = Harness()
+    [head] = works(await h.feed(h.chain_started()))
+    outs = await h.complete(head, completion(calls=[("c1", "get_weather"), ("c2", "lookup")]))
+    weather, lookup = works(outs)
+    await h.complete(weather, {"temp_c": 18})
+    h.now += DEADLINE - timedelta(seconds=1)
+    assert await h.core.overdue() == []  # quiet for less than a deadline since the last fact
+    h.now += timedelta(seconds=1)
+    assert works(await h.core.overdue()) == [lookup]

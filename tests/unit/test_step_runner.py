@@ -6,7 +6,7 @@ skipped; a round's tool calls run concurrently; work is acknowledged only once r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from schemas.events import (
     StepWork,
 )
 from streams.chains.runner import StepRunner, StepStatus, ToolTransportError
+from streams.emit import Out
 from streams.execution.bodies import BodyUnavailable
 from streams.execution.client import Timeouts, TransportTimeout, UpstreamRequest, UpstreamResponse
 from streams.responses.steps import step_id, sub_request_id
@@ -370,4 +371,59 @@ async def test_a_step_that_finishes_within_the_grace_reports_its_result() -> Non
     tools.all_in.set()  # the call answers while the worker is stopping
     await asyncio.wait_for(stopping, timeout=5)
     assert len(of_type(bodies.published, StepCompleted)) == 1
+    assert of_type(bodies.published, StepFailed) == []
+
+
+class SlowAcks(MemoryBodies):
+    """A broker that has the records before it says so, and says so when ``acked`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked = asyncio.Event()
+        self.acked.set()
+        self.unacknowledged = asyncio.Event()  # a publish waits for its acknowledgement
+
+    async def publish(self, outs: Sequence[Out]) -> None:
+        await super().publish(outs)
+        if not self.acked.is_set():
+            self.unacknowledged.set()
+        await self.acked.wait()
+
+
+@pytest.mark.parametrize("turns", range(8))
+async def test_a_step_ending_as_the_grace_runs_out_is_reported_once(turns: int) -> None:
+    # Its answer lands a few loop turns before, at or after the grace ends (its report maybe
+    # on the broker, not yet acknowledged): it is reported completed or abandoned, never both.
+    tools = Tools(gate=2)
+    runner, _, _ = make(tools=tools)
+    bodies = runner.io = SlowAcks()
+    acks = Acks()
+    work = tool_work(bodies, 2, "get_weather")
+    await runner.accept(work, 0, acks.for_(work))
+    runner.release()
+    loop = asyncio.get_running_loop()
+
+    def answer(left: int) -> None:
+        if left:
+            loop.call_soon(answer, left - 1)
+        else:
+            tools.all_in.set()
+
+    answer(turns)
+    await runner.stop(grace_s=0)
+    ends = of_type(bodies.published, StepCompleted) + of_type(bodies.published, StepFailed)
+    assert len(ends) == 1, ends
+
+
+async def test_a_step_whose_report_is_under_way_at_shutdown_is_not_also_abandoned() -> None:
+    runner, _, _ = make(tools=Tools(gate=1))
+    bodies = runner.io = SlowAcks()
+    work = tool_work(bodies, 2, "get_weather")
+    await runner.accept(work, 0, Acks().for_(work))
+    bodies.acked.clear()  # its StepCompleted will be on the broker, not acknowledged
+    runner.release()
+    await asyncio.wait_for(bodies.unacknowledged.wait(), timeout=5)
+    assert len(of_type(bodies.published, StepCompleted)) == 1
+    # Were it abandoned too, that report would wait for an acknowledgement that never comes.
+    await asyncio.wait_for(runner.stop(grace_s=0.01), timeout=5)
     assert of_type(bodies.published, StepFailed) == []
