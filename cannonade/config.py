@@ -103,7 +103,8 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class LivenessConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """When the gate takes a claim back (core §4.8)."""
+    """When the gate takes a claim back (core §4.8); ``processing_timeout_ms`` is also how
+    long a chain with steps in flight may hear nothing before their work goes out again."""
 
     claim_timeout_ms: int = 60_000
     processing_timeout_ms: int = 600_000
