@@ -344,15 +344,20 @@ async def test_release_lets_running_work_commit_while_it_still_reports() -> None
     assert len(of_type(bodies.published, StepCompleted)) == 1
 
 
+async def let_go(tools: Tools, bodies: MemoryBodies | None = None) -> tuple[StepRunner, MemoryBodies, StepWork]:  # fmt: skip
+    """A tool step running, its work let go at a rebalance (``bodies``: the runner's I/O)."""
+    runner, made, _ = make(tools=tools)
+    bodies = runner.io = bodies or made
+    work = tool_work(bodies, 2, "get_weather")
+    await runner.accept(work, 0, Acks().for_(work))
+    runner.release()
+    return runner, bodies, work
+
+
 async def test_a_step_still_running_at_shutdown_is_reported_abandoned_not_left_in_flight() -> None:
     # Its work was let go at a rebalance: no other worker will get it, so without a report
     # here its chain would wait for good.
-    tools = Tools(gate=2)  # never answers: one call only
-    runner, bodies, _ = make(tools=tools)
-    acks = Acks()
-    work = tool_work(bodies, 2, "get_weather")
-    await runner.accept(work, 0, acks.for_(work))
-    runner.release()
+    runner, bodies, work = await let_go(Tools(gate=2))  # never answers: one call only
     await runner.stop(grace_s=0.05)
     [failed] = of_type(bodies.published, StepFailed)
     assert failed.step_id == work.step_id and stored(bodies, failed)["type"] == "step_abandoned"
@@ -361,13 +366,9 @@ async def test_a_step_still_running_at_shutdown_is_reported_abandoned_not_left_i
 
 async def test_a_step_that_finishes_within_the_grace_reports_its_result() -> None:
     tools = Tools(gate=2)
-    runner, bodies, _ = make(tools=tools)
-    acks = Acks()
-    work = tool_work(bodies, 2, "get_weather")
-    await runner.accept(work, 0, acks.for_(work))
-    runner.release()
+    runner, bodies, _ = await let_go(tools)
     stopping = asyncio.ensure_future(runner.stop(grace_s=30))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
     tools.all_in.set()  # the call answers while the worker is stopping
     await asyncio.wait_for(stopping, timeout=5)
     assert len(of_type(bodies.published, StepCompleted)) == 1
@@ -392,15 +393,10 @@ class SlowAcks(MemoryBodies):
 
 @pytest.mark.parametrize("turns", range(8))
 async def test_a_step_ending_as_the_grace_runs_out_is_reported_once(turns: int) -> None:
-    # Its answer lands a few loop turns before, at or after the grace ends (its report maybe
-    # on the broker, not yet acknowledged): it is reported completed or abandoned, never both.
+    # Its answer lands a few loop turns before, at or after the grace ends: it is reported
+    # completed or abandoned, never both.
     tools = Tools(gate=2)
-    runner, _, _ = make(tools=tools)
-    bodies = runner.io = SlowAcks()
-    acks = Acks()
-    work = tool_work(bodies, 2, "get_weather")
-    await runner.accept(work, 0, acks.for_(work))
-    runner.release()
+    runner, bodies, _ = await let_go(tools)
     loop = asyncio.get_running_loop()
 
     def answer(left: int) -> None:
@@ -416,12 +412,9 @@ async def test_a_step_ending_as_the_grace_runs_out_is_reported_once(turns: int) 
 
 
 async def test_a_step_whose_report_is_under_way_at_shutdown_is_not_also_abandoned() -> None:
-    runner, _, _ = make(tools=Tools(gate=1))
-    bodies = runner.io = SlowAcks()
-    work = tool_work(bodies, 2, "get_weather")
-    await runner.accept(work, 0, Acks().for_(work))
+    bodies = SlowAcks()
+    runner, _, _ = await let_go(Tools(gate=1), bodies)
     bodies.acked.clear()  # its StepCompleted will be on the broker, not acknowledged
-    runner.release()
     await asyncio.wait_for(bodies.unacknowledged.wait(), timeout=5)
     assert len(of_type(bodies.published, StepCompleted)) == 1
     # Were it abandoned too, that report would wait for an acknowledgement that never comes.
