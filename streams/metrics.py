@@ -83,6 +83,11 @@ REFETCHED = Counter(
     "Input records the consumer dropped that an agent read again (streams.gapless)",
     ["topic"],
 )
+STEPS_HANDED_OUT_AGAIN = Counter(
+    "cannonade_chain_steps_handed_out_again_total",
+    "Work of chain steps handed out again after their chain was quiet a step deadline: a step "
+    "executor lost it (each then ends step_abandoned, or runs if it never started)",
+)
 
 _FAILURE_VARIANTS = frozenset(variant.__name__ for variant in get_args(FailureReason))
 

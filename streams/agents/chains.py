@@ -29,6 +29,7 @@ from cannonade import __version__
 from schemas import codec, ids, topics
 from schemas.bodies import BodyRef
 from schemas.events import WorkerHeartbeat, WorkerStarted, WorkerStopped
+from streams import metrics
 from streams.app import BROKER_AWAY, Streams, decode_or_none, utcnow
 from streams.chains.core import BodyRecord, ChainCore, PayloadUnavailable
 from streams.emit import Out
@@ -174,7 +175,9 @@ def register(streams: Streams) -> ChainCore:
             outs += core.holding()
         await streams.publish(outs)
         # After the beat, which must not wait on the payload reads this may make.
-        await streams.publish(await core.overdue())
+        copies = await core.overdue()
+        metrics.STEPS_HANDED_OUT_AGAIN.inc(len(copies))
+        await streams.publish(copies)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stopping(sender: Any, *args: Any, **kwargs: Any) -> None:
