@@ -35,16 +35,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it is over ``limit`` bytes: a body sent in
     chunks names no length, and the server's own cap is the file upload's (~200 MiB)."""
     if (request.content_length or 0) > limit:  # refused before it is read
-        raise _too_large(request.content_length or 0, limit)
+        raise _too_large(limit, request.content_length)
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise ApiError(
-                413,
-                f"Request body exceeds the maximum allowed size of {limit} bytes",
-                code="request_too_large",
-            )
+            raise _too_large(limit)  # its whole size is unknown: it is not read to the end
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -61,11 +57,12 @@ async def read_object(request: web.Request, config: Config) -> tuple[bytes, dict
     return raw, document
 
 
-def _too_large(size: int, limit: int) -> ApiError:
+def _too_large(limit: int, size: int | None = None) -> ApiError:
+    told = (
+        "Request body exceeds" if size is None else f"Request body is {size} bytes, which exceeds"
+    )
     return ApiError(
-        413,
-        f"Request body is {size} bytes, which exceeds the maximum allowed size of {limit} bytes",
-        code="request_too_large",
+        413, f"{told} the maximum allowed size of {limit} bytes", code="request_too_large"
     )
 
 

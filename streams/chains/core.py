@@ -181,7 +181,7 @@ class ChainCore:
         self._watch(chain)
 
     def _watch(self, chain: ChainState) -> None:
-        if not chain.terminal and any(e.state in IN_FLIGHT_STEP_STATES for e in chain.steps):
+        if _reissuable(chain):
             self.waiting[chain.response_id] = self.clock()
         else:
             self.waiting.pop(chain.response_id, None)
@@ -195,23 +195,19 @@ class ChainCore:
             if quiet_since + self.step_deadline > now:
                 continue
             chain = self.load(response_id)
-            late = [] if chain is None or chain.terminal else [
-                e for e in chain.steps
-                if e.state in IN_FLIGHT_STEP_STATES and e.recorded_at is not None
-            ]  # fmt: skip
+            late = [] if chain is None else _reissuable(chain)
             if chain is None or not late:
                 self.waiting.pop(response_id, None)
                 continue
-            try:
-                steps = {step.id: step for step in await self._steps(chain, now)}
+            try:  # only the late steps' requests: their model goes with their work
+                payloads = [await self._read_json(entry.payload) for entry, _ in late]
             except Exception as exc:  # a payload the broker does not hand over: next beat
                 log.warning("chain %s: overdue steps not handed out again: %r", response_id, exc)
                 continue
             self.waiting[response_id] = now
-            for entry in late:
-                assert entry.recorded_at is not None
+            for (entry, first), payload in zip(late, payloads, strict=True):
                 log.warning("step %s of chain %s overdue: its work goes out again", entry.id, response_id)  # fmt: skip
-                work = self._work(chain, steps[entry.id], entry, entry.recorded_at)
+                work = self._work(chain, entry, payload, first)
                 outs.append(Out("step_work", chain.response_id, work))
         return outs
 
@@ -365,7 +361,7 @@ class ChainCore:
         ]
         outs += self._sub_requests(chain, recorded, now)
         outs += [
-            Out("step_work", chain.response_id, self._work(chain, s, e, now))
+            Out("step_work", chain.response_id, self._work(chain, e, s.request_payload, now))
             for s, e in zip(recorded, entries, strict=True)
         ]
         return outs
@@ -375,16 +371,17 @@ class ChainCore:
             event_id=ids.event_id("step-recorded", step.id), occurred_at=now,
             response_id=chain.response_id, step_id=step.id, request_id=step.request_id,
             prev_step_id=step.prev_step_id, parent_step_id=step.parent_step_id,
-            kind=_kind(step), sequence=step.step_sequence, payload=entry.payload,
+            kind=_kind(step.step_kind), sequence=step.step_sequence, payload=entry.payload,
             tool=entry.tool,
         )  # fmt: skip
 
-    def _work(self, chain: ChainState, step: Step, entry: StepEntry, now: datetime) -> StepWork:
+    def _work(self, chain: ChainState, entry: StepEntry, request: Any, now: datetime) -> StepWork:
+        """``request``: the step's request payload, which ``entry.payload`` holds."""
         return StepWork(
-            event_id=ids.event_id("step-work", step.id), occurred_at=now,
-            response_id=chain.response_id, step_id=step.id, sequence=step.step_sequence,
-            kind=_kind(step), payload=entry.payload, model=_step_model(chain, step),
-            owner=chain.facts.owner, request_id=step.request_id, tool=entry.tool,
+            event_id=ids.event_id("step-work", entry.id), occurred_at=now,
+            response_id=chain.response_id, step_id=entry.id, sequence=entry.step_sequence,
+            kind=_kind(entry.step_kind), payload=entry.payload, model=_step_model(chain, request),
+            owner=chain.facts.owner, request_id=entry.request_id, tool=entry.tool,
         )  # fmt: skip
 
     def _sub_requests(self, chain: ChainState, recorded: Iterable[Step], now: datetime) -> list[Out]:  # fmt: skip
@@ -577,6 +574,18 @@ class ChainCore:
         self.waiting.clear()
 
 
+def _reissuable(chain: ChainState) -> list[tuple[StepEntry, datetime]]:
+    """A live chain's steps in flight, each with when its work first went out (rule 6); steps
+    stored before that time was kept have none and are left alone."""
+    if chain.terminal:
+        return []
+    return [
+        (entry, entry.recorded_at)
+        for entry in chain.steps
+        if entry.state in IN_FLIGHT_STEP_STATES and entry.recorded_at is not None
+    ]
+
+
 _FACTS: dict[type, StepFact] = {
     StepStarted: "started",
     StepCompleted: "completed",
@@ -597,8 +606,8 @@ def _apply(step: StepEntry, event: StepStarted | StepCompleted | StepFailed) -> 
     return True
 
 
-def _kind(step: Step) -> EventStepKind:
-    return "model_call" if step.step_kind is StepKind.MODEL_CALL else "tool_call"
+def _kind(kind: StepKind) -> EventStepKind:
+    return "model_call" if kind is StepKind.MODEL_CALL else "tool_call"
 
 
 def _tool_name(step: Step) -> str | None:
@@ -614,9 +623,8 @@ def _row_model(chain: ChainState, step: Step) -> str | None:
     return None if row is None else row.model or chain.model
 
 
-def _step_model(chain: ChainState, step: Step) -> str:
-    payload = step.request_payload
-    model = payload.get("model") if isinstance(payload, dict) else None
+def _step_model(chain: ChainState, request: Any) -> str:
+    model = request.get("model") if isinstance(request, dict) else None
     return model if isinstance(model, str) and model else chain.model
 
 

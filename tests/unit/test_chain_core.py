@@ -515,6 +515,8 @@ async def test_overdue_steps_are_handed_out_by_whoever_holds_the_chain_after_a_r
     h.now = work.occurred_at + DEADLINE
     assert await h.core.overdue() == []  # not this worker's chain until it adopts it
     h.core.adopt([0, 1, 3])
+    h.now += DEADLINE
+    assert await h.core.overdue() == []  # another partition's: not this worker's either
     h.core.adopt([2])
     h.now += DEADLINE - timedelta(seconds=1)
     assert await h.core.overdue() == []  # quiet since it adopted it, by its own clock
