@@ -4,8 +4,9 @@ Runs chain steps with :class:`~streams.chains.runner.StepRunner`: each step is i
 so the tool calls of one round run concurrently. A work item is acknowledged by hand once its
 outcome is on Kafka, so its offset commits only then and the work of a worker that dies
 mid-step is redelivered (and found abandoned by the ledger, never fired twice). While a
-rebalance is under way the offsets of running steps are let go, so that slow calls do not
-hold the group up: those steps still finish and report from here.
+rebalance or a stop is under way the offsets of running steps are let go, so that slow calls
+hold neither the group nor the stop: those steps still finish and report from here, and at a
+stop the ones still running after a short grace are reported abandoned.
 """
 
 from __future__ import annotations
@@ -82,10 +83,14 @@ def register(streams: Streams) -> StepRunner:
         await ledger.start()
 
     @app.task
-    async def let_go_during_rebalances() -> None:
+    async def let_go_during_rebalances_and_stops() -> None:
+        # A stop waits for every taken input to be acknowledged before it says it is stopping
+        # (Faust's wait_empty, then on_before_shutdown): without the let-go a slow step would
+        # hold it for its whole call, past any supervisor's patience. Let go, the step has the
+        # runner's grace to finish, then is reported abandoned from here.
         while True:
             await asyncio.sleep(_REBALANCE_POLL_S)
-            if app.rebalancing and runner.running:
+            if (app.rebalancing or app.should_stop) and runner.running:
                 runner.release()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
