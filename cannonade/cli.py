@@ -11,7 +11,7 @@ import click
 import uvloop
 
 from cannonade import config as config_module
-from cannonade.cli_user import batch, keys
+from cannonade.cli_user import batch, keys, when
 
 
 def run() -> None:
@@ -163,8 +163,8 @@ def keys_list(user: str | None) -> None:
         return await list_keys(conn, user)
 
     for key in asyncio.run(_with_keys(go)):
-        revoked = "" if key.revoked_at is None else f"  revoked {key.revoked_at:%Y-%m-%d %H:%M}"
-        click.echo(f"{key.id}  {key.user:<24} created {key.created_at:%Y-%m-%d %H:%M}{revoked}")
+        revoked = "" if key.revoked_at is None else f"  revoked {when(key.revoked_at.timestamp())}"
+        click.echo(f"{key.id}  {key.user:<24} created {when(key.created_at.timestamp())}{revoked}")
 
 
 @main.group()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +48,12 @@ def note(text: str) -> None:
     click.echo(text, err=True)
 
 
-def when(unix: int | None) -> str:
-    return "-" if unix is None else datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+def when(unix: int | float | None) -> str:
+    """A time as every listing shows it: UTC, marked so, whatever the machine's zone (the API
+    and the admin's listings agree on it)."""
+    if unix is None:
+        return "-"
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def parse_metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:

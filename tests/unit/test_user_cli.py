@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 from cannonade.api_client import Batch, base_url
 from cannonade.cli import main
-from cannonade.cli_user import parse_metadata
+from cannonade.cli_user import parse_metadata, when
 from cannonade.watch import Estimate, clock, line
 from projections.api.dashboard.stats import BUCKET_S, BUCKETS, first_minute, series
 from schemas.api_dashboard import Throughput
@@ -65,6 +66,18 @@ def test_api_urls_are_taken_with_or_without_v1_and_metadata_as_pairs() -> None:
     assert parse_metadata(()) is None
     with pytest.raises(click.BadParameter):
         parse_metadata(("novalue",))
+
+
+def test_listed_times_are_utc_whatever_the_machine_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert when(0) == "1970-01-01 00:00:00Z"
+        assert when(1_700_000_000.9) == "2023-11-14 22:13:20Z"
+        assert when(None) == "-"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_the_throughput_series_has_every_minute_of_the_hour_oldest_first() -> None:
