@@ -18,6 +18,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from openai import OpenAI
 
+from cannonade.testing.fake_tools import FakeToolsControl
+from cannonade.testing.fake_upstream import FakeUpstreamControl
 from compose import postgres, stack
 from compose.services import ModelSpec, Services
 from projections import writers
@@ -127,6 +129,17 @@ def services(
         extra_config=TEST_CONFIG + TOOLS_CONFIG,
         windows=("24h", "1h", "15s"),  # 15s: a batch that expires within a test
     )  # fmt: skip
+
+
+@pytest.fixture
+def tools(services: Services) -> FakeToolsControl:
+    """The fake tool server of ``services`` (a module's own ``services`` when it has one)."""
+    return FakeToolsControl(services.tools_url)
+
+
+@pytest.fixture
+def upstream(services: Services) -> FakeUpstreamControl:
+    return FakeUpstreamControl(services.upstream_url)
 
 
 def consumer_record(topic: str, offset: int, key: bytes, value: bytes | None) -> ConsumerRecord:

@@ -42,16 +42,6 @@ _users: Iterator[str] = iter(TOOL_USERS)
 
 
 @pytest.fixture
-def tools(services: Services) -> FakeToolsControl:
-    return FakeToolsControl(services.tools_url)
-
-
-@pytest.fixture
-def upstream(services: Services) -> FakeUpstreamControl:
-    return FakeUpstreamControl(services.upstream_url)
-
-
-@pytest.fixture
 def client(client_for: Callable[[str], OpenAI]) -> OpenAI:
     """A user the server-side tools resolve for (a fresh one per test)."""
     return client_for(next(_users))

@@ -77,16 +77,6 @@ def client(services: Services, live_stack: stack.StackInfo) -> OpenAI:
     return OpenAI(base_url=f"{services.api_url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-@pytest.fixture
-def tools(services: Services) -> FakeToolsControl:
-    return FakeToolsControl(services.tools_url)
-
-
-@pytest.fixture
-def upstream(services: Services) -> FakeUpstreamControl:
-    return FakeUpstreamControl(services.upstream_url)
-
-
 def executors(services: Services) -> list[str]:
     return sorted(name for name in services.procs if name.startswith("executor-"))
 
