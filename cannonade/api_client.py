@@ -196,9 +196,10 @@ class Client:
         except httpx.TransportError as exc:
             raise ClientError(f"download of {path} broke off: {exc}") from None
 
-    def keys(self) -> list[Key]:
+    def keys(self) -> list[dict[str, Any]]:
+        """Your keys as the API answered them (the CLI reads them as :class:`Key`)."""
         page = _decode(self._request("GET", "/keys"), _Page)
-        return msgspec.convert(page.data, list[Key])
+        return msgspec.convert(page.data, list[dict[str, Any]])
 
     def revoke_key(self, key_id: str) -> Key:
         return _decode(self._request("DELETE", f"/keys/{key_id}"), Key)

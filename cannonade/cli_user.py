@@ -211,10 +211,19 @@ def keys() -> None:
 
 
 @keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")  # fmt: skip
 @with_client
-def keys_list(client: Client) -> None:
+def keys_list(client: Client, as_json: bool) -> None:
     """List your API keys (ids and times; secrets are never shown again)."""
-    for key in client.keys():
+    import msgspec
+
+    from cannonade.api_client import Key
+
+    for answered in client.keys():
+        if as_json:  # the API's object as it came, every field of it
+            click.echo(msgspec.json.encode(answered))
+            continue
+        key = msgspec.convert(answered, Key)
         state = "active" if key.revoked_at is None else f"revoked {when(key.revoked_at)}"
         current = "  (this key)" if key.current else ""
         click.echo(f"{key.id}  created {when(key.created_at)}  {state}{current}")

@@ -5,6 +5,7 @@ progress bar is live) and piped (one line per change)."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -223,6 +224,11 @@ def test_keys_list_and_revoke_over_the_api(services: Services, stack_info: stack
     assert len(current) == 1
     first_id = current[0].split()[0]
     second_id = next(r.split()[0] for r in rows if r.split()[0] != first_id)
+    # --json: the API's key objects whole, one per line.
+    objects = [json.loads(r) for r in cli(services, first, "keys", "list", "--json").stdout.splitlines()]  # fmt: skip
+    assert {o["id"] for o in objects} == {first_id, second_id}
+    assert all(o["object"] == "api_key" and o["revoked_at"] is None for o in objects)
+    assert [o["id"] for o in objects if o["current"]] == [first_id]
 
     revoked = cli(services, first, "keys", "revoke", second_id)
     assert (revoked.returncode, revoked.stdout) == (0, f"revoked {second_id}\n"), revoked.stderr
