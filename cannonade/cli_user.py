@@ -24,6 +24,9 @@ EXIT_INTERRUPTED = 130
 # The listing's filters (the API's): `cancelled` takes in the batches still cancelling.
 BATCH_STATUSES = ("in_progress", "completed", "failed", "cancelled", "expired")
 
+# Listings print the API's objects as they came, every field of each, with --json.
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+
 
 def with_client(command: Callable[..., Any]) -> Callable[..., Any]:
     """Adds ``--api-url``/``--api-key`` and calls the command with a :class:`Client` first;
@@ -181,7 +184,7 @@ def cancel(client: Client, batch_id: str) -> None:
 @batch.command("list")
 @click.option("--status", type=click.Choice(BATCH_STATUSES), default=None)
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")  # fmt: skip
+@json_option
 @with_client
 def list_batches(client: Client, status: str | None, limit: int, as_json: bool) -> None:
     """List your batches, newest first."""
@@ -211,7 +214,7 @@ def keys() -> None:
 
 
 @keys.command("list")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")  # fmt: skip
+@json_option
 @with_client
 def keys_list(client: Client, as_json: bool) -> None:
     """List your API keys (ids and times; secrets are never shown again)."""

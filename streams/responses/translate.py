@@ -268,7 +268,7 @@ def chat_to_responses(
     for number, choice in enumerate(choices if isinstance(choices, list) else []):
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict):
-            output += _message_items(message, seed, len(output), status, (number, calls))
+            output += _message_items(message, seed, len(output), status, number, calls)
     created = chat.get("created")
     created = created if is_int(created) else created_at
     tier = chat.get("service_tier")
@@ -290,9 +290,9 @@ def chat_to_responses(
 
 
 def _message_items(
-    message: dict[str, Any], seed: str, start: int, status: str, calls: tuple[int, set[str]]
+    message: dict[str, Any], seed: str, start: int, status: str, number: int, taken: set[str]
 ) -> list[dict[str, Any]]:
-    """``calls``: the choice's number and the call ids the answer's items have taken."""
+    """``number``: the choice's; ``taken``: the call ids the answer's items have taken."""
     items: list[dict[str, Any]] = []
     reasoning = _reasoning_text(message)
     if reasoning is not None:
@@ -312,7 +312,6 @@ def _message_items(
                 refusal=refusal,
             )
         )
-    number, taken = calls
     tool_calls = message.get("tool_calls")
     for index, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
         if isinstance(call, dict):

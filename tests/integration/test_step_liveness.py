@@ -34,6 +34,7 @@ from tests.integration.test_chains import (
     error_type,
     marker,
     model_calls,
+    steps_of,
     wait_for_response,
 )
 
@@ -111,7 +112,19 @@ def assert_abandoned_once(
     assert len(model_calls(upstream, mark)) == 1  # the chain went no further
 
 
-def test_restarting_the_executors_mid_step_ends_the_step_abandoned_within_their_grace(
+def signal_together(services: Services, names: list[str], sig: int) -> dict[str, int]:
+    """Signal every one of ``names`` at once and wait for each to exit (:meth:`Services.kill`,
+    30 s at most); returns their restart counts, for :func:`wait_restarted`."""
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(lambda n: services.kill(n, sig), names), strict=True))
+
+
+def wait_restarted(services: Services, restarts: dict[str, int]) -> None:
+    for name, count in restarts.items():
+        services.wait_restarted(name, count)
+
+
+def test_restarting_the_executors_mid_step_has_the_stopping_one_end_the_step_abandoned(
     client: OpenAI, services: Services, tools: FakeToolsControl, upstream: FakeUpstreamControl
 ) -> None:
     mark, rid = start_slow_chain(client, tools, upstream)
@@ -120,18 +133,15 @@ def test_restarting_the_executors_mid_step_ends_the_step_abandoned_within_their_
     # Every executor told to stop at once, as a deploy does: a stop that waited for the tool
     # would outlast kill()'s 30 s wait for the exit.
     names = executors(services)
-    with ThreadPoolExecutor(len(names)) as pool:
-        restarts = dict(
-            zip(names, pool.map(lambda n: services.kill(n, signal.SIGTERM), names), strict=True)
-        )
+    restarts = signal_together(services, names, signal.SIGTERM)
 
     assert_abandoned_once(client, tools, upstream, mark, rid)
     # The stopping executor said so itself; the chain's deadline had no part in it.
     logs = "".join((services.logs / f"{name}.log").read_text() for name in names)
-    assert ABANDONED_AT_STOP in logs
+    tool_steps = [str(s["id"]) for s in steps_of(services, rid) if s["step_kind"] == "tool_call"]
+    assert [f"step {step} {ABANDONED_AT_STOP}" in logs for step in tool_steps] == [True]
     assert handed_out_again(services) == copies
-    for name, count in restarts.items():
-        services.wait_restarted(name, count)
+    wait_restarted(services, restarts)
 
 
 def test_a_step_lost_with_its_executor_after_a_rebalance_is_abandoned_after_its_deadline(
@@ -144,9 +154,8 @@ def test_a_step_lost_with_its_executor_after_a_rebalance_is_abandoned_after_its_
     # commits), so the executors killed next leave it to no one but the chain's deadline.
     old = executors(services)
     services.wait_ready(services.start_worker("executor", len(old)))
-    restarts = {name: services.kill(name) for name in old}
+    restarts = signal_together(services, old, signal.SIGKILL)
 
     assert_abandoned_once(client, tools, upstream, mark, rid)
     assert handed_out_again(services) > copies
-    for name, count in restarts.items():
-        services.wait_restarted(name, count)
+    wait_restarted(services, restarts)
