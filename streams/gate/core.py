@@ -19,7 +19,8 @@ A batch's record goes once its last row ends, so after a run the table holds not
 The in-memory indexes (claimable rows per batch, delayed retries, in-flight sets, per-owner
 counts) are derived and rebuilt by :meth:`Gate.rebuild` after a rebalance.
 
-What to claim is :func:`streams.gate.scoring.select`; every transition goes through
+What to claim is :func:`streams.gate.scoring.select` (``select_live`` for a live model, over
+each owner's batches kept in deadline order); every transition goes through
 :func:`streams.lifecycle.next_state`, the state machine the projector applies too.
 """
 
@@ -178,6 +179,13 @@ def _count(ranges: list[LineRange]) -> int:
 class _Model:
     def __init__(self) -> None:
         self.batches: dict[str, _Batch] = {}
+        # Every batch of ``batches`` in (deadline, id) order, and by owner: a claim cycle reads
+        # the best batches of each owner with rows in flight and of all the others together,
+        # not every batch (scoring.select_live).
+        self.ranked: list[tuple[datetime, str]] = []
+        self.ranked_by_owner: dict[str, list[tuple[datetime, str]]] = {}
+        # (deadline, batch id) of every batch, stale pairs left in: expiry pops the due ones.
+        self.deadlines: list[tuple[datetime, str]] = []
         self.loose: set[str] = set()  # batchless rows claimable now
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
@@ -185,6 +193,35 @@ class _Model:
         # (claims, lane) of every used lane, stale pairs left in: picking a lane is then
         # logarithmic in the model's limit, which may be set huge for an unlimited upstream.
         self._counts: list[tuple[int, int]] = []
+
+    def add(self, batch: _Batch) -> None:
+        facts = batch.entry.facts
+        self.batches[facts.batch_id] = batch
+        pair = (facts.deadline, facts.batch_id)
+        bisect.insort(self.ranked, pair)
+        bisect.insort(self.ranked_by_owner.setdefault(facts.owner, []), pair)
+        heapq.heappush(self.deadlines, (facts.deadline, facts.batch_id))
+
+    def drop(self, batch: _Batch) -> None:
+        facts = batch.entry.facts
+        self.batches.pop(facts.batch_id, None)
+        pair = (facts.deadline, facts.batch_id)
+        for ranked in (self.ranked, self.ranked_by_owner.get(facts.owner, [])):
+            at = bisect.bisect_left(ranked, pair)
+            if at < len(ranked) and ranked[at] == pair:
+                del ranked[at]
+        if not self.ranked_by_owner.get(facts.owner, True):
+            del self.ranked_by_owner[facts.owner]
+        if len(self.deadlines) > 2 * len(self.batches) + 64:
+            # Pairs of batches gone would otherwise stay until their deadlines pass.
+            self.deadlines = [(b.entry.facts.deadline, i) for i, b in self.batches.items()]
+            heapq.heapify(self.deadlines)
+
+    def refacts(self, batch: _Batch, facts: BatchFacts) -> None:
+        """A retry renews the batch's facts (its deadline among them): rank it anew."""
+        self.drop(batch)
+        batch.entry.facts = facts
+        self.add(batch)
 
     def pick_lane(self, limit: int) -> int:
         """The lane with the fewest claims in it (the lowest of equals): an empty lane
@@ -320,8 +357,7 @@ class Gate:
                 self.buckets[key] = datetime.fromisoformat(raw.decode())
             elif key.startswith("B:"):
                 batch_entry = _batch_decoder.decode(raw)
-                batches = self._model(batch_entry.model).batches
-                batches[batch_entry.facts.batch_id] = _Batch(key, batch_entry)
+                self._model(batch_entry.model).add(_Batch(key, batch_entry))
         for key, raw in items:
             if key.startswith("R:"):
                 request_id, entry = key[2:], _request_decoder.decode(raw)
@@ -493,7 +529,7 @@ class Gate:
             return
         entry = GateBatch(facts, model, message.chunks, list(message.ranges))
         batch = _Batch(key, entry)
-        self._model(model).batches[facts.batch_id] = batch
+        self._model(model).add(batch)
         self._put_batch(batch)
 
     def _on_retry_rows(self, message: RetryRows, now: datetime) -> None:
@@ -522,9 +558,13 @@ class Gate:
         if not again and batch is None:
             return
         if batch is None:
-            entry = GateBatch(facts, model, message.chunks, [])
-            batch = index.batches[facts.batch_id] = _Batch(f"B:{facts.batch_id}:{model}", entry)
-        batch.entry.facts, batch.entry.closed = facts, None
+            batch = _Batch(
+                f"B:{facts.batch_id}:{model}", GateBatch(facts, model, message.chunks, [])
+            )
+            index.add(batch)
+        else:
+            index.refacts(batch, facts)
+        batch.entry.closed = None
         batch.set_unclaimed(_ranges(sorted(unclaimed | set(again))))
         for request_id in self._rows_of(index, batch) if message.scope == "batch" else ():
             row = self._request(request_id)
@@ -765,7 +805,7 @@ class Gate:
     def _retire(self, index: _Model, batch: _Batch) -> None:
         """Forget a batch once nothing of it is live here."""
         if batch.live <= 0 and not batch.entry.unclaimed:
-            index.batches.pop(batch.entry.facts.batch_id, None)
+            index.drop(batch)
             self.state.pop(batch.key, None)
 
     def _abort_end(self, request_id: str, entry: GateRequest, now: datetime) -> None:
@@ -857,8 +897,13 @@ class Gate:
     def _expire(self, index: _Model, model: str, now: datetime) -> None:
         """Expiry (README decisions): once a batch's deadline passes it claims nothing more;
         unsent rows fail ``BatchTerminated`` and in-flight ones are aborted to end so too."""
-        for batch_id, batch in list(index.batches.items()):
-            if batch.entry.closed is None and batch.entry.facts.deadline <= now:
+        due: set[str] = set()
+        while index.deadlines and index.deadlines[0][0] <= now:
+            due.add(heapq.heappop(index.deadlines)[1])
+        if not due:
+            return
+        for batch_id, batch in list(index.batches.items()):  # in the order they came
+            if batch_id in due and batch.entry.closed is None and batch.entry.facts.deadline <= now:
                 self._close(model, batch_id, "expire", now)
 
     # -- reclaim --------------------------------------------------------------------------
@@ -971,33 +1016,19 @@ class Gate:
         capacity = min(limit - len(index.in_flight), self.config.claim_batch_size)
         if capacity <= 0:
             return
-        units = [
-            scoring.Unit(
-                id=batch_id,
-                batch=True,
-                owner=b.entry.facts.owner,
-                deadline=b.entry.facts.deadline,
-                window_s=b.entry.facts.window_s,
-                window_class=b.entry.facts.window_class,
-                available=b.unclaimed_lines + len(b.returned),
-            )  # fmt: skip
-            for batch_id, b in index.batches.items()
-            if b.entry.closed is None and (b.entry.unclaimed or b.returned)
-        ]
-        units += self._loose_units(index)
-        if not units:
+        loose = self._loose_units(index)
+        if not index.batches and not loose:
             return
         raw_state = self.state.get(f"M:{model}")
-        live = scoring.is_live(None if raw_state is None else raw_state.decode())
-        takes = scoring.select(
-            capacity,
-            units,
-            self.owner_active,
-            live,
-            self._cooldown(model, now),
-            now,
-            self.config,
-        )
+        cooling = self._cooldown(model, now)
+        if scoring.is_live(None if raw_state is None else raw_state.decode()):
+            runs = self._runs(index, loose)
+            takes = scoring.select_live(capacity, runs, self.owner_active, now, self.config)
+        else:
+            units = list(_units(index, index.ranked))
+            takes = scoring.select(
+                capacity, units + loose, self.owner_active, False, cooling, now, self.config
+            )
         for take in takes:
             if not take.unit.batch:
                 claimed = self._claim_loose(index, take.unit.id, now)
@@ -1034,6 +1065,20 @@ class Gate:
                 )
             )
         return units
+
+    def _runs(self, index: _Model, loose: list[scoring.Unit]) -> Iterator[Iterator[scoring.Unit]]:
+        """The claimable units in runs for :func:`scoring.select_live`, each in (deadline, id)
+        order and of owners with the same number of rows in flight: one run per owner with
+        rows in flight (at most the gate's claims in flight), one for every other owner."""
+        active = self.owner_active
+        rows: dict[str | None, list[scoring.Unit]] = {}  # None: owners with nothing in flight
+        for unit in loose:
+            rows.setdefault(unit.owner if active.get(unit.owner) else None, []).append(unit)
+        yield _merged(_units(index, index.ranked, skip=active), rows.pop(None, []))
+        for owner in active:
+            batches = index.ranked_by_owner.get(owner, [])
+            if batches or owner in rows:
+                yield _merged(_units(index, batches), rows.pop(owner, []))
 
     def _claim_loose(self, index: _Model, request_id: str, now: datetime) -> bool:
         entry = self._request(request_id)
@@ -1151,6 +1196,33 @@ class Gate:
         else:
             key = request_id
         return bodies.partition_for(key, self.dispatch_partitions)
+
+
+def _units(
+    index: _Model, batches: list[tuple[datetime, str]], skip: Mapping[str, int] | None = None
+) -> Iterator[scoring.Unit]:
+    """The claimable batches of ``batches`` (ranked), as units, in that order; those of
+    owners with a count in ``skip`` left out."""
+    for _, batch_id in batches:
+        b = index.batches[batch_id]
+        facts = b.entry.facts
+        if skip and skip.get(facts.owner):
+            continue
+        if b.entry.closed is None and (b.entry.unclaimed or b.returned):
+            yield scoring.Unit(
+                id=batch_id, batch=True, owner=facts.owner, deadline=facts.deadline,
+                window_s=facts.window_s, window_class=facts.window_class,
+                available=b.unclaimed_lines + len(b.returned),
+            )  # fmt: skip
+
+
+def _order(unit: scoring.Unit) -> tuple[datetime, str]:
+    return unit.deadline, unit.id
+
+
+def _merged(units: Iterator[scoring.Unit], rows: list[scoring.Unit]) -> Iterator[scoring.Unit]:
+    """Batch ``units`` in (deadline, id) order with batchless ``rows`` merged in."""
+    return heapq.merge(units, sorted(rows, key=_order), key=_order) if rows else units
 
 
 def _records(events: list[RequestEvent]) -> Iterator[list[RequestEvent]]:

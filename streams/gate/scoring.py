@@ -5,7 +5,9 @@ Nothing here reads a clock or does I/O: ``now`` is always a parameter. The gate
 batch with the number of its rows claimable now, or one batchless row — and asks
 :func:`select` how many rows of each to claim this cycle. Rows of one batch share everything
 the ranking looks at (owner, deadline, window, liveness), which is why ranking happens per
-batch and never per row: a cycle costs O(units), whatever the backlog.
+batch and never per row: a cycle costs O(units), whatever the backlog. For a live model the
+gate asks :func:`select_live` instead, which reads the units in deadline order only as far as
+the claims go: one run for each owner with rows in flight and one for all the others.
 
 Vocabulary (§3.2):
 
@@ -21,8 +23,9 @@ Vocabulary (§3.2):
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 
 import msgspec
@@ -207,6 +210,53 @@ def select(
 
 def _first(pair: tuple[tuple[float, datetime, str], Unit]) -> tuple[float, datetime, str]:
     return pair[0]
+
+
+def select_live(
+    capacity: int,
+    runs: Iterable[Iterator[Unit]],
+    user_active_counts: Mapping[str, int],
+    now: datetime,
+    config: GateConfig,
+) -> list[Take]:
+    """:func:`select` for a live model, given the units in runs: each run in (deadline, id)
+    order, its units' owners all with the same in-flight count (one owner's units, or those of
+    every owner with none in flight). The same takes, reading one unit per run plus one per
+    take rather than every unit.
+
+    Within a run the fairness term is the same for every unit and the urgency term never
+    falls as the deadline grows, so (score, deadline, id) orders a run as (deadline, id) does;
+    merging the runs by their heads' keys then yields the units in :func:`select`'s order."""
+    if capacity <= 0:
+        return []
+    urgency = config.urgency_weight
+    max_active = max(user_active_counts.values(), default=0)
+    heads: list[tuple[tuple[float, datetime, str], int, Unit, Iterator[Unit]]] = []
+
+    def push(n: int, units: Iterator[Unit]) -> None:
+        for unit in units:
+            if unit.available > 0:
+                active = user_active_counts.get(unit.owner, 0)
+                key = (
+                    score(active, max_active, unit.deadline, now, urgency),
+                    unit.deadline,
+                    unit.id,
+                )
+                heapq.heappush(heads, (key, n, unit, units))
+                return
+
+    for n, units in enumerate(runs):
+        push(n, units)
+    takes: list[Take] = []
+    room = capacity
+    while heads and room > 0:
+        _, n, unit, units = heapq.heappop(heads)
+        count = min(unit.available, room)
+        takes.append(Take(unit, count, leaked=False))
+        room -= count
+        if room > 0:
+            push(n, units)
+    return takes
 
 
 # -- the leaky bucket (§3.4) -----------------------------------------------------------------

@@ -457,6 +457,18 @@ def test_state_holds_live_work_only() -> None:
     assert sorted(Counter(run.states.values()).items()) == [("completed", 2), ("failed", 1)]
 
 
+def test_batches_that_ended_leave_nothing_in_the_gates_indexes() -> None:
+    run = Run({"m": 1})
+    for n in range(300):
+        (item,) = run.populate(f"b{n}", n=1, owner=f"o{n % 7}").dispatched
+        run.report(item)
+    index = run.gate.models["m"]
+    assert run.live_keys() == [] and index.batches == {}
+    assert index.ranked == [] and index.ranked_by_owner == {}
+    # deadlines of batches gone are let go too, not kept until each deadline passes
+    assert len(index.deadlines) <= 64
+
+
 def test_a_never_claimed_backlog_costs_one_record() -> None:
     run = Run({"m": 2})
     step = run.populate(n=100_000, chunk=10_000)

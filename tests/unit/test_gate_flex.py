@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from schemas import ids
 from schemas.bodies import BodyRef
 from schemas.events import (
@@ -139,6 +141,37 @@ def test_flex_rows_and_batch_rows_share_capacity_by_fairness() -> None:
     # When one of bob's calls ends, alice (nothing in flight) goes before bob's next row.
     nxt = dispatched(gate.handle(finish(first[0]), T0))
     assert [i.request_id for i in nxt] == [flex]
+
+
+@pytest.mark.parametrize("busy", ["", "alice"])
+def test_an_owner_with_rows_in_flight_yields_to_idle_owners_whatever_its_name(busy: str) -> None:
+    # created_by may be empty: that is still an owner, whose batches and flex rows rank together
+    gate = Gate({}, {"m": 2}, "gate", config=REFERENCE)
+
+    def population(owner: str, deadline: datetime) -> PendingRequests:
+        facts = BatchFacts(
+            batch_id=ids.new_id(), file_id=ids.new_id(), owner=owner, created_at=T0,
+            deadline=deadline, window_class="24h", window_s=86400, path="/v1/chat/completions",
+        )  # fmt: skip
+        return PendingRequests(
+            event_id=ids.new_id(), occurred_at=T0, source=SourceMark(1, next(marks), 0),
+            batch=facts, model="m", ranges=[LineRange(0, 10)], chunks=[ChunkRef(0, 10, 0, 0)],
+        )  # fmt: skip
+
+    first = dispatched(gate.handle(population(busy, T0 + 24 * HOUR), T0))
+    # busy's next work is due in an hour: a flex row (an owner-less one can only be a batch)
+    soon = submitted(ids.new_id(), owner=busy) if busy else population(busy, T0 + HOUR)
+    assert dispatched(gate.handle(soon, T0)) == []
+    bobs = population("bob", T0 + 20 * HOUR)
+    assert dispatched(gate.handle(bobs, T0)) == []
+    # busy has a row in flight, bob none: bob's batch goes first, however close busy's work is
+    assert [i.batch_id for i in dispatched(gate.handle(finish(first[0]), T0))] == [bobs.batch.batch_id]  # fmt: skip
+    # one each: the earliest deadline goes, busy's
+    (nxt,) = dispatched(gate.handle(finish(first[1]), T0))
+    if isinstance(soon, RequestSubmitted):
+        assert nxt.request_id == soon.request_id
+    else:
+        assert nxt.batch_id == soon.batch.batch_id
 
 
 def test_a_flex_row_on_a_model_that_is_not_live_trickles_through_the_bucket() -> None:

@@ -249,6 +249,34 @@ def test_a_retried_expired_batch_runs_under_its_new_deadline() -> None:
     assert {i.deadline for i in dispatched(outs)} == {renewed.deadline}
 
 
+def test_a_batch_retried_while_live_expires_at_its_renewed_deadline_then_leaves() -> None:
+    gate, life = Gate({}, {"m": 2}, "gate", config=REFERENCE), Lifecycle()
+    first = dispatched(life.fold(gate.handle(populated(4, facts(deadline=T0 + HOUR)), T0)))
+    life.fold(gate.handle(report(first, "failed"), T0))  # lines 2 and 3 are claimed now
+    renewed = facts(version=1, deadline=T0 + 3 * HOUR)
+    retry = RetryRows(
+        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=renewed, model="m",
+        failed=[LineRange(0, 2)], canceled=[], chunks=[ChunkRef(0, 4, 1, 7)],
+    )  # fmt: skip
+    life.fold(gate.handle(retry, T0))
+
+    def tick(at: datetime) -> list[Out]:
+        return life.fold(gate.handle(GateTick(event_id=ids.new_id(), occurred_at=at, model="m"), at))  # fmt: skip
+
+    # Past the first deadline, not the renewed one: nothing expires.
+    outs = tick(T0 + HOUR + timedelta(minutes=1))
+    assert not [e for e in events(outs) if isinstance(e, RequestFailed)]
+    # Past the renewed deadline every row fails BatchTerminated.
+    outs = tick(renewed.deadline + timedelta(minutes=1))
+    assert set(life.states.values()) == {"failed"}
+    assert {e.error_type for e in events(outs) if isinstance(e, RequestFailed)} == {"BatchTerminated"}  # fmt: skip
+    # The batch left the gate; the next batch of the model is claimed as usual.
+    at = renewed.deadline + timedelta(minutes=2)
+    other = msgspec.structs.replace(facts(deadline=at + HOUR), batch_id=ids.derived("test", "b2"))
+    claims = dispatched(life.fold(gate.handle(populated(1, other), at)))
+    assert [c.batch_id for c in claims] == [other.batch_id]
+
+
 def flex(request_id: str) -> RequestSubmitted:
     return RequestSubmitted(
         event_id=ids.new_id(), occurred_at=T0, source=mark(), request_id=request_id, model="m",

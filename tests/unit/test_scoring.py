@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.gate.scoring import (
     GateConfig,
@@ -20,6 +22,7 @@ from streams.gate.scoring import (
     ramp_seconds,
     score,
     select,
+    select_live,
     window_class_for_batchless,
     within_ramp,
 )
@@ -405,6 +408,66 @@ def test_a_bucket_leaks_once_per_interval() -> None:
             key = (take.unit.owner, take.unit.window_class)
             buckets[key] = next_token_at(now, take.unit.window_s, CONFIG.leaks_per_window)
     assert leaked == [0, 60, 120, 180]
+
+
+# -- a live model's merge over owners (the gate's path) --------------------------------------
+
+
+def runs(units: Iterable[Unit], key: Callable[[Unit], object]) -> list[Iterator[Unit]]:
+    """The units grouped by ``key``, each group in (deadline, id) order."""
+    groups: dict[object, list[Unit]] = {}
+    for unit in units:
+        groups.setdefault(key(unit), []).append(unit)
+    return [iter(sorted(mine, key=lambda u: (u.deadline, u.id))) for mine in groups.values()]
+
+
+_units = st.lists(
+    st.builds(
+        Unit,
+        id=st.uuids().map(str),
+        batch=st.booleans(),
+        owner=st.sampled_from(["a", "b", "c", "d"]),
+        # few distinct deadlines, some past: ties and the clamped urgency term both occur
+        deadline=st.integers(-3, 40).map(lambda h: NOW + h * H),
+        window_s=st.just(86400.0),
+        window_class=st.just("24h"),
+        available=st.integers(0, 6),
+    ),
+    max_size=40,
+    unique_by=lambda u: u.id,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    units=_units,
+    capacity=st.integers(0, 60),
+    counts=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(1, 9)),
+    urgency=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+)
+def test_the_live_merge_takes_what_select_takes(
+    units: list[Unit], capacity: int, counts: dict[str, int], urgency: float
+) -> None:
+    config = GateConfig(urgency_weight=urgency)
+    expected = select(capacity, units, counts, True, set(), NOW, config)
+    # one run per owner, or (as the gate groups them) per in-flight count
+    assert select_live(capacity, runs(units, lambda u: u.owner), counts, NOW, config) == expected
+    by_count = runs(units, lambda u: counts.get(u.owner, 0))
+    assert select_live(capacity, by_count, counts, NOW, config) == expected
+
+
+def test_the_live_merge_reads_one_unit_per_owner_and_one_per_take() -> None:
+    read: list[str] = []
+
+    def owner(name: str, n: int) -> Iterator[Unit]:
+        for i in range(n):
+            read.append(f"{name}{i}")
+            yield batch(f"{name}{i:05d}", name, 2, left=(1 + i) * H)
+
+    takes = select_live(5, [owner("a", 10_000), owner("b", 10_000)], {"a": 1}, NOW, CONFIG)
+    # b is idle, so its earliest batches win; a's first batch was read and left
+    assert rows(takes) == ["b00000", "b00000", "b00001", "b00001", "b00002"]
+    assert read == ["a0", "b0", "b1", "b2"]
 
 
 # -- efficiency ------------------------------------------------------------------------------
