@@ -13,7 +13,9 @@ its file's chunk refs, ``bench.baseline``'s lines per 512 KiB chunk). It prints:
    held by the gate once built, state and indexes; and the transient peak while populating),
    in bytes per pending request and in total. The ``--limit`` rows the first population
    claims stay in flight (``R:`` records).
-2. **One claim cycle**: ``handle(GateTick)`` after ``--claim-size`` slots were freed (an
+2. **One claim cycle**: with ``--flex`` batchless (flex) rows pending besides the batches
+   (owners round-robin, created over the last 50 minutes, so their deadlines spread and come
+   before the batches'), ``handle(GateTick)`` after ``--claim-size`` slots were freed (an
    executor report handled with the model's limit set to 0 for that call, so that the tick is
    what claims), and ``handle(ExecutionReport)`` ending ``--claim-size`` calls (ends them and
    claims as many), p50/p99/max over ``--ticks`` samples at the largest N and at N/10,
@@ -49,8 +51,10 @@ from typing import Any
 from bench.baseline import ENDPOINT, build_jsonl, nearest_rank, save_and_report
 from projections.api.files import CHUNK_BYTES
 from schemas import codec, ids
+from schemas.bodies import BodyRef
 from schemas.events import (
     BatchFacts,
+    BatchlessFacts,
     ChunkRef,
     DispatchBatch,
     DispatchItem,
@@ -65,6 +69,7 @@ from schemas.events import (
     RequestCompleted,
     RequestFailed,
     RequestsPending,
+    RequestSubmitted,
     RequestTransitions,
     SourceMark,
     StartedItem,
@@ -278,6 +283,19 @@ def build(n: int, args: argparse.Namespace) -> Built:
         for out in outs:  # encoded as the agent publishes it
             kind = type(out.value).__name__
             largest[kind] = max(largest.get(kind, 0), len(codec.encode(out.value)))
+    for i in range(args.flex):
+        at = T0 - timedelta(seconds=i % 3000)
+        submitted = RequestSubmitted(
+            event_id=ids.event_id("flex", n, i), occurred_at=T0, source=SourceMark(1, i, 0),
+            request_id=ids.derived("bench-flex", n, i), model=MODEL, body=BodyRef(1, i),
+            facts=BatchlessFacts(
+                owner=f"user-{i % args.owners:02d}", path=ENDPOINT, service_tier="flex",
+                created_at=at, deadline=at + timedelta(hours=1),
+            ),
+        )  # fmt: skip
+        t = time.perf_counter()
+        in_flight.extend(dispatched(gate.handle(submitted, T0)))
+        spent += time.perf_counter() - t
     return Built(n, gate, limits, args.limit, in_flight, spent, largest)
 
 
@@ -528,6 +546,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "pending": args.pending,
             "batches": args.batches,
             "owners": args.owners,
+            "flex": args.flex,
             "limit": args.limit,
             "lines_per_chunk": LINES_PER_CHUNK,
             "ticks": args.ticks,
@@ -571,7 +590,8 @@ def report_text(result: dict[str, Any]) -> str:
     p = result["params"]
     rows: list[tuple[str, str]] = [
         ("layout", f"{p['batches']} batches of {p['owners']} owners, model live, limit "
-                   f"{p['limit']}, {p['lines_per_chunk']} lines per chunk"),
+                   f"{p['limit']}, {p['lines_per_chunk']} lines per chunk; "
+                   f"{p.get('flex', 0):,} flex rows pending in the claim cycles"),
     ]  # fmt: skip
     for n, m in result["memory"].items():
         st = m["state"]
@@ -647,6 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pending rows, comma-separated (100000,1000000)")  # fmt: skip
     p.add_argument("--batches", type=int, default=100, help="batches the rows spread over (100)")
     p.add_argument("--owners", type=int, default=20, help="owners of the batches (20)")
+    p.add_argument("--flex", type=int, default=0,
+                   help="batchless flex rows pending beside the batches in the claim cycles (0)")  # fmt: skip
     p.add_argument("--limit", type=int, default=64, help="the model's concurrency limit (64)")
     p.add_argument("--ticks", type=int, default=200, help="claim cycles timed per N (200)")
     p.add_argument("--claim-size", type=int, default=16,

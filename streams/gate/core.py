@@ -176,17 +176,37 @@ def _count(ranges: list[LineRange]) -> int:
     return sum(r.end - r.start for r in ranges)
 
 
+class _Ranked:
+    """(deadline, id) pairs in order, overall and by owner: a claim cycle reads the best of
+    each owner with rows in flight and of all the others together (scoring.select_live)."""
+
+    def __init__(self) -> None:
+        self.all: list[tuple[datetime, str]] = []
+        self.by_owner: dict[str, list[tuple[datetime, str]]] = {}
+
+    def add(self, owner: str, deadline: datetime, id_: str) -> None:
+        bisect.insort(self.all, (deadline, id_))
+        bisect.insort(self.by_owner.setdefault(owner, []), (deadline, id_))
+
+    def drop(self, owner: str, deadline: datetime, id_: str) -> None:
+        pair = (deadline, id_)
+        for ranked in (self.all, self.by_owner.get(owner, [])):
+            at = bisect.bisect_left(ranked, pair)
+            if at < len(ranked) and ranked[at] == pair:
+                del ranked[at]
+        if not self.by_owner.get(owner, True):
+            del self.by_owner[owner]
+
+
 class _Model:
     def __init__(self) -> None:
         self.batches: dict[str, _Batch] = {}
-        # Every batch of ``batches`` in (deadline, id) order, and by owner: a claim cycle reads
-        # the best batches of each owner with rows in flight and of all the others together,
-        # not every batch (scoring.select_live).
-        self.ranked: list[tuple[datetime, str]] = []
-        self.ranked_by_owner: dict[str, list[tuple[datetime, str]]] = {}
+        self.ranked = _Ranked()  # the batches
         # (deadline, batch id) of every batch, stale pairs left in: expiry pops the due ones.
         self.deadlines: list[tuple[datetime, str]] = []
-        self.loose: set[str] = set()  # batchless rows claimable now
+        # Batchless rows claimable now: request id -> (deadline, owner), and ranked.
+        self.loose: dict[str, tuple[datetime, str]] = {}
+        self.loose_ranked = _Ranked()
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
         self.lanes: list[int] = []  # claims in flight in each lane used yet, with prefetch
@@ -197,21 +217,13 @@ class _Model:
     def add(self, batch: _Batch) -> None:
         facts = batch.entry.facts
         self.batches[facts.batch_id] = batch
-        pair = (facts.deadline, facts.batch_id)
-        bisect.insort(self.ranked, pair)
-        bisect.insort(self.ranked_by_owner.setdefault(facts.owner, []), pair)
+        self.ranked.add(facts.owner, facts.deadline, facts.batch_id)
         heapq.heappush(self.deadlines, (facts.deadline, facts.batch_id))
 
     def drop(self, batch: _Batch) -> None:
         facts = batch.entry.facts
         self.batches.pop(facts.batch_id, None)
-        pair = (facts.deadline, facts.batch_id)
-        for ranked in (self.ranked, self.ranked_by_owner.get(facts.owner, [])):
-            at = bisect.bisect_left(ranked, pair)
-            if at < len(ranked) and ranked[at] == pair:
-                del ranked[at]
-        if not self.ranked_by_owner.get(facts.owner, True):
-            del self.ranked_by_owner[facts.owner]
+        self.ranked.drop(facts.owner, facts.deadline, facts.batch_id)
         if len(self.deadlines) > 2 * len(self.batches) + 64:
             # Pairs of batches gone would otherwise stay until their deadlines pass.
             self.deadlines = [(b.entry.facts.deadline, i) for i, b in self.batches.items()]
@@ -222,6 +234,16 @@ class _Model:
         self.drop(batch)
         batch.entry.facts = facts
         self.add(batch)
+
+    def add_loose(self, request_id: str, facts: BatchlessFacts) -> None:
+        if request_id not in self.loose:
+            self.loose[request_id] = (facts.deadline, facts.owner)
+            self.loose_ranked.add(facts.owner, facts.deadline, request_id)
+
+    def drop_loose(self, request_id: str) -> None:
+        held = self.loose.pop(request_id, None)
+        if held is not None:
+            self.loose_ranked.drop(held[1], held[0], request_id)
 
     def pick_lane(self, limit: int) -> int:
         """The lane with the fewest claims in it (the lowest of equals): an empty lane
@@ -383,7 +405,8 @@ class Gate:
         if entry.not_before is not None:
             heapq.heappush(index.delayed, (entry.not_before.timestamp(), request_id))
         elif not entry.batch_id:
-            index.loose.add(request_id)
+            if entry.facts is not None:  # a batchless row carries its facts
+                index.add_loose(request_id, entry.facts)
         else:
             heapq.heappush(index.batches[entry.batch_id].returned, entry.line)
 
@@ -621,7 +644,7 @@ class Gate:
             index.leave(request_id, entry)
             self._owner(self._owner_of(entry), -1)
             self._stop(request_id, entry, now, erased=True)
-        index.loose.discard(request_id)
+        index.drop_loose(request_id)
         self.state.pop(f"R:{request_id}", None)
 
     def _on_submitted(self, message: RequestSubmitted, now: datetime) -> None:
@@ -790,7 +813,7 @@ class Gate:
             self._owner(owner, +1)
         if state in ("completed", "failed", "canceled"):
             self.state.pop(f"R:{request_id}", None)
-            index.loose.discard(request_id)
+            index.drop_loose(request_id)
             batch = index.batches.get(entry.batch_id)
             if batch is not None:
                 batch.live -= 1
@@ -1016,19 +1039,24 @@ class Gate:
         capacity = min(limit - len(index.in_flight), self.config.claim_batch_size)
         if capacity <= 0:
             return
-        loose = self._loose_units(index)
-        if not index.batches and not loose:
+        if not index.batches and not index.loose:
             return
         raw_state = self.state.get(f"M:{model}")
         cooling = self._cooldown(model, now)
+        moved_on: list[str] = []  # batchless rows read that are no longer claimable
         if scoring.is_live(None if raw_state is None else raw_state.decode()):
-            runs = self._runs(index, loose)
+            runs = self._runs(index, moved_on)
             takes = scoring.select_live(capacity, runs, self.owner_active, now, self.config)
         else:
-            units = list(_units(index, index.ranked))
+            units = [
+                *_units(index, index.ranked.all),
+                *self._loose_units(index, index.loose_ranked.all, moved_on),
+            ]  # fmt: skip
             takes = scoring.select(
-                capacity, units + loose, self.owner_active, False, cooling, now, self.config
+                capacity, units, self.owner_active, False, cooling, now, self.config
             )
+        for request_id in moved_on:
+            index.drop_loose(request_id)
         for take in takes:
             if not take.unit.batch:
                 claimed = self._claim_loose(index, take.unit.id, now)
@@ -1046,43 +1074,50 @@ class Gate:
                 self.buckets[key] = at
                 self.state[key] = at.isoformat().encode()
 
-    def _loose_units(self, index: _Model) -> list[scoring.Unit]:
-        units = []
-        for request_id in list(index.loose):
+    def _loose_units(
+        self,
+        index: _Model,
+        rows: list[tuple[datetime, str]],
+        moved_on: list[str],
+        skip: Mapping[str, int] | None = None,
+    ) -> Iterator[scoring.Unit]:
+        """The batchless ``rows`` (ranked) still claimable, as units, in that order; those of
+        owners with a count in ``skip`` left out, those no longer pending noted in
+        ``moved_on``."""
+        for _, request_id in rows:
+            if skip and skip.get(index.loose[request_id][1]):
+                continue
             entry = self._request(request_id)
             if entry is None or entry.facts is None or entry.state != "pending" or entry.not_before:
-                index.loose.discard(request_id)  # it moved on since it was queued
+                moved_on.append(request_id)  # it moved on since it was queued
                 continue
             facts = entry.facts
-            units.append(
-                scoring.Unit(
-                    id=request_id,
-                    batch=False,
-                    owner=facts.owner,
-                    deadline=facts.deadline,
-                    window_s=self.config.window_for_tier(facts.service_tier),
-                    window_class=scoring.window_class_for_batchless(facts.service_tier),
-                )
-            )
-        return units
+            yield scoring.Unit(
+                id=request_id, batch=False, owner=facts.owner, deadline=facts.deadline,
+                window_s=self.config.window_for_tier(facts.service_tier),
+                window_class=scoring.window_class_for_batchless(facts.service_tier),
+            )  # fmt: skip
 
-    def _runs(self, index: _Model, loose: list[scoring.Unit]) -> Iterator[Iterator[scoring.Unit]]:
+    def _runs(self, index: _Model, moved_on: list[str]) -> Iterator[Iterator[scoring.Unit]]:
         """The claimable units in runs for :func:`scoring.select_live`, each in (deadline, id)
         order and of owners with the same number of rows in flight: one run per owner with
         rows in flight (at most the gate's claims in flight), one for every other owner."""
         active = self.owner_active
-        rows: dict[str | None, list[scoring.Unit]] = {}  # None: owners with nothing in flight
-        for unit in loose:
-            rows.setdefault(unit.owner if active.get(unit.owner) else None, []).append(unit)
-        yield _merged(_units(index, index.ranked, skip=active), rows.pop(None, []))
+        batches, rows = index.ranked, index.loose_ranked
+        yield _merged(
+            _units(index, batches.all, skip=active),
+            self._loose_units(index, rows.all, moved_on, skip=active),
+        )
         for owner in active:
-            batches = index.ranked_by_owner.get(owner, [])
-            if batches or owner in rows:
-                yield _merged(_units(index, batches), rows.pop(owner, []))
+            mine, own_rows = batches.by_owner.get(owner), rows.by_owner.get(owner)
+            if mine or own_rows:
+                yield _merged(
+                    _units(index, mine or []), self._loose_units(index, own_rows or [], moved_on)
+                )
 
     def _claim_loose(self, index: _Model, request_id: str, now: datetime) -> bool:
         entry = self._request(request_id)
-        index.loose.discard(request_id)
+        index.drop_loose(request_id)
         if entry is None or entry.facts is None or entry.body is None:
             return False
         self._new_claim(request_id, entry, now)
@@ -1220,9 +1255,9 @@ def _order(unit: scoring.Unit) -> tuple[datetime, str]:
     return unit.deadline, unit.id
 
 
-def _merged(units: Iterator[scoring.Unit], rows: list[scoring.Unit]) -> Iterator[scoring.Unit]:
-    """Batch ``units`` in (deadline, id) order with batchless ``rows`` merged in."""
-    return heapq.merge(units, sorted(rows, key=_order), key=_order) if rows else units
+def _merged(*runs: Iterator[scoring.Unit]) -> Iterator[scoring.Unit]:
+    """Runs in (deadline, id) order, merged."""
+    return heapq.merge(*runs, key=_order)
 
 
 def _records(events: list[RequestEvent]) -> Iterator[list[RequestEvent]]:

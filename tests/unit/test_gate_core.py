@@ -464,7 +464,7 @@ def test_batches_that_ended_leave_nothing_in_the_gates_indexes() -> None:
         run.report(item)
     index = run.gate.models["m"]
     assert run.live_keys() == [] and index.batches == {}
-    assert index.ranked == [] and index.ranked_by_owner == {}
+    assert index.ranked.all == [] and index.ranked.by_owner == {}
     # deadlines of batches gone are let go too, not kept until each deadline passes
     assert len(index.deadlines) <= 64
 

@@ -92,6 +92,34 @@ def test_a_flex_request_is_created_claimed_dispatched_and_forgotten_when_done() 
     ), T0) == []  # fmt: skip
 
 
+def test_a_flex_backlog_is_claimed_fairly_in_deadline_order_and_then_forgotten() -> None:
+    state: dict[str, bytes] = {}
+    gate = Gate(state, {"m": 2}, "gate", config=REFERENCE)
+    made: dict[str, list[str]] = {"alice": [], "bob": []}
+    running: list[DispatchItem] = []
+    for n in range(40):  # owners alternating, then alice alone; each row due a second later
+        owner = ("alice", "bob")[n % 2] if n < 30 else "alice"
+        request_id, at = ids.new_id(), T0 + n * timedelta(seconds=1)
+        made[owner].append(request_id)
+        running += dispatched(gate.handle(submitted(request_id, owner=owner, at=at), at))
+    claimed = [i.request_id for i in running]
+    while running:
+        item = running.pop(0)
+        nxt = dispatched(gate.handle(finish(item, T0 + HOUR), T0 + HOUR))
+        assert len(nxt) == (1 if len(claimed) < 40 else 0)  # a freed slot never stays idle
+        running += nxt
+        claimed += [i.request_id for i in nxt]
+    # each owner's rows in deadline order, the owners taking turns while both have rows, and
+    # alice's last rows claimed while she always has one in flight
+    assert [r for r in claimed if r in made["alice"]] == made["alice"]
+    assert [r for r in claimed if r in made["bob"]] == made["bob"]
+    owners = ["alice" if r in made["alice"] else "bob" for r in claimed]
+    assert all(owners[i] != owners[i + 1] for i in range(0, 30, 2))
+    index = gate.models["m"]
+    assert index.loose == {} and index.loose_ranked.all == [] and index.loose_ranked.by_owner == {}
+    assert [k for k in state if not k.startswith("W:")] == []
+
+
 def test_every_event_of_a_flex_request_is_a_legal_transition() -> None:
     gate = Gate({}, {"m": 1}, "gate", config=REFERENCE)
     states: dict[str, str | None] = {}
