@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -198,6 +199,38 @@ class _Ranked:
             del self.by_owner[owner]
 
 
+class _Buckets:
+    """The leaky-bucket tokens (a mirror of the ``K:`` records): per model, the (owner,
+    window-class) pairs whose next token is still to come, and when each comes back, so that a
+    cycle neither walks every bucket nor keeps the spent ones."""
+
+    def __init__(self) -> None:
+        self.cooling: dict[str, dict[tuple[str, str], datetime]] = {}
+        self._due: list[tuple[datetime, str]] = []  # (next token at, key), stale pairs left in
+
+    def __len__(self) -> int:
+        return sum(len(pairs) for pairs in self.cooling.values())
+
+    def set(self, key: str, at: datetime) -> None:
+        owner, window_class, model = key[2:].split("\x1f")
+        self.cooling.setdefault(model, {})[(owner, window_class)] = at
+        heapq.heappush(self._due, (at, key))
+
+    def expire(self, now: datetime) -> list[str]:
+        """Let go of every token due by ``now``; returns their keys."""
+        gone = []
+        while self._due and self._due[0][0] <= now:
+            at, key = heapq.heappop(self._due)
+            owner, window_class, model = key[2:].split("\x1f")
+            pairs = self.cooling.get(model, {})
+            if pairs.get((owner, window_class)) == at:  # not stamped again since
+                del pairs[(owner, window_class)]
+                if not pairs:
+                    del self.cooling[model]
+                gone.append(key)
+        return gone
+
+
 class _Model:
     def __init__(self) -> None:
         self.batches: dict[str, _Batch] = {}
@@ -315,7 +348,7 @@ class Gate:
         # the wall clock: a gate catching up on a backlog must not take a worker for dead
         # because that worker's newer heartbeats are still queued behind the backlog.
         self.clock: datetime | None = None
-        self.buckets: dict[str, datetime] = {}  # mirror of the K: records
+        self.buckets = _Buckets()
         self.asked: dict[str, datetime] = {}  # quiet calls dispatched again (_ask_again), when
         self._events: dict[str, list[RequestEvent]] = {}
         self._dispatch: dict[int, list[DispatchItem]] = {}
@@ -372,11 +405,11 @@ class Gate:
 
     def rebuild(self) -> None:
         """Derive every index from the state records (after a rebalance)."""
-        self.models, self.owner_active, self.buckets, self.asked = {}, {}, {}, {}
+        self.models, self.owner_active, self.buckets, self.asked = {}, {}, _Buckets(), {}
         items = list(self.state.items())
         for key, raw in items:
             if key.startswith("K:"):
-                self.buckets[key] = datetime.fromisoformat(raw.decode())
+                self.buckets.set(key, datetime.fromisoformat(raw.decode()))
             elif key.startswith("B:"):
                 batch_entry = _batch_decoder.decode(raw)
                 self._model(batch_entry.model).add(_Batch(key, batch_entry))
@@ -1071,7 +1104,7 @@ class Gate:
                 unit = take.unit
                 at = scoring.next_token_at(now, unit.window_s, self.config.leaks_per_window)
                 key = _bucket_key(unit.owner, unit.window_class, model)
-                self.buckets[key] = at
+                self.buckets.set(key, at)
                 self.state[key] = at.isoformat().encode()
 
     def _loose_units(
@@ -1124,18 +1157,12 @@ class Gate:
         self._send(request_id, entry, None)
         return True
 
-    def _cooldown(self, model: str, now: datetime) -> set[tuple[str, str]]:
+    def _cooldown(self, model: str, now: datetime) -> AbstractSet[tuple[str, str]]:
         """(owner, window-class) buckets of ``model`` without a token; spent tokens that came
-        back are dropped (they carry no state)."""
-        cooling: set[tuple[str, str]] = set()
-        for key, at in list(self.buckets.items()):
-            owner, window_class, bucket_model = key[2:].split("\x1f")
-            if at <= now:
-                del self.buckets[key]
-                self.state.pop(key, None)
-            elif bucket_model == model:
-                cooling.add((owner, window_class))
-        return cooling
+        back, of any model, are dropped (they carry no state)."""
+        for key in self.buckets.expire(now):
+            self.state.pop(key, None)
+        return self.buckets.cooling.get(model, {}).keys()
 
     def _release_due(self, index: _Model, now: datetime) -> None:
         while index.delayed and index.delayed[0][0] <= now.timestamp():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from datetime import datetime, timedelta
 
 import msgspec
@@ -152,7 +153,7 @@ def select(
     units: Iterable[Unit],
     user_active_counts: Mapping[str, int],
     model_live: bool,
-    cooldown: set[tuple[str, str]] | frozenset[tuple[str, str]],
+    cooldown: AbstractSet[tuple[str, str]],
     now: datetime,
     config: GateConfig,
 ) -> list[Take]:

@@ -727,6 +727,21 @@ def test_a_coming_model_trickles_through_the_leaky_bucket_until_live() -> None:
     assert len(run.model_state("live").dispatched) == 4  # capacity 10, six in flight
 
 
+def test_a_spent_token_leaves_the_state_once_it_is_due_whichever_model_cycles() -> None:
+    run = Run({"m": 10, "n": 10})
+    run.model_state("coming", "n")
+    assert len(run.populate("b", 3, model="n").dispatched) == 1  # a leak: n's bucket cools
+    run.populate("b2", 5)  # model m is live: all five claimed at once, no token spent
+    tokens = [k for k in run.state if k.startswith("K:")]
+    assert len(tokens) == 1
+    run.restart()  # the token survives a rebalance
+    run.tick(T0 + 23 * MIN)
+    assert [k for k in run.state if k.startswith("K:")] == tokens
+    run.tick(T0 + 25 * MIN)  # model m's cycle: n's token came back and is let go
+    assert [k for k in run.state if k.startswith("K:")] == []
+    assert len(run.tick(T0 + 26 * MIN, model="n").dispatched) == 1  # n leaks again
+
+
 def test_a_not_live_model_claims_at_full_capacity_within_the_ramp() -> None:
     """§3.5: a 24 h and a 1 h batch, each 50 min from its deadline, on a model not live."""
     run = Run({"m": 10})
