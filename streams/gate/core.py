@@ -350,6 +350,9 @@ class Gate:
         self.clock: datetime | None = None
         self.buckets = _Buckets()
         self.asked: dict[str, datetime] = {}  # quiet calls dispatched again (_ask_again), when
+        # When each in-flight row's holder last said it still runs it (in memory: the record
+        # is rewritten only every half processing timeout, see _start).
+        self.heard: dict[str, datetime] = {}
         self._events: dict[str, list[RequestEvent]] = {}
         self._dispatch: dict[int, list[DispatchItem]] = {}
         self._headers: dict[int, dict[str, dict[str, str]]] = {}
@@ -405,7 +408,8 @@ class Gate:
 
     def rebuild(self) -> None:
         """Derive every index from the state records (after a rebalance)."""
-        self.models, self.owner_active, self.buckets, self.asked = {}, {}, _Buckets(), {}
+        self.models, self.owner_active, self.buckets = {}, {}, _Buckets()
+        self.asked, self.heard = {}, {}
         items = list(self.state.items())
         for key, raw in items:
             if key.startswith("K:"):
@@ -740,8 +744,15 @@ class Gate:
             # Said again: another worker took the claim over after a rebalance, or a chain
             # worker, which says every claim it holds with each heartbeat, still runs it. The
             # processing timeout counts from then: a long chain is judged by its holder's life.
-            entry.worker_id, entry.started_at = worker, now
-            self._put_request(item.request_id, entry)
+            # The same holder's word is kept in memory and written to the record only once that
+            # is half a processing timeout old: each held chain head rewrote its record (a
+            # changelog record) every heartbeat. A gate rebuilt meanwhile counts from the
+            # record until the holder's next word.
+            self.heard[item.request_id] = now
+            renew = self.liveness.processing_timeout / 2
+            if worker != entry.worker_id or not entry.started_at or now - entry.started_at > renew:
+                entry.worker_id, entry.started_at = worker, now
+                self._put_request(item.request_id, entry)
             return
         entry.worker_id, entry.started_at = worker, now
         assert entry.claim_id is not None
@@ -841,6 +852,7 @@ class Gate:
             index.leave(request_id, entry)
             self._owner(owner, -1)
             self.asked.pop(request_id, None)
+            self.heard.pop(request_id, None)
         elif was not in IN_FLIGHT and state in IN_FLIGHT:
             index.join(request_id, entry)
             self._owner(owner, +1)
@@ -972,11 +984,18 @@ class Gate:
             entry = self._request(request_id)
             if entry is None:
                 continue
-            reason = self._stale_reason(entry, now)
+            reason = self._stale_reason(request_id, entry, now)
             if reason is not None:
                 self._take_back(request_id, entry, reason, now)
             elif entry.state == "processing":
                 self._ask_again(request_id, entry, now)
+
+    def _started(self, request_id: str, entry: GateRequest) -> datetime | None:
+        """When the row's holder last said it runs it: the record's time, or newer in memory."""
+        heard = self.heard.get(request_id)
+        if heard is None or entry.started_at is None or heard < entry.started_at:
+            return entry.started_at
+        return heard
 
     def _ask_again(self, request_id: str, entry: GateRequest, now: datetime) -> None:
         """Dispatch a call quiet for a claim timeout again, same claim, same partition. Its
@@ -986,7 +1005,8 @@ class Gate:
         processing timeout. Asked at most once a claim timeout (in memory: a rebuilt gate may
         ask once more)."""
         quiet = self.liveness.claim_timeout
-        since = max(filter(None, (entry.started_at, self.asked.get(request_id))), default=now)
+        started = self._started(request_id, entry)
+        since = max(filter(None, (started, self.asked.get(request_id))), default=now)
         if now - since <= quiet or entry.claim_id is None or entry.claimed_at is None:
             return
         batch = self._model(entry.model).batches.get(entry.batch_id)
@@ -1044,14 +1064,15 @@ class Gate:
         )  # fmt: skip
         self._out.append(Out("dispatch", request_id, abort, partition=partition))
 
-    def _stale_reason(self, entry: GateRequest, now: datetime) -> str | None:
+    def _stale_reason(self, request_id: str, entry: GateRequest, now: datetime) -> str | None:
         live = self.liveness
         if entry.state == "claimed":
             claimed = entry.claimed_at or now
             return "claim_timeout" if now - claimed > live.claim_timeout else None
         if entry.worker_id in self.workers_dead:
             return "worker_dead"
-        if entry.started_at is not None and now - entry.started_at > live.processing_timeout:
+        started = self._started(request_id, entry)
+        if started is not None and now - started > live.processing_timeout:
             return "processing_timeout"
         seen = self.worker_seen.get(entry.worker_id or "")
         # A worker never heard from since this gate started gets the threshold from the start.

@@ -855,11 +855,19 @@ def test_a_chain_said_again_with_each_heartbeat_is_not_taken_back_for_running_lo
     run = Run({"m": 1}, liveness=Liveness(processing_timeout=600 * SEC, stale_worker=HOUR))
     (item,) = run.populate(n=1).dispatched
     run.start(item, worker="ex-1")  # the executor starts it, then hands it to the chain
-    for second in range(0, 1300, 20):
+    key, writes = f"R:{item.request_id}", 0
+    for second in range(0, 1280, 20):  # the last word, at 1260 s, is kept in memory only
         run.now = T0 + second * SEC
+        if second == 700:
+            run.restart()  # a rebalance: the new gate counts from the record meanwhile
         run.heartbeat(worker="chains:w1")
+        record = run.state[key]
         run.start(item, worker="chains:w1")  # holding(): the claim said again
-        assert run.tick().of(RequestReclaimed) == [], second
+        writes += run.state[key] != record
+        step = run.tick()
+        assert step.of(RequestReclaimed) == [] and step.records == [], second  # nor asked again
+    # its record is rewritten every half processing timeout, not at each of 64 heartbeats
+    assert writes == 4
     said_last = run.now
     for second in range(20, 700, 20):  # the worker lives on, but holds it no longer
         run.now = said_last + second * SEC
