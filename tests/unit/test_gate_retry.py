@@ -105,6 +105,23 @@ def populated(lines: int, batch: BatchFacts | None = None) -> PendingRequests:
     )  # fmt: skip
 
 
+def retry_of(
+    batch: BatchFacts,
+    lines: int,
+    *,
+    failed: LineRange | None = None,
+    canceled: LineRange | None = None,
+    at: datetime = T0,
+) -> RetryRows:
+    """The commands agent's retry of a batch whose file has ``lines`` lines: its ended rows in
+    ``failed`` and ``canceled`` run again."""
+    return RetryRows(
+        event_id=ids.new_id(), occurred_at=at, source=mark(), batch=batch, model="m",
+        failed=[failed] if failed else [], canceled=[canceled] if canceled else [],
+        chunks=[ChunkRef(0, lines, 1, 7)],
+    )  # fmt: skip
+
+
 def run_batch_to_failure(gate: Gate, life: Lifecycle, n: int = 3) -> list[DispatchItem]:
     population = populated(n)
     claims = dispatched(life.fold(gate.handle(population, T0)))
@@ -118,10 +135,7 @@ def test_a_retry_runs_ended_rows_again_under_new_claim_ids() -> None:
     first = run_batch_to_failure(gate, life)
     assert set(life.states.values()) == {"failed"}
     assert [k for k in state if k[0] in "BR"] == []  # the gate forgot the batch
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
-        model="m", failed=[LineRange(0, 3)], canceled=[], chunks=[ChunkRef(0, 3, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(facts(version=1), 3, failed=LineRange(0, 3))
     outs = life.fold(gate.handle(retry, T0))
     retried = [e for e in events(outs) if isinstance(e, RequestRetried)]
     assert [e.from_state for e in retried] == ["failed"] * 3
@@ -138,10 +152,7 @@ def test_a_retry_skips_rows_that_are_still_live() -> None:
     gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
     population = populated(2)
     [claim] = dispatched(life.fold(gate.handle(population, T0)))  # capacity 1: line 1 waits
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
-        model="m", failed=[LineRange(0, 2)], canceled=[], chunks=[ChunkRef(0, 2, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(facts(version=1), 2, failed=LineRange(0, 2))
     assert [e for e in events(gate.handle(retry, T0)) if isinstance(e, RequestRetried)] == []
     assert claim.request_id == ids.request_id(BATCH, 0)
 
@@ -154,10 +165,7 @@ def test_cancel_then_retry_is_pause_and_resume() -> None:
     life.fold(gate.handle(cancel, T0))
     life.fold(gate.handle(report([claim], "canceled"), T0))
     assert set(life.states.values()) == {"canceled"}
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
-        model="m", failed=[], canceled=[LineRange(0, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(facts(version=1), 4, canceled=LineRange(0, 4))
     outs = life.fold(gate.handle(retry, T0))
     assert len(dispatched(outs)) == 1  # the reopened batch claims again, in line order
     assert dispatched(outs)[0].request_id == ids.request_id(BATCH, 0)
@@ -172,10 +180,7 @@ def test_a_row_in_flight_at_a_cancel_runs_again_when_the_batch_is_resumed_at_onc
     life.fold(gate.handle(cancel, T0))
     # Resumed before the abort lands: the read model shows line 0 claimed, so only the
     # other three are listed as canceled.
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=1),
-        model="m", failed=[], canceled=[LineRange(1, 4)], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(facts(version=1), 4, canceled=LineRange(1, 4))
     life.fold(gate.handle(retry, T0))
     outs = life.fold(gate.handle(report([claim], "canceled"), T0))  # the abort stopped the call
     first = ids.request_id(BATCH, 0)
@@ -203,10 +208,7 @@ def test_a_result_that_comes_back_after_its_batch_was_resumed_counts() -> None:
     )  # fmt: skip
     life.fold(gate.handle(started, later))  # the batch expires meanwhile: line 1 fails
     renewed = facts(version=1, deadline=later + 24 * HOUR)
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=later, source=mark(), batch=renewed, model="m",
-        failed=[LineRange(1, 2)], canceled=[], chunks=[ChunkRef(0, 2, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(renewed, 2, failed=LineRange(1, 2), at=later)
     life.fold(gate.handle(retry, later))
     outs = life.fold(gate.handle(report([claim], "completed"), later))  # before the abort
     assert life.states[claim.request_id] == "completed"  # not failed BatchTerminated
@@ -222,10 +224,7 @@ def test_each_run_of_a_retried_row_ends_with_an_event_of_its_own() -> None:
     for version in (1, 2):
         outs = life.fold(gate.handle(report(claims, "failed"), T0))
         ended += [e.event_id for e in events(outs) if isinstance(e, RequestFailed)]
-        retry = RetryRows(
-            event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=facts(version=version),
-            model="m", failed=[LineRange(0, 1)], canceled=[], chunks=[ChunkRef(0, 1, 1, 7)],
-        )  # fmt: skip
+        retry = retry_of(facts(version=version), 1, failed=LineRange(0, 1))
         claims = dispatched(life.fold(gate.handle(retry, T0)))
     # A consumer that drops an event id it has seen would otherwise miss the second failure.
     assert len(set(ended)) == 2
@@ -238,10 +237,7 @@ def test_a_retried_expired_batch_runs_under_its_new_deadline() -> None:
     life.fold(gate.handle(population, T0))
     later = T0 + 2 * HOUR
     renewed = facts(version=1, deadline=later + 24 * HOUR)
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=later, source=mark(), batch=renewed, model="m",
-        failed=[LineRange(0, 4)], canceled=[], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(renewed, 4, failed=LineRange(0, 4), at=later)
     life.fold(gate.handle(GateTick(event_id=ids.new_id(), occurred_at=later, model="m"), later))
     # Two hours on, the silent claims were taken back and every row expired BatchTerminated.
     assert set(life.states.values()) == {"failed"}
@@ -254,10 +250,7 @@ def test_a_batch_retried_while_live_expires_at_its_renewed_deadline_then_leaves(
     first = dispatched(life.fold(gate.handle(populated(4, facts(deadline=T0 + HOUR)), T0)))
     life.fold(gate.handle(report(first, "failed"), T0))  # lines 2 and 3 are claimed now
     renewed = facts(version=1, deadline=T0 + 3 * HOUR)
-    retry = RetryRows(
-        event_id=ids.new_id(), occurred_at=T0, source=mark(), batch=renewed, model="m",
-        failed=[LineRange(0, 2)], canceled=[], chunks=[ChunkRef(0, 4, 1, 7)],
-    )  # fmt: skip
+    retry = retry_of(renewed, 4, failed=LineRange(0, 2))
     life.fold(gate.handle(retry, T0))
 
     def tick(at: datetime) -> list[Out]:
