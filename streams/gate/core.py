@@ -20,7 +20,7 @@ The in-memory indexes (claimable rows per batch, delayed retries, in-flight sets
 counts) are derived and rebuilt by :meth:`Gate.rebuild` after a rebalance.
 
 What to claim is :func:`streams.gate.scoring.select` (``select_live`` for a live model, over
-each owner's batches kept in deadline order); every transition goes through
+its batches and flex rows kept in deadline order); every transition goes through
 :func:`streams.lifecycle.next_state`, the state machine the projector applies too.
 """
 
