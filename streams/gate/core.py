@@ -965,13 +965,10 @@ class Gate:
     def _expire(self, index: _Model, model: str, now: datetime) -> None:
         """Expiry (README decisions): once a batch's deadline passes it claims nothing more;
         unsent rows fail ``BatchTerminated`` and in-flight ones are aborted to end so too."""
-        due: set[str] = set()
         while index.deadlines and index.deadlines[0][0] <= now:
-            due.add(heapq.heappop(index.deadlines)[1])
-        if not due:
-            return
-        for batch_id, batch in list(index.batches.items()):  # in the order they came
-            if batch_id in due and batch.entry.closed is None and batch.entry.facts.deadline <= now:
+            _, batch_id = heapq.heappop(index.deadlines)
+            batch = index.batches.get(batch_id)
+            if batch is not None and batch.entry.closed is None and batch.entry.facts.deadline <= now:  # fmt: skip
                 self._close(model, batch_id, "expire", now)
 
     # -- reclaim --------------------------------------------------------------------------
