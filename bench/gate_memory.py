@@ -234,7 +234,7 @@ def index_figures(gate: Gate) -> dict[str, int]:
         "in_flight": sum(len(m.in_flight) for m in models),
         "loose": sum(len(m.loose) for m in models),
         "owners_active": len(gate.owner_active),
-        "buckets": len(gate.buckets),
+        "buckets": sum(len(pairs) for pairs in gate.buckets.cooling.values()),
     }
 
 

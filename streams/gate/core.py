@@ -208,9 +208,6 @@ class _Buckets:
         self.cooling: dict[str, dict[tuple[str, str], datetime]] = {}
         self._due: list[tuple[datetime, str]] = []  # (next token at, key), stale pairs left in
 
-    def __len__(self) -> int:
-        return sum(len(pairs) for pairs in self.cooling.values())
-
     def set(self, key: str, at: datetime) -> None:
         owner, window_class, model = key[2:].split("\x1f")
         self.cooling.setdefault(model, {})[(owner, window_class)] = at
