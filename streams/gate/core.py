@@ -348,7 +348,7 @@ class Gate:
         self.buckets = _Buckets()
         self.asked: dict[str, datetime] = {}  # quiet calls dispatched again (_ask_again), when
         # When each in-flight row's holder last said it still runs it (in memory: the record
-        # is rewritten only every half processing timeout, see _start).
+        # is rewritten only every half claim timeout, see _start).
         self.heard: dict[str, datetime] = {}
         self._events: dict[str, list[RequestEvent]] = {}
         self._dispatch: dict[int, list[DispatchItem]] = {}
@@ -678,6 +678,8 @@ class Gate:
             index.leave(request_id, entry)
             self._owner(self._owner_of(entry), -1)
             self._stop(request_id, entry, now, erased=True)
+            self.asked.pop(request_id, None)
+            self.heard.pop(request_id, None)
         index.drop_loose(request_id)
         self.state.pop(f"R:{request_id}", None)
 
@@ -741,12 +743,13 @@ class Gate:
             # Said again: another worker took the claim over after a rebalance, or a chain
             # worker, which says every claim it holds with each heartbeat, still runs it. The
             # processing timeout counts from then: a long chain is judged by its holder's life.
-            # The same holder's word is kept in memory and written to the record only once that
-            # is half a processing timeout old: each held chain head rewrote its record (a
-            # changelog record) every heartbeat. A gate rebuilt meanwhile counts from the
-            # record until the holder's next word.
+            # The same holder's word is kept in memory and written to the record only once the
+            # stored one is half a claim timeout old (or half a processing timeout, if shorter):
+            # each held chain head rewrote its record (a changelog record) every heartbeat. A
+            # gate rebuilt meanwhile counts from the record, which is then too recent for the
+            # quiet check to ask the call again or the processing timeout to take it back.
             self.heard[item.request_id] = now
-            renew = self.liveness.processing_timeout / 2
+            renew = min(self.liveness.claim_timeout, self.liveness.processing_timeout) / 2
             if worker != entry.worker_id or not entry.started_at or now - entry.started_at > renew:
                 entry.worker_id, entry.started_at = worker, now
                 self._put_request(item.request_id, entry)

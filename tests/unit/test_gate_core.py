@@ -852,7 +852,9 @@ def test_a_chain_said_again_with_each_heartbeat_is_not_taken_back_for_running_lo
     """A chain worker holds a claimed head for the whole chain and says so with every
     heartbeat: the gate took it back every processing timeout (an attempt, an abort, a
     re-dispatch each ten minutes); once the saying stops, the timeout applies again."""
-    run = Run({"m": 1}, liveness=Liveness(processing_timeout=600 * SEC, stale_worker=HOUR))
+    # claim timeout an hour: the record is rewritten every half processing timeout
+    patient = Liveness(claim_timeout=HOUR, processing_timeout=600 * SEC, stale_worker=HOUR)
+    run = Run({"m": 1}, liveness=patient)
     (item,) = run.populate(n=1).dispatched
     run.start(item, worker="ex-1")  # the executor starts it, then hands it to the chain
     key, writes = f"R:{item.request_id}", 0
@@ -876,6 +878,25 @@ def test_a_chain_said_again_with_each_heartbeat_is_not_taken_back_for_running_lo
             break
     assert [b.reason for b in back] == ["processing_timeout"]
     assert 600 * SEC < run.now - said_last <= 620 * SEC
+
+
+def test_a_gate_rebuilt_while_a_chain_is_held_neither_asks_it_again_nor_takes_it_back() -> None:
+    """The default timeouts, a heartbeat every 5 s: what the rebuilt gate reads from the record
+    is recent enough that the quiet check (a claim timeout) does not fire."""
+    run = Run({"m": 1}, liveness=Liveness())
+    (item,) = run.populate(n=1).dispatched
+    run.start(item, worker="ex-1")
+    for second in range(5, 295, 5):
+        run.now = T0 + second * SEC
+        run.heartbeat(worker="chains:w1")
+        run.start(item, worker="chains:w1")
+        assert run.tick().records == [], second
+    run.restart()  # the held chain's last word (290 s) was not written to its record
+    for second in (300, 320, 340):
+        run.now = T0 + second * SEC
+        run.heartbeat(worker="chains:w1")
+        step = run.tick()
+        assert step.of(RequestReclaimed) == [] and step.records == [], second
 
 
 def test_reclaim_gives_up_after_max_retries() -> None:

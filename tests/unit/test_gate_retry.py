@@ -308,10 +308,15 @@ def test_erasing_a_live_flex_request_aborts_it_and_forgets_it() -> None:
     gate, life = Gate(state, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
     request_id = ids.new_id()
     [claim] = dispatched(life.fold(gate.handle(flex(request_id), T0)))
+    started = [StartedItem(claim.request_id, claim.claim_id)]
+    for worker in ("ex", "chains:w1"):  # started, then said again by a chain worker
+        said = ExecutionReport(event_id=ids.new_id(), occurred_at=T0, worker_id=worker, model="m", started=started)  # fmt: skip
+        life.fold(gate.handle(said, T0))
     outs = life.fold(gate.handle(control(request_id, "erase"), T0))
     assert any(isinstance(e, RequestErased) for e in events(outs))
     assert request_id not in life.states and f"R:{request_id}" not in state
     assert gate.in_flight("m") == 0
+    assert request_id not in gate.heard  # nothing kept in memory for it either
     assert events(gate.handle(report([claim], "completed"), T0)) == []  # fenced out
 
 
