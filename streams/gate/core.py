@@ -1184,10 +1184,12 @@ class Gate:
 
     def _release_due(self, index: _Model, now: datetime) -> None:
         while index.delayed and index.delayed[0][0] <= now.timestamp():
-            _, request_id = heapq.heappop(index.delayed)
+            due, request_id = heapq.heappop(index.delayed)
             entry = self._request(request_id)
             if entry is None or entry.state != "pending" or entry.not_before is None:
                 continue
+            if entry.not_before.timestamp() != due:
+                continue  # a wait of an earlier run of the row (cancelled, then retried)
             entry.not_before = None
             self._put_request(request_id, entry)
             if not entry.batch_id or entry.batch_id in index.batches:

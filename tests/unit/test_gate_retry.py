@@ -270,6 +270,27 @@ def test_a_batch_retried_while_live_expires_at_its_renewed_deadline_then_leaves(
     assert [c.batch_id for c in claims] == [other.batch_id]
 
 
+def test_a_row_rerun_after_a_cancel_keeps_its_new_wait_not_the_old_one() -> None:
+    gate, life = Gate({}, {"m": 1}, "gate", config=REFERENCE), Lifecycle()
+    second = timedelta(seconds=1)
+
+    def wait_until(item: DispatchItem, until: datetime, at: datetime) -> list[Out]:
+        finished = FinishedItem(request_id=item.request_id, claim_id=item.claim_id, result="retry", not_before=until)  # fmt: skip
+        said = ExecutionReport(event_id=ids.new_id(), occurred_at=at, worker_id="ex", model="m", finished=[finished])  # fmt: skip
+        return life.fold(gate.handle(said, at))
+
+    [first] = dispatched(life.fold(gate.handle(populated(1), T0)))
+    wait_until(first, T0 + 100 * second, T0)  # a retry in 100 s
+    cancel = CancelBatchRequests(event_id=ids.new_id(), occurred_at=T0, batch_id=BATCH, model="m")
+    life.fold(gate.handle(cancel, T0 + second))  # the waiting row ends canceled
+    [again] = dispatched(life.fold(gate.handle(retry_of(facts(version=1), 1, canceled=LineRange(0, 1)), T0 + 2 * second)))  # fmt: skip
+    wait_until(again, T0 + 1000 * second, T0 + 3 * second)  # this run waits 1000 s
+    tick = GateTick(event_id=ids.new_id(), occurred_at=T0 + 150 * second, model="m")
+    assert dispatched(life.fold(gate.handle(tick, T0 + 150 * second))) == []  # not the old 100 s
+    tick = GateTick(event_id=ids.new_id(), occurred_at=T0 + 1001 * second, model="m")
+    assert [i.request_id for i in dispatched(life.fold(gate.handle(tick, T0 + 1001 * second)))] == [again.request_id]  # fmt: skip
+
+
 def flex(request_id: str) -> RequestSubmitted:
     return RequestSubmitted(
         event_id=ids.new_id(), occurred_at=T0, source=mark(), request_id=request_id, model="m",
