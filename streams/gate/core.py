@@ -209,7 +209,7 @@ class _Buckets:
         self._due: list[tuple[datetime, str]] = []  # (next token at, key), stale pairs left in
 
     def set(self, key: str, at: datetime) -> None:
-        owner, window_class, model = key[2:].split("\x1f")
+        owner, window_class, model = _bucket_parts(key)
         self.cooling.setdefault(model, {})[(owner, window_class)] = at
         heapq.heappush(self._due, (at, key))
 
@@ -218,7 +218,7 @@ class _Buckets:
         gone = []
         while self._due and self._due[0][0] <= now:
             at, key = heapq.heappop(self._due)
-            owner, window_class, model = key[2:].split("\x1f")
+            owner, window_class, model = _bucket_parts(key)
             pairs = self.cooling.get(model, {})
             if pairs.get((owner, window_class)) == at:  # not stamped again since
                 del pairs[(owner, window_class)]
@@ -1361,3 +1361,10 @@ def _ranges(lines: list[int]) -> list[LineRange]:
 
 def _bucket_key(owner: str, window_class: str, model: str) -> str:
     return "K:" + "\x1f".join((owner, window_class, model))
+
+
+def _bucket_parts(key: str) -> tuple[str, str, str]:
+    """(owner, window-class, model) of a bucket key, split from the right: an owner's name may
+    hold the separator; window classes and model names do not."""
+    owner, window_class, model = key[2:].rsplit("\x1f", 2)
+    return owner, window_class, model

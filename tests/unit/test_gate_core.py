@@ -742,6 +742,16 @@ def test_a_spent_token_leaves_the_state_once_it_is_due_whichever_model_cycles() 
     assert len(run.tick(T0 + 26 * MIN, model="n").dispatched) == 1  # n leaks again
 
 
+def test_an_owner_name_holding_the_bucket_keys_separator_still_trickles() -> None:
+    run = Run({"m": 10})
+    run.model_state("coming")
+    owner = "team\x1fa"  # names may hold any character but NUL
+    assert len(run.populate(n=5, owner=owner).dispatched) == 1
+    assert run.tick(T0 + 23 * MIN).dispatched == []  # its bucket cools for 24 min
+    run.restart()
+    assert len(run.tick(T0 + 25 * MIN).dispatched) == 1
+
+
 def test_a_not_live_model_claims_at_full_capacity_within_the_ramp() -> None:
     """§3.5: a 24 h and a 1 h batch, each 50 min from its deadline, on a model not live."""
     run = Run({"m": 10})
