@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Iterator, Mapping, MutableMapping
-from collections.abc import Set as AbstractSet
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -678,8 +677,7 @@ class Gate:
             index.leave(request_id, entry)
             self._owner(self._owner_of(entry), -1)
             self._stop(request_id, entry, now, erased=True)
-            self.asked.pop(request_id, None)
-            self.heard.pop(request_id, None)
+            self._forget_words(request_id)
         index.drop_loose(request_id)
         self.state.pop(f"R:{request_id}", None)
 
@@ -851,8 +849,7 @@ class Gate:
         if was in IN_FLIGHT and state not in IN_FLIGHT:
             index.leave(request_id, entry)
             self._owner(owner, -1)
-            self.asked.pop(request_id, None)
-            self.heard.pop(request_id, None)
+            self._forget_words(request_id)
         elif was not in IN_FLIGHT and state in IN_FLIGHT:
             index.join(request_id, entry)
             self._owner(owner, +1)
@@ -987,6 +984,11 @@ class Gate:
             elif entry.state == "processing":
                 self._ask_again(request_id, entry, now)
 
+    def _forget_words(self, request_id: str) -> None:
+        """The row left flight: what memory held of its call (asked again, heard of) goes."""
+        self.asked.pop(request_id, None)
+        self.heard.pop(request_id, None)
+
     def _started(self, request_id: str, entry: GateRequest) -> datetime | None:
         """When the row's holder last said it runs it: the record's time, or newer in memory."""
         heard = self.heard.get(request_id)
@@ -1093,7 +1095,7 @@ class Gate:
         if not index.batches and not index.loose:
             return
         raw_state = self.state.get(f"M:{model}")
-        cooling = self._cooldown(model, now)
+        self._let_go_spent_tokens(now)
         moved_on: list[str] = []  # batchless rows read that are no longer claimable
         if scoring.is_live(None if raw_state is None else raw_state.decode()):
             runs = self._runs(index, moved_on)
@@ -1103,6 +1105,8 @@ class Gate:
                 *_units(index, index.ranked.all),
                 *self._loose_units(index, index.loose_ranked.all, moved_on),
             ]  # fmt: skip
+            # (owner, window-class) buckets of the model without a token
+            cooling = self.buckets.cooling.get(model, {}).keys()
             takes = scoring.select(
                 capacity, units, self.owner_active, False, cooling, now, self.config
             )
@@ -1175,12 +1179,11 @@ class Gate:
         self._send(request_id, entry, None)
         return True
 
-    def _cooldown(self, model: str, now: datetime) -> AbstractSet[tuple[str, str]]:
-        """(owner, window-class) buckets of ``model`` without a token; spent tokens that came
-        back, of any model, are dropped (they carry no state)."""
+    def _let_go_spent_tokens(self, now: datetime) -> None:
+        """Before a cycle, tokens of any model that came back are dropped (they carry no
+        state)."""
         for key in self.buckets.expire(now):
             self.state.pop(key, None)
-        return self.buckets.cooling.get(model, {}).keys()
 
     def _release_due(self, index: _Model, now: datetime) -> None:
         while index.delayed and index.delayed[0][0] <= now.timestamp():
