@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -177,25 +177,66 @@ def _count(ranges: list[LineRange]) -> int:
 
 
 class _Ranked:
-    """(deadline, id) pairs in order, overall and by owner: a claim cycle reads the best of
-    each owner with rows in flight and of all the others together (scoring.select_live)."""
+    """(deadline, id) pairs in order by owner, and each owner's first pair in order: a claim
+    cycle reads the best of each owner with rows in flight and of all the others together
+    (scoring.select_live), without walking the pairs of the busy ones."""
 
     def __init__(self) -> None:
-        self.all: list[tuple[datetime, str]] = []
         self.by_owner: dict[str, list[tuple[datetime, str]]] = {}
+        self.heads: list[tuple[datetime, str, str]] = []  # (deadline, id, owner), one an owner
 
     def add(self, owner: str, deadline: datetime, id_: str) -> None:
-        bisect.insort(self.all, (deadline, id_))
-        bisect.insort(self.by_owner.setdefault(owner, []), (deadline, id_))
+        mine = self.by_owner.setdefault(owner, [])
+        if not mine or (deadline, id_) < mine[0]:
+            if mine:
+                self._unhead(owner, mine[0])
+            bisect.insort(self.heads, (deadline, id_, owner))
+        bisect.insort(mine, (deadline, id_))
 
     def drop(self, owner: str, deadline: datetime, id_: str) -> None:
-        pair = (deadline, id_)
-        for ranked in (self.all, self.by_owner.get(owner, [])):
-            at = bisect.bisect_left(ranked, pair)
-            if at < len(ranked) and ranked[at] == pair:
-                del ranked[at]
-        if not self.by_owner.get(owner, True):
-            del self.by_owner[owner]
+        mine, pair = self.by_owner.get(owner, []), (deadline, id_)
+        at = bisect.bisect_left(mine, pair)
+        if at == len(mine) or mine[at] != pair:
+            return
+        del mine[at]
+        if at == 0:
+            self._unhead(owner, pair)
+            if mine:
+                bisect.insort(self.heads, (*mine[0], owner))
+            else:
+                del self.by_owner[owner]
+
+    def _unhead(self, owner: str, pair: tuple[datetime, str]) -> None:
+        head = (*pair, owner)
+        at = bisect.bisect_left(self.heads, head)
+        if at < len(self.heads) and self.heads[at] == head:
+            del self.heads[at]
+
+    def pairs(self) -> Iterator[tuple[datetime, str]]:
+        """Every pair, in no particular order."""
+        for mine in self.by_owner.values():
+            yield from mine
+
+    def others(self, busy: Mapping[str, int]) -> Iterator[tuple[datetime, str]]:
+        """The pairs of the owners without a count in ``busy``, in order: their lists merged,
+        each owner's entering the merge only once its first pair comes up, so a busy owner
+        costs one skip however many pairs it holds."""
+        heads, i = self.heads, 0
+        merging: list[tuple[datetime, str, str, int]] = []  # (deadline, id, owner, at)
+        while True:
+            while i < len(heads) and busy.get(heads[i][2]):
+                i += 1
+            if i < len(heads) and (not merging or heads[i] < merging[0][:3]):
+                heapq.heappush(merging, (*heads[i], 0))
+                i += 1
+                continue
+            if not merging:
+                return
+            deadline, id_, owner, at = heapq.heappop(merging)
+            yield deadline, id_
+            mine = self.by_owner[owner]
+            if at + 1 < len(mine):
+                heapq.heappush(merging, (*mine[at + 1], owner, at + 1))
 
 
 class _Buckets:
@@ -1102,8 +1143,8 @@ class Gate:
             takes = scoring.select_live(capacity, runs, self.owner_active, now, self.config)
         else:
             units = [
-                *_units(index, index.ranked.all),
-                *self._loose_units(index, index.loose_ranked.all, moved_on),
+                *_units(index, index.ranked.pairs()),
+                *self._loose_units(index, index.loose_ranked.pairs(), moved_on),
             ]  # fmt: skip
             # (owner, window-class) buckets of the model without a token
             cooling = self.buckets.cooling.get(model, {}).keys()
@@ -1132,16 +1173,12 @@ class Gate:
     def _loose_units(
         self,
         index: _Model,
-        rows: list[tuple[datetime, str]],
+        rows: Iterable[tuple[datetime, str]],
         moved_on: list[str],
-        skip: Mapping[str, int] | None = None,
     ) -> Iterator[scoring.Unit]:
-        """The batchless ``rows`` (ranked) still claimable, as units, in that order; those of
-        owners with a count in ``skip`` left out, those no longer pending noted in
-        ``moved_on``."""
+        """The batchless ``rows`` still claimable, as units, in that order; those no longer
+        pending noted in ``moved_on``."""
         for _, request_id in rows:
-            if skip and skip.get(index.loose[request_id][1]):
-                continue
             entry = self._request(request_id)
             if entry is None or entry.facts is None or entry.state != "pending" or entry.not_before:
                 moved_on.append(request_id)  # it moved on since it was queued
@@ -1160,8 +1197,8 @@ class Gate:
         active = self.owner_active
         batches, rows = index.ranked, index.loose_ranked
         yield _merged(
-            _units(index, batches.all, skip=active),
-            self._loose_units(index, rows.all, moved_on, skip=active),
+            _units(index, batches.others(active)),
+            self._loose_units(index, rows.others(active), moved_on),
         )
         for owner in active:
             mine, own_rows = batches.by_owner.get(owner), rows.by_owner.get(owner)
@@ -1283,16 +1320,11 @@ class Gate:
         return bodies.partition_for(key, self.dispatch_partitions)
 
 
-def _units(
-    index: _Model, batches: list[tuple[datetime, str]], skip: Mapping[str, int] | None = None
-) -> Iterator[scoring.Unit]:
-    """The claimable batches of ``batches`` (ranked), as units, in that order; those of
-    owners with a count in ``skip`` left out."""
+def _units(index: _Model, batches: Iterable[tuple[datetime, str]]) -> Iterator[scoring.Unit]:
+    """The claimable batches of ``batches``, as units, in that order."""
     for _, batch_id in batches:
         b = index.batches[batch_id]
         facts = b.entry.facts
-        if skip and skip.get(facts.owner):
-            continue
         if b.entry.closed is None and (b.entry.unclaimed or b.returned):
             yield scoring.Unit(
                 id=batch_id, batch=True, owner=facts.owner, deadline=facts.deadline,

@@ -59,7 +59,7 @@ from schemas.events import (
 )
 from streams.emit import Out
 from streams.execution.failure import BatchTerminated, parse
-from streams.gate.core import Gate, GateRequest, Liveness, _Model, _ranges, _with_line
+from streams.gate.core import Gate, GateRequest, Liveness, _Model, _ranges, _Ranked, _with_line
 from streams.gate.scoring import GateConfig
 from streams.lifecycle import IN_FLIGHT, TERMINAL, next_state
 
@@ -457,6 +457,33 @@ def test_state_holds_live_work_only() -> None:
     assert sorted(Counter(run.states.values()).items()) == [("completed", 2), ("failed", 1)]
 
 
+_OPS = st.lists(
+    st.tuples(st.booleans(), st.sampled_from("abcd"), st.integers(0, 5), st.integers(0, 9)),
+    max_size=80,
+)
+
+
+@given(ops=_OPS, busy=st.sets(st.sampled_from("abcd")))
+def test_the_idle_owners_run_is_their_pairs_in_order_whatever_the_busy_ones_hold(
+    ops: list[tuple[bool, str, int, int]], busy: set[str]
+) -> None:
+    # Batches (or flex rows) added and dropped in any order, deadlines tied or not: the run of
+    # the owners with nothing in flight is exactly their pairs in (deadline, id) order.
+    ranked, held = _Ranked(), set[tuple[str, tuple[datetime, str]]]()
+    for add, owner, minutes, n in ops:
+        pair = (T0 + timedelta(minutes=minutes), f"id{n}")
+        if add and all(p != pair for _, p in held):
+            ranked.add(owner, *pair)
+            held.add((owner, pair))
+        elif not add and (owner, pair) in held:
+            ranked.drop(owner, *pair)
+            held.discard((owner, pair))
+        counts = {b: 1 for b in busy}
+        assert list(ranked.others(counts)) == sorted(p for o, p in held if o not in busy)
+        assert sorted(ranked.pairs()) == sorted(p for _, p in held)
+        assert ranked.heads == sorted((*min(p for o, p in held if o == owner), owner) for owner in {o for o, _ in held})  # fmt: skip
+
+
 def test_batches_that_ended_leave_nothing_in_the_gates_indexes() -> None:
     run = Run({"m": 1})
     for n in range(300):
@@ -464,7 +491,7 @@ def test_batches_that_ended_leave_nothing_in_the_gates_indexes() -> None:
         run.report(item)
     index = run.gate.models["m"]
     assert run.live_keys() == [] and index.batches == {}
-    assert index.ranked.all == [] and index.ranked.by_owner == {}
+    assert index.ranked.heads == [] and index.ranked.by_owner == {}
     # deadlines of batches gone are let go too, not kept until each deadline passes
     assert len(index.deadlines) <= 64
 
