@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -176,55 +177,71 @@ def _count(ranges: list[LineRange]) -> int:
     return sum(r.end - r.start for r in ranges)
 
 
+#: What ranks rows alike but for their deadlines: (owner, window-class, W). A not-live model
+#: claims a row in full once it is within ramp(W) of its deadline (spec §3.2), so among rows of
+#: one kind in deadline order those within their ramp come first.
+Kind = tuple[str, str, float]
+
+
 class _Ranked:
-    """(deadline, id) pairs in order by owner, and each owner's first pair in order: a claim
+    """(deadline, id) pairs in order by kind, and each kind's first pair in order: a claim
     cycle reads the best of each owner with rows in flight and of all the others together
-    (scoring.select_live), without walking the pairs of the busy ones."""
+    (scoring.select_live), without walking the pairs of the busy ones; a not-live model's
+    cycle reads each kind's pairs within their ramp and the first past it
+    (scoring.select_paced)."""
 
     def __init__(self) -> None:
-        self.by_owner: dict[str, list[tuple[datetime, str]]] = {}
-        self.heads: list[tuple[datetime, str, str]] = []  # (deadline, id, owner), one an owner
+        self.by_kind: dict[Kind, list[tuple[datetime, str]]] = {}
+        self.kinds: dict[str, dict[Kind, None]] = {}  # each owner's kinds
+        self.heads: list[tuple[datetime, str, Kind]] = []  # (deadline, id, kind), one a kind
 
-    def add(self, owner: str, deadline: datetime, id_: str) -> None:
-        mine = self.by_owner.setdefault(owner, [])
+    def add(self, kind: Kind, deadline: datetime, id_: str) -> None:
+        mine = self.by_kind.get(kind)
+        if mine is None:
+            mine = self.by_kind[kind] = []
+            self.kinds.setdefault(kind[0], {})[kind] = None
         if not mine or (deadline, id_) < mine[0]:
             if mine:
-                self._unhead(owner, mine[0])
-            bisect.insort(self.heads, (deadline, id_, owner))
+                self._unhead(kind, mine[0])
+            bisect.insort(self.heads, (deadline, id_, kind))
         bisect.insort(mine, (deadline, id_))
 
-    def drop(self, owner: str, deadline: datetime, id_: str) -> None:
-        mine, pair = self.by_owner.get(owner, []), (deadline, id_)
+    def drop(self, kind: Kind, deadline: datetime, id_: str) -> None:
+        mine, pair = self.by_kind.get(kind, []), (deadline, id_)
         at = bisect.bisect_left(mine, pair)
         if at == len(mine) or mine[at] != pair:
             return
         del mine[at]
         if at == 0:
-            self._unhead(owner, pair)
+            self._unhead(kind, pair)
             if mine:
-                bisect.insort(self.heads, (*mine[0], owner))
-            else:
-                del self.by_owner[owner]
+                bisect.insort(self.heads, (*mine[0], kind))
+                return
+            del self.by_kind[kind]
+            owned = self.kinds[kind[0]]
+            del owned[kind]
+            if not owned:
+                del self.kinds[kind[0]]
 
-    def _unhead(self, owner: str, pair: tuple[datetime, str]) -> None:
-        head = (*pair, owner)
+    def _unhead(self, kind: Kind, pair: tuple[datetime, str]) -> None:
+        head = (*pair, kind)
         at = bisect.bisect_left(self.heads, head)
         if at < len(self.heads) and self.heads[at] == head:
             del self.heads[at]
 
-    def pairs(self) -> Iterator[tuple[datetime, str]]:
-        """Every pair, in no particular order."""
-        for mine in self.by_owner.values():
-            yield from mine
+    def owned(self, owner: str) -> Iterator[tuple[datetime, str]]:
+        """The pairs of ``owner``, in order."""
+        lists = [self.by_kind[kind] for kind in self.kinds.get(owner, {})]
+        return iter(lists[0]) if len(lists) == 1 else heapq.merge(*lists)
 
     def others(self, busy: Mapping[str, int]) -> Iterator[tuple[datetime, str]]:
         """The pairs of the owners without a count in ``busy``, in order: their lists merged,
-        each owner's entering the merge only once its first pair comes up, so a busy owner
-        costs one skip however many pairs it holds."""
+        each kind's entering the merge only once its first pair comes up, so a busy owner
+        costs one skip a kind however many pairs it holds."""
         heads, i = self.heads, 0
-        merging: list[tuple[datetime, str, str, int]] = []  # (deadline, id, owner, at)
+        merging: list[tuple[datetime, str, Kind, int]] = []  # (deadline, id, kind, at)
         while True:
-            while i < len(heads) and busy.get(heads[i][2]):
+            while i < len(heads) and busy.get(heads[i][2][0]):
                 i += 1
             if i < len(heads) and (not merging or heads[i] < merging[0][:3]):
                 heapq.heappush(merging, (*heads[i], 0))
@@ -232,11 +249,11 @@ class _Ranked:
                 continue
             if not merging:
                 return
-            deadline, id_, owner, at = heapq.heappop(merging)
+            deadline, id_, kind, at = heapq.heappop(merging)
             yield deadline, id_
-            mine = self.by_owner[owner]
+            mine = self.by_kind[kind]
             if at + 1 < len(mine):
-                heapq.heappush(merging, (*mine[at + 1], owner, at + 1))
+                heapq.heappush(merging, (*mine[at + 1], kind, at + 1))
 
 
 class _Buckets:
@@ -274,8 +291,8 @@ class _Model:
         self.ranked = _Ranked()  # the batches
         # (deadline, batch id) of every batch, stale pairs left in: expiry pops the due ones.
         self.deadlines: list[tuple[datetime, str]] = []
-        # Batchless rows claimable now: request id -> (deadline, owner), and ranked.
-        self.loose: dict[str, tuple[datetime, str]] = {}
+        # Batchless rows claimable now: request id -> (deadline, kind), and ranked.
+        self.loose: dict[str, tuple[datetime, Kind]] = {}
         self.loose_ranked = _Ranked()
         self.delayed: list[tuple[float, str]] = []  # (not_before, request id)
         self.in_flight: set[str] = set()
@@ -287,13 +304,13 @@ class _Model:
     def add(self, batch: _Batch) -> None:
         facts = batch.entry.facts
         self.batches[facts.batch_id] = batch
-        self.ranked.add(facts.owner, facts.deadline, facts.batch_id)
+        self.ranked.add(_batch_kind(facts), facts.deadline, facts.batch_id)
         heapq.heappush(self.deadlines, (facts.deadline, facts.batch_id))
 
     def drop(self, batch: _Batch) -> None:
         facts = batch.entry.facts
         self.batches.pop(facts.batch_id, None)
-        self.ranked.drop(facts.owner, facts.deadline, facts.batch_id)
+        self.ranked.drop(_batch_kind(facts), facts.deadline, facts.batch_id)
         if len(self.deadlines) > 2 * len(self.batches) + 64:
             # Pairs of batches gone would otherwise stay until their deadlines pass.
             self.deadlines = [(b.entry.facts.deadline, i) for i, b in self.batches.items()]
@@ -305,10 +322,10 @@ class _Model:
         batch.entry.facts = facts
         self.add(batch)
 
-    def add_loose(self, request_id: str, facts: BatchlessFacts) -> None:
+    def add_loose(self, request_id: str, deadline: datetime, kind: Kind) -> None:
         if request_id not in self.loose:
-            self.loose[request_id] = (facts.deadline, facts.owner)
-            self.loose_ranked.add(facts.owner, facts.deadline, request_id)
+            self.loose[request_id] = (deadline, kind)
+            self.loose_ranked.add(kind, deadline, request_id)
 
     def drop_loose(self, request_id: str) -> None:
         held = self.loose.pop(request_id, None)
@@ -480,7 +497,7 @@ class Gate:
             heapq.heappush(index.delayed, (entry.not_before.timestamp(), request_id))
         elif not entry.batch_id:
             if entry.facts is not None:  # a batchless row carries its facts
-                index.add_loose(request_id, entry.facts)
+                index.add_loose(request_id, entry.facts.deadline, self._row_kind(entry.facts))
         else:
             heapq.heappush(index.batches[entry.batch_id].returned, entry.line)
 
@@ -1142,14 +1159,11 @@ class Gate:
             runs = self._runs(index, moved_on)
             takes = scoring.select_live(capacity, runs, self.owner_active, now, self.config)
         else:
-            units = [
-                *_units(index, index.ranked.pairs()),
-                *self._loose_units(index, index.loose_ranked.pairs(), moved_on),
-            ]  # fmt: skip
+            ramping, waiting = self._paced(index, now, moved_on)
             # (owner, window-class) buckets of the model without a token
             cooling = self.buckets.cooling.get(model, {}).keys()
-            takes = scoring.select(
-                capacity, units, self.owner_active, False, cooling, now, self.config
+            takes = scoring.select_paced(
+                capacity, ramping, waiting, self.owner_active, cooling, now, self.config
             )
         for request_id in moved_on:
             index.drop_loose(request_id)
@@ -1183,12 +1197,19 @@ class Gate:
             if entry is None or entry.facts is None or entry.state != "pending" or entry.not_before:
                 moved_on.append(request_id)  # it moved on since it was queued
                 continue
-            facts = entry.facts
+            owner, window_class, window_s = self._row_kind(entry.facts)
             yield scoring.Unit(
-                id=request_id, batch=False, owner=facts.owner, deadline=facts.deadline,
-                window_s=self.config.window_for_tier(facts.service_tier),
-                window_class=scoring.window_class_for_batchless(facts.service_tier),
+                id=request_id, batch=False, owner=owner, deadline=entry.facts.deadline,
+                window_s=window_s, window_class=window_class,
             )  # fmt: skip
+
+    def _row_kind(self, facts: BatchlessFacts) -> Kind:
+        tier = facts.service_tier
+        return (
+            facts.owner,
+            scoring.window_class_for_batchless(tier),
+            self.config.window_for_tier(tier),
+        )
 
     def _runs(self, index: _Model, moved_on: list[str]) -> Iterator[Iterator[scoring.Unit]]:
         """The claimable units in runs for :func:`scoring.select_live`, each in (deadline, id)
@@ -1201,11 +1222,32 @@ class Gate:
             self._loose_units(index, rows.others(active), moved_on),
         )
         for owner in active:
-            mine, own_rows = batches.by_owner.get(owner), rows.by_owner.get(owner)
-            if mine or own_rows:
+            if owner in batches.kinds or owner in rows.kinds:
                 yield _merged(
-                    _units(index, mine or []), self._loose_units(index, own_rows or [], moved_on)
+                    _units(index, batches.owned(owner)),
+                    self._loose_units(index, rows.owned(owner), moved_on),
                 )
+
+    def _paced(
+        self, index: _Model, now: datetime, moved_on: list[str]
+    ) -> tuple[list[Iterator[scoring.Unit]], list[scoring.Unit]]:
+        """A not-live model's units for :func:`scoring.select_paced`: each kind's run within
+        its ramp, and the first claimable unit past it."""
+        exponent = self.config.claim_ramp_exponent
+        ramping: list[Iterator[scoring.Unit]] = []
+        waiting: list[scoring.Unit] = []
+        sources: list[tuple[_Ranked, Callable[[Iterable[tuple[datetime, str]]], Iterator[scoring.Unit]]]] = [
+            (index.ranked, lambda pairs: _units(index, pairs)),
+            (index.loose_ranked, lambda pairs: self._loose_units(index, pairs, moved_on)),
+        ]  # fmt: skip
+        for ranked, units in sources:
+            for kind, pairs in ranked.by_kind.items():
+                at = _ramping_end(pairs, kind[2], now, exponent)
+                if at:
+                    ramping.append(units(itertools.islice(pairs, at)))
+                if after := next(units(itertools.islice(pairs, at, None)), None):
+                    waiting.append(after)
+        return ramping, waiting
 
     def _claim_loose(self, index: _Model, request_id: str, now: datetime) -> bool:
         entry = self._request(request_id)
@@ -1318,6 +1360,17 @@ class Gate:
         else:
             key = request_id
         return bodies.partition_for(key, self.dispatch_partitions)
+
+
+def _batch_kind(facts: BatchFacts) -> Kind:
+    return facts.owner, facts.window_class, facts.window_s
+
+
+def _ramping_end(pairs: list[tuple[datetime, str]], window_s: float, now: datetime, exponent: float) -> int:  # fmt: skip
+    """How many of one kind's ``pairs`` are within their ramp: they come first."""
+    return bisect.bisect_left(
+        pairs, True, key=lambda pair: not scoring.within_ramp(pair[0], window_s, now, exponent)
+    )
 
 
 def _units(index: _Model, batches: Iterable[tuple[datetime, str]]) -> Iterator[scoring.Unit]:

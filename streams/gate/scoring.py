@@ -5,9 +5,9 @@ Nothing here reads a clock or does I/O: ``now`` is always a parameter. The gate
 batch with the number of its rows claimable now, or one batchless row — and asks
 :func:`select` how many rows of each to claim this cycle. Rows of one batch share everything
 the ranking looks at (owner, deadline, window, liveness), which is why ranking happens per
-batch and never per row: a cycle costs O(units), whatever the backlog. For a live model the
-gate asks :func:`select_live` instead, which reads the units in deadline order only as far as
-the claims go: one run for each owner with rows in flight and one for all the others.
+batch and never per row: a cycle costs O(units), whatever the backlog. The gate asks
+:func:`select_live` (a live model) or :func:`select_paced` (a not-live one) instead, which
+take the same but read the units in deadline order only as far as the claims go.
 
 Vocabulary (§3.2):
 
@@ -177,24 +177,16 @@ def select(
     max_active = max(user_active_counts.values(), default=0)
     exponent = config.claim_ramp_exponent
     full: list[tuple[tuple[float, datetime, str], Unit]] = []
-    leaky: dict[tuple[str, str], tuple[tuple[float, datetime, str], Unit]] = {}
+    before: list[Unit] = []
     for unit in units:
         if unit.available <= 0:
             continue
-        key = (
-            score(user_active_counts.get(unit.owner, 0), max_active, unit.deadline, now, urgency),
-            unit.deadline,
-            unit.id,
-        )
         if model_live or within_ramp(unit.deadline, unit.window_s, now, exponent):
+            active = user_active_counts.get(unit.owner, 0)
+            key = (score(active, max_active, unit.deadline, now, urgency), unit.deadline, unit.id)
             full.append((key, unit))
-            continue
-        pair = (unit.owner, unit.window_class)
-        if pair in cooldown:
-            continue
-        held = leaky.get(pair)
-        if held is None or key < held[0]:
-            leaky[pair] = (key, unit)
+        else:
+            before.append(unit)
 
     takes: list[Take] = []
     room = capacity
@@ -204,9 +196,37 @@ def select(
         count = min(unit.available, room)
         takes.append(Take(unit, count, leaked=False))
         room -= count
-    for _, unit in sorted(leaky.values(), key=_first)[:room]:
-        takes.append(Take(unit, 1, leaked=True))
-    return takes
+    return takes + _leaks(room, before, user_active_counts, cooldown, now, config)
+
+
+def _leaks(
+    room: int,
+    units: Iterable[Unit],
+    user_active_counts: Mapping[str, int],
+    cooldown: AbstractSet[tuple[str, str]],
+    now: datetime,
+    config: GateConfig,
+) -> list[Take]:
+    """Source B of units before their ramp: the best unit of each (owner, window-class) not
+    in ``cooldown``, one row each, the best ``room`` of them."""
+    if room <= 0:
+        return []
+    max_active = max(user_active_counts.values(), default=0)
+    leaky: dict[tuple[str, str], tuple[tuple[float, datetime, str], Unit]] = {}
+    for unit in units:
+        pair = (unit.owner, unit.window_class)
+        if unit.available <= 0 or pair in cooldown:
+            continue
+        active = user_active_counts.get(unit.owner, 0)
+        key = (
+            score(active, max_active, unit.deadline, now, config.urgency_weight),
+            unit.deadline,
+            unit.id,
+        )
+        held = leaky.get(pair)
+        if held is None or key < held[0]:
+            leaky[pair] = (key, unit)
+    return [Take(unit, 1, leaked=True) for _, unit in sorted(leaky.values(), key=_first)[:room]]
 
 
 def _first(pair: tuple[tuple[float, datetime, str], Unit]) -> tuple[float, datetime, str]:
@@ -258,6 +278,28 @@ def select_live(
         if room > 0:
             push(n, units)
     return takes
+
+
+def select_paced(
+    capacity: int,
+    ramping: Iterable[Iterator[Unit]],
+    waiting: Iterable[Unit],
+    user_active_counts: Mapping[str, int],
+    cooldown: AbstractSet[tuple[str, str]],
+    now: datetime,
+    config: GateConfig,
+) -> list[Take]:
+    """:func:`select` for a not-live model, given its units within ramp in runs (as for
+    :func:`select_live`) and, of those before their ramp, at least the first claimable one of
+    each (owner, window-class, W) in (deadline, id) order. The same takes, reading the runs
+    only as far as the claims go and one unit of each kind before its ramp.
+
+    Source A is :func:`select_live` of the runs. Source B takes the best unit of each (owner,
+    window-class) before its ramp: within one owner the score never falls as the deadline
+    grows, so that is the earliest of its kinds' first units."""
+    takes = select_live(capacity, ramping, user_active_counts, now, config)
+    room = capacity - sum(take.count for take in takes)
+    return takes + _leaks(room, waiting, user_active_counts, cooldown, now, config)
 
 
 # -- the leaky bucket (§3.4) -----------------------------------------------------------------

@@ -458,30 +458,43 @@ def test_state_holds_live_work_only() -> None:
 
 
 _OPS = st.lists(
-    st.tuples(st.booleans(), st.sampled_from("abcd"), st.integers(0, 5), st.integers(0, 9)),
+    st.tuples(
+        st.booleans(),
+        st.tuples(
+            st.sampled_from("abcd"),
+            st.sampled_from(["24h", "flex"]),
+            st.sampled_from([60.0, 3600.0]),
+        ),  # fmt: skip
+        st.integers(0, 5),
+        st.integers(0, 9),
+    ),
     max_size=80,
 )
 
 
 @given(ops=_OPS, busy=st.sets(st.sampled_from("abcd")))
-def test_the_idle_owners_run_is_their_pairs_in_order_whatever_the_busy_ones_hold(
-    ops: list[tuple[bool, str, int, int]], busy: set[str]
+def test_the_ranked_pairs_read_in_order_by_owner_by_kind_and_for_idle_owners(
+    ops: list[tuple[bool, tuple[str, str, float], int, int]], busy: set[str]
 ) -> None:
-    # Batches (or flex rows) added and dropped in any order, deadlines tied or not: the run of
-    # the owners with nothing in flight is exactly their pairs in (deadline, id) order.
-    ranked, held = _Ranked(), set[tuple[str, tuple[datetime, str]]]()
-    for add, owner, minutes, n in ops:
+    # Batches (or flex rows) of several kinds added and dropped in any order, deadlines tied or
+    # not: the run of the owners with nothing in flight is exactly their pairs in (deadline,
+    # id) order, whatever the busy ones hold; so is each owner's and each kind's.
+    ranked, held = _Ranked(), set[tuple[tuple[str, str, float], tuple[datetime, str]]]()
+    for add, kind, minutes, n in ops:
         pair = (T0 + timedelta(minutes=minutes), f"id{n}")
         if add and all(p != pair for _, p in held):
-            ranked.add(owner, *pair)
-            held.add((owner, pair))
-        elif not add and (owner, pair) in held:
-            ranked.drop(owner, *pair)
-            held.discard((owner, pair))
+            ranked.add(kind, *pair)
+            held.add((kind, pair))
+        elif not add and (kind, pair) in held:
+            ranked.drop(kind, *pair)
+            held.discard((kind, pair))
         counts = {b: 1 for b in busy}
-        assert list(ranked.others(counts)) == sorted(p for o, p in held if o not in busy)
-        assert sorted(ranked.pairs()) == sorted(p for _, p in held)
-        assert ranked.heads == sorted((*min(p for o, p in held if o == owner), owner) for owner in {o for o, _ in held})  # fmt: skip
+        assert list(ranked.others(counts)) == sorted(p for k, p in held if k[0] not in busy)
+        for owner in "abcde":
+            assert list(ranked.owned(owner)) == sorted(p for k, p in held if k[0] == owner)
+        kinds = {k for k, _ in held}
+        assert ranked.by_kind == {k: sorted(p for j, p in held if j == k) for k in kinds}
+        assert ranked.heads == sorted((*min(p for j, p in held if j == k), k) for k in kinds)
 
 
 def test_batches_that_ended_leave_nothing_in_the_gates_indexes() -> None:
@@ -491,7 +504,7 @@ def test_batches_that_ended_leave_nothing_in_the_gates_indexes() -> None:
         run.report(item)
     index = run.gate.models["m"]
     assert run.live_keys() == [] and index.batches == {}
-    assert index.ranked.heads == [] and index.ranked.by_owner == {}
+    assert index.ranked.heads == [] and index.ranked.by_kind == {} and index.ranked.kinds == {}
     # deadlines of batches gone are let go too, not kept until each deadline passes
     assert len(index.deadlines) <= 64
 

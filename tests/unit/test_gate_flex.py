@@ -116,9 +116,7 @@ def test_a_flex_backlog_is_claimed_fairly_in_deadline_order_and_then_forgotten()
     owners = ["alice" if r in made["alice"] else "bob" for r in claimed]
     assert all(owners[i] != owners[i + 1] for i in range(0, 30, 2))
     index = gate.models["m"]
-    assert (
-        index.loose == {} and index.loose_ranked.heads == [] and index.loose_ranked.by_owner == {}
-    )
+    assert index.loose == {} and index.loose_ranked.heads == [] and index.loose_ranked.by_kind == {}
     assert [k for k in state if not k.startswith("W:")] == []
 
 

@@ -23,6 +23,7 @@ from streams.gate.scoring import (
     score,
     select,
     select_live,
+    select_paced,
     window_class_for_batchless,
     within_ramp,
 )
@@ -468,6 +469,88 @@ def test_the_live_merge_reads_one_unit_per_owner_and_one_per_take() -> None:
     # b is idle, so its earliest batches win; a's first batch was read and left
     assert rows(takes) == ["b00000", "b00000", "b00001", "b00001", "b00002"]
     assert read == ["a0", "b0", "b1", "b2"]
+
+
+# -- a not-live model's paced read (the gate's path) -----------------------------------------
+
+
+def paced(units: Iterable[Unit], now: datetime) -> tuple[list[Iterator[Unit]], list[Unit]]:
+    """As the gate offers them: each (owner, window-class, W) kind's units in (deadline, id)
+    order, split where they leave their ramp; the ramping ones as runs, the first unit past
+    the ramp with rows claimable as waiting."""
+    ramping: list[Iterator[Unit]] = []
+    waiting: list[Unit] = []
+    for mine in runs(units, lambda u: (u.owner, u.window_class, u.window_s)):
+        kind = list(mine)
+        ramped = [u for u in kind if within_ramp(u.deadline, u.window_s, now, EXP)]
+        assert kind[: len(ramped)] == ramped  # a kind's ramping units come first
+        ramping.append(iter(ramped))
+        waiting += [u for u in kind[len(ramped) :] if u.available > 0][:1]
+    return ramping, waiting
+
+
+_shapes = st.sampled_from([(86400.0, "24h"), (3600.0, "1h"), (3600.0, "flex"), (30.0, "flex")])
+_paced_units = st.lists(
+    st.builds(
+        lambda id_, batch_, owner, minutes, shape, available: Unit(
+            id=id_,
+            batch=batch_,
+            owner=owner,
+            deadline=NOW + minutes * MIN,
+            window_s=shape[0],
+            window_class=shape[1],
+            available=available,
+        ),  # fmt: skip
+        st.uuids().map(str),
+        st.booleans(),
+        st.sampled_from(["a", "b", "c"]),
+        # some past, some within the ramps (about 10 min for 1 h, 59 min for 24 h), some beyond
+        st.integers(-30, 600),
+        _shapes,
+        st.integers(0, 4),
+    ),
+    max_size=40,
+    unique_by=lambda u: u.id,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    units=_paced_units,
+    capacity=st.integers(0, 30),
+    counts=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.integers(1, 9)),
+    cool=st.sets(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["24h", "1h", "flex"]))
+    ),  # fmt: skip
+    urgency=st.sampled_from([0.0, 0.3, 1.0]),
+)
+def test_the_paced_read_takes_what_select_takes_of_a_not_live_model(
+    units: list[Unit],
+    capacity: int,
+    counts: dict[str, int],
+    cool: set[tuple[str, str]],
+    urgency: float,
+) -> None:
+    config = GateConfig(urgency_weight=urgency)
+    expected = select(capacity, units, counts, False, cool, NOW, config)
+    ramping, waiting = paced(units, NOW)
+    assert select_paced(capacity, ramping, waiting, counts, cool, NOW, config) == expected
+
+
+def test_the_paced_read_stops_at_the_claims() -> None:
+    read: list[str] = []
+
+    def kind(name: str, n: int) -> Iterator[Unit]:
+        for i in range(n):
+            read.append(f"{name}{i}")
+            yield batch(f"{name}{i:05d}", name, 1, left=i * MIN)
+
+    waiting = [batch("late", "c", left=20 * H)]
+    takes = select_paced(3, [kind("a", 10_000), kind("b", 10_000)], waiting, {"a": 1}, set(), NOW, CONFIG)  # fmt: skip
+    assert rows(takes) == ["b00000", "b00001", "b00002"]
+    assert read == ["a0", "b0", "b1", "b2"]
+    # room left over goes to the trickle, one row of the waiting unit
+    assert rows(select_paced(5, [iter([batch("x", "a", 2, left=MIN)])], waiting, {}, set(), NOW, CONFIG)) == ["x", "x", "late"]  # fmt: skip
 
 
 # -- efficiency ------------------------------------------------------------------------------
