@@ -3,11 +3,24 @@
 Nothing here reads a clock or does I/O: ``now`` is always a parameter. The gate
 (:mod:`streams.gate.core`) offers the claimable work of one model as :class:`Unit` values — a
 batch with the number of its rows claimable now, or one batchless row — and asks
-:func:`select` how many rows of each to claim this cycle. Rows of one batch share everything
-the ranking looks at (owner, deadline, window, liveness), which is why ranking happens per
-batch and never per row: a cycle costs O(units), whatever the backlog. The gate asks
-:func:`select_live` (a live model) or :func:`select_paced` (a not-live one) instead, which
-take the same but read the units in deadline order only as far as the claims go.
+:func:`select_live` (a live model) or :func:`select_paced` (a not-live one) how many rows of
+each to claim this cycle. Rows of one batch share everything the ranking looks at (owner,
+deadline, window, liveness), which is why ranking happens per batch and never per row; and
+both read the units in deadline order only as far as the claims go, so a cycle does not grow
+with the backlog.
+
+What to claim (§3.3 rules 1–3):
+
+* **Source A** (``leaked=False``): units of a live model, or within ramp(W) of their deadline,
+  in (score, deadline, id) order; each batch is drained before the next (the earliest-deadline
+  batch takes all capacity when scores are equal: no round-robin).
+* **Source B** (``leaked=True``): units of a not-live model before their ramp whose bucket
+  ``(owner, window-class)`` of this model is not cooling; one row per (owner, window-class):
+  the best unit's oldest row.
+* All of Source A, then Source B, each in (score, deadline, id) order; at most the capacity.
+
+Rule 4 (the cross-model ``claim_batch_size`` limit) is the gate's. The tests state these rules
+directly over every unit (``tests/unit/ranking_oracle.py``) and check both reads against them.
 
 Vocabulary (§3.2):
 
@@ -126,7 +139,7 @@ def score(
 
 
 class Unit(msgspec.Struct, frozen=True, gc=False):
-    """Claimable work offered to :func:`select` (the gate has already applied §3.1): a batch
+    """Claimable work offered to the selection (the gate has already applied §3.1): a batch
     with ``available`` rows claimable now, drained in line order by the gate, or one batchless
     row (``batch=False``, ``available`` 1)."""
 
@@ -148,87 +161,6 @@ class Take(msgspec.Struct, frozen=True, gc=False):
     leaked: bool
 
 
-def select(
-    capacity: int,
-    units: Iterable[Unit],
-    user_active_counts: Mapping[str, int],
-    model_live: bool,
-    cooldown: AbstractSet[tuple[str, str]],
-    now: datetime,
-    config: GateConfig,
-) -> list[Take]:
-    """How many rows of each unit of one model to claim this cycle (§3.3 rules 1–3).
-
-    * **Source A** (``leaked=False``): units of a live model, or within ramp(W) of their
-      deadline, in (score, deadline, id) order; each batch is drained before the next (the
-      earliest-deadline batch takes all capacity when scores are equal: no round-robin).
-    * **Source B** (``leaked=True``): units of a not-live model before their ramp whose bucket
-      ``(owner, window-class)`` of this model is not in ``cooldown``; one row per (owner,
-      window-class): the best unit's oldest row.
-    * All of Source A, then Source B, each in (score, deadline, id) order; at most
-      ``capacity`` rows.
-
-    Rule 4 (the cross-model ``claim_batch_size`` limit, models in random order) is the
-    caller's. O(u log u) for u units.
-    """
-    if capacity <= 0:
-        return []
-    urgency = config.urgency_weight
-    max_active = max(user_active_counts.values(), default=0)
-    exponent = config.claim_ramp_exponent
-    full: list[tuple[tuple[float, datetime, str], Unit]] = []
-    before: list[Unit] = []
-    for unit in units:
-        if unit.available <= 0:
-            continue
-        if model_live or within_ramp(unit.deadline, unit.window_s, now, exponent):
-            active = user_active_counts.get(unit.owner, 0)
-            key = (score(active, max_active, unit.deadline, now, urgency), unit.deadline, unit.id)
-            full.append((key, unit))
-        else:
-            before.append(unit)
-
-    takes: list[Take] = []
-    room = capacity
-    for _, unit in sorted(full, key=_first):
-        if room <= 0:
-            return takes
-        count = min(unit.available, room)
-        takes.append(Take(unit, count, leaked=False))
-        room -= count
-    return takes + _leaks(room, before, user_active_counts, cooldown, now, config)
-
-
-def _leaks(
-    room: int,
-    units: Iterable[Unit],
-    user_active_counts: Mapping[str, int],
-    cooldown: AbstractSet[tuple[str, str]],
-    now: datetime,
-    config: GateConfig,
-) -> list[Take]:
-    """Source B of units before their ramp: the best unit of each (owner, window-class) not
-    in ``cooldown``, one row each, the best ``room`` of them."""
-    if room <= 0:
-        return []
-    max_active = max(user_active_counts.values(), default=0)
-    leaky: dict[tuple[str, str], tuple[tuple[float, datetime, str], Unit]] = {}
-    for unit in units:
-        pair = (unit.owner, unit.window_class)
-        if unit.available <= 0 or pair in cooldown:
-            continue
-        active = user_active_counts.get(unit.owner, 0)
-        key = (
-            score(active, max_active, unit.deadline, now, config.urgency_weight),
-            unit.deadline,
-            unit.id,
-        )
-        held = leaky.get(pair)
-        if held is None or key < held[0]:
-            leaky[pair] = (key, unit)
-    return [Take(unit, 1, leaked=True) for _, unit in sorted(leaky.values(), key=_first)[:room]]
-
-
 def _first(pair: tuple[tuple[float, datetime, str], Unit]) -> tuple[float, datetime, str]:
     return pair[0]
 
@@ -240,14 +172,14 @@ def select_live(
     now: datetime,
     config: GateConfig,
 ) -> list[Take]:
-    """:func:`select` for a live model, given the units in runs: each run in (deadline, id)
-    order, its units' owners all with the same in-flight count (one owner's units, or those of
-    every owner with none in flight). The same takes, reading one unit per run plus one per
-    take rather than every unit.
+    """Source A of a live model's units, given in runs: each run in (deadline, id) order, its
+    units' owners all with the same in-flight count (one owner's units, or those of every
+    owner with none in flight). It reads one unit per run plus one per take, not every unit.
 
     Within a run the fairness term is the same for every unit and the urgency term never
     falls as the deadline grows, so (score, deadline, id) orders a run as (deadline, id) does;
-    merging the runs by their heads' keys then yields the units in :func:`select`'s order."""
+    merging the runs by their heads' keys then yields the units in (score, deadline, id)
+    order."""
     if capacity <= 0:
         return []
     urgency = config.urgency_weight
@@ -289,17 +221,35 @@ def select_paced(
     now: datetime,
     config: GateConfig,
 ) -> list[Take]:
-    """:func:`select` for a not-live model, given its units within ramp in runs (as for
+    """A not-live model's takes, given its units within ramp in runs (as for
     :func:`select_live`) and, of those before their ramp, at least the first claimable one of
-    each (owner, window-class, W) in (deadline, id) order. The same takes, reading the runs
-    only as far as the claims go and one unit of each kind before its ramp.
+    each (owner, window-class, W) in (deadline, id) order: it reads the runs only as far as
+    the claims go and one unit of each kind before its ramp.
 
     Source A is :func:`select_live` of the runs. Source B takes the best unit of each (owner,
     window-class) before its ramp: within one owner the score never falls as the deadline
     grows, so that is the earliest of its kinds' first units."""
     takes = select_live(capacity, ramping, user_active_counts, now, config)
     room = capacity - sum(take.count for take in takes)
-    return takes + _leaks(room, waiting, user_active_counts, cooldown, now, config)
+    if room <= 0:
+        return takes
+    max_active = max(user_active_counts.values(), default=0)
+    leaky: dict[tuple[str, str], tuple[tuple[float, datetime, str], Unit]] = {}
+    for unit in waiting:
+        pair = (unit.owner, unit.window_class)
+        if unit.available <= 0 or pair in cooldown:
+            continue
+        active = user_active_counts.get(unit.owner, 0)
+        key = (
+            score(active, max_active, unit.deadline, now, config.urgency_weight),
+            unit.deadline,
+            unit.id,
+        )
+        held = leaky.get(pair)
+        if held is None or key < held[0]:
+            leaky[pair] = (key, unit)
+    best = sorted(leaky.values(), key=_first)[:room]
+    return takes + [Take(unit, 1, leaked=True) for _, unit in best]
 
 
 # -- the leaky bucket (§3.4) -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A not-live model's claim cycle, driven through ``Gate.handle``: it reads each kind's rows
 within their ramp and the first past it (``scoring.select_paced``), never every row, and takes
-exactly what ranking every claimable unit with ``scoring.select`` takes."""
+exactly what the ranking rules stated over every claimable unit take (``ranking_oracle``)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from streams.emit import Out
 from streams.gate import scoring
 from streams.gate.core import Gate, Liveness, _Model, _units
 from streams.gate.scoring import GateConfig, Take, Unit
+from tests.unit import ranking_oracle as oracle
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MIN = timedelta(minutes=1)
@@ -42,8 +43,8 @@ PATIENT = Liveness(claim_timeout=timedelta(days=9), processing_timeout=timedelta
 
 
 class Checked:
-    """A gate whose every not-live cycle is checked against ``scoring.select`` over all of
-    the model's claimable units, gathered the slow way."""
+    """A gate whose every not-live cycle is checked against the ranking rules stated over
+    all of the model's claimable units, gathered the slow way."""
 
     def __init__(self, limit: int, config: GateConfig) -> None:
         self.gate = Gate({}, {"m": limit}, "gate", config=config, liveness=PATIENT)
@@ -68,7 +69,7 @@ class Checked:
                 index, (p for pairs in index.loose_ranked.by_kind.values() for p in pairs), []
             ),
         ]  # fmt: skip
-        expected = scoring.select(capacity, every, counts, False, set(cooldown), now, config)
+        expected = oracle.select(capacity, every, counts, False, set(cooldown), now, config)
         got = PACED(capacity, ramping, waiting, counts, cooldown, now, config)
         assert got == expected
         self.cycles += bool(every)

@@ -21,12 +21,12 @@ from streams.gate.scoring import (
     next_token_at,
     ramp_seconds,
     score,
-    select,
     select_live,
     select_paced,
     window_class_for_batchless,
     within_ramp,
 )
+from tests.unit.ranking_oracle import select
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 MIN = timedelta(minutes=1)
@@ -79,7 +79,17 @@ def run(
     config: GateConfig = CONFIG,
     now: datetime = NOW,
 ) -> list[Take]:
-    return select(capacity, list(units), counts or {}, live, cool or set(), now, config)
+    """What the gate takes of ``units``: its own read of them, grouped as it keeps them
+    (``select_live`` or ``select_paced``), checked against the rules stated over every unit."""
+    units, counts, cool = list(units), counts or {}, cool or set()
+    expected = select(capacity, units, counts, live, cool, now, config)
+    if live:
+        got = select_live(capacity, runs(units, lambda u: u.owner), counts, now, config)
+    else:
+        ramping, waiting = paced(units, now, config.claim_ramp_exponent)
+        got = select_paced(capacity, ramping, waiting, counts, cool, now, config)
+    assert got == expected
+    return got
 
 
 def rows(takes: list[Take]) -> list[str]:
@@ -474,7 +484,7 @@ def test_the_live_merge_reads_one_unit_per_owner_and_one_per_take() -> None:
 # -- a not-live model's paced read (the gate's path) -----------------------------------------
 
 
-def paced(units: Iterable[Unit], now: datetime) -> tuple[list[Iterator[Unit]], list[Unit]]:
+def paced(units: Iterable[Unit], now: datetime, exponent: float = EXP) -> tuple[list[Iterator[Unit]], list[Unit]]:  # fmt: skip
     """As the gate offers them: each (owner, window-class, W) kind's units in (deadline, id)
     order, split where they leave their ramp; the ramping ones as runs, the first unit past
     the ramp with rows claimable as waiting."""
@@ -482,7 +492,7 @@ def paced(units: Iterable[Unit], now: datetime) -> tuple[list[Iterator[Unit]], l
     waiting: list[Unit] = []
     for mine in runs(units, lambda u: (u.owner, u.window_class, u.window_s)):
         kind = list(mine)
-        ramped = [u for u in kind if within_ramp(u.deadline, u.window_s, now, EXP)]
+        ramped = [u for u in kind if within_ramp(u.deadline, u.window_s, now, exponent)]
         assert kind[: len(ramped)] == ramped  # a kind's ramping units come first
         ramping.append(iter(ramped))
         waiting += [u for u in kind[len(ramped) :] if u.available > 0][:1]
