@@ -1378,11 +1378,12 @@ def _units(index: _Model, batches: Iterable[tuple[datetime, str]]) -> Iterator[s
     for _, batch_id in batches:
         b = index.batches[batch_id]
         facts = b.entry.facts
-        if b.entry.closed is None and (b.entry.unclaimed or b.returned):
+        # counted, not the range list's truth: an empty range leaves a list with nothing in it
+        available = b.unclaimed_lines + len(b.returned)
+        if b.entry.closed is None and available:
             yield scoring.Unit(
                 id=batch_id, batch=True, owner=facts.owner, deadline=facts.deadline,
-                window_s=facts.window_s, window_class=facts.window_class,
-                available=b.unclaimed_lines + len(b.returned),
+                window_s=facts.window_s, window_class=facts.window_class, available=available,
             )  # fmt: skip
 
 

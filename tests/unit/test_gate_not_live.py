@@ -79,7 +79,7 @@ class Checked:
         outs: list[Out] = self.gate.handle(message, now)
         self.in_flight += [i for o in outs if isinstance(o.value, DispatchBatch) for i in o.value.items]  # fmt: skip
 
-    def batch(self, name: str, owner: str, shape: tuple[str, float], left: int, n: int, now: datetime) -> None:  # fmt: skip
+    def batch(self, name: str, owner: str, shape: tuple[str, float], left: int, n: int, now: datetime, ranges: list[LineRange] | None = None) -> None:  # fmt: skip
         label, window_s = shape
         deadline = now + left * MIN
         facts = BatchFacts(
@@ -94,7 +94,7 @@ class Checked:
                 source=SourceMark(0, next(self.marks), 0),
                 batch=facts,
                 model="m",
-                ranges=[LineRange(0, n)],
+                ranges=ranges or [LineRange(0, n)],
                 chunks=[ChunkRef(first_line=0, count=n, partition=0, offset=1)],
             ),  # fmt: skip
             now,
@@ -200,3 +200,18 @@ def test_a_backlog_on_a_not_live_model_is_read_per_kind_not_per_row() -> None:
             run.flex(f"f{n}", "a", "flex", 0, T0)
     assert len(run.in_flight) == 1  # one leak, the bucket then cools for a minute
     assert len(read) <= 2 * 2_000
+
+
+def test_a_batch_with_nothing_claimable_does_not_hide_the_next_of_its_kind() -> None:
+    # The first batch's ranges end in an empty one: once its two lines are claimed it holds
+    # no claimable row, yet its range list is not empty. On a model that then stops being
+    # live, the same owner's later batch of the same window must still trickle.
+    run = Checked(19, GateConfig(prefetch=0))
+    run.batch("first", "bob", ("24h", 86400.0), 94, 2, T0, [LineRange(0, 2), LineRange(4, 4)])
+    assert len(run.in_flight) == 2
+    leaving = ModelFilterAppended(event_id=ids.new_id(), occurred_at=T0, model="m", state="leaving")  # fmt: skip
+    run.send(leaving, T0)
+    run.batch("later", "bob", ("24h", 86400.0), 1041, 3, T0)
+    with mock.patch.object(scoring, "select_paced", run.select_paced):
+        run.send(GateTick(event_id=ids.new_id(), occurred_at=T0, model="m"), T0)
+    assert [i.batch_id for i in run.in_flight[2:]] == [ids.derived("paced-batch", "later")]
