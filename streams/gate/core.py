@@ -229,10 +229,12 @@ class _Ranked:
         if at < len(self.heads) and self.heads[at] == head:
             del self.heads[at]
 
-    def owned(self, owner: str) -> Iterator[tuple[datetime, str]]:
+    def owned(self, owner: str) -> Iterable[tuple[datetime, str]]:
         """The pairs of ``owner``, in order."""
-        lists = [self.by_kind[kind] for kind in self.kinds.get(owner, {})]
-        return iter(lists[0]) if len(lists) == 1 else heapq.merge(*lists)
+        kinds = self.kinds.get(owner, {})
+        if len(kinds) == 1:  # the usual case: one list, no merge
+            return self.by_kind[next(iter(kinds))]
+        return heapq.merge(*(self.by_kind[kind] for kind in kinds))
 
     def others(self, busy: Mapping[str, int]) -> Iterator[tuple[datetime, str]]:
         """The pairs of the owners without a count in ``busy``, in order: their lists merged,
@@ -1222,11 +1224,16 @@ class Gate:
             self._loose_units(index, rows.others(active), moved_on),
         )
         for owner in active:
-            if owner in batches.kinds or owner in rows.kinds:
+            has_batches, has_rows = owner in batches.kinds, owner in rows.kinds
+            if has_batches and has_rows:
                 yield _merged(
                     _units(index, batches.owned(owner)),
                     self._loose_units(index, rows.owned(owner), moved_on),
                 )
+            elif has_batches:
+                yield _units(index, batches.owned(owner))
+            elif has_rows:
+                yield self._loose_units(index, rows.owned(owner), moved_on)
 
     def _paced(
         self, index: _Model, now: datetime, moved_on: list[str]
