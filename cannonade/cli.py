@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,9 @@ def run() -> None:
     # policy: uvloop cut the executor's CPU per request by ~15 % in bench.peer. Set here, per
     # process, not in the group, so that invoking a command in-process leaves the caller's.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # A crash in native code (an executor once died of SIGSEGV while stopping) then leaves
+    # every thread's Python stack in the service's log, not just the supervisor's "-11".
+    faulthandler.enable()
     try:
         main()
     except Exception as exc:
