@@ -1224,16 +1224,13 @@ class Gate:
             self._loose_units(index, rows.others(active), moved_on),
         )
         for owner in active:
-            has_batches, has_rows = owner in batches.kinds, owner in rows.kinds
-            if has_batches and has_rows:
-                yield _merged(
-                    _units(index, batches.owned(owner)),
-                    self._loose_units(index, rows.owned(owner), moved_on),
-                )
-            elif has_batches:
-                yield _units(index, batches.owned(owner))
-            elif has_rows:
-                yield self._loose_units(index, rows.owned(owner), moved_on)
+            mine = []
+            if owner in batches.kinds:
+                mine.append(_units(index, batches.owned(owner)))
+            if owner in rows.kinds:
+                mine.append(self._loose_units(index, rows.owned(owner), moved_on))
+            if mine:
+                yield _merged(*mine)
 
     def _paced(
         self, index: _Model, now: datetime, moved_on: list[str]
@@ -1243,10 +1240,10 @@ class Gate:
         exponent = self.config.claim_ramp_exponent
         ramping: list[Iterator[scoring.Unit]] = []
         waiting: list[scoring.Unit] = []
-        sources: list[tuple[_Ranked, Callable[[Iterable[tuple[datetime, str]]], Iterator[scoring.Unit]]]] = [
+        sources: list[tuple[_Ranked, _Reader]] = [
             (index.ranked, lambda pairs: _units(index, pairs)),
             (index.loose_ranked, lambda pairs: self._loose_units(index, pairs, moved_on)),
-        ]  # fmt: skip
+        ]
         for ranked, units in sources:
             for kind, pairs in ranked.by_kind.items():
                 at = _ramping_end(pairs, kind[2], now, exponent)
@@ -1369,6 +1366,10 @@ class Gate:
         return bodies.partition_for(key, self.dispatch_partitions)
 
 
+#: Builds the units of some of a ``_Ranked``'s pairs, in their order.
+_Reader = Callable[[Iterable[tuple[datetime, str]]], Iterator[scoring.Unit]]
+
+
 def _batch_kind(facts: BatchFacts) -> Kind:
     return facts.owner, facts.window_class, facts.window_s
 
@@ -1399,8 +1400,8 @@ def _order(unit: scoring.Unit) -> tuple[datetime, str]:
 
 
 def _merged(*runs: Iterator[scoring.Unit]) -> Iterator[scoring.Unit]:
-    """Runs in (deadline, id) order, merged."""
-    return heapq.merge(*runs, key=_order)
+    """Runs in (deadline, id) order, merged (one run is already its own merge)."""
+    return runs[0] if len(runs) == 1 else heapq.merge(*runs, key=_order)
 
 
 def _records(events: list[RequestEvent]) -> Iterator[list[RequestEvent]]:

@@ -161,7 +161,18 @@ class Take(msgspec.Struct, frozen=True, gc=False):
     leaked: bool
 
 
-def _first(pair: tuple[tuple[float, datetime, str], Unit]) -> tuple[float, datetime, str]:
+#: (score, deadline, id): the order units are taken in, lower first.
+RankKey = tuple[float, datetime, str]
+
+
+def _rank_key(
+    unit: Unit, counts: Mapping[str, int], max_active: int, now: datetime, urgency: float
+) -> RankKey:
+    active = counts.get(unit.owner, 0)
+    return score(active, max_active, unit.deadline, now, urgency), unit.deadline, unit.id
+
+
+def _first(pair: tuple[RankKey, Unit]) -> RankKey:
     return pair[0]
 
 
@@ -172,9 +183,10 @@ def select_live(
     now: datetime,
     config: GateConfig,
 ) -> list[Take]:
-    """Source A of a live model's units, given in runs: each run in (deadline, id) order, its
-    units' owners all with the same in-flight count (one owner's units, or those of every
-    owner with none in flight). It reads one unit per run plus one per take, not every unit.
+    """Source A (a live model's units, or a not-live one's within their ramp), given in runs:
+    each run in (deadline, id) order, its units' owners all with the same in-flight count (one
+    owner's units, or those of every owner with none in flight). It reads one unit per run
+    plus one per take, not every unit.
 
     Within a run the fairness term is the same for every unit and the urgency term never
     falls as the deadline grows, so (score, deadline, id) orders a run as (deadline, id) does;
@@ -184,17 +196,12 @@ def select_live(
         return []
     urgency = config.urgency_weight
     max_active = max(user_active_counts.values(), default=0)
-    heads: list[tuple[tuple[float, datetime, str], int, Unit, Iterator[Unit]]] = []
+    heads: list[tuple[RankKey, int, Unit, Iterator[Unit]]] = []
 
     def push(n: int, units: Iterator[Unit]) -> None:
         for unit in units:
             if unit.available > 0:
-                active = user_active_counts.get(unit.owner, 0)
-                key = (
-                    score(active, max_active, unit.deadline, now, urgency),
-                    unit.deadline,
-                    unit.id,
-                )
+                key = _rank_key(unit, user_active_counts, max_active, now, urgency)
                 heapq.heappush(heads, (key, n, unit, units))
                 return
 
@@ -234,17 +241,12 @@ def select_paced(
     if room <= 0:
         return takes
     max_active = max(user_active_counts.values(), default=0)
-    leaky: dict[tuple[str, str], tuple[tuple[float, datetime, str], Unit]] = {}
+    leaky: dict[tuple[str, str], tuple[RankKey, Unit]] = {}
     for unit in waiting:
         pair = (unit.owner, unit.window_class)
         if unit.available <= 0 or pair in cooldown:
             continue
-        active = user_active_counts.get(unit.owner, 0)
-        key = (
-            score(active, max_active, unit.deadline, now, config.urgency_weight),
-            unit.deadline,
-            unit.id,
-        )
+        key = _rank_key(unit, user_active_counts, max_active, now, config.urgency_weight)
         held = leaky.get(pair)
         if held is None or key < held[0]:
             leaky[pair] = (key, unit)

@@ -42,13 +42,17 @@ marks = iter(range(1, 10_000))
 REFERENCE = GateConfig(prefetch=0)  # claims only into free capacity, as the reference
 
 
-def submitted(request_id: str, owner: str = "alice", model: str = "m", at: datetime = T0) -> RequestSubmitted:  # fmt: skip
+def submitted(
+    request_id: str, owner: str = "alice", model: str = "m", at: datetime = T0, *,
+    tier: str | None = "flex", window: timedelta = HOUR,
+) -> RequestSubmitted:  # fmt: skip
+    """A flex request created ``at``, its deadline a ``window`` later (commands partition 0)."""
     return RequestSubmitted(
         event_id=ids.new_id(), occurred_at=at, source=SourceMark(0, next(marks), 0),
         request_id=request_id, model=model, body=BodyRef(2, 40),
         facts=BatchlessFacts(
-            owner=owner, path="/v1/chat/completions", service_tier="flex", created_at=at,
-            deadline=at + HOUR,
+            owner=owner, path="/v1/chat/completions", service_tier=tier, created_at=at,
+            deadline=at + window,
         ),
     )  # fmt: skip
 

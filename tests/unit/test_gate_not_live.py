@@ -14,12 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import ids
-from schemas.bodies import BodyRef
 from schemas.events import (
     BatchFacts,
-    BatchlessFacts,
     ChunkRef,
-    DispatchBatch,
     DispatchItem,
     ExecutionReport,
     FinishedItem,
@@ -28,14 +25,13 @@ from schemas.events import (
     ModelFilterAppended,
     ModelState,
     PendingRequests,
-    RequestSubmitted,
     SourceMark,
 )
-from streams.emit import Out
 from streams.gate import scoring
 from streams.gate.core import Gate, Liveness, _Model, _units
 from streams.gate.scoring import GateConfig, Take, Unit
 from tests.unit import ranking_oracle as oracle
+from tests.unit.test_gate_flex import dispatched, submitted
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MIN = timedelta(minutes=1)
@@ -48,9 +44,8 @@ class Checked:
 
     def __init__(self, limit: int, config: GateConfig) -> None:
         self.gate = Gate({}, {"m": limit}, "gate", config=config, liveness=PATIENT)
-        self.marks = iter(range(1, 1_000_000))
+        self.marks = iter(range(1, 1_000_000))  # of commands partition 1: flex rows are on 0
         self.in_flight: list[DispatchItem] = []
-        self.cycles = 0  # not-live cycles that read something
 
     def select_paced(
         self,
@@ -72,12 +67,10 @@ class Checked:
         expected = oracle.select(capacity, every, counts, False, set(cooldown), now, config)
         got = PACED(capacity, ramping, waiting, counts, cooldown, now, config)
         assert got == expected
-        self.cycles += bool(every)
         return got
 
     def send(self, message: Any, now: datetime) -> None:
-        outs: list[Out] = self.gate.handle(message, now)
-        self.in_flight += [i for o in outs if isinstance(o.value, DispatchBatch) for i in o.value.items]  # fmt: skip
+        self.in_flight += dispatched(self.gate.handle(message, now))
 
     def batch(self, name: str, owner: str, shape: tuple[str, float], left: int, n: int, now: datetime, ranges: list[LineRange] | None = None) -> None:  # fmt: skip
         label, window_s = shape
@@ -91,7 +84,7 @@ class Checked:
             PendingRequests(
                 event_id=ids.new_id(),
                 occurred_at=now,
-                source=SourceMark(0, next(self.marks), 0),
+                source=SourceMark(1, next(self.marks), 0),
                 batch=facts,
                 model="m",
                 ranges=ranges or [LineRange(0, n)],
@@ -101,26 +94,9 @@ class Checked:
         )
 
     def flex(self, name: str, owner: str, tier: str | None, age: int, now: datetime) -> None:
-        created = now - age * MIN
         window = timedelta(seconds=self.gate.config.window_for_tier(tier))
-        self.send(
-            RequestSubmitted(
-                event_id=ids.new_id(),
-                occurred_at=now,
-                source=SourceMark(1, next(self.marks), 0),
-                request_id=ids.derived("paced-row", name),
-                model="m",
-                body=BodyRef(2, 40),
-                facts=BatchlessFacts(
-                    owner=owner,
-                    path="/v1/chat/completions",
-                    service_tier=tier,
-                    created_at=created,
-                    deadline=created + window,
-                ),
-            ),  # fmt: skip
-            now,
-        )
+        row = ids.derived("paced-row", name)
+        self.send(submitted(row, owner, at=now - age * MIN, tier=tier, window=window), now)
 
     def finish(self, count: int, now: datetime) -> None:
         done, self.in_flight = self.in_flight[:count], self.in_flight[count:]
