@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -566,7 +565,9 @@ def test_the_paced_read_stops_at_the_claims() -> None:
 # -- efficiency ------------------------------------------------------------------------------
 
 
-def test_a_large_backlog_ranks_per_unit_quickly() -> None:
+def test_a_large_backlog_is_taken_in_whole_batches_with_one_leak_per_owner_and_class() -> None:
+    # What this costs is bench.gate_memory's figure; here, that a backlog of 2 M batch rows
+    # is ranked per unit: a batch's rows are taken at once, never one by one.
     rng = random.Random(11)
     # 200 batches of 10 000 rows each and 20 000 batchless rows of busy owners (u1..u16)
     units = [
@@ -576,11 +577,9 @@ def test_a_large_backlog_ranks_per_unit_quickly() -> None:
     units += [flex(f"f{i:06d}", f"u{1 + i % 16}", age=timedelta(seconds=i % 3000)) for i in range(20_000)]  # fmt: skip
     rng.shuffle(units)
     counts = {f"u{i}": i for i in range(17)}  # u0 is idle, so its best batch wins
-    started = time.perf_counter()
     assert [(t.unit.id, t.count) for t in run(units, 10, counts)] == [("B000", 10)]
     # not live: B000..B002 are within ramp(300 h) ≈ 4 h, everything else trickles
     takes = run(units, 40_000, counts, live=False)
-    assert time.perf_counter() - started < 5.0
     assert [(t.unit.id, t.count, t.leaked) for t in takes[:3]] == [
         ("B000", 10_000, False),
         ("B001", 10_000, False),
