@@ -446,10 +446,15 @@ def replication_for(brokers: int) -> int:
     return max(1, min(3, brokers))
 
 
-def _topic_config(topic: Topic) -> dict[str, str]:
+def _topic_config(topic: Topic, copies: int = 1) -> dict[str, str]:
     config = {"max.message.bytes": str(topic.max_message_bytes), **topic.config}
     if topic.compacted:
         config["cleanup.policy"] = "compact"
+    if copies >= 3:
+        # Every producer sends with acks=all, which waits only for the replicas in sync: with
+        # the broker's default of one, an acknowledged record can live on the leader alone
+        # and die with it. Two of three keeps it through the loss of any one broker.
+        config["min.insync.replicas"] = str(copies - 1)
     return config
 
 
@@ -467,7 +472,7 @@ async def create_topics(
         existing = set(await admin.list_topics())
         copies = replication_for(len((await admin.describe_cluster()).get("brokers", [])))
         new = [
-            NewTopic(t.name, t.partitions, copies, topic_configs=_topic_config(t))
+            NewTopic(t.name, t.partitions, copies, topic_configs=_topic_config(t, copies))
             for t in topics
             if t.name not in existing
         ]

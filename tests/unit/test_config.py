@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from cannonade.config import Config, load
-from compose.kafka import first_address, replication_for
+from compose.kafka import _topic_config, first_address, replication_for
+from schemas import topics
 
 
 @pytest.mark.parametrize(
@@ -44,3 +45,12 @@ def test_external_brokers_are_probed_at_the_first_of_a_list_and_topics_get_three
     assert first_address("k1.internal:9092, k2.internal:9092") == ("k1.internal", "9092")
     assert first_address("127.0.0.1:29092") == ("127.0.0.1", "29092")
     assert [replication_for(n) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 3, 3]
+
+
+def test_with_three_copies_an_acknowledged_record_is_on_two_brokers_at_least() -> None:
+    for topic in topics.ALL:
+        assert _topic_config(topic, 3)["min.insync.replicas"] == "2", topic.name
+        # fewer copies keep the broker's default: a second required copy would stop every
+        # write while one of two brokers is down
+        assert "min.insync.replicas" not in _topic_config(topic, 2)
+        assert "min.insync.replicas" not in _topic_config(topic, 1)
