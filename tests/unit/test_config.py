@@ -54,3 +54,20 @@ def test_with_three_copies_an_acknowledged_record_is_on_two_brokers_at_least() -
         # write while one of two brokers is down
         assert "min.insync.replicas" not in _topic_config(topic, 2)
         assert "min.insync.replicas" not in _topic_config(topic, 1)
+
+
+def test_the_image_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> None:
+    root = Path(__file__).parents[2]
+    copied = {
+        line.split()[1]
+        for line in (root / "compose" / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    }
+    rules = [
+        line
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    # everything is left out, then each copied path is let back in
+    assert rules[0] == "*"
+    assert {rule[1:] for rule in rules if rule.startswith("!")} == copied
