@@ -28,6 +28,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -46,6 +47,15 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     concurrency: int = 8
     # Users allowed to use the model; empty means every user.
     users: list[str] = []
+
+    def __post_init__(self) -> None:
+        url = urlsplit(self.upstream)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"upstream {self.upstream!r} is not an http(s) URL with a host")
+        if url.username is not None or url.password is not None:
+            # Error lines and logs name the upstream's address: a credential in it would go
+            # to every user whose call failed.
+            raise ValueError("upstream must not carry a credential: set the model's api_key")
 
 
 class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

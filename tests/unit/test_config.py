@@ -23,6 +23,9 @@ from schemas import topics
         ({"gate": {"perfetch": 3}}, "perfetch"),  # a misspelt gate knob was ignored
         ({"api": {"allowed_completion_windows": ["24h", "1w"]}}, "allowed_completion_windows"),
         ({"executor": {"max_in_flight": 0}}, "max_in_flight"),
+        # a credential in the URL would be named in failed calls' error lines
+        ({"models": {"m": {"upstream": "https://u:secret@llm.internal/v1"}}}, "api_key"),
+        ({"models": {"m": {"upstream": "llm.internal:8000"}}}, "http"),
     ],
 )
 def test_a_configuration_the_engine_would_trip_on_later_is_refused_at_load(
