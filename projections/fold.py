@@ -50,6 +50,7 @@ COLUMNS: tuple[str, ...] = (
     "completed_at",
     "failed_at",
     "canceled_at",
+    "error_envelope",
 )
 _BIT = {column: 1 << i for i, column in enumerate(COLUMNS)}
 COLUMN_TYPES = {
@@ -57,7 +58,7 @@ COLUMN_TYPES = {
     "started_at": "timestamptz", "retry_attempt": "int", "not_before": "timestamptz",
     "response_status": "int", "response_size": "int", "error_type": "text",
     "routed_model": "text", "completed_at": "timestamptz", "failed_at": "timestamptz",
-    "canceled_at": "timestamptz",
+    "canceled_at": "timestamptz", "error_envelope": "bytea",
 }  # fmt: skip
 
 
@@ -111,7 +112,6 @@ class Fold:
     def __init__(self) -> None:
         self.new_rows: dict[str, NewRow] = {}
         self.writes: dict[str, RowWrite] = {}
-        self.errors: dict[str, str] = {}  # request id -> engine-made error envelope
         # Outcomes of rows never claimed, applied with responses §5 (insert if absent).
         self.realtime: dict[str, tuple[RealtimeCompletionReported, int]] = {}
         self.erased: set[str] = set()
@@ -167,8 +167,6 @@ class Fold:
             write = self.writes[event.request_id] = _write(event, offset)
         _advance(write, event, state, offset)
         self.steps.setdefault(event.request_id, []).append((event, offset))
-        if isinstance(event, RequestFailed) and event.error is not None:
-            self.errors[event.request_id] = event.error
 
 
 def rebuilt(steps: list[tuple[RequestTransition, int]], state: State, last_offset: int) -> RowWrite | None:  # fmt: skip
@@ -239,6 +237,9 @@ def _fields(event: RequestEvent) -> dict[str, Any]:
                 "error_type": event.error_type, "response_status": event.status,
                 "response_size": event.size, "failed_at": at, "retry_attempt": event.attempt,
                 "canceled_at": None,
+                # An upstream failure's envelope is on the bodies topic; clearing an earlier
+                # run's engine envelope lets the reads find it.
+                "error_envelope": None if event.error is None else event.error.encode(),
             }  # fmt: skip
         case RequestCanceled():
             return {"canceled_at": at}

@@ -132,11 +132,19 @@ async def input_page(
         return rows, await _chunks_of(conn, rows)
 
 
+_BODY = "(SELECT b.body FROM bodies b WHERE b.ref = r.id AND b.kind = '{kind}')"
+#: A failed row's error envelope (over requests ``r``): the engine's own, kept on the row, else
+#: the upstream's from the bodies topic (``body``; also where envelopes projected before
+#: migration 018 stay).
+ERROR_ENVELOPE = "COALESCE(r.error_envelope, {body})"
+
+
 def _result_query(state: str) -> str:
     at = "completed_at" if state == "completed" else "failed_at"
     kind = "res" if state == "completed" else "err"
+    body = "b.body" if state == "completed" else f"{ERROR_ENVELOPE.format(body='b.body')} AS body"
     return (
-        f"SELECT r.id::text AS id, t.custom_id, r.response_status, r.{at} AS at, b.body"
+        f"SELECT r.id::text AS id, t.custom_id, r.response_status, r.{at} AS at, {body}"
         " FROM requests r"
         " LEFT JOIN request_templates t ON t.file_id = r.file_id AND t.line_number = r.line_number"
         f" LEFT JOIN bodies b ON b.ref = r.id AND b.kind = '{kind}'"
@@ -178,6 +186,7 @@ async def results_missing_bodies(pool: asyncpg.Pool, batch_id: str, state: str) 
     return int(
         await pool.fetchval(
             "SELECT count(*) FROM requests r WHERE r.batch_id = $1 AND r.state = $2"
+            " AND r.error_envelope IS NULL"
             f" AND NOT EXISTS (SELECT 1 FROM bodies b WHERE b.ref = r.id AND b.kind = '{kind}')",
             batch_id,
             state,
@@ -328,8 +337,6 @@ async def projector_position(pool: asyncpg.Pool) -> int:
 
 # -- requests without a batch (responses-and-api §4, §6) ----------------------------------
 
-_BODY = "(SELECT b.body FROM bodies b WHERE b.ref = r.id AND b.kind = '{kind}')"
-
 
 async def batchless_request(
     pool: asyncpg.Pool, request_id: str, owner: str
@@ -341,7 +348,7 @@ async def batchless_request(
         " r.failed_at, r.response_status, r.background, r.started_at, r.service_tier,"
         " r.last_offset,"
         f" {_BODY.format(kind='tpl')} AS body, {_BODY.format(kind='res')} AS response_body,"
-        f" {_BODY.format(kind='err')} AS error"
+        f" {ERROR_ENVELOPE.format(body=_BODY.format(kind='err'))} AS error"
         " FROM requests r WHERE r.id = $1 AND r.owner = $2 AND r.batch_id IS NULL",
         request_id,
         owner,
@@ -358,7 +365,8 @@ async def request_settled(pool: asyncpg.Pool, request_id: str) -> bool:
     return bool(
         await pool.fetchval(
             "SELECT r.state IN ('completed', 'failed', 'canceled') AND (r.state = 'canceled'"
-            " OR r.response_size = 0 OR EXISTS (SELECT 1 FROM bodies b WHERE b.ref = r.id"
+            " OR r.response_size = 0 OR r.error_envelope IS NOT NULL"
+            " OR EXISTS (SELECT 1 FROM bodies b WHERE b.ref = r.id"
             " AND b.kind = CASE r.state WHEN 'completed' THEN 'res' ELSE 'err' END))"
             " FROM requests r WHERE r.id = $1",
             request_id,
@@ -451,8 +459,8 @@ async def results_page(
             "SELECT r.id::text AS id, r.line_number, r.model, r.state, t.custom_id, t.body_key,"
             " CASE WHEN r.state = 'completed' THEN (SELECT b.body FROM bodies b"
             "   WHERE b.ref = r.id AND b.kind = 'res') END AS response_body,"
-            " CASE WHEN r.state = 'failed' THEN (SELECT b.body FROM bodies b"
-            "   WHERE b.ref = r.id AND b.kind = 'err') END AS error"
+            " CASE WHEN r.state = 'failed' THEN"
+            f" {ERROR_ENVELOPE.format(body=_BODY.format(kind='err'))} END AS error"
             " FROM requests r JOIN request_templates t"
             "   ON t.file_id = r.file_id AND t.line_number = r.line_number"
             " WHERE r.batch_id = $1 AND ($2::text[] IS NULL OR r.state = ANY($2::text[]))"

@@ -668,12 +668,6 @@ async def _requests(conn: asyncpg.Connection, records: list[ConsumerRecord], app
                 strict=True,
             ),
         )  # fmt: skip
-    if fold.errors:
-        await conn.executemany(
-            "INSERT INTO bodies (ref, kind, body) VALUES ($1, 'err', $2)"
-            " ON CONFLICT (ref, kind) DO UPDATE SET body = EXCLUDED.body",
-            [(ref, text.encode()) for ref, text in fold.errors.items()],
-        )
     if fold.erased:
         erased = list(fold.erased)
         touched |= {str(r["id"]) for r in await conn.fetch(_ERASE_ROWS, erased)}

@@ -25,6 +25,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from projections import queries
 from projections.api.app import SUBMITTED, Context, json_response
 from projections.api.auth import Principal
 from schemas import bodies, ids, topics
@@ -40,8 +41,11 @@ TIER = "priority"
 _FIRST_POLL_S, _MAX_POLL_S = 0.02, 0.25
 _TERMINAL = ("completed", "failed", "canceled")
 
-_HEAD = """
-SELECT r.state, b.body FROM requests r
+_HEAD = f"""
+SELECT r.state,
+       CASE WHEN r.state = 'failed' THEN {queries.ERROR_ENVELOPE.format(body="b.body")}
+            ELSE b.body END AS body
+FROM requests r
 LEFT JOIN bodies b ON b.ref = r.id
      AND b.kind = CASE WHEN r.state = 'completed' THEN 'res' ELSE 'err' END
 WHERE r.id = $1
