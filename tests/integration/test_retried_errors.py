@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -59,7 +60,12 @@ class Flex:
     def run(self, *, engine_error: str | None, after_retry: bool) -> ConsumerRecord:
         """Claimed, started and failed: upstream (its envelope on the bodies topic) or by
         the engine (the envelope in the event)."""
-        common = {"occurred_at": T0, "request_id": self.id, "batch_id": None, "model": "m"}
+        common: dict[str, Any] = {
+            "occurred_at": T0,
+            "request_id": self.id,
+            "batch_id": None,
+            "model": "m",
+        }
         claim = str(uuid.uuid4())
         events: list[RequestEvent] = []
         if after_retry:

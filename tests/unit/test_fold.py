@@ -17,6 +17,7 @@ from schemas.events import (
     RequestEvent,
     RequestFailed,
     RequestReclaimed,
+    RequestRetried,
     RequestRetryScheduled,
     RequestsPending,
     RequestStarted,
@@ -164,5 +165,15 @@ def test_an_illegal_transition_is_refused_even_as_the_first_event() -> None:
 def test_engine_made_failure_envelopes_are_kept_for_the_error_file() -> None:
     fold = Fold()
     fold.apply(failed("pending", error='{"type":"BatchTerminated"}'), 1)
-    assert fold.errors == {R: '{"type":"BatchTerminated"}'}
+    assert fold.writes[R].values["error_envelope"] == b'{"type":"BatchTerminated"}'
     assert fold.writes[R].values["failed_at"] == NOW
+
+
+def test_an_upstream_failure_clears_an_earlier_run_s_engine_envelope() -> None:
+    # its envelope is on the bodies topic, where the reads find it once the row's is gone
+    fold = Fold()
+    fold.apply(failed("pending", error='{"type":"BatchTerminated"}'), 1)
+    fold.apply(RequestRetried(**common("failed")), 2)
+    assert fold.writes[R].values["error_envelope"] is None
+    fold.apply(failed("pending"), 3)
+    assert fold.writes[R].state == "failed" and fold.writes[R].values["error_envelope"] is None
