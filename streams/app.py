@@ -26,7 +26,7 @@ from schemas.bodies import BodyRef
 from schemas.events import DeadLetter
 from schemas.excluded import Decoder
 from schemas.topics import Topic
-from streams import fetch_guard, fetch_wait, offset_guard
+from streams import fetch_guard, fetch_wait, offset_guard, stop_commit
 from streams.emit import Out, TopicRole
 from streams.gapless import Gapless, broker_fetch
 from streams.metrics import Hooks
@@ -68,6 +68,7 @@ class Streams:
         fetch_wait.install()
         fetch_guard.install()
         offset_guard.install()
+        stop_commit.install()
         self.config = config
         self.app = faust.App(
             f"cannonade-{role}",
