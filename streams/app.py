@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +61,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class App(faust.App):
+    """Faust's app, running its ``stopping`` hooks as a stop begins: before Faust waits for
+    every input its agents took to be acknowledged, which work acknowledged late (a running
+    chain step) would otherwise hold."""
+
+    def __init__(self, *args: Any, stopping: list[Callable[[], None]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stopping = stopping
+
+    async def on_stop(self) -> None:
+        for hook in self._stopping:
+            hook()
+        await super().on_stop()
+
+
 class Streams:
     """A Faust app, and how its agents bind catalog topics and publish."""
 
@@ -70,8 +85,11 @@ class Streams:
         offset_guard.install()
         stop_commit.install()
         self.config = config
-        self.app = faust.App(
+        #: Called as the worker begins to stop, before Faust waits for acknowledgements.
+        self.stopping: list[Callable[[], None]] = []
+        self.app = App(
             f"cannonade-{role}",
+            stopping=self.stopping,
             broker=f"kafka://{config.kafka}",
             processing_guarantee="at_least_once",
             key_serializer="raw",

@@ -82,12 +82,15 @@ def register(streams: Streams) -> StepRunner:
         await reader.start()
         await ledger.start()
 
+    # A stop waits for every taken input to be acknowledged before it says it is stopping
+    # (Faust's wait_empty, then on_before_shutdown): without the let-go a slow step would hold
+    # it for its whole call, past any supervisor's patience. Let go, the step has the runner's
+    # grace to finish, then is reported abandoned from here. Let go as the stop begins, Faust
+    # finds nothing to wait for; the poll below covers rebalances and steps taken after that.
+    streams.stopping.append(runner.release)
+
     @app.task
     async def let_go_during_rebalances_and_stops() -> None:
-        # A stop waits for every taken input to be acknowledged before it says it is stopping
-        # (Faust's wait_empty, then on_before_shutdown): without the let-go a slow step would
-        # hold it for its whole call, past any supervisor's patience. Let go, the step has the
-        # runner's grace to finish, then is reported abandoned from here.
         while True:
             await asyncio.sleep(_REBALANCE_POLL_S)
             if (app.rebalancing or app.should_stop) and runner.running:

@@ -1,5 +1,7 @@
-"""A stopping worker's commits give up after a bound (streams/stop_commit.py), through Faust's
-own commit code; a running worker's wait as long as they take."""
+"""A worker's stop: its hooks run before Faust waits for acknowledgements (the step executor
+lets its running steps' work go there), and its commits give up after a bound
+(streams/stop_commit.py), through Faust's own commit code, while a running worker's wait as
+long as they take."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from typing import Any
 import pytest
 from faust.transport.consumer import Consumer as FaustConsumer
 
+from cannonade.config import Config
 from streams import stop_commit
+from streams.app import App
+from streams.chains.runner import StepRunner
+from streams.worker import build
 
 
 class Consumer:
@@ -67,3 +73,21 @@ async def test_a_running_worker_waits_for_its_commit_however_long(bound: float) 
     assert not commit.done()
     consumer.answered.set()
     assert await commit is True
+
+
+def test_the_step_executor_lets_its_running_steps_go_as_the_stop_begins() -> None:
+    # else Faust's stop waits out the slowest call before the runner's grace even starts
+    [release] = build("executor", Config()).stopping
+    assert isinstance(release.__self__, StepRunner) and release.__name__ == "release"  # type: ignore[attr-defined]
+
+
+async def test_the_stop_hooks_run_before_faust_waits_for_the_agents() -> None:
+    order: list[str] = []
+    app = App("cannonade-test", stopping=[lambda: order.append("hook")])
+
+    async def stop_consumer() -> None:  # where Faust waits for every input to be acknowledged
+        order.append("consumer")
+
+    app._stop_consumer = stop_consumer  # type: ignore[method-assign]
+    await app.on_stop()
+    assert order == ["hook", "consumer"]
