@@ -365,7 +365,7 @@ async def request_settled(pool: asyncpg.Pool, request_id: str) -> bool:
     return bool(
         await pool.fetchval(
             "SELECT r.state IN ('completed', 'failed', 'canceled') AND (r.state = 'canceled'"
-            " OR r.response_size = 0 OR r.error_envelope IS NOT NULL"
+            " OR r.response_size = 0 OR (r.state = 'failed' AND r.error_envelope IS NOT NULL)"
             " OR EXISTS (SELECT 1 FROM bodies b WHERE b.ref = r.id"
             " AND b.kind = CASE r.state WHEN 'completed' THEN 'res' ELSE 'err' END))"
             " FROM requests r WHERE r.id = $1",
