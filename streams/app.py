@@ -26,7 +26,7 @@ from schemas.bodies import BodyRef
 from schemas.events import DeadLetter
 from schemas.excluded import Decoder
 from schemas.topics import Topic
-from streams import fetch_guard, fetch_wait, offset_guard, stop_commit
+from streams import fetch_guard, fetch_wait, offset_guard, stop_commit, thread_loop
 from streams.emit import Out, TopicRole
 from streams.gapless import Gapless, broker_fetch
 from streams.metrics import Hooks
@@ -84,6 +84,7 @@ class Streams:
         fetch_guard.install()
         offset_guard.install()
         stop_commit.install()
+        thread_loop.install()
         self.config = config
         #: Called as the worker begins to stop, before Faust waits for acknowledgements.
         self.stopping: list[Callable[[], None]] = []
