@@ -20,6 +20,7 @@ def run() -> None:
     # Every service's loop (Faust's worker, aiohttp's run_app, asyncio.run) comes from this
     # policy: uvloop cut the executor's CPU per request by ~15 % in bench.peer. Set here, per
     # process, not in the group, so that invoking a command in-process leaves the caller's.
+    # (Faust's consumer thread makes its own loop on asyncio's: streams/thread_loop.py.)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # A crash in native code (an executor once died of SIGSEGV while stopping) then leaves
     # every thread's Python stack in the service's log, not just the supervisor's "-11".
