@@ -18,6 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyStrategyDefinition
 from openai import OpenAI
 from schemathesis import Case, CheckContext, GenerationMode, Response
 from schemathesis.checks import not_a_server_error
@@ -263,7 +264,7 @@ class _Workflow:
     """Linked sequences as Alice: each step's case steered like the stateless ones."""
 
     @staticmethod
-    def build(api: Any, key: str, failures: list[str]) -> type[APIStateMachine]:
+    def build(api: Any, key: str, failures: list[str], checked: list[str]) -> type[APIStateMachine]:
         base: type[APIStateMachine] = api.as_state_machine()
 
         class Workflow(base):  # type: ignore[valid-type, misc]
@@ -284,6 +285,7 @@ class _Workflow:
             def validate_response(self, response: Response, case: Case[Any], **kwargs: Any) -> None:
                 # Read-your-writes: a created object is there at once, a deleted one gone.
                 stateful = [ensure_resource_availability, use_after_free]
+                checked.append(case.operation.label)
                 try:
                     case.validate_response(response, checks=CHECKS + stateful, recorder=self.recorder)  # fmt: skip
                 except Exception as failure:  # collected: see test_linked_sequences_conform
@@ -292,23 +294,34 @@ class _Workflow:
         return Workflow
 
 
+STEPS = 8  # a linked sequence's calls
+
+
 def test_linked_sequences_conform(api: Any, keys: dict[str, str]) -> None:
     # Failures are collected rather than raised: which links can fire depends on the live
     # answers, so Hypothesis replaying a failing sequence (to shrink or report it) would draw
     # differently and hide the failure behind FlakyStrategyDefinition.
     failures: list[str] = []
-    workflow = _Workflow.build(api, keys[ALICE], failures)
-    workflow.run(
-        settings=settings(
-            phases=[Phase.generate],
-            max_examples=25,
-            stateful_step_count=8,
-            derandomize=True,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
+    checked: list[str] = []
+    workflow = _Workflow.build(api, keys[ALICE], failures, checked)
+    try:
+        workflow.run(
+            settings=settings(
+                phases=[Phase.generate],
+                max_examples=25,
+                stateful_step_count=STEPS,
+                derandomize=True,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
         )
-    )
+    except FlakyStrategyDefinition:
+        # Hypothesis begins a new sequence the way an earlier one began and stops when the live
+        # answers take it elsewhere (a link fires only once its source call answered, and the
+        # server's state differs by then): seen once on a slow box. What ran was checked.
+        pass
+    assert len(checked) >= STEPS, checked  # a whole sequence at least (a run makes ~90 calls)
     assert not failures, f"{len(failures)} failing calls:\n" + "\n".join(failures[:5])
 
 
