@@ -20,11 +20,9 @@ _init = ServiceThread.__init__
 
 
 def _init_on_asyncio_loop(self: Any, *args: Any, thread_loop: Any = None, **kwargs: Any) -> None:
-    if thread_loop is not None:
-        _init(self, *args, thread_loop=thread_loop, **kwargs)
-        return
-    _init(self, *args, thread_loop=asyncio.SelectorEventLoop(), **kwargs)
-    self._close_thread_loop_on_stop = True  # as for a loop mode made itself: the thread's own
+    _init(self, *args, thread_loop=thread_loop or asyncio.SelectorEventLoop(), **kwargs)
+    if thread_loop is None:  # closed with the thread, as a loop mode made itself would be
+        self._close_thread_loop_on_stop = True
 
 
 def install() -> None:

@@ -88,38 +88,33 @@ class Flex:
 
 async def _error(dsn: str, flex: Flex, *polls: list[ConsumerRecord]) -> bytes | None:
     """The error the API shows for the request once the polls are applied."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await apply_polls(conn, *polls)
-    finally:
-        await conn.close()
     async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.acquire() as conn:
+            await apply_polls(conn, *polls)
         row = await queries.batchless_request(pool, flex.id, "u")
     assert row is not None and row["state"] == "failed"
     return None if row["error"] is None else bytes(row["error"])
 
 
 @pytest.mark.parametrize("order", ["as it happened", "bodies read last", "bodies read first"])
-def test_an_engine_failure_after_an_upstream_one_shows_the_engine_s_envelope(dsn: str, order: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("first_engine", "second_engine", "shown"),
+    [
+        (None, ENGINE, ENGINE.encode()),  # an engine failure after an upstream one
+        (ENGINE, None, UPSTREAM),  # an upstream failure after an engine one
+    ],
+)
+def test_a_retried_request_shows_its_last_failure_s_envelope(
+    dsn: str, order: str, first_engine: str | None, second_engine: str | None, shown: bytes
+) -> None:
     flex = Flex()
-    created, first = flex.created(), flex.run(engine_error=None, after_retry=False)
-    second, body = flex.run(engine_error=ENGINE, after_retry=True), flex.upstream_body()
+    created, first = flex.created(), flex.run(engine_error=first_engine, after_retry=False)
+    second, body = flex.run(engine_error=second_engine, after_retry=True), flex.upstream_body()
+    # as it happened, the upstream body lands right after the run that failed upstream
+    happened = [[created, first], [body], [second]] if first_engine is None else [[created, first], [second], [body]]  # fmt: skip
     polls = {
-        "as it happened": [[created, first], [body], [second]],
+        "as it happened": happened,
         "bodies read last": [[created, first, second], [body]],
         "bodies read first": [[body], [created, first, second]],
     }[order]
-    assert run(_error(dsn, flex, *polls)) == ENGINE.encode()
-
-
-@pytest.mark.parametrize("order", ["as it happened", "bodies read last", "bodies read first"])
-def test_an_upstream_failure_after_an_engine_one_shows_the_upstream_s_envelope(dsn: str, order: str) -> None:  # fmt: skip
-    flex = Flex()
-    created, first = flex.created(), flex.run(engine_error=ENGINE, after_retry=False)
-    second, body = flex.run(engine_error=None, after_retry=True), flex.upstream_body()
-    polls = {
-        "as it happened": [[created, first], [second], [body]],
-        "bodies read last": [[created, first, second], [body]],
-        "bodies read first": [[body], [created, first, second]],
-    }[order]
-    assert run(_error(dsn, flex, *polls)) == UPSTREAM
+    assert run(_error(dsn, flex, *polls)) == shown

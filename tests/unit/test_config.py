@@ -50,7 +50,7 @@ def test_external_brokers_are_probed_at_the_first_of_a_list_and_topics_get_three
     assert [replication_for(n) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 3, 3]
 
 
-def test_with_three_copies_an_acknowledged_record_is_on_two_brokers_at_least() -> None:
+def test_topics_created_with_three_copies_require_two_in_sync() -> None:
     for topic in topics.ALL:
         assert _topic_config(topic, 3)["min.insync.replicas"] == "2", topic.name
         # fewer copies keep the broker's default: a second required copy would stop every
