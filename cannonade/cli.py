@@ -12,7 +12,7 @@ import click
 import uvloop
 
 from cannonade import config as config_module
-from cannonade.cli_user import batch, keys, when
+from cannonade.cli_user import batch, json_option, keys, when
 
 
 def run() -> None:
@@ -50,6 +50,17 @@ def _operational(exc: Exception) -> str | None:
     if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | KafkaError):
         return f"{exc} ({type(exc).__name__}): is the broker or the database reachable?"
     return None
+
+
+def _echo_json(obj: Any) -> None:
+    import msgspec
+
+    click.echo(msgspec.json.encode(obj))
+
+
+def _unix(at: datetime | None) -> int | None:
+    """A time as the API's objects give it (whole seconds since the epoch)."""
+    return None if at is None else int(at.timestamp())
 
 
 @click.group()
@@ -160,7 +171,8 @@ def keys_revoke(key_id: str) -> None:
 
 @admin_keys.command("list")
 @click.option("--user", default=None, help="Only this user's keys.")
-def keys_list(user: str | None) -> None:
+@json_option
+def keys_list(user: str | None, as_json: bool) -> None:
     """List API keys (ids, owners, creation and revocation times; never secrets)."""
     from projections.api.auth import list_keys
 
@@ -168,6 +180,9 @@ def keys_list(user: str | None) -> None:
         return await list_keys(conn, user)
 
     for key in asyncio.run(_with_keys(go)):
+        if as_json:  # the API's key object, with its owner
+            _echo_json({"id": key.id, "object": "api_key", "user": key.user, "created_at": _unix(key.created_at), "revoked_at": _unix(key.revoked_at)})  # fmt: skip
+            continue
         revoked = "" if key.revoked_at is None else f"  revoked {when(key.revoked_at.timestamp())}"
         click.echo(f"{key.id}  {key.user:<24} created {when(key.created_at.timestamp())}{revoked}")
 
@@ -245,7 +260,6 @@ def pending_counts_cmd(
 ) -> None:
     """Pending request counts by model and deadline window (JSON), as capacity admission reads them."""
     import asyncpg
-    import msgspec
 
     from projections.pending_counts import Window, pending_counts
 
@@ -271,11 +285,12 @@ def pending_counts_cmd(
         finally:
             await conn.close()
 
-    click.echo(msgspec.json.encode(asyncio.run(go())).decode())
+    _echo_json(asyncio.run(go()))
 
 
 @main.command()
-def workers() -> None:
+@json_option
+def workers(as_json: bool) -> None:
     """List executor workers (daemon records), newest first, with heartbeat age."""
     import asyncpg
 
@@ -285,14 +300,17 @@ def workers() -> None:
             return list(
                 await conn.fetch(
                     "SELECT id, status, requests_processed, requests_failed, requests_in_flight,"
-                    " extract(epoch FROM now() - last_heartbeat) AS age FROM daemons"
-                    " ORDER BY created_at DESC"
+                    " last_heartbeat, extract(epoch FROM now() - last_heartbeat) AS age"
+                    " FROM daemons ORDER BY created_at DESC"
                 )
             )
         finally:
             await conn.close()
 
     for r in asyncio.run(go()):
+        if as_json:
+            _echo_json({k: _unix(v) if k == "last_heartbeat" else v for k, v in r.items() if k != "age"})  # fmt: skip
+            continue
         age = "-" if r["age"] is None else f"{float(r['age']):.0f}s ago"
         click.echo(
             f"{r['id']:<48} {r['status']:<8} heartbeat {age:<9} processed {r['requests_processed']}"
@@ -411,7 +429,8 @@ def webhooks_new_key() -> None:
 
 @webhooks.command("list")
 @click.option("--user", required=True)
-def webhooks_list(user: str) -> None:
+@json_option
+def webhooks_list(user: str, as_json: bool) -> None:
     """List a user's endpoints (never their secrets)."""
     from projections import webhooks as registry
 
@@ -419,6 +438,9 @@ def webhooks_list(user: str) -> None:
         return await registry.list_endpoints(conn, user)
 
     for e in asyncio.run(_with_keys(go)):
+        if as_json:  # the API's endpoint object
+            _echo_json(e)
+            continue
         click.echo(f"{e.id}  {e.url}  {','.join(e.event_types)}  {e.signing_secret_hint}")  # fmt: skip
 
 

@@ -3,6 +3,7 @@ processes: capacity, fairness, urgency, model filters, retries, and recovery fro
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -224,6 +225,14 @@ def test_executors_are_visible_as_daemon_records(services: Services) -> None:
     assert result.returncode == 0, result.stderr
     running = [line for line in result.stdout.splitlines() if " running " in line]
     assert len(running) >= 2, result.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "cannonade.cli", "workers", "--json"],
+        env=services.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert as_json.returncode == 0, as_json.stderr
+    daemons = [json.loads(line) for line in as_json.stdout.splitlines()]
+    running_now = [d for d in daemons if d["status"] == "running"]
+    assert len(running_now) >= 2 and all(isinstance(d["last_heartbeat"], int) for d in running_now)
 
 
 def test_a_batch_past_its_deadline_shows_expired_and_keeps_its_results(

@@ -252,6 +252,14 @@ def test_keys_list_and_revoke_over_the_api(services: Services, stack_info: stack
     assert admin.returncode == 0, admin.stderr
     assert sorted(r.split()[0] for r in admin.stdout.splitlines()) == sorted([first_id, second_id])
     assert "revoked" in next(r for r in admin.stdout.splitlines() if r.startswith(second_id))
+    admin_json = subprocess.run(
+        [CANNONADE, "admin", "keys", "list", "--user", user, "--json"],
+        env=services.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert admin_json.returncode == 0, admin_json.stderr
+    revoked_at = {o["id"]: o["revoked_at"] for o in map(json.loads, admin_json.stdout.splitlines()) if o["user"] == user}  # fmt: skip
+    assert revoked_at.keys() == {first_id, second_id} and revoked_at[first_id] is None
+    assert isinstance(revoked_at[second_id], int)
 
     # Revoking the key in use: it stops working once the command returns.
     own = cli(services, first, "keys", "revoke", first_id)

@@ -6,6 +6,7 @@ notify again."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -292,5 +293,8 @@ def test_the_cli_registers_lists_and_deletes_endpoints(
     assert "signing secret: whsec_" in created
     listed = cli("list", "--user", user)
     assert webhook_id in listed and "batch.failed" in listed and "whsec_..." in listed
+    (endpoint,) = map(json.loads, cli("list", "--user", user, "--json").splitlines())
+    assert (endpoint["id"], endpoint["object"], endpoint["event_types"]) == (webhook_id, "webhook_endpoint", ["batch.failed"])  # fmt: skip
+    assert "signing_secret" not in endpoint
     assert cli("delete", webhook_id, "--user", user).strip() == f"deleted {webhook_id}"
     assert cli("list", "--user", user) == ""
