@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,8 @@ from compose.services import ModelSpec, Services
 from projections import writers
 from projections.api.auth import create_key
 from projections.projector import TOPICS, Projector
-from schemas import topics
+from schemas import codec, topics
+from schemas.events import BatchlessFacts, RequestCreated, RequestEvent, RequestTransitions
 
 T = TypeVar("T")
 
@@ -145,6 +147,19 @@ def upstream(services: Services) -> FakeUpstreamControl:
 def consumer_record(topic: str, offset: int, key: bytes, value: bytes | None) -> ConsumerRecord:
     """A record as a consumer hands it over (partition 0): the projector fed by hand."""
     return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value or b""), [])  # fmt: skip
+
+
+def requests_record(offset: int, key: bytes, *events: RequestEvent) -> ConsumerRecord:
+    """``events`` as the gate writes one decision's: one record on the requests topic."""
+    first = events[0]
+    record = RequestTransitions(event_id=first.event_id, occurred_at=first.occurred_at, model=first.model, events=list(events))  # fmt: skip
+    return consumer_record(topics.REQUESTS.name, offset, key, codec.encode(record))
+
+
+def flex_created(request_id: str, at: datetime) -> RequestCreated:
+    """A flex chat request without a batch, pending, due an hour after ``at``."""
+    facts = BatchlessFacts(owner="u", path="/v1/chat/completions", service_tier="flex", created_at=at, deadline=at + timedelta(hours=1))  # fmt: skip
+    return RequestCreated(event_id=f"created-{request_id}", occurred_at=at, request_id=request_id, model="m", state="pending", facts=facts)  # fmt: skip
 
 
 async def apply_polls(conn: asyncpg.Connection, *polls: list[ConsumerRecord]) -> None:

@@ -29,9 +29,14 @@ from schemas.events import (
     RequestRetried,
     RequestsPending,
     RequestStarted,
-    RequestTransitions,
 )
-from tests.integration.conftest import apply_polls, consumer_record, own_database, run
+from tests.integration.conftest import (
+    apply_polls,
+    consumer_record,
+    own_database,
+    requests_record,
+    run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +57,11 @@ class Batch:
         self.offsets: dict[str, int] = {}
 
     def _record(self, topic: topics.Topic, event: Any) -> ConsumerRecord:
-        if topic is topics.REQUESTS:  # the gate writes each decision's events as one record
-            event = RequestTransitions(event_id=event.event_id, occurred_at=event.occurred_at, model="m", events=[event])  # fmt: skip
         offset = self.offsets.get(topic.name, 0)
         self.offsets[topic.name] = offset + 1
-        value, key = codec.encode(event), self.id.encode()
-        return consumer_record(topic.name, offset, key, value)
+        if topic is topics.REQUESTS:
+            return requests_record(offset, self.id.encode(), event)
+        return consumer_record(topic.name, offset, self.id.encode(), codec.encode(event))
 
     def created(self) -> list[ConsumerRecord]:
         file_id = str(uuid.uuid4())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -15,14 +15,15 @@ from aiokafka.structs import ConsumerRecord
 
 from compose import stack
 from projections import writers
-from schemas import bodies, codec, topics
-from schemas.events import (
-    BatchlessFacts,
-    RequestCreated,
-    RequestErased,
-    RequestTransitions,
+from schemas import bodies, topics
+from schemas.events import RequestErased
+from tests.integration.conftest import (
+    consumer_record,
+    flex_created,
+    own_database,
+    requests_record,
+    run,
 )
-from tests.integration.conftest import consumer_record, own_database, run
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +42,11 @@ class Flex:
         self.id = str(uuid.uuid4())
         self.key = bodies.key(bodies.RESULT, self.id).encode()
 
-    def _lifecycle(self, offset: int, event: RequestCreated | RequestErased) -> ConsumerRecord:
-        record = RequestTransitions(event_id=event.event_id, occurred_at=T0, model="m", events=[event])  # fmt: skip
-        return consumer_record(topics.REQUESTS.name, offset, b"m", codec.encode(record))
-
     def created(self) -> ConsumerRecord:
-        facts = BatchlessFacts(owner="u", path="/v1/chat/completions", service_tier="flex", created_at=T0, deadline=T0 + timedelta(hours=1))  # fmt: skip
-        return self._lifecycle(0, RequestCreated(event_id="c", occurred_at=T0, request_id=self.id, model="m", state="pending", facts=facts))  # fmt: skip
+        return requests_record(0, b"m", flex_created(self.id, T0))
 
     def erased(self) -> ConsumerRecord:
-        return self._lifecycle(1, RequestErased(event_id="e", occurred_at=T0, request_id=self.id, batch_id=None, model="m"))  # fmt: skip
+        return requests_record(1, b"m", RequestErased(event_id="e", occurred_at=T0, request_id=self.id, batch_id=None, model="m"))  # fmt: skip
 
     def result(self) -> ConsumerRecord:
         return consumer_record(topics.BODIES.name, 0, self.key, b'{"secret":"text"}')

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,18 +16,22 @@ from aiokafka.structs import ConsumerRecord
 
 from compose import stack
 from projections import queries
-from schemas import bodies, codec, topics
+from schemas import bodies, topics
 from schemas.events import (
-    BatchlessFacts,
     RequestClaimed,
-    RequestCreated,
     RequestEvent,
     RequestFailed,
     RequestRetried,
     RequestStarted,
-    RequestTransitions,
 )
-from tests.integration.conftest import apply_polls, consumer_record, own_database, run
+from tests.integration.conftest import (
+    apply_polls,
+    consumer_record,
+    flex_created,
+    own_database,
+    requests_record,
+    run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +53,11 @@ class Flex:
         self.offset = 0
 
     def events(self, *events: RequestEvent) -> ConsumerRecord:
-        record = RequestTransitions(event_id=str(uuid.uuid4()), occurred_at=T0, model="m", events=list(events))  # fmt: skip
         self.offset += 1
-        return consumer_record(topics.REQUESTS.name, self.offset, b"m", codec.encode(record))
+        return requests_record(self.offset, b"m", *events)
 
     def created(self) -> ConsumerRecord:
-        facts = BatchlessFacts(owner="u", path="/v1/chat/completions", service_tier="flex", created_at=T0, deadline=T0 + timedelta(hours=1))  # fmt: skip
-        return self.events(RequestCreated(event_id="c", occurred_at=T0, request_id=self.id, model="m", state="pending", facts=facts))  # fmt: skip
+        return self.events(flex_created(self.id, T0))
 
     def run(self, *, engine_error: str | None, after_retry: bool) -> ConsumerRecord:
         """Claimed, started and failed: upstream (its envelope on the bodies topic) or by
