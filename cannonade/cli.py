@@ -300,7 +300,8 @@ def workers(as_json: bool) -> None:
             return list(
                 await conn.fetch(
                     "SELECT id, status, requests_processed, requests_failed, requests_in_flight,"
-                    " last_heartbeat, extract(epoch FROM now() - last_heartbeat) AS age"
+                    " extract(epoch FROM last_heartbeat)::bigint AS last_heartbeat,"
+                    " extract(epoch FROM now() - last_heartbeat) AS age"
                     " FROM daemons ORDER BY created_at DESC"
                 )
             )
@@ -309,7 +310,7 @@ def workers(as_json: bool) -> None:
 
     for r in asyncio.run(go()):
         if as_json:
-            _echo_json({k: _unix(v) if k == "last_heartbeat" else v for k, v in r.items() if k != "age"})  # fmt: skip
+            _echo_json({k: v for k, v in r.items() if k != "age"})
             continue
         age = "-" if r["age"] is None else f"{float(r['age']):.0f}s ago"
         click.echo(
